@@ -1,0 +1,67 @@
+"""Writing output files atomically: a reader never sees a half-written file.
+
+Everything ctgridit writes for a user (NIfTI volumes, PNG pictures, checkpoints)
+goes through :func:`atomic_output`: the content is written to a temporary file in
+the destination folder and renamed over the destination only when writing
+succeeded. On any error the temporary file is removed and the destination is
+left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ctgridit.errors import CTGridItError
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse, before any work is done, an output that cannot or should not be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise CTGridItError("is a folder, not a file name", out, "give a file name such as out.nii.gz")
+    if out.exists() and not force:
+        raise CTGridItError("output exists", out, "pass --force to overwrite it or choose another name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CTGridItError("output folder does not exist", parent, "create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CTGridItError("output folder is not writable", parent, "choose a folder you can write to")
+    return out
+
+
+def _suffixes(path: Path) -> str:
+    """Keep the full extension (``.nii.gz``) so that writers that look at it still work."""
+    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+
+    Use as::
+
+        with atomic_output("vol.nii.gz") as tmp:
+            nib.save(img, tmp)
+    """
+    out = check_output_path(path, force=force)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + _suffixes(out), dir=out.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; honour the umask instead
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
