@@ -25,11 +25,15 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
         raise CTGridItError("is a folder, not a file name", out, "give a file name such as out.nii.gz")
     if out.exists() and not force:
         raise CTGridItError("output exists", out, "pass --force to overwrite it or choose another name")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
     if not parent.is_dir():
         raise CTGridItError("output folder does not exist", parent, "create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CTGridItError("output folder is not writable", parent, "choose a folder you can write to")
+    try:  # a real write, not os.access: root passes access checks on read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise CTGridItError(f"output folder is not writable ({err.strerror})", parent,
+                            "choose a folder you can write to") from None
     return out
 
 
@@ -48,17 +52,25 @@ def atomic_output(path: str | os.PathLike, force: bool = True) -> Iterator[Path]
             nib.save(img, tmp)
     """
     out = check_output_path(path, force=force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + _suffixes(out), dir=out.parent or ".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + _suffixes(out), dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; honour the umask instead
         os.replace(tmp, out)
+    except OSError as err:  # disk full, quota, a folder removed under us: the user's to fix
+        _remove(tmp)
+        raise CTGridItError(f"could not write the file ({err.strerror or err})", out,
+                            "check the free space and permissions of its folder") from None
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _umask() -> int:
