@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -77,3 +78,46 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """The folder counterpart of :func:`atomic_output`.
+
+    Yield an empty hidden folder next to ``path``; on success it replaces
+    ``path`` (an existing folder is moved aside first and removed after), on any
+    error it is removed. Callers decide beforehand whether replacing is allowed.
+    """
+    out = Path(path)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        raise CTGridItError(f"output folder is not writable ({err.strerror})", out.parent,
+                            "choose a folder you can write to") from None
+    try:
+        yield staging
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders; honour the umask instead
+        _replace_folder(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CTGridItError(f"could not write the folder ({err.strerror or err})", out,
+                            "check the free space and permissions of its folder") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` is moved aside first and removed after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    out.rename(old / out.name)
+    try:
+        new.rename(out)
+    except OSError:
+        (old / out.name).rename(out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

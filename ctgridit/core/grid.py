@@ -221,5 +221,9 @@ def gray_to_rgb(frames: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_gray(frames: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`gray_to_rgb`: the mean of the channels, ``(N, 1, H, W)``."""
-    return frames.mean(dim=-3, keepdim=True)
+    """The inverse of :func:`gray_to_rgb`: the mean of the channels, ``(N, 1, H, W)``.
+
+    Written as ``c0 + mean(c - c0)`` so that equal channels give ``c0`` bit for bit.
+    """
+    first = frames.narrow(-3, 0, 1)
+    return first + (frames - first).mean(dim=-3, keepdim=True)
