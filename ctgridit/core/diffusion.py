@@ -1,0 +1,102 @@
+"""Diffusion through diffusers' schedulers: the DDPM training objective and the
+helpers the samplers need (noise levels, previous timesteps, sampler choice).
+
+Training uses a :class:`diffusers.DDPMScheduler` (1000 steps, linear betas,
+epsilon prediction: GRIDIT.md section 3). Sampling uses DDPM or DDIM built from
+the same config with a configurable number of steps; timesteps are spaced
+``"trailing"`` so that sampling starts at the last training step (pure noise).
+Nothing here re-implements a scheduler.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+
+#: Timesteps the models are trained with (DDPM, GRIDIT.md section 3).
+NUM_TRAIN_TIMESTEPS = 1000
+SAMPLERS = ("ddpm", "ddim")
+
+EpsModel = Callable[..., torch.Tensor]
+
+
+def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4,
+                         beta_end: float = 0.02, beta_schedule: str = "linear",
+                         clip_sample: bool = False) -> DDPMScheduler:
+    """The DDPM scheduler of training. ``clip_sample`` clips predicted x0 to [-1, 1]
+    when sampling; leave it off for VAE latents (they are not bounded)."""
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule=beta_schedule, prediction_type="epsilon", clip_sample=clip_sample,
+                         variance_type="fixed_small")
+
+
+def make_sample_scheduler(train_scheduler: SchedulerMixin, sampler: str = "ddim", num_steps: int = 50) -> SchedulerMixin:
+    """A sampling scheduler (``"ddpm"`` or ``"ddim"``) from the training config, with ``num_steps`` steps set."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    scheduler = cls.from_config(train_scheduler.config, timestep_spacing="trailing")
+    total = scheduler.config.num_train_timesteps
+    if not 1 <= num_steps <= total:
+        raise ValueError(f"num_steps must be in 1..{total}, got {num_steps}")
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def previous_timestep(scheduler: SchedulerMixin, timestep: int) -> int:
+    """The timestep a scheduler step goes to from ``timestep`` (``-1``: the clean sample).
+
+    The scheduler's own ``previous_timestep`` where it has one (DDPM: the next entry of
+    its timesteps, which is not ``t - T // n`` when ``n`` does not divide ``T``), else
+    DDIM's rule ``t - T // n``.
+    """
+    own = getattr(scheduler, "previous_timestep", None)
+    if callable(own):
+        return int(own(int(timestep)))
+    return int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def alpha_bar(scheduler: SchedulerMixin, timestep: int) -> float:
+    """Cumulative signal fraction ``abar_t``; ``1`` for ``t < 0`` (the clean sample)."""
+    return 1.0 if timestep < 0 else float(scheduler.alphas_cumprod[int(timestep)])
+
+
+def noise_to_level(scheduler: SchedulerMixin, clean: torch.Tensor, timestep: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``sqrt(abar_t) * clean + sqrt(1 - abar_t) * eps`` with fresh noise; ``clean`` itself for ``t < 0``."""
+    if timestep < 0:
+        return clean
+    a = alpha_bar(scheduler, timestep)
+    eps = randn_like(clean, generator)
+    return a ** 0.5 * clean + (1.0 - a) ** 0.5 * eps
+
+
+def renoise(scheduler: SchedulerMixin, sample: torch.Tensor, from_t: int, to_t: int,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Forward-diffuse a sample at level ``from_t`` to the noisier level ``to_t`` (RePaint's jump back)."""
+    ratio = alpha_bar(scheduler, to_t) / alpha_bar(scheduler, from_t)
+    return ratio ** 0.5 * sample + (1.0 - ratio) ** 0.5 * randn_like(sample, generator)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on the generator's device)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
+
+    ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.
+    """
+    b = clean.shape[0]
+    device = generator.device if generator is not None else clean.device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device).to(clean.device)
+    eps = randn_like(clean, generator)
+    noisy = scheduler.add_noise(clean, eps, t)
+    pred = model(noisy, t) if cond is None else model(noisy, t, cond)
+    return F.mse_loss(pred.float(), eps.float())

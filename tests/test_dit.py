@@ -1,0 +1,294 @@
+"""The grid DiT of both stages and its fixed positional embeddings (GRIDIT.md sections 2-4, 8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ctgridit.core.dit import DIT_PRESETS, GridDiT, create_dit
+from ctgridit.core.embeddings import grid_2d_pos_embed, grid_3d_pos_embed, sincos_1d
+
+HIDDEN = 48  # DiT-tiny/2
+
+
+def direct_sincos(d: int, p: float) -> list[float]:
+    """``[sin(p*w_k)]_k + [cos(p*w_k)]_k`` with ``w_k = 10000^(-2k/d)``, written out."""
+    w = [10000 ** (-2 * k / d) for k in range(d // 2)]
+    return [math.sin(p * wk) for wk in w] + [math.cos(p * wk) for wk in w]
+
+
+def direct_3d(hidden: int, rows: int, cols: int, hp: int, wp: int) -> torch.Tensor:
+    """GRIDIT.md section 2 patch by patch, independent of the vectorised code."""
+    part = hidden // 3
+    out = []
+    for py in range(rows * hp):
+        for px in range(cols * wp):
+            f = (py // hp) * cols + (px // wp)
+            out.append(direct_sincos(part, f) + direct_sincos(part, py % hp) + direct_sincos(part, px % wp))
+    return torch.tensor(out, dtype=torch.float32).unsqueeze(0)
+
+
+def tiny(**overrides) -> GridDiT:
+    config = dict(sample_height=16, sample_width=16, grid_rows=2, grid_cols=2)
+    return create_dit("DiT-tiny/2", **{**config, **overrides})
+
+
+def randomized(model: GridDiT, seed: int = 0) -> GridDiT:
+    """Overwrite every parameter with noise, so that outputs are non-zero and depend on all weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def public_config(model: GridDiT) -> dict:
+    """The config without diffusers' bookkeeping entries (``_name_or_path``, ...)."""
+    return {k: v for k, v in model.config.items() if not k.startswith("_")}
+
+
+def inputs(model: GridDiT, batch: int = 2, seed: int = 1) -> dict:
+    """Random model inputs: ``sample``, distinct ``timestep`` per item and, for stage 2, ``cond``."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    size = (cfg.sample_height, cfg.sample_width)
+    out = {"sample": torch.randn(batch, cfg.in_channels, *size, generator=g),
+           "timestep": torch.randperm(1000, generator=g)[:batch]}
+    if cfg.cond_channels:
+        out["cond"] = torch.randn(batch, cfg.cond_channels, *size, generator=g)
+    return out
+
+
+# ----------------------------------------------------------------- embeddings
+def test_sincos_1d_is_the_documented_formula():
+    got = sincos_1d(8, torch.tensor([0.0, 1.0, 5.0]))
+    want = torch.tensor([direct_sincos(8, p) for p in (0.0, 1.0, 5.0)], dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (3, 8)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="even"):
+        sincos_1d(7, torch.arange(3))
+
+
+@pytest.mark.parametrize("rows,cols,hp,wp", [(2, 2, 2, 2), (4, 4, 2, 2), (2, 2, 2, 3), (2, 3, 3, 2), (1, 1, 4, 4)])
+def test_3d_embedding_matches_direct_formula(rows, cols, hp, wp):
+    got = grid_3d_pos_embed(HIDDEN, rows, cols, hp, wp)
+    assert got.shape == (1, rows * hp * cols * wp, HIDDEN) and got.dtype == torch.float32
+    torch.testing.assert_close(got, direct_3d(HIDDEN, rows, cols, hp, wp), rtol=0, atol=1e-6)
+
+
+def test_3d_embedding_decomposes_into_frame_row_column():
+    rows, cols, hp, wp = 2, 3, 2, 3                                 # non-square frames, 6 frames
+    emb = grid_3d_pos_embed(HIDDEN, rows, cols, hp, wp)[0].reshape(rows * hp, cols * wp, HIDDEN)
+    part = HIDDEN // 3
+    frame, inframe = slice(0, part), slice(part, HIDDEN)
+    # two patches of frame 4 = cell (1, 1): rows 2..3, columns 3..5
+    a, b = emb[2, 3], emb[3, 5]
+    assert torch.equal(a[frame], b[frame]) and not torch.allclose(a[inframe], b[inframe])
+    # in-frame position (1, 2) in frames 0, 1 and 5
+    p0, p1, p5 = emb[1, 2], emb[1, 5], emb[3, 8]
+    for other in (p1, p5):
+        assert torch.equal(p0[inframe], other[inframe]) and not torch.allclose(p0[frame], other[frame])
+    torch.testing.assert_close(emb[3, 8, frame], sincos_1d(part, torch.tensor([5.0]))[0])
+
+
+def test_3d_embedding_needs_hidden_divisible_by_6():
+    with pytest.raises(ValueError, match="divisible by 6"):
+        grid_3d_pos_embed(64, 2, 2, 2, 2)
+    emb = grid_3d_pos_embed(64, 2, 2, 2, 2, pad_remainder=True)     # DiT-L style: 3 x 20 dims + 4 zeros
+    assert emb.shape == (1, 16, 64)
+    torch.testing.assert_close(emb[..., :60], direct_3d(60, 2, 2, 2, 2), rtol=0, atol=1e-6)
+    assert torch.count_nonzero(emb[..., 60:]) == 0
+
+
+def test_2d_embedding_is_dit_sincos_over_the_grid():
+    emb = grid_2d_pos_embed(HIDDEN, 2, 3)[0]
+    want = [direct_sincos(HIDDEN // 2, x) + direct_sincos(HIDDEN // 2, y) for y in range(2) for x in range(3)]
+    torch.testing.assert_close(emb, torch.tensor(want, dtype=torch.float32), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_2d_pos_embed(42, 2, 2)
+
+
+# ------------------------------------------------- positional embedding in the model
+def test_pos_embedding_is_a_config_buffer_not_a_parameter(tmp_path):
+    model = tiny()
+    assert torch.equal(model.pos_embedding, grid_3d_pos_embed(HIDDEN, 2, 2, 4, 4))
+    assert all("pos" not in name for name, _ in model.named_parameters())
+    assert all("pos" not in key for key in model.state_dict())
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert all("pos" not in key for key in load_file(tmp_path / "diffusion_pytorch_model.safetensors"))
+
+
+def test_pos_embedding_survives_loading(tmp_path):
+    model = tiny(grid_rows=4, grid_cols=4)
+    want = model.pos_embedding.clone()
+    model.save_pretrained(tmp_path)
+    assert torch.equal(GridDiT.from_pretrained(tmp_path).pos_embedding, want)
+    # a foreign checkpoint with a (2D, trained, ...) pos_embed loaded non-strictly cannot touch it
+    bogus = {**model.state_dict(), "pos_embed": torch.randn_like(want), "pos_embedding": torch.randn_like(want)}
+    result = model.load_state_dict(bogus, strict=False)
+    assert set(result.unexpected_keys) == {"pos_embed", "pos_embedding"} and not result.missing_keys
+    assert torch.equal(model.pos_embedding, want)
+
+
+def test_2d_option_differs_from_3d():
+    model_2d, model_3d = tiny(pos_embed="2d"), tiny()
+    assert torch.equal(model_2d.pos_embedding, grid_2d_pos_embed(HIDDEN, 8, 8))
+    assert not torch.allclose(model_2d.pos_embedding, model_3d.pos_embedding)
+    model_3d.load_state_dict(randomized(model_2d).state_dict())     # same weights, different embedding
+    with torch.no_grad():
+        out_2d, out_3d = model_2d(**inputs(model_2d)), model_3d(**inputs(model_3d))
+    assert out_2d.shape == out_3d.shape and not torch.allclose(out_2d, out_3d)
+    with pytest.raises(ValueError, match="pos_embed"):
+        tiny(pos_embed="1d")
+
+
+# -------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("overrides", [{}, {"cond_channels": 4, "grid_rows": 1, "grid_cols": 1}],
+                         ids=["stage1", "stage2"])
+def test_save_load_round_trip_is_exact(tmp_path, overrides):
+    model = randomized(tiny(**overrides)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = GridDiT.from_pretrained(tmp_path).eval()
+    assert public_config(loaded) == public_config(model)
+    x = inputs(model)
+    with torch.no_grad():
+        out, again = model(**x), loaded(**x)
+    assert torch.count_nonzero(out) > 0 and torch.equal(out, again)
+
+
+# ------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("rows,cols,frame_h,frame_w", [(1, 1, 16, 16), (2, 2, 8, 8), (4, 4, 4, 4),
+                                                       (2, 3, 8, 8), (2, 2, 8, 12), (2, 3, 6, 4)])
+def test_output_shape_for_grid_shapes_and_non_square_frames(rows, cols, frame_h, frame_w):
+    model = tiny(sample_height=rows * frame_h, sample_width=cols * frame_w, grid_rows=rows, grid_cols=cols)
+    x = inputs(model, batch=3)
+    assert model.frame_size == (frame_h, frame_w)
+    assert model.pos_embedding.shape == (1, rows * cols * frame_h * frame_w // 4, HIDDEN)
+    with torch.no_grad():
+        assert model(**x).shape == x["sample"].shape
+
+
+def test_scalar_timestep_is_broadcast():
+    model = randomized(tiny())
+    sample = inputs(model)["sample"]
+    with torch.no_grad():
+        assert torch.equal(model(sample, 250), model(sample, torch.tensor([250, 250])))
+    with pytest.raises(ValueError, match="timestep"):
+        model(sample, torch.tensor([1, 2, 3]))
+
+
+def test_stage2_uses_and_requires_its_condition():
+    model = randomized(tiny(cond_channels=4, grid_rows=1, grid_cols=1))
+    assert model.x_embedder.proj.in_channels == 8 and model.final_layer.linear.out_features == 2 * 2 * 4
+    x = inputs(model)
+    with torch.no_grad():
+        out = model(**x)
+        assert out.shape == x["sample"].shape
+        assert not torch.allclose(out, model(x["sample"], x["timestep"], cond=torch.zeros_like(x["cond"])))
+    with pytest.raises(ValueError, match="conditional.*cond"):
+        model(x["sample"], x["timestep"])
+    with pytest.raises(ValueError, match="cond must have shape"):
+        model(x["sample"], x["timestep"], cond=x["cond"][:, :2])
+
+
+def test_stage1_refuses_a_condition_and_wrong_sizes():
+    model = tiny()
+    x = inputs(model)
+    with pytest.raises(ValueError, match="unconditional"):
+        model(**x, cond=x["sample"])
+    with pytest.raises(ValueError, match="sample must be"):
+        model(x["sample"][..., :8], x["timestep"])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"sample_height": 18, "grid_rows": 4}, "whole frames"),        # 18 rows are not 4 frames
+    ({"sample_height": 6, "grid_rows": 2}, "patches"),              # frames of 3 rows, patch 2
+    ({"num_heads": 5}, "num_heads"),
+    ({"cond_channels": -1}, "cond_channels"),
+])
+def test_inconsistent_configs_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**overrides)
+
+
+def test_fresh_model_predicts_zero_then_learns():
+    torch.manual_seed(0)
+    model = tiny()
+    x = inputs(model)
+    assert torch.count_nonzero(model(**x)) == 0                     # adaLN-Zero and a zero final layer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    F.mse_loss(model(**x), torch.randn_like(x["sample"])).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.count_nonzero(model(**x)) > 0
+
+
+def test_attention_runs_through_sdpa(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    model = tiny()
+    with torch.no_grad():
+        model(**inputs(model))
+    assert calls == [(2, 2, 64, HIDDEN // 2)] * model.config.depth  # (N, heads, T, D/heads), once per block
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = inputs(tiny())
+    grads = []
+    for checkpointing in (False, True):
+        model = randomized(tiny())
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(**x).square().mean().backward()
+        grads.append(model.x_embedder.proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ------------------------------------------------------------------------ presets
+def test_presets_have_dit_sizes():
+    sizes = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    for name, (depth, hidden, heads) in sizes.items():
+        for patch in (2, 4, 8):
+            assert DIT_PRESETS[f"DiT-{name}/{patch}"] == dict(depth=depth, hidden_size=hidden, num_heads=heads,
+                                                             patch_size=patch)
+    assert "DiT-tiny/2" in DIT_PRESETS
+    with pytest.raises(ValueError, match="unknown DiT preset"):
+        create_dit("DiT-XXL/2", sample_height=32, sample_width=32)
+
+
+@pytest.mark.parametrize("preset", sorted(DIT_PRESETS))
+@pytest.mark.parametrize("pos_embed", ["3d", "2d"])
+def test_every_preset_builds(preset, pos_embed):
+    with torch.device("meta"):                                      # no memory, no init cost
+        model = create_dit(preset, sample_height=64, sample_width=64, pos_embed=pos_embed)
+    hidden = DIT_PRESETS[preset]["hidden_size"]
+    assert model.pos_embedding.shape == (1, (64 // DIT_PRESETS[preset]["patch_size"]) ** 2, hidden)
+    assert len(model.blocks) == DIT_PRESETS[preset]["depth"]
+
+
+def test_dit_xl_2_has_the_paper_parameter_count():
+    with torch.device("meta"):
+        model = create_dit("DiT-XL/2", sample_height=32, sample_width=32, grid_rows=1, grid_cols=1)
+    count = sum(p.numel() for p in model.parameters())
+    # DiT's 675,129,632 less what GriDiT drops: the class table (1001 x 1152), the pos_embed
+    # parameter (256 x 1152) and the learned-sigma half of the output layer (1152 x 16 + 16)
+    assert count == 675_129_632 - 1001 * 1152 - 256 * 1152 - (1152 * 16 + 16)
+    assert abs(count / 675e6 - 1) < 0.01
+
+
+def test_small_preset_runs_on_cpu():
+    model = create_dit("DiT-S/8", sample_height=32, sample_width=32, grid_rows=2, grid_cols=2)
+    x = torch.randn(1, 4, 32, 32)
+    with torch.no_grad():
+        assert model(x, 10).shape == x.shape

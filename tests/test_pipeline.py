@@ -1,0 +1,251 @@
+"""GriDiTPipeline end to end: generation, the model folder, loading errors and progress (GRIDIT.md sections 3-6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctgridit.core.codecs import PixelCodec, VAECodec
+from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.dit import GridDiT, create_dit
+from ctgridit.core.grid import GridSpec
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline, PipelineConfig, SamplingConfig
+from ctgridit.core.sampler import plan_sequence
+from ctgridit.errors import CTGridItError
+from tests.test_codecs import tiny_vae
+
+def bicubic(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling as the grid module does it (antialiased: PIL's kernel, a = -0.5)."""
+    return F.interpolate(frames, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+
+SAMPLING = SamplingConfig(sampler="ddim", num_steps=3, stage2_steps=2, max_batch=4, stage2_batch=5)
+
+
+def randomized(model: GridDiT, seed: int) -> GridDiT:
+    """Non-zero weights everywhere (DiT's init zeroes the output, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def stage1_model(channels: int, frame: int, rows: int = 2, cols: int = 2, seed: int = 0) -> GridDiT:
+    return randomized(create_dit("DiT-tiny/2", sample_height=rows * frame, sample_width=cols * frame,
+                                 in_channels=channels, grid_rows=rows, grid_cols=cols), seed)
+
+
+def stage2_model(channels: int, frame: int, seed: int = 1, cond_channels: int | None = None) -> GridDiT:
+    return randomized(create_dit("DiT-tiny/2", sample_height=frame, sample_width=frame, in_channels=channels,
+                                 cond_channels=channels if cond_channels is None else cond_channels,
+                                 grid_rows=1, grid_cols=1), seed)
+
+
+def pixel_pipeline(with_stage2: bool = True, channels: int = 3) -> GriDiTPipeline:
+    """2x2 grids of 8x8 frames (factor 2), super-resolved to 16x16, in pixel space."""
+    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=2), (16, 16), channels, SAMPLING,
+                            adapter={"kind": "test", "spacing": [1.0, 1.0, 1.5]})
+    stage2 = stage2_model(channels, 16) if with_stage2 else None
+    scheduler = make_train_scheduler(clip_sample=True)         # pixel space: keep x0 in [-1, 1]
+    return GriDiTPipeline(stage1_model(channels, 8), PixelCodec(channels), scheduler, config, stage2)
+
+
+def vae_pipeline(with_stage2: bool = True) -> GriDiTPipeline:
+    """The tiny VAE: 16x16 frames -> 8x8 low resolution -> 4x4 latents; stage 2 on 8x8 latents."""
+    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=2), (16, 16), 3, SAMPLING)
+    stage2 = stage2_model(4, 8) if with_stage2 else None
+    return GriDiTPipeline(stage1_model(4, 4), VAECodec(tiny_vae()), make_train_scheduler(), config, stage2)
+
+
+def seed(n: int) -> torch.Generator:
+    return torch.Generator().manual_seed(n)
+
+
+# -------------------------------------------------------------- generation
+@pytest.mark.parametrize("num_frames", [1, 4, 5, 9])
+def test_pixel_pipeline_generates_exactly_n_frames(num_frames):
+    pipe = pixel_pipeline()
+    out = pipe.generate(num_frames, batch_size=2, generator=seed(0))
+    assert out.shape == (2, num_frames, 3, 16, 16)
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+    assert not torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("num_frames", [1, 6])
+def test_vae_pipeline_generates_exactly_n_frames(num_frames):
+    pipe = vae_pipeline()
+    out = pipe.generate(num_frames, batch_size=2, generator=seed(0))
+    assert out.shape == (2, num_frames, 3, 16, 16)
+    assert torch.isfinite(out).all() and out.min() >= -1 and out.max() <= 1
+    latents = pipe.sample_latents(num_frames, batch_size=2, generator=seed(0))
+    assert latents.shape == (2, num_frames, 4, 4, 4)
+
+
+def test_single_channel_frames():
+    out = pixel_pipeline(channels=1).generate(3, generator=seed(0))
+    assert out.shape == (1, 3, 1, 16, 16)
+
+
+def test_same_seed_same_output_other_seed_other_output():
+    pipe = pixel_pipeline()
+    a, b, c = (pipe.generate(5, batch_size=1, generator=seed(s)) for s in (0, 0, 1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_without_stage2_the_output_is_bicubic_upsampling_of_stage1():
+    pipe = pixel_pipeline(with_stage2=False)
+    out = pipe.generate(6, batch_size=2, generator=seed(3))
+    lr = pipe.codec.decode(pipe.sample_latents(6, batch_size=2, generator=seed(3)).flatten(0, 1))  # (12, 3, 8, 8)
+    up = bicubic(lr, (16, 16)).clamp(-1, 1)
+    assert out.shape == (2, 6, 3, 16, 16)
+    assert float((up.abs() < 0.99).float().mean()) > 0.5                # not a saturated, trivial comparison
+    torch.testing.assert_close(out, up.view(2, 6, 3, 16, 16), rtol=1e-5, atol=1e-5)
+    for mode in ("nearest", "bilinear"):
+        other = F.interpolate(lr, size=(16, 16), mode=mode).clamp(-1, 1)
+        assert not torch.allclose(out, other.view(2, 6, 3, 16, 16), atol=1e-3), mode
+
+
+def test_stage2_is_conditioned_on_the_upsampled_stage1_frames():
+    pipe = pixel_pipeline()
+    conds = []
+    forward = pipe.stage2.forward
+
+    def recording(sample, timestep, cond=None):
+        conds.append(cond.clone())
+        return forward(sample, timestep, cond)
+
+    pipe.stage2.forward = recording
+    out = pipe.generate(7, batch_size=2, generator=seed(5))
+    lr = pipe.codec.decode(pipe.sample_latents(7, batch_size=2, generator=seed(5)).flatten(0, 1))
+    up = bicubic(lr, (16, 16))
+    steps = SAMPLING.stage2_steps
+    chunks = [len(c) for c in torch.split(up, SAMPLING.stage2_batch)]
+    assert [len(c) for c in conds] == [n for n in chunks for _ in range(steps)]
+    per_chunk = [conds[i * steps] for i in range(len(chunks))]
+    torch.testing.assert_close(torch.cat(per_chunk), up, rtol=1e-5, atol=1e-5)
+    # and the output is stage 2's, not the bicubic frames
+    assert not torch.allclose(out.flatten(0, 1), up.clamp(-1, 1), atol=1e-2)
+
+
+# ------------------------------------------------------------- progress
+def test_progress_reports_every_phase_up_to_its_total():
+    pipe = pixel_pipeline()
+    events: dict[str, list[tuple[int, int]]] = {}
+    pipe.generate(9, batch_size=2, generator=seed(0), progress=lambda ph, d, t: events.setdefault(ph, []).append((d, t)))
+    plan = plan_sequence(9, 2, 2, control_rows=1)
+    steps, s2 = SAMPLING.num_steps, SAMPLING.stage2_steps
+    interp_batches = -(-2 * plan.interpolation_grids // SAMPLING.max_batch)
+    expected_totals = {"extend": plan.iterations * steps, "interpolate": interp_batches * steps,
+                       "stage2": -(-2 * 9 // SAMPLING.stage2_batch) * s2}
+    assert set(events) == set(expected_totals)
+    for phase, seen in events.items():
+        done = [d for d, _ in seen]
+        assert {t for _, t in seen} == {expected_totals[phase]}, phase
+        assert all(b > a for a, b in zip(done, done[1:])), phase     # monotonic
+        assert done[-1] == expected_totals[phase], phase              # ends at total
+        assert done == list(range(1, expected_totals[phase] + 1)), phase
+
+
+# ----------------------------------------------------------- save / load
+@pytest.mark.parametrize("make", [pixel_pipeline, vae_pipeline], ids=["pixel", "vae"])
+def test_save_and_load_give_the_same_output(tmp_path, make):
+    pipe = make()
+    expected = pipe.generate(5, batch_size=2, generator=seed(7))
+    folder = pipe.save_pretrained(tmp_path / "model")
+    for part in (CONFIG_FILE, "stage1", "stage2", "codec", "scheduler"):
+        assert (folder / part).exists(), part
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]             # no temporary folder left
+    loaded = GriDiTPipeline.from_pretrained(folder)
+    assert loaded.config.to_dict() == pipe.config.to_dict()
+    assert loaded.config.adapter == pipe.config.adapter
+    assert type(loaded.codec) is type(pipe.codec)
+    assert torch.equal(loaded.generate(5, batch_size=2, generator=seed(7)), expected)
+
+
+def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+    pipe = pixel_pipeline(with_stage2=False)
+    folder = pipe.save_pretrained(tmp_path / "model")
+    assert not (folder / "stage2").exists()
+    with pytest.raises(CTGridItError, match="exists"):
+        pipe.save_pretrained(folder)
+    pixel_pipeline().save_pretrained(folder, overwrite=True)
+    assert (folder / "stage2").is_dir()
+    assert GriDiTPipeline.from_pretrained(folder).stage2 is not None
+
+
+def test_pipeline_config_round_trips():
+    config = pixel_pipeline().config
+    again = PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert again.lr_frame_size == (8, 8)
+
+
+# ------------------------------------------------------------- bad folders
+def test_loading_a_random_folder_fails_clearly(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(CTGridItError) as info:
+        GriDiTPipeline.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "not a ctgridit model folder" in message and str(tmp_path) in message
+    assert "\n" not in message
+    with pytest.raises(CTGridItError, match="not a ctgridit model folder"):
+        GriDiTPipeline.from_pretrained(tmp_path / "missing")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return pixel_pipeline().save_pretrained(tmp_path / "model")
+
+
+def test_loading_a_truncated_checkpoint_fails_clearly(saved):
+    weights = next((saved / "stage1").glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CTGridItError, match="incomplete or damaged") as info:
+        GriDiTPipeline.from_pretrained(saved)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["codec", "scheduler", "config", "json"])
+def test_loading_a_damaged_folder_fails_clearly(saved, damage):
+    if damage in ("codec", "scheduler"):
+        shutil.rmtree(saved / damage)
+    elif damage == "config":
+        config = json.loads((saved / CONFIG_FILE).read_text())
+        config["sampling"]["no_such_option"] = 1
+        (saved / CONFIG_FILE).write_text(json.dumps(config))
+    else:
+        (saved / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(CTGridItError, match="incomplete or damaged"):
+        GriDiTPipeline.from_pretrained(saved)
+
+
+def test_mismatched_stage2_is_refused(saved):
+    base = pixel_pipeline()
+    codec, scheduler, config, stage1 = base.codec, base.scheduler, base.config, base.stage1
+    for wrong in (stage2_model(3, 8),                       # the low-resolution size, not the full one
+                  stage2_model(3, 16, cond_channels=1),     # condition channels differ from the codec's
+                  stage2_model(1, 16, cond_channels=3)):    # noise channels differ from the codec's
+        with pytest.raises(ValueError, match="stage 2"):
+            GriDiTPipeline(stage1, codec, scheduler, config, wrong)
+    # a folder whose stage 2 does not fit is a damaged folder, reported as such
+    shutil.rmtree(saved / "stage2")
+    stage2_model(3, 8).save_pretrained(saved / "stage2")
+    with pytest.raises(CTGridItError, match="stage 2"):
+        GriDiTPipeline.from_pretrained(saved)
+
+
+def test_mismatched_stage1_is_refused():
+    base = pixel_pipeline()
+    codec, scheduler, config = base.codec, base.scheduler, base.config
+    for wrong, words in ((stage1_model(3, 8, rows=1, cols=4), "grid"),
+                         (stage1_model(3, 4), "latents"),
+                         (stage1_model(1, 8), "channels")):
+        with pytest.raises(ValueError, match=words):
+            GriDiTPipeline(wrong, codec, scheduler, config)
