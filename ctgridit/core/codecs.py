@@ -125,7 +125,8 @@ class VAECodec(LatentCodec):
         return self.vae.decode(z.to(p.device, p.dtype) / self.scaling_factor).sample.to(z.dtype)
 
     def to(self, device=None, dtype=None) -> "VAECodec":
-        self.vae.to(device=device, dtype=dtype)
+        # pass only what is asked: diffusers warns about any dtype keyword, even None
+        self.vae.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
         return self
 
     def config(self) -> dict:

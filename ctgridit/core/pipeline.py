@@ -112,10 +112,11 @@ class GriDiTPipeline:
         return next(self.stage1.parameters()).dtype
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GriDiTPipeline":
-        dtype = None if dtype == self.dtype else dtype      # diffusers warns on a no-op dtype cast
+        dtype = None if dtype == self.dtype else dtype      # diffusers warns on any dtype keyword
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for model in (self.stage1, self.stage2):
             if model is not None:
-                model.to(device=device, dtype=dtype)
+                model.to(**moves)
         self.codec.to(device=device, dtype=dtype)
         return self
 
