@@ -148,6 +148,47 @@ def synth(
     )
 
 
+train_app = typer.Typer(help="Train the grid model (stage 1) or the super-resolution model (stage 2).",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(train_app, name="train")
+
+TRAIN_EPILOG = ("Example: ctgridit train {stage} --config pipelines/configs/ct_small.yaml\n\n"
+                "Many GPUs: torchrun --nproc_per_node 4 -m ctgridit train {stage} --config CFG")
+
+
+def _train(stage: int, config: str, resume: bool, steps: Optional[int], device: str, quiet: bool,
+           audit: Optional[str]) -> None:
+    from ctgridit.training.config import load_config
+    from ctgridit.training.trainer import train
+
+    result = train(load_config(config), stage, resume=resume, steps=steps, device=device, quiet=quiet,
+                   audit_dir=audit)
+    if result.first_loss is not None:
+        typer.echo(f"stage {stage}: {result.steps} steps in {result.seconds:.0f} s, loss {result.first_loss:.4f} -> "
+                   f"{result.last_loss:.4f}; model folder {result.output}")
+
+
+def _train_options(stage: int):
+    def command(
+        config: str = typer.Option(..., "--config", "-c", help="A training config (YAML), see pipelines/configs/."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of this stage."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total optimizer steps (overrides the config)."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per process)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        audit: Optional[str] = typer.Option(None, "--audit", hidden=True,
+                                            help="Write per-process sample ids and weight digests here."),
+    ) -> None:
+        _train(stage, config, resume, steps, device, quiet, audit)
+
+    command.__doc__ = ("Train stage 1: the unconditional grid DiT." if stage == 1 else
+                       "Train stage 2: the per-frame super-resolution DiT.")
+    return command
+
+
+train_app.command("stage1", epilog=TRAIN_EPILOG.format(stage="stage1"))(_train_options(1))
+train_app.command("stage2", epilog=TRAIN_EPILOG.format(stage="stage2"))(_train_options(2))
+
+
 def _require_suffix(path: str, suffix: str) -> None:
     if not path.lower().endswith(suffix):
         raise CTGridItError(f"output must be a {suffix} file", path, f"use a name ending in {suffix}")

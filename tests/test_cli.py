@@ -233,8 +233,9 @@ def test_preview_is_spacing_aware(capsys, tmp_path):
 
 
 def test_help_of_every_command_has_an_example():
-    for command in ["info", "convert", "grid", "preview", "synth"]:
-        done = subprocess.run([sys.executable, "-m", "ctgridit", command, "--help"], capture_output=True, text=True)
+    for command in ["info", "convert", "grid", "preview", "synth", "train stage1", "train stage2"]:
+        done = subprocess.run([sys.executable, "-m", "ctgridit", *command.split(), "--help"],
+                              capture_output=True, text=True)
         assert done.returncode == 0
         assert "Example: ctgridit " + command in done.stdout
 

@@ -1,0 +1,168 @@
+"""CT scans as the frame sequences of the training datasets (:mod:`ctgridit.training.data`).
+
+A scan becomes a float32 sequence ``(N, 1, H, W)`` in ``[-1, 1]`` with the
+transforms of :mod:`ctgridit.ct.transforms`: read in HU
+(:func:`~ctgridit.ct.io.read_ct`), orient LPS (:class:`Orient`), optionally
+resample to ``spacing`` mm (:class:`ResampleToSpacing`, trilinear) and centre
+crop / pad in-plane to ``in_plane`` voxels with air (:class:`CropOrPadInPlane`),
+clip to ``window`` and scale (:class:`HUWindow`). Frames are the axial slices in
+the radiological view (:func:`volume_to_frames`): frame 0 the most inferior,
+``H`` along Y (anterior at the top), ``W`` along X (patient's right on the
+left).
+
+- :func:`load_ct_sequences`: files and DICOM folders, all in memory;
+- :class:`CTRateSequences`: a CT-RATE folder + metadata CSV as a lazy loader
+  (each volume read when asked for; its length known from the header alone),
+  for datasets too large for memory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from monai.utils import ensure_tuple_rep
+
+from ctgridit.ct.ctrate import IMAGE_KEY, CTRateDataset, CTRateRecord
+from ctgridit.ct.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_ct
+from ctgridit.ct.transforms import (
+    CTRATE_IN_PLANE,
+    CTRATE_SPACING,
+    HU_AIR,
+    CropOrPadInPlane,
+    HUWindow,
+    Orient,
+    ResampleToSpacing,
+    affine_with_spacing,
+    ctrate_preprocess,
+    volume_to_frames,
+    volume_to_metatensor,
+)
+from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.errors import CTGridItError
+
+#: File suffixes of the volumes a folder is expanded into (any other folder is a DICOM series).
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+#: A voxel spacing in mm: one value for all axes or ``(x, y, z)``.
+SpacingMM = float | Sequence[float]
+
+
+def ct_frames_transform(spacing: SpacingMM | None = None, window: Sequence[float] = DEFAULT_WINDOW,
+                        in_plane: int | Sequence[int] | None = None) -> Compose:
+    """HU ``(1, X, Y, Z)`` MetaTensor -> oriented, resampled, cropped/padded, windowed volume (module docstring).
+
+    ``spacing`` (mm, one value or ``(x, y, z)`` along LPS) and ``in_plane``
+    (voxels, one value or ``(X, Y)``) are skipped when ``None``.
+    """
+    steps = [Orient()]
+    if spacing is not None:
+        steps.append(ResampleToSpacing(ensure_tuple_rep(spacing, 3)))
+    if in_plane is not None:
+        steps.append(CropOrPadInPlane(in_plane, pad_value=HU_AIR))
+    steps.append(HUWindow(window))
+    return Compose(steps)
+
+
+def volume_frames(volume: torch.Tensor) -> torch.Tensor:
+    """A preprocessed ``(1, X, Y, Z)`` volume as contiguous float32 frames ``(Z, 1, Y, X)``, no metadata."""
+    plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+    return volume_to_frames(plain).float().contiguous()
+
+
+def scan_paths(paths: Sequence[str | os.PathLike], hold_out: Collection[str | os.PathLike] = ()) -> list[Path]:
+    """The scans of ``paths``, in order, without those whose name is in ``hold_out``.
+
+    A file is a scan (NIfTI, NRRD, MetaImage or a DICOM ``.zip``). A folder
+    that directly holds volume files (:data:`VOLUME_SUFFIXES`) stands for them,
+    in sorted order; any other folder is one DICOM series. ``hold_out`` holds
+    file or folder names (or paths, of which only the name counts).
+    """
+    held = {Path(h).name for h in hold_out}
+    scans = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise CTGridItError("no such file or folder", path, "check the path")
+        volumes = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES)) \
+            if path.is_dir() else []
+        scans.extend(volumes or [path])
+    kept = [p for p in scans if p.name not in held]
+    if not kept:
+        raise CTGridItError(f"no CT scan left out of {len(scans)} after the hold-out",
+                            hint="give more scans or hold fewer out")
+    return kept
+
+
+def load_ct_sequences(paths: Sequence[str | os.PathLike], spacing: SpacingMM | None = None,
+                      window: Sequence[float] = DEFAULT_WINDOW, in_plane: int | Sequence[int] | None = None,
+                      hold_out: Collection[str | os.PathLike] = ()) -> list[torch.Tensor]:
+    """Read CT scans as ``(N, 1, H, W)`` sequences in [-1, 1], all in memory (module docstring).
+
+    Args:
+        paths: files and folders (see :func:`scan_paths`).
+        spacing: target voxel spacing in mm, ``(x, y, z)`` or one value;
+            ``None`` keeps each scan's own.
+        window: the HU window mapped to [-1, 1].
+        in_plane: centre crop / pad every slice to ``in_plane`` voxels
+            (``(X, Y)`` or one value), padding with air; ``None`` keeps the
+            size (then scans of different sizes cannot share a dataset).
+        hold_out: names of scans to leave out (e.g. a validation set).
+    """
+    transform = ct_frames_transform(spacing, window, in_plane)
+    return [volume_frames(transform(volume_to_metatensor(read_ct(p)))) for p in scan_paths(paths, hold_out)]
+
+
+def resampled_depth(record: CTRateRecord, spacing: Sequence[float]) -> int:
+    """The number of slices of a CT-RATE volume after orientation and resampling, from its header only.
+
+    Runs :class:`Orient` and :class:`ResampleToSpacing` lazily (MONAI computes
+    the output shape without touching voxels) on a voxel-less stand-in with the
+    header's shape and the CSV spacing, so it agrees with the real preprocessing.
+    """
+    header = nib.load(record.path)                                    # reads the header, not the voxels
+    affine = affine_with_spacing(header.affine, record.spacing)
+    ghost = MetaTensor(torch.zeros(()).expand(1, *header.shape[:3]), affine=affine)  # (1, X, Y, Z), no memory
+    pending = ResampleToSpacing(spacing)(Orient()(ghost, lazy=True), lazy=True)
+    return int(pending.peek_pending_shape()[-1])
+
+
+class CTRateSequences:
+    """A CT-RATE folder as a lazy loader of ``(N, 1, H, W)`` sequences (the protocol of :mod:`ctgridit.training.data`).
+
+    Item ``i`` reads one volume through :class:`~ctgridit.ct.ctrate.CTRateDataset`
+    with :func:`~ctgridit.ct.transforms.ctrate_preprocess` (CSV rescale and
+    spacing, LPS, ``spacing`` mm, ``window``, in-plane ``in_plane`` voxels
+    padded with air). ``num_frames(i)`` comes from the NIfTI header
+    (:func:`resampled_depth`), so a dataset over 50,000 volumes is built
+    without reading them. ``hold_out``: VolumeNames to leave out.
+    Nothing is cached: every access reads and resamples the volume again.
+    """
+
+    def __init__(self, root: str | os.PathLike, metadata_csv: str | os.PathLike,
+                 spacing: Sequence[float] = CTRATE_SPACING, window: Sequence[float] = DEFAULT_WINDOW,
+                 in_plane: int | Sequence[int] = CTRATE_IN_PLANE, hold_out: Collection[str] = ()) -> None:
+        self.spacing = tuple(float(s) for s in ensure_tuple_rep(spacing, 3))
+        transform = ctrate_preprocess(keys=IMAGE_KEY, spacing=self.spacing, spatial_size=in_plane, window=window)
+        self.dataset = CTRateDataset(root, metadata_csv, transform=transform)
+        held = set(hold_out)
+        self.indices = [i for i, r in enumerate(self.dataset.records) if r.name not in held]
+        if not self.indices:
+            raise CTGridItError(f"all {len(self.dataset.records)} CT-RATE volumes are held out", root)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return volume_frames(self.dataset[self.indices[i]][IMAGE_KEY])           # (N, 1, H, W)
+
+    def name(self, i: int) -> str:
+        """The VolumeName of sequence ``i``."""
+        return self.dataset.records[self.indices[i]].name
+
+    def num_frames(self, i: int) -> int:
+        return resampled_depth(self.dataset.records[self.indices[i]], self.spacing)

@@ -1,0 +1,228 @@
+"""Training configuration: one YAML file describes a model and how to train both stages.
+
+The file has these sections (every key has a default except where noted;
+unknown keys are refused, so a typo never passes silently)::
+
+    name: ct_small
+    output: runs/ct_small/model        # the model folder synth/denoise load
+    frame_size: [128, 128]             # full-resolution frame (H, W) in pixels
+    grid: {rows: 2, cols: 2, stride: 1, factor: 2}
+    data:
+      kind: ct                         # ct | ctrate | video
+      paths: [../shared/data/ct]       # files or folders (relative to the config file)
+      spacing: [3.0, 3.0, 3.0]         # resample CT to this spacing (mm); null keeps it
+      stride_range: [1, 3]             # random z/time stride per grid; null: grid.stride
+      hold_out: [A0002_8mm_B40f.nii.gz]
+    codec: {kind: pixel, channels: 1}  # or {kind: vae, path: /models/sd-vae-ft-mse}
+    stage1: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
+    stage2: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
+    optim: {lr: 1.0e-4, batch_size: 8, ...}   # shared; a stage's optim overrides it
+    checkpoint: {dir: runs/ct_small/checkpoints, every: 1000, keep_last: 3}
+    logging: {every: 10, tensorboard: false}
+    sampling: {sampler: ddim, num_steps: 50, ...}   # stored in the model folder
+
+Relative paths are taken relative to the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctgridit.core.grid import GridSpec
+from ctgridit.core.pipeline import SamplingConfig
+from ctgridit.errors import CTGridItError
+
+DATA_KINDS = ("ct", "ctrate", "video")
+CODEC_KINDS = ("pixel", "vae")
+PRECISIONS = ("no", "fp16", "bf16")
+STAGES = (1, 2)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "ct"
+    paths: list[str] = field(default_factory=list)          # ct: scans/DICOM folders; video: files/folders
+    ctrate_root: str | None = None                          # ctrate: the folder of volumes ...
+    ctrate_csv: str | None = None                           # ... and its metadata CSV
+    spacing: list[float] | None = None                      # ct/ctrate: resample to (x, y, z) mm
+    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # HU window to [-1, 1]
+    hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
+    stride_range: list[int] | None = None                   # [min, max] stride per grid
+    every: int = 1                                          # video: keep every n-th frame
+    num_workers: int = 0                                    # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "DiT-S/4"
+    pos_embed: str = "3d"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any other GridDiT config field
+
+
+@dataclass
+class CodecConfig:
+    kind: str = "pixel"
+    channels: int = 3                                       # pixel codec: image channels (1 for gray CT)
+    path: str | None = None                                 # vae: local folder (or hub id) of an AutoencoderKL
+    subfolder: str | None = None
+    chunk_size: int = 16
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000                                       # optimizer steps
+    batch_size: int = 8                                     # per process and micro-step
+    grad_accum: int = 1                                     # micro-steps per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0                                   # linear warm-up, then constant (DiT)
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999
+    mixed_precision: str = "no"                             # no | fp16 | bf16
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: dict[str, Any] = field(default_factory=dict)      # overrides of the shared optim section
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    name: str = "gridit"
+    output: str = "model"
+    frame_size: list[int] = field(default_factory=lambda: [256, 256])
+    grid: dict[str, int] = field(default_factory=lambda: {"rows": 2, "cols": 2, "stride": 1, "factor": 2})
+    data: DataConfig = field(default_factory=DataConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)   # extra metadata stored in the model folder
+    source: str | None = None                               # the file this config was read from
+
+    # ------------------------------------------------------------ derived
+    @property
+    def grid_spec(self) -> GridSpec:
+        return GridSpec(**self.grid)
+
+    @property
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(**self.sampling)
+
+    def stage(self, stage: int) -> StageConfig:
+        if stage not in STAGES:
+            raise CTGridItError(f"stage must be 1 or 2, got {stage}")
+        return self.stage1 if stage == 1 else self.stage2
+
+    def stage_optim(self, stage: int) -> OptimConfig:
+        """The shared optim section with the stage's overrides applied."""
+        overrides = self.stage(stage).optim
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(OptimConfig)}
+        if unknown:
+            raise CTGridItError(f"unknown key(s) {sorted(unknown)} in stage{stage}.optim", self.source)
+        return dataclasses.replace(self.optim, **overrides)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+    def validate(self) -> "TrainConfig":
+        if self.data.kind not in DATA_KINDS:
+            raise CTGridItError(f"data.kind must be one of {DATA_KINDS}, got {self.data.kind!r}", self.source)
+        if self.codec.kind not in CODEC_KINDS:
+            raise CTGridItError(f"codec.kind must be one of {CODEC_KINDS}, got {self.codec.kind!r}", self.source)
+        if self.codec.kind == "vae" and not self.codec.path:
+            raise CTGridItError("codec.kind is vae but codec.path is empty", self.source,
+                                "give the local folder of an AutoencoderKL (e.g. the SD VAE)")
+        if len(self.frame_size) != 2 or min(self.frame_size) < 1:
+            raise CTGridItError(f"frame_size must be [H, W], got {self.frame_size}", self.source)
+        try:
+            self.grid_spec
+            self.sampling_config
+        except (TypeError, ValueError) as err:
+            raise CTGridItError(f"bad grid or sampling section ({err})", self.source) from None
+        for stage in STAGES:
+            optim = self.stage_optim(stage)
+            if optim.mixed_precision not in PRECISIONS:
+                raise CTGridItError(f"optim.mixed_precision must be one of {PRECISIONS}", self.source)
+            if min(optim.steps, optim.batch_size, optim.grad_accum) < 1:
+                raise CTGridItError("optim.steps, batch_size and grad_accum must be >= 1", self.source)
+        return self
+
+
+def _build(cls, data: Any, where: str, source: str | None):
+    """A dataclass from a mapping, refusing unknown keys and recursing into dataclass fields."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise CTGridItError(f"section {where or 'top level'} must be a mapping", source)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields) - {"source"}
+    if unknown:
+        raise CTGridItError(f"unknown key(s) {sorted(unknown)} in {where or 'the top level'}", source,
+                            f"allowed: {', '.join(n for n in fields if n != 'source')}")
+    values = {}
+    for name, value in data.items():
+        kind = fields[name].type
+        target = {"DataConfig": DataConfig, "CodecConfig": CodecConfig, "StageConfig": StageConfig,
+                  "OptimConfig": OptimConfig, "CheckpointConfig": CheckpointConfig,
+                  "LoggingConfig": LoggingConfig, "ModelConfig": ModelConfig}.get(str(kind))
+        values[name] = _build(target, value, f"{where}.{name}".strip("."), source) if target else value
+    return cls(**values)
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read and check a training config; relative paths become relative to its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise CTGridItError("no such config file", path, "give a YAML file such as pipelines/configs/ct_small.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise CTGridItError(f"not valid YAML ({' '.join(str(err).split())})", path) from None
+    config = _build(TrainConfig, raw, "", str(path))
+    config.source = str(path)
+    _resolve_paths(config, path.parent)
+    return config.validate()
+
+
+def _resolve_paths(config: TrainConfig, base: Path) -> None:
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        p = Path(os.path.expanduser(value))
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    config.output = resolve(config.output)
+    config.checkpoint.dir = resolve(config.checkpoint.dir)
+    config.data.paths = [resolve(p) for p in config.data.paths]
+    config.data.ctrate_root = resolve(config.data.ctrate_root)
+    config.data.ctrate_csv = resolve(config.data.ctrate_csv)
+    if config.codec.kind == "vae" and config.codec.path and (base / config.codec.path).exists():
+        config.codec.path = resolve(config.codec.path)

@@ -1,0 +1,251 @@
+"""Training datasets of both stages, over any collection of frame sequences.
+
+Sequences
+---------
+A *sequence* is a float tensor ``(N_i, C, H, W)`` in ``[-1, 1]``: the slices of
+a CT volume (``C = 1``, from :mod:`ctgridit.ct.training_data`), the frames of a
+video (``C = 3``, :class:`VideoSequences`), ... All sequences of one dataset
+share ``C, H, W``. A dataset takes either a list of such tensors or a *lazy
+loader* (:class:`FrameSequences`): any object with ``__len__`` and
+``__getitem__(i) -> (N_i, C, H, W) tensor`` that reads sequence ``i`` on demand,
+optionally with ``num_frames(i) -> N_i`` that answers without reading the
+frames. The dataset learns every ``N_i`` once, when it is built: from
+``num_frames`` when the loader has it, else by loading each sequence once.
+
+Reproducibility
+---------------
+Item ``index`` is a pure function of ``(seed, index)``: ``__getitem__`` seeds
+its own ``torch.Generator`` with :func:`sample_seed` and draws all its
+randomness from it (which sequence, stride, start; the degradation noise and
+blur), never from a global RNG. A trainer resumes exactly and splits a global
+batch across processes just by choosing indices; each item's ``id`` says which
+frames it holds.
+
+``len(dataset)`` is a *virtual* length (``length``, default 10**9): items are
+independent random draws (with replacement), so an epoch means nothing; a
+trainer walks the indices ``0, 1, 2, ...`` (e.g. ``step * batch + rank ...``).
+
+Items are dicts of float32 tensors in ``[-1, 1]`` with ``channels`` channels:
+grayscale sequences are repeated to 3 channels with
+:func:`~ctgridit.core.grid.gray_to_rgb` for an RGB codec, RGB ones averaged
+with :func:`~ctgridit.core.grid.rgb_to_gray` when ``channels == 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch.utils.data import Dataset
+
+from ctgridit.core.degrade import Degrade
+from ctgridit.core.grid import GridSpec, gray_to_rgb, resize_frames, rgb_to_gray, tile
+
+if TYPE_CHECKING:  # the video adapter (and its PyAV) is imported only when videos are used
+    from ctgridit.video.io import Size
+
+#: The default virtual length of the datasets (see the module docstring).
+VIRTUAL_LENGTH = 10**9
+
+
+class FrameSequences(Protocol):
+    """A lazy collection of sequences: ``len(s)`` of them, ``s[i]`` a ``(N_i, C, H, W)`` tensor in [-1, 1].
+
+    A loader may add ``num_frames(i) -> N_i`` (cheap, without reading the
+    frames); it must equal ``s[i].shape[0]``.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of a dataset seeded with ``seed`` (a hash, so neighbours are unrelated)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def to_channels(frames: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(..., C, H, W)`` frames with ``channels`` channels: unchanged, gray -> RGB (repeat) or RGB -> gray (mean)."""
+    have = frames.shape[-3]
+    if have == channels:
+        return frames
+    if (have, channels) == (1, 3):
+        return gray_to_rgb(frames)
+    if (have, channels) == (3, 1):
+        return rgb_to_gray(frames)
+    raise ValueError(f"cannot turn {have}-channel frames into {channels} channels (only 1 <-> 3)")
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    """A uniform integer in ``[0, high)``."""
+    return int(torch.randint(high, (), generator=generator))
+
+
+class _SequenceDataset(Dataset):
+    """What both datasets share: the sequences and their lengths, the virtual length, per-item generators."""
+
+    def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, seed: int, length: int,
+                 channels: int) -> None:
+        if len(sequences) == 0:
+            raise ValueError("no sequences given")
+        if length < 1 or channels < 1:
+            raise ValueError(f"length and channels must be positive, got {length} and {channels}")
+        self.sequences = sequences
+        self.seed = int(seed)
+        self.length = int(length)
+        self.channels = int(channels)
+        count = getattr(sequences, "num_frames", None)
+        self.num_frames = [count(i) if count else self._load(i, check_length=False).shape[0]
+                           for i in range(len(sequences))]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of item ``index`` (checked to lie in ``[0, len)``)."""
+        index = operator.index(index)
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a dataset of virtual length {self.length}")
+        return torch.Generator().manual_seed(sample_seed(self.seed, index))
+
+    def _load(self, i: int, check_length: bool = True) -> torch.Tensor:
+        """Sequence ``i`` as float32 ``(N_i, C, H, W)``, checked."""
+        x = self.sequences[i]
+        if not (torch.is_tensor(x) and x.is_floating_point() and x.ndim == 4):
+            raise ValueError(f"sequence {i} must be a float tensor (N, C, H, W), got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if check_length and x.shape[0] != self.num_frames[i]:
+            raise ValueError(f"sequence {i} has {x.shape[0]} frames but the loader's num_frames says "
+                             f"{self.num_frames[i]}")
+        return x.float()
+
+
+class GridSampleDataset(_SequenceDataset):
+    """Stage-1 training grids: ``R x C`` frames ``k, k+s, ..., k+(RC-1)s`` of one sequence, tiled row-major.
+
+    Args:
+        sequences: a list of ``(N_i, C, H, W)`` tensors in [-1, 1] or a lazy
+            loader (module docstring).
+        spec: grid shape ``R x C`` and in-plane factor ``r`` (``spec.stride`` is
+            the default stride).
+        stride_range: ``(s_min, s_max)``, inclusive; default ``(spec.stride, spec.stride)``.
+        seed, length: see the module docstring.
+        channels: channels of the grids (1 keeps gray, 3 for an RGB codec).
+
+    Item ``index`` draws with its generator: a sequence, uniformly among those
+    with at least ``(RC - 1) * s_min + 1`` frames (shorter ones are skipped;
+    none long enough is a ValueError); a stride ``s`` uniformly among the strides
+    of the range that fit that sequence; a start ``k`` uniformly with
+    ``k + (RC - 1) * s < N``. Its frames are resized in-plane to
+    ``spec.frame_size(H, W)`` (bicubic, :func:`~ctgridit.core.grid.resize_frames`)
+    and tiled with :func:`~ctgridit.core.grid.tile`.
+
+    Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride), "index": index}``.
+    """
+
+    def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, spec: GridSpec = GridSpec(),
+                 stride_range: tuple[int, int] | None = None, seed: int = 0, length: int = VIRTUAL_LENGTH,
+                 channels: int = 3) -> None:
+        low, high = (spec.stride, spec.stride) if stride_range is None else stride_range
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+            raise ValueError(f"stride_range must be integers (low, high) with 1 <= low <= high, got {stride_range}")
+        super().__init__(sequences, seed, length, channels)
+        self.spec = spec
+        self.stride_range = (low, high)
+        self.eligible = [i for i, n in enumerate(self.num_frames) if n >= self.span(low)]
+        if not self.eligible:
+            raise ValueError(f"no sequence is long enough for a {spec.rows}x{spec.cols} grid at stride {low}: "
+                             f"it needs {self.span(low)} frames, the longest has {max(self.num_frames)}")
+
+    def span(self, stride: int) -> int:
+        """Frames of the sequence covered by one grid at ``stride``: ``(RC - 1) * s + 1``."""
+        return (self.spec.cells - 1) * stride + 1
+
+    def max_stride(self, num_frames: int) -> int:
+        """The largest stride of the range whose grid fits in ``num_frames`` frames."""
+        high = self.stride_range[1]
+        if self.spec.cells == 1:
+            return high
+        return min(high, (num_frames - 1) // (self.spec.cells - 1))
+
+    def __getitem__(self, index: int) -> dict:
+        g = self.generator(index)
+        i = self.eligible[_randint(len(self.eligible), g)]
+        n = self.num_frames[i]
+        low = self.stride_range[0]
+        stride = low + _randint(self.max_stride(n) - low + 1, g)
+        start = _randint(n - self.span(stride) + 1, g)
+        frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
+        cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)
+        grid = tile(cells, self.spec.rows, self.spec.cols)                         # (C, R*h, C*w)
+        return {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride), "index": index}
+
+
+class SRPairDataset(_SequenceDataset):
+    """Stage-2 training pairs: a real HR frame and its degraded version (:class:`~ctgridit.core.degrade.Degrade`).
+
+    Args:
+        sequences: as for :class:`GridSampleDataset`.
+        factor: the stage-1 in-plane factor ``r`` the SR model undoes.
+        degrade: the degradation; default ``Degrade(factor)`` (GRIDIT.md section 4).
+            Its factor must be ``factor``.
+        seed, length, channels: as for :class:`GridSampleDataset`.
+
+    Item ``index`` draws with its generator a sequence (uniformly), a frame
+    (uniformly) and the degradation. The frame is degraded in its own channels
+    before the channel conversion, so a gray frame keeps a gray condition.
+
+    Items: ``{"x": (channels, H, W) HR frame, "cond": (channels, H, W) degraded
+    frame, "id": (sequence, frame), "index": index}``.
+    """
+
+    def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, factor: int,
+                 degrade: Degrade | None = None, seed: int = 0, length: int = VIRTUAL_LENGTH,
+                 channels: int = 3) -> None:
+        degrade = Degrade(factor) if degrade is None else degrade
+        if degrade.factor != factor:
+            raise ValueError(f"the degradation's factor {degrade.factor} differs from factor {factor}")
+        super().__init__(sequences, seed, length, channels)
+        self.factor = factor
+        self.degrade = degrade
+
+    def __getitem__(self, index: int) -> dict:
+        g = self.generator(index)
+        i = _randint(len(self.num_frames), g)
+        frame_index = _randint(self.num_frames[i], g)
+        frame = self._load(i)[frame_index]                                         # (C, H, W)
+        cond, _ = self.degrade(frame, g)                                           # (C, H, W)
+        return {"x": to_channels(frame, self.channels).contiguous(),
+                "cond": to_channels(cond, self.channels).contiguous(),
+                "id": (i, frame_index), "index": index}
+
+
+class VideoSequences:
+    """Videos as a lazy :class:`FrameSequences`: item ``i`` is ``paths[i]`` read as ``(T, 3, H, W)`` in [-1, 1].
+
+    Each path is a video file, a GIF or a folder of frame images, read with
+    :class:`~ctgridit.video.sequence.VideoAdapter` (``size``: ``(H, W)``, or an
+    int for the short side, which then must give one size for all videos;
+    ``every``: temporal subsampling; ``max_frames``: a cap after subsampling).
+    It has no ``num_frames``, so a dataset decodes each video once when built.
+    ``list(VideoSequences(...))`` loads them all into memory.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], size: Size | None = None, every: int = 1,
+                 max_frames: int | None = None) -> None:
+        from ctgridit.video.sequence import VideoAdapter
+
+        self.paths = list(paths)
+        self.adapter = VideoAdapter(size=size, max_frames=max_frames, every=every)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.adapter.load(self.paths[i])                                    # (T, 3, H, W)

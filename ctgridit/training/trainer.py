@@ -1,0 +1,328 @@
+"""The trainer of both GriDiT stages, on one CPU, one GPU or many (DDP through accelerate).
+
+One loop serves stage 1 (grids, unconditional) and stage 2 (frames, conditioned
+on their degraded version): the DDPM epsilon objective, AdamW, linear warm-up
+then a constant learning rate, gradient accumulation and clipping, an EMA of the
+weights, and mixed precision (bf16/fp16 where available) as in DiT and the
+paper. Launch it the same way everywhere::
+
+    ctgridit train stage1 --config cfg.yaml                     # one process
+    torchrun --nproc_per_node 4 -m ctgridit train stage1 --config cfg.yaml
+    accelerate launch -m ctgridit train stage1 --config cfg.yaml
+
+Determinism and exact resume: every training sample is a pure function of
+``(seed, index)`` (:mod:`ctgridit.training.data`), and the batch of optimizer
+step ``s`` is fixed: micro-step ``a`` of process ``r`` takes the indices
+``((s * A + a) * W + r) * B + j`` for ``j < B`` (``A`` accumulation steps,
+``W`` processes, ``B`` per-process batch), so the global batch is split between
+processes without overlap. The diffusion noise and timesteps of that
+micro-batch come from a generator seeded the same way. Resuming from a
+checkpoint therefore replays exactly the steps an uninterrupted run would make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from ctgridit.core.codecs import LatentCodec, PixelCodec, VAECodec
+from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
+from ctgridit.core.dit import GridDiT, create_dit
+from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig
+from ctgridit.errors import CTGridItError
+from ctgridit.files import atomic_folder, atomic_output
+from ctgridit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ctgridit.training.config import TrainConfig
+from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
+from ctgridit.training.metrics import MetricsLog
+
+
+# ------------------------------------------------------------------ building
+def build_codec(config: TrainConfig) -> LatentCodec:
+    codec = config.codec
+    if codec.kind == "pixel":
+        return PixelCodec(codec.channels, codec.chunk_size)
+    try:
+        return VAECodec.from_pretrained(codec.path, subfolder=codec.subfolder, chunk_size=codec.chunk_size)
+    except (OSError, ValueError) as err:
+        raise CTGridItError(f"cannot load the VAE ({' '.join(str(err).split())[:200]})", codec.path,
+                            "give the local folder of a diffusers AutoencoderKL") from None
+
+
+def build_sequences(config: TrainConfig):
+    """The training sequences ``(N, C, H, W)`` in [-1, 1] of the configured data (a list or a lazy loader)."""
+    data = config.data
+    if data.kind == "video":
+        from ctgridit.training.data import VideoSequences
+
+        return VideoSequences(data.paths, size=tuple(config.frame_size), every=data.every)
+    from ctgridit.ct.training_data import CTRateSequences, load_ct_sequences
+
+    if data.kind == "ctrate":
+        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window,
+                               in_plane=config.frame_size[0], hold_out=data.hold_out,
+                               **({"spacing": data.spacing} if data.spacing else {}))
+    return load_ct_sequences(data.paths, spacing=data.spacing, window=data.window,
+                             in_plane=tuple(config.frame_size), hold_out=data.hold_out)
+
+
+def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, seed: int):
+    spec = config.grid_spec
+    if stage == 1:
+        stride_range = tuple(config.data.stride_range) if config.data.stride_range else None
+        return GridSampleDataset(sequences, spec, stride_range=stride_range, seed=seed, channels=channels)
+    return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
+
+
+def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
+    spec, model = config.grid_spec, config.stage(stage).model
+    if stage == 1:
+        lh, lw = codec.latent_size(*spec.frame_size(*config.frame_size))
+        shape = dict(sample_height=spec.rows * lh, sample_width=spec.cols * lw,
+                     grid_rows=spec.rows, grid_cols=spec.cols, cond_channels=0)
+    else:
+        lh, lw = codec.latent_size(*config.frame_size)
+        shape = dict(sample_height=lh, sample_width=lw, grid_rows=1, grid_cols=1,
+                     cond_channels=codec.latent_channels)
+    try:
+        return create_dit(model.preset, in_channels=codec.latent_channels, pos_embed=model.pos_embed,
+                          **shape, **model.overrides)
+    except (TypeError, ValueError) as err:
+        raise CTGridItError(f"bad stage{stage}.model section ({err})", config.source) from None
+
+
+def pipeline_config(config: TrainConfig, codec: LatentCodec) -> PipelineConfig:
+    """What the model folder's ``gridit.json`` records: grid, frame size, sampling and adapter metadata."""
+    adapter = {"kind": "video" if config.data.kind == "video" else "ct", "window": list(config.data.window)}
+    if config.data.spacing:
+        adapter["spacing"] = list(config.data.spacing)
+    adapter.update(config.adapter)
+    return PipelineConfig(config.grid_spec, tuple(config.frame_size), codec.image_channels,
+                          config.sampling_config, adapter)
+
+
+# ------------------------------------------------------------------- batches
+class StepBatches:
+    """Index lists of one process for optimizer steps ``start .. stop - 1`` (see the module docstring)."""
+
+    def __init__(self, start: int, stop: int, accum: int, world: int, rank: int, batch: int):
+        self.start, self.stop, self.accum, self.world, self.rank, self.batch = start, stop, accum, world, rank, batch
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        first = ((step * self.accum + micro) * self.world + self.rank) * self.batch
+        return list(range(first, first + self.batch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            for micro in range(self.accum):
+                yield self.indices(step, micro)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"x": torch.stack([it["x"] for it in items]), "index": [it["index"] for it in items],
+             "id": [it["id"] for it in items]}
+    if "cond" in items[0]:
+        batch["cond"] = torch.stack([it["cond"] for it in items])
+    return batch
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of all parameters, to compare the weights of processes."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------- trainer
+@dataclasses.dataclass
+class TrainResult:
+    stage: int
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    seconds: float
+    output: str
+
+
+def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | None = None,
+          device: str = "auto", quiet: bool = False, audit_dir: str | None = None) -> TrainResult:
+    """Train ``stage`` (1 or 2) of ``config``; write checkpoints and export the model folder.
+
+    ``steps`` overrides the config's total number of optimizer steps (the
+    schedule is warm-up then constant, so it does not depend on the total).
+    ``audit_dir``: every process writes the sample ids it trained on and a
+    digest of its final weights there (used by the multi-process test).
+    """
+    from accelerate import Accelerator
+
+    optim = config.stage_optim(stage)
+    total = steps or optim.steps
+    if device not in ("auto", "cpu", "cuda"):
+        raise CTGridItError(f"device must be auto, cpu or cuda for training, got {device!r}")
+    accelerator = Accelerator(mixed_precision=optim.mixed_precision, cpu=device == "cpu")
+    if device == "cuda" and accelerator.device.type != "cuda":
+        raise CTGridItError("--device cuda asked for but no CUDA GPU is visible", hint="use --device auto or cpu")
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
+        # several CPU processes on one machine: share the cores instead of oversubscribing them
+        # (OpenMP threads that outnumber the cores make every matrix product many times slower)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+    codec = build_codec(config).to(accelerator.device)
+    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel")
+    sequences = build_sequences(config)
+    dataset = build_dataset(config, stage, sequences, codec.image_channels, optim.seed)
+    torch.manual_seed(optim.seed)                                   # the same initial weights on every process
+    model = build_model(config, stage, codec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                                  betas=tuple(optim.betas))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
+
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=optim.ema_decay)
+    names = [n for n, _ in model.named_parameters()]
+    start, found = 0, None
+    ckpt_dir = Path(config.checkpoint.dir) / f"stage{stage}"
+    if resume:
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            raise CTGridItError("no checkpoint to resume from", ckpt_dir, "train without --resume first")
+        weights, ema_weights, state = load_checkpoint(found)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        ema.load_state_dict({**state["ema"], "shadow_params": [ema_weights[n] for n in names]})
+        torch.set_rng_state(state["rng_torch"])
+        start = int(state["step"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    if start >= total:
+        raise CTGridItError(f"the checkpoint is at step {start}, not before the requested {total} steps",
+                            found, "ask for more steps")
+
+    batches = StepBatches(start, total, optim.grad_accum, world, rank, optim.batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
+                        persistent_workers=config.data.num_workers > 0)
+    metrics = MetricsLog(Path(config.checkpoint.dir) / f"stage{stage}", start, config.logging.tensorboard) if main else None
+    progress = None
+    if main and not quiet:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=start, desc=f"train stage {stage}", unit="step", dynamic_ncols=True)
+    audit: list = []
+    first_loss = last_loss = None
+    began = time.perf_counter()
+    micro_batches = iter(loader)
+    model.train()
+    for step in range(start, total):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro in range(optim.grad_accum):
+            batch = next(micro_batches)
+            if audit_dir:
+                audit.append([step, micro, batch["index"], [list(i) for i in batch["id"]]])
+            x = codec.encode(batch["x"].to(accelerator.device))
+            cond = codec.encode(batch["cond"].to(accelerator.device)) if "cond" in batch else None
+            generator = torch.Generator(accelerator.device).manual_seed(
+                sample_seed(optim.seed + 1, (step * optim.grad_accum + micro) * world + rank))
+            sync = micro == optim.grad_accum - 1
+            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                loss = diffusion_loss(model, scheduler, x, cond, generator) / optim.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        if optim.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_schedule.step()
+        ema.step(accelerator.unwrap_model(model).parameters())
+        last_loss = accelerator.reduce(step_loss, "mean").item()
+        first_loss = last_loss if first_loss is None else first_loss
+        done = step + 1
+        if main:
+            elapsed = time.perf_counter() - began
+            rate = (done - start) * optim.grad_accum * world * optim.batch_size / max(elapsed, 1e-9)
+            metrics.log(done, last_loss, lr_schedule.get_last_lr()[0], rate, elapsed)
+            if progress is not None:
+                progress.update(1)
+                if done % config.logging.every == 0 or done == total:
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+        if done % config.checkpoint.every == 0 or done == total:
+            _checkpoint(accelerator, config, stage, done, model, ema, optimizer, lr_schedule, names, ckpt_dir)
+            if main:
+                metrics.plot(f"{config.name}: stage {stage}")
+    if progress is not None:
+        progress.close()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if main:
+        export_stage(config, stage, unwrapped, ema, codec, scheduler)
+        metrics.close()
+    if audit_dir:
+        _write_audit(audit_dir, rank, world, audit, unwrapped)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
+
+
+def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, ema, optimizer, lr_schedule,
+                names: list[str], folder: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ema_state = ema.state_dict()
+        shadow = dict(zip(names, ema_state.pop("shadow_params")))
+        state: dict[str, Any] = {"step": step, "stage": stage, "optimizer": optimizer.state_dict(),
+                                 "lr_scheduler": lr_schedule.state_dict(), "ema": ema_state,
+                                 "rng_torch": torch.get_rng_state(), "world_size": accelerator.num_processes}
+        save_checkpoint(folder, step, accelerator.unwrap_model(model).state_dict(), shadow, state,
+                        config.to_dict(), config.checkpoint.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: LatentCodec, scheduler) -> Path:
+    """Write ``stage{N}/`` (EMA weights, safetensors + config) into the model folder, with the
+    codec, scheduler and ``gridit.json`` it needs; the other stage's folder is kept."""
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    export = GridDiT.from_config(model.config)
+    ema.copy_to(export.parameters())
+    with atomic_folder(out / f"stage{stage}") as tmp:
+        export.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_folder(out / "codec") as tmp:
+        codec.save_pretrained(tmp)
+    with atomic_folder(out / "scheduler") as tmp:
+        scheduler.save_pretrained(str(tmp))
+    with atomic_output(out / CONFIG_FILE, force=True) as tmp:
+        tmp.write_text(json.dumps(pipeline_config(config, codec).to_dict(), indent=2))
+    return out
+
+
+def _write_audit(folder: str, rank: int, world: int, samples: list, model: torch.nn.Module) -> None:
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"rank{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world_size": world, "samples": samples, "weights_sha256": weights_digest(model)}))
+
+
+def loss_decrease(log_rows: list[dict], window: int = 20) -> tuple[float, float]:
+    """Mean loss of the first and the last ``window`` logged steps."""
+    losses = [float(r["loss"]) for r in log_rows]
+    window = max(1, min(window, len(losses) // 2))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+

@@ -1,0 +1,109 @@
+"""Time one optimizer step of each training config, for the table in pipelines/README.md.
+
+    python pipelines/bench_train.py                       # all configs, CPU
+    python pipelines/bench_train.py --configs ctrate_xl --device cuda --batch 8
+
+A step here is what the trainer does per optimizer step: encode the batch with
+the codec, the DDPM epsilon loss of the stage's model (under the config's
+mixed precision on a GPU), backward, gradient clipping, AdamW. Batches are
+random grids/frames of the config's shapes, so no data set is needed; data
+loading is not timed. A VAE codec whose folder is absent is replaced by a
+randomly initialised AutoencoderKL of the Stable Diffusion VAE's architecture
+(same cost). Prints one row per config and stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ctgridit.core.codecs import VAECodec
+from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
+from ctgridit.training.config import load_config
+from ctgridit.training.trainer import build_codec, build_model
+
+CONFIGS = Path(__file__).parent / "configs"
+#: diffusers' AutoencoderKL config of the Stable Diffusion VAE (sd-vae-ft-ema/mse).
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+              block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+def codec_for(config):
+    if config.codec.kind == "vae" and not Path(config.codec.path).exists():
+        from diffusers import AutoencoderKL
+
+        return VAECodec(AutoencoderKL(**SD_VAE)), "SD-VAE architecture, random weights"
+    return build_codec(config), config.codec.kind
+
+
+def time_stage(config, stage: int, device: torch.device, batch: int | None, steps: int) -> dict:
+    optim = config.stage_optim(stage)
+    batch = batch or optim.batch_size
+    codec, codec_name = codec_for(config)
+    codec.to(device)
+    model = build_model(config, stage, codec).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr)
+    scheduler = make_train_scheduler()
+    spec = config.grid_spec
+    h, w = spec.grid_size(*config.frame_size) if stage == 1 else tuple(config.frame_size)
+    x = torch.rand(batch, codec.image_channels, h, w, device=device) * 2 - 1
+    cond = x.clone() if stage == 2 else None
+    use_amp = device.type == "cuda" and optim.mixed_precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if optim.mixed_precision == "bf16" else torch.float16
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            z = codec.encode(x)
+            c = codec.encode(cond) if cond is not None else None
+            loss = diffusion_loss(model, scheduler, z, c)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()                                                   # warm-up (allocations, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - began) / steps
+    params = sum(p.numel() for p in model.parameters())
+    spec = config.stage(stage).model
+    label = spec.preset + "".join(f" {k}={v}" for k, v in spec.overrides.items())
+    return {"config": config.name, "stage": stage, "model": label, "params_M": params / 1e6,
+            "input": f"{codec.image_channels}x{h}x{w}", "codec": codec_name, "batch": batch,
+            "precision": optim.mixed_precision if use_amp else "fp32", "s_per_step": seconds,
+            "samples_per_s": batch / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["ct_small", "video_small", "ctrate_xl"])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="per-step batch (default: the config's)")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| config | stage | model | params (M) | input | codec | batch | precision | s/step | samples/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.configs:
+        config = load_config(CONFIGS / f"{name}.yaml")
+        for stage in args.stages:
+            r = time_stage(config, stage, device, args.batch, args.steps)
+            print(f"| {r['config']} | {r['stage']} | {r['model']} | {r['params_M']:.1f} | {r['input']} | {r['codec']} | "
+                  f"{r['batch']} | {r['precision']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

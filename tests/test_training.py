@@ -1,0 +1,174 @@
+"""The trainer: real loss decrease on real CT, exact resume, checkpoints, 2-process DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.errors import CTGridItError
+from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint
+from ctgridit.training.config import load_config
+from ctgridit.training.trainer import StepBatches, loss_decrease, train
+from tests.conftest import REPO, data_file
+
+#: A model small enough to train a few hundred steps in a test on 2 CPU cores.
+SMALL_MODEL = {"preset": "DiT-S/8", "overrides": {"depth": 2, "hidden_size": 96, "num_heads": 4}}
+
+
+def write_config(folder: Path, scan: Path, **changes) -> Path:
+    """A tiny CT training config in ``folder`` (32 x 32 frames, 2 x 2 grids, pixel codec)."""
+    config = {
+        "name": "tiny", "output": "model", "frame_size": [32, 32],
+        "grid": {"rows": 2, "cols": 2, "stride": 1, "factor": 2},
+        "data": {"kind": "ct", "paths": [str(scan)], "spacing": [12.0, 12.0, 3.0], "stride_range": [1, 2]},
+        "codec": {"kind": "pixel", "channels": 1},
+        "stage1": {"model": {"preset": "DiT-tiny/2"}}, "stage2": {"model": {"preset": "DiT-tiny/2"}},
+        "optim": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
+        "checkpoint": {"dir": "ckpt", "every": 3, "keep_last": 5},
+        "sampling": {"num_steps": 3, "stage2_steps": 2},
+    }
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_small_ct_config_lowers_the_loss_on_real_ct(tmp_path):
+    """The shipped small CT config (with a smaller model and fewer steps, for test time) learns real CT grids."""
+    data_file("lung_pet_ct_dx/A0001_5mm_kernelL.nii.gz")
+    config = load_config(REPO / "pipelines" / "configs" / "ct_small.yaml")
+    config.output = str(tmp_path / "model")
+    config.checkpoint.dir = str(tmp_path / "ckpt")
+    config.checkpoint.every = 1000
+    config.stage1.model.preset = SMALL_MODEL["preset"]
+    config.stage1.model.overrides = SMALL_MODEL["overrides"]
+    config.optim.batch_size = 4
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 20
+    torch.manual_seed(0)
+    result = train(config, 1, steps=250, device="cpu", quiet=True)
+    with open(tmp_path / "ckpt" / "stage1" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 251))
+    first, last = loss_decrease(rows, window=25)
+    assert last < 0.6 * first, f"loss {first:.4f} -> {last:.4f}"
+    assert (tmp_path / "ckpt" / "stage1" / "loss.png").stat().st_size > 1000
+    assert result.steps == 250
+    pipeline = GriDiTPipeline.from_pretrained(tmp_path / "model")
+    assert pipeline.config.frame_size == (128, 128) and pipeline.stage2 is None
+    assert pipeline.config.adapter["spacing"] == [3.0, 3.0, 3.0]
+
+
+def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for folder in (straight, split):
+        folder.mkdir()
+        write_config(folder, small_ct)
+    train(load_config(straight / "config.yaml"), 1, steps=6, device="cpu", quiet=True)
+    train(load_config(split / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    train(load_config(split / "config.yaml"), 1, steps=6, resume=True, device="cpu", quiet=True)
+    a, b = straight / "ckpt" / "stage1" / "step_00000006", split / "ckpt" / "stage1" / "step_00000006"
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6)
+    # the weights did move: training is not a no-op
+    first = load_file(str(straight / "ckpt" / "stage1" / "step_00000003" / "model.safetensors"))
+    assert any(not torch.equal(first[k], wa[k]) for k in wa)
+    rows = list(csv.DictReader(open(split / "ckpt" / "stage1" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
+    write_config(tmp_path, small_ct)
+    config = load_config(tmp_path / "config.yaml")
+    train(config, 1, steps=2, device="cpu", quiet=True)
+    train(config, 2, steps=2, device="cpu", quiet=True)
+    pipeline = GriDiTPipeline.from_pretrained(tmp_path / "model")
+    assert pipeline.stage2 is not None and pipeline.stage2.config.cond_channels == 1
+    frames = pipeline.generate(5, generator=torch.Generator().manual_seed(0))
+    assert frames.shape == (1, 5, 1, 32, 32)
+
+
+def test_checkpoints_keep_the_last_k_and_load_without_pickle(tmp_path, small_ct):
+    write_config(tmp_path, small_ct, checkpoint={"every": 1, "keep_last": 2})
+    train(load_config(tmp_path / "config.yaml"), 1, steps=5, device="cpu", quiet=True)
+    folder = tmp_path / "ckpt" / "stage1"
+    assert [s for s, _ in list_checkpoints(folder)] == [4, 5]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]       # no half-written folder
+    model, ema, state = load_checkpoint(folder / "step_00000005")
+    assert state["step"] == 5 and set(model) == set(ema)
+    # a state file that needs unpickling of arbitrary objects is refused
+    torch.save({"step": 5, "evil": Path("x")}, folder / "step_00000005" / "state.pt")
+    with pytest.raises(CTGridItError, match="cannot load the checkpoint"):
+        load_checkpoint(folder / "step_00000005")
+
+
+def test_step_batches_split_the_global_batch():
+    world, batch, accum = 2, 3, 2
+    ranks = [StepBatches(0, 4, accum, world, r, batch) for r in range(world)]
+    lists = [list(r) for r in ranks]
+    assert all(len(x) == 4 * accum for x in lists)
+    for k in range(4 * accum):
+        together = sorted(lists[0][k] + lists[1][k])
+        assert together == list(range(k * world * batch, (k + 1) * world * batch))
+    resumed = StepBatches(2, 4, accum, world, 1, batch)
+    assert list(resumed) == lists[1][2 * accum:]
+
+
+def test_bad_config_is_refused(tmp_path, small_ct, capsys):
+    from ctgridit.cli import main
+
+    path = write_config(tmp_path, small_ct)
+    raw = yaml.safe_load(path.read_text())
+    raw["optim"]["learning_rate"] = 1e-4                      # a typo of lr
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CTGridItError, match="learning_rate"):
+        load_config(path)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "stage1", "--config", str(path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "learning_rate" in err and "Traceback" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_hold_identical_weights_and_split_the_batch(tmp_path, small_ct):
+    write_config(tmp_path, small_ct, optim={"steps": 4, "batch_size": 2})
+    audit = tmp_path / "audit"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "ctgridit", "train", "stage1", "--config", str(tmp_path / "config.yaml"), "--device", "cpu",
+         "--quiet", "--audit", str(audit)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((audit / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    for entries in zip(ranks[0]["samples"], ranks[1]["samples"]):
+        (step, micro, idx0, ids0), (step1, micro1, idx1, ids1) = entries
+        assert (step, micro) == (step1, micro1)
+        assert sorted(idx0 + idx1) == list(range(step * 4, step * 4 + 4))     # global batch 4 = 2 x 2
+        assert not set(idx0) & set(idx1)
+    assert len(ranks[0]["samples"]) == 4
+    # the exported weights are those of the EMA after 4 synchronised steps, loadable as a model folder
+    assert GriDiTPipeline.from_pretrained(tmp_path / "model").stage1 is not None
