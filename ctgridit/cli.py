@@ -136,16 +136,40 @@ def synth(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Generate a CT volume of any number of slices with the grid diffusion model."""
+    """Generate CT volumes of any number of slices with the grid diffusion model."""
+    from ctgridit.ct.io import write_nifti
+    from ctgridit.ct.preview import save_preview
     from ctgridit.files import check_output_path
+    from ctgridit.progress import PhaseProgress
+    from ctgridit.synthesis import load_model, synthesize
 
+    outputs = numbered(out, num)
+    previews = numbered(preview_png, num) if preview_png else []
+    if preview_png:
+        _require_suffix(preview_png, ".png")
     _require_nifti_name(out)
-    check_output_path(out, force=force)
-    raise CTGridItError(
-        "no synthesis model is installed yet",
-        hint="this release has the CT tools (info, convert, grid, preview); the bundled model and "
-             "synthesis arrive in the next release",
-    )
+    for path in outputs + previews:                   # refuse before minutes of work
+        check_output_path(path, force=force)
+    pipeline = load_model(model, device)
+    with PhaseProgress(enabled=not quiet) as progress:
+        volumes = synthesize(slices, num, seed, pipeline, steps, progress=progress)
+    for i, volume in enumerate(volumes):
+        write_nifti(volume, outputs[i], force=force)
+        if previews:
+            save_preview(volume, previews[i], title=f"{Path(outputs[i]).name} (seed {seed})", force=force)
+        if not quiet:
+            typer.echo(f"wrote {outputs[i]} ({' x '.join(map(str, volume.shape))} voxels of "
+                       f"{' x '.join(f'{s:g}' for s in volume.spacing)} mm)" + (f" and {previews[i]}" if previews else ""))
+
+
+def numbered(path: str, count: int) -> list[str]:
+    """``[path]`` for one output, else ``stem_000.ext, stem_001.ext, ...`` (``.nii.gz`` kept whole)."""
+    if count == 1:
+        return [path]
+    p = Path(path)
+    suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix
+    stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
+    return [str(p.with_name(f"{stem}_{i:03d}{suffix}")) for i in range(count)]
 
 
 train_app = typer.Typer(help="Train the grid model (stage 1) or the super-resolution model (stage 2).",

@@ -164,12 +164,6 @@ def test_bad_window_is_refused(capsys, small_ct, tmp_path):
     assert not (tmp_path / "p.png").exists()
 
 
-def test_synth_without_model_says_so(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "synth", "--slices", "4", "--out", tmp_path / "v.nii.gz")
-    assert_refused(code, err, "no synthesis model is installed")
-    assert os.listdir(tmp_path) == []
-
-
 # --------------------------------------------------------------- good inputs
 def test_info_json_on_dicom_folder(capsys, dicom_dir):
     code, out, err = run_cli(capsys, "info", "--json", dicom_dir)

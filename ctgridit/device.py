@@ -1,0 +1,40 @@
+"""Choosing the torch device from ``--device auto|cpu|cuda|cuda:N|mps``."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ctgridit.errors import CTGridItError, CTGridItWarning
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device to run on; ``auto`` takes CUDA, then MPS, then the CPU.
+
+    An explicit accelerator that is not available falls back to the CPU with a warning.
+    """
+    name = name.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CTGridItError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            warnings.warn(f"--device {name}: no CUDA GPU is visible; running on the CPU", CTGridItWarning)
+            return torch.device("cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CTGridItError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible",
+                                hint="use cuda:0 .. cuda:N-1")
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        warnings.warn(f"--device {name}: MPS is not available; running on the CPU", CTGridItWarning)
+        return torch.device("cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CTGridItError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
+    return device

@@ -1,0 +1,65 @@
+"""CT volume synthesis: the task behind ``ctgridit synth``.
+
+:func:`synthesize` loads a model folder (the bundled one by default), runs the
+grid autoregressive sampler and stage 2 (:class:`~ctgridit.core.pipeline.GriDiTPipeline`)
+and turns the frames into HU volumes with the model's voxel spacing
+(:mod:`ctgridit.ct.adapter`). All randomness comes from one CPU generator
+seeded with ``seed``, so the same seed gives the same volumes on any device
+(up to floating-point differences between devices).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.core.sampler import ProgressCallback
+from ctgridit.ct.adapter import sequence_to_volume
+from ctgridit.ct.volume import CTVolume
+from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.device import resolve_device
+from ctgridit.errors import CTGridItError
+
+#: The demonstration model shipped inside the package (see its MODEL.md).
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "ct_small"
+#: An environment variable that points at another default model folder.
+MODEL_ENV = "CTGRIDIT_MODEL"
+
+
+def default_model_dir() -> Path:
+    """``$CTGRIDIT_MODEL`` if set, else the bundled model."""
+    return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
+
+
+def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
+    """A CT model folder on ``device``; ``None`` means :func:`default_model_dir`."""
+    folder = Path(model) if model is not None else default_model_dir()
+    if model is None and not (folder / CONFIG_FILE).is_file():
+        raise CTGridItError("no synthesis model is installed", folder,
+                            "reinstall ctgridit (it ships a model) or pass --model DIR with a trained model folder")
+    pipeline = GriDiTPipeline.from_pretrained(folder, device=resolve_device(device))
+    kind = pipeline.config.adapter.get("kind", "ct")
+    if kind != "ct":
+        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
+    if "spacing" not in pipeline.config.adapter:
+        raise CTGridItError("the model folder does not record its voxel spacing (adapter.spacing in gridit.json)",
+                            folder, "add it to the training config's adapter section and export again")
+    return pipeline
+
+
+def synthesize(num_slices: int = 201, num: int = 1, seed: int = 0, model: str | os.PathLike | GriDiTPipeline | None = None,
+               steps: int | None = None, device: str = "auto",
+               progress: ProgressCallback | None = None) -> list[CTVolume]:
+    """Generate ``num`` CT volumes of ``num_slices`` axial slices (HU, model spacing), batched."""
+    if num_slices < 1 or num < 1:
+        raise CTGridItError(f"need at least one slice and one volume, got {num_slices} and {num}")
+    pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
+    generator = torch.Generator().manual_seed(seed)
+    frames = pipeline.generate(num_slices, batch_size=num, generator=generator, num_steps=steps, progress=progress)
+    adapter = pipeline.config.adapter
+    window = adapter.get("window", DEFAULT_WINDOW)
+    return [sequence_to_volume(frames[i], adapter["spacing"], window, source=f"ctgridit synth, seed {seed}, volume {i}")
+            for i in range(num)]

@@ -1,0 +1,86 @@
+"""Copy a trained model folder into the package as the bundled model, with its model card.
+
+    python pipelines/bundle_model.py runs/ct_bundled/model
+
+The bundled model lives in ``ctgridit/models/ct_small/`` (safetensors + JSON,
+about 34 MB) and is what ``ctgridit synth`` uses without ``--model``. The
+model card ``MODEL.md`` records the training config, the steps of each stage
+(from the checkpoints' logs) and how to reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+from pathlib import Path
+
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.files import atomic_folder
+from ctgridit.synthesis import BUNDLED_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "pipelines" / "configs" / "ct_bundled.yaml"
+
+
+def stage_summary(log: Path) -> str:
+    rows = list(csv.DictReader(log.open())) if log.exists() else []
+    if not rows:
+        return "no log"
+    first = sum(float(r["loss"]) for r in rows[:50]) / len(rows[:50])
+    last = sum(float(r["loss"]) for r in rows[-50:]) / len(rows[-50:])
+    return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
+    parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
+    args = parser.parse_args()
+    pipeline = GriDiTPipeline.from_pretrained(args.model)          # refuses an incomplete folder
+    if pipeline.stage2 is None:
+        raise SystemExit("the model folder has no stage2/: train stage 2 first")
+    params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
+    ckpt = Path(args.checkpoints)
+    card = f"""# ct_small: the model bundled with ctgridit
+
+A demonstration CT model, small enough to run on a laptop CPU: it generates
+axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
+
+- What it is: GriDiT stage 1 (a DiT over 2 x 2 grids of 64 x 64 slices, pixel
+  space, {params[0]:.1f} M parameters) and stage 2 (a DiT that super-resolves each
+  slice to 128 x 128, {params[1]:.1f} M parameters), trained with `ctgridit train`.
+- Data: three real scans of this project's `shared/data/ct` (TCIA
+  Lung-PET-CT-Dx A0001 in two reconstruction kernels, chest; TotalSegmentator's
+  example CT, abdomen-pelvis), resampled to 3 mm, HU window -1000..1000. The
+  scan A0002 is held out for evaluation.
+- Training: stage 1 {stage_summary(ckpt / 'stage1' / 'train_log.csv')};
+  stage 2 {stage_summary(ckpt / 'stage2' / 'train_log.csv')}; batch 16,
+  AdamW, EMA 0.999, on 2 CPU cores.
+- What it is not: a research-grade model. Three scans cannot teach the
+  variability of chest CT; volumes look CT-like (air, lungs, soft tissue,
+  bone in the right HU ranges, coherent from slice to slice) but anatomy is
+  not reliable. Train on CT-RATE with `pipelines/configs/ctrate_xl.yaml` on
+  GPUs for a real model.
+
+Reproduce (from the repository root, with `../shared/data/ct` present):
+
+```bash
+ctgridit train stage1 --config pipelines/configs/ct_bundled.yaml --steps STEPS1
+ctgridit train stage2 --config pipelines/configs/ct_bundled.yaml --steps STEPS2
+python pipelines/bundle_model.py runs/ct_bundled/model
+```
+
+with STEPS1 and STEPS2 the step counts above.
+"""
+    BUNDLED_MODEL.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(BUNDLED_MODEL) as tmp:
+        for item in Path(args.model).iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        (tmp / "MODEL.md").write_text(card)
+    size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file()) / 2**20
+    print(f"bundled {args.model} into {BUNDLED_MODEL} ({size:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""``ctgridit synth`` and the synthesis API: files, geometry, seeds, batching, and the bundled model's volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import nibabel as nib
+import pytest
+import torch
+
+from ctgridit.core.codecs import PixelCodec
+from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.dit import create_dit
+from ctgridit.core.grid import GridSpec
+from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig
+from ctgridit.synthesis import BUNDLED_MODEL, synthesize
+from tests.test_cli import assert_refused, run_cli
+
+SPACING = [2.5, 2.5, 3.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random (untrained) CT model folder: 32 x 32 slices, 2 x 2 grids of 16 x 16, both stages."""
+    torch.manual_seed(0)
+    stage1 = create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1)
+    stage2 = create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1, cond_channels=1,
+                        grid_rows=1, grid_cols=1)
+    with torch.no_grad():                          # leave the zero init so that outputs depend on the seed
+        for p in [*stage1.parameters(), *stage2.parameters()]:
+            p.add_(0.05 * torch.randn_like(p))
+    config = PipelineConfig(GridSpec(2, 2, 1, 2), (32, 32), 1, SamplingConfig(num_steps=4, stage2_steps=2),
+                            {"kind": "ct", "spacing": SPACING, "window": [-1000, 1000]})
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), config, stage2).save_pretrained(folder)
+    return folder
+
+
+def test_synth_writes_a_ct_volume_with_the_model_geometry(capsys, tiny_model, tmp_path):
+    import SimpleITK as sitk
+
+    out = tmp_path / "vol.nii.gz"
+    code, stdout, err = run_cli(capsys, "synth", "--slices", "7", "--out", out, "--model", tiny_model,
+                                "--device", "cpu", "--quiet")
+    assert code == 0, err
+    img = nib.load(str(out))
+    assert img.shape == (32, 32, 7) and img.get_data_dtype() == np.int16
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(img.header.get_zooms(), SPACING)
+    assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
+    centre = img.affine @ np.array([15.5, 15.5, 3.0, 1.0])
+    np.testing.assert_allclose(centre[:3], 0.0, atol=1e-6)               # centred on the world origin
+    data = np.asarray(img.dataobj)
+    assert data.min() >= -1000 and data.max() <= 1000                   # the model's HU window
+    itk = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(itk.GetSpacing(), SPACING)
+    assert stdout == ""                                                   # --quiet
+    assert [p.name for p in tmp_path.iterdir()] == ["vol.nii.gz"]         # nothing else left behind
+
+
+def test_same_seed_same_volume_and_batches_of_volumes(capsys, tiny_model, tmp_path):
+    args = ["--slices", "5", "--model", tiny_model, "--device", "cpu", "--quiet"]
+    assert run_cli(capsys, "synth", *args, "--out", tmp_path / "a.nii.gz", "--seed", "3")[0] == 0
+    assert run_cli(capsys, "synth", *args, "--out", tmp_path / "b.nii.gz", "--seed", "3")[0] == 0
+    assert run_cli(capsys, "synth", *args, "--out", tmp_path / "c.nii.gz", "--seed", "4")[0] == 0
+    a, b, c = (np.asarray(nib.load(str(tmp_path / f"{n}.nii.gz")).dataobj) for n in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    code, _, err = run_cli(capsys, "synth", *args, "--out", tmp_path / "many.nii.gz", "--num", "3",
+                           "--preview", tmp_path / "many.png")
+    assert code == 0, err
+    volumes = [np.asarray(nib.load(str(tmp_path / f"many_{i:03d}.nii.gz")).dataobj) for i in range(3)]
+    assert all(v.shape == (32, 32, 5) for v in volumes)
+    assert not np.array_equal(volumes[0], volumes[1])
+    assert all((tmp_path / f"many_{i:03d}.png").stat().st_size > 100 for i in range(3))
+
+
+def test_python_api_returns_volumes(tiny_model):
+    volumes = synthesize(num_slices=6, num=2, seed=1, model=tiny_model, device="cpu")
+    assert [v.shape for v in volumes] == [(32, 32, 6)] * 2
+    assert volumes[0].spacing == pytest.approx(tuple(SPACING))
+    assert volumes[0].orientation == "LPS"
+
+
+def test_progress_bar_shows_phases(capsys, tiny_model, tmp_path):
+    code, _, err = run_cli(capsys, "synth", "--slices", "9", "--out", tmp_path / "v.nii.gz", "--model", tiny_model,
+                           "--device", "cpu")
+    assert code == 0
+    for phase in ("stage 1: extend", "stage 1: interpolate", "stage 2: super-resolve"):
+        assert phase in err
+
+
+def test_not_a_model_folder_is_refused(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "synth", "--slices", "4", "--out", tmp_path / "v.nii.gz", "--model", tmp_path)
+    assert_refused(code, err, "not a ctgridit model folder", str(tmp_path))
+    assert not (tmp_path / "v.nii.gz").exists()
+
+
+def test_missing_default_model_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CTGRIDIT_MODEL", str(tmp_path / "nothing"))
+    code, _, err = run_cli(capsys, "synth", "--slices", "4", "--out", tmp_path / "v.nii.gz")
+    assert_refused(code, err, "no synthesis model is installed", "--model")
+
+
+# ----------------------------------------------------------- the bundled model
+def _real_neighbour_difference() -> float:
+    """Mean |HU difference| of neighbouring slices of the held-out scan at the bundled model's spacing."""
+    from ctgridit.ct.training_data import load_ct_sequences
+    from ctgridit.ct.transforms import unwindow_hu
+    from tests.conftest import data_file
+
+    scan = data_file("lung_pet_ct_dx/A0002_8mm_B40f.nii.gz")
+    frames = load_ct_sequences([scan], spacing=[3.0, 3.0, 3.0], in_plane=(128, 128))[0]
+    hu = unwindow_hu(frames)
+    return float((hu[1:] - hu[:-1]).abs().mean())
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL / "gridit.json").exists(), reason="no bundled model in this checkout")
+def test_bundled_model_makes_plausible_ct(tmp_path):
+    from skimage.metrics import structural_similarity
+
+    a, b = synthesize(num_slices=48, num=2, seed=0, device="cpu")
+    hu = a.array                                                   # (X, Y, Z)
+    assert hu.shape[2] == 48 and min(hu.shape[:2]) >= 128
+    assert 300 <= hu.shape[0] * a.spacing[0] <= 450                  # a realistic field of view
+    p1, p99 = np.percentile(hu, [1, 99])
+    assert p1 < -800 and p99 > 100, (p1, p99)                      # air/lung and tissue/bone
+    generated = float(np.abs(np.diff(hu, axis=2)).mean())
+    real = _real_neighbour_difference()
+    assert 0.5 <= generated / real <= 2.0, (generated, real)       # no flicker, no frozen copies
+    window = (-1000, 1000)
+    scaled = (np.clip(hu, *window) - window[0]) / (window[1] - window[0])
+    for i in range(48):
+        for j in range(i + 31, 48):
+            ssim = structural_similarity(scaled[:, :, i], scaled[:, :, j], data_range=1.0)
+            assert ssim < 0.9, (i, j, ssim)                        # no slice repeats far away
+    assert np.abs(a.array - b.array).mean() > 20                   # two volumes of one batch differ
