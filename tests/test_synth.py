@@ -134,3 +134,33 @@ def test_bundled_model_makes_plausible_ct(tmp_path):
             ssim = structural_similarity(scaled[:, :, i], scaled[:, :, j], data_range=1.0)
             assert ssim < 0.9, (i, j, ssim)                        # no slice repeats far away
     assert np.abs(a.array - b.array).mean() > 20                   # two volumes of one batch differ
+
+
+def test_adapter_inverts_the_training_frames(chest_ct):
+    """Frames made by the training data path come back as the same HU volume in the canonical layout."""
+    from ctgridit.ct.adapter import sequence_to_volume
+    from ctgridit.ct.io import read_ct
+    from ctgridit.ct.training_data import load_ct_sequences
+
+    frames = load_ct_sequences([chest_ct])[0]                      # (Z, 1, Y, X), no resampling
+    volume = sequence_to_volume(frames, spacing=(1.5, 1.5, 1.5))
+    original = read_ct(chest_ct).reoriented("LPS")
+    assert volume.shape == original.shape and volume.orientation == "LPS"
+    np.testing.assert_allclose(volume.array, np.clip(original.array, -1000, 1000), atol=0.05)
+
+
+def test_device_choice(monkeypatch):
+    import warnings
+
+    from ctgridit.device import resolve_device
+    from ctgridit.errors import CTGridItError, CTGridItWarning
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "mps")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_device("cuda:1").type == "cpu"
+    assert any(issubclass(w.category, CTGridItWarning) and "no CUDA GPU" in str(w.message) for w in caught)
+    with pytest.raises(CTGridItError, match="unknown device"):
+        resolve_device("tpu7")
