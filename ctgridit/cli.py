@@ -187,7 +187,9 @@ def _train(stage: int, config: str, resume: bool, steps: Optional[int], device: 
 
     result = train(load_config(config), stage, resume=resume, steps=steps, device=device, quiet=quiet,
                    audit_dir=audit)
-    if result.first_loss is not None:
+    if result.first_loss is None:
+        typer.echo(f"stage {stage}: already at the requested steps; exported the model folder {result.output}")
+    else:
         typer.echo(f"stage {stage}: {result.steps} steps in {result.seconds:.0f} s, loss {result.first_loss:.4f} -> "
                    f"{result.last_loss:.4f}; model folder {result.output}")
 

@@ -58,10 +58,11 @@ axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
   stage 2 {stage_summary(ckpt / 'stage2' / 'train_log.csv')}; batch 16,
   AdamW, EMA 0.999, on 2 CPU cores.
 - What it is not: a research-grade model. Three scans cannot teach the
-  variability of chest CT; volumes look CT-like (air, lungs, soft tissue,
-  bone in the right HU ranges, coherent from slice to slice) but anatomy is
-  not reliable. Train on CT-RATE with `pipelines/configs/ctrate_xl.yaml` on
-  GPUs for a real model.
+  variability of chest CT. Axial slices look CT-like (air, lungs, heart,
+  spine and table in the right HU ranges), but along z the volume flickers:
+  neighbouring slices differ far more than in real scans (mean |dHU| 9.3x
+  the held-out scan's at 201 slices; `python pipelines/bench_synth.py`). Train on CT-RATE with
+  `pipelines/configs/ctrate_xl.yaml` on GPUs for a real model.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
 

@@ -172,3 +172,17 @@ def test_two_processes_hold_identical_weights_and_split_the_batch(tmp_path, smal
     assert len(ranks[0]["samples"]) == 4
     # the exported weights are those of the EMA after 4 synchronised steps, loadable as a model folder
     assert GriDiTPipeline.from_pretrained(tmp_path / "model").stage1 is not None
+
+
+def test_resuming_a_finished_run_only_exports(tmp_path, small_ct):
+    write_config(tmp_path, small_ct)
+    config = load_config(tmp_path / "config.yaml")
+    train(config, 1, steps=3, device="cpu", quiet=True)
+    (tmp_path / "model" / "stage1" / "diffusion_pytorch_model.safetensors").unlink()
+    result = train(config, 1, steps=3, resume=True, device="cpu", quiet=True)
+    assert result.first_loss is None and result.steps == 0
+    exported = load_file(str(tmp_path / "model" / "stage1" / "diffusion_pytorch_model.safetensors"))
+    ema = load_file(str(tmp_path / "ckpt" / "stage1" / "step_00000003" / "ema.safetensors"))
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    with pytest.raises(CTGridItError, match="beyond the requested"):
+        train(config, 1, steps=2, resume=True, device="cpu", quiet=True)

@@ -164,6 +164,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
 
     ``steps`` overrides the config's total number of optimizer steps (the
     schedule is warm-up then constant, so it does not depend on the total).
+    Resuming a run that is already at ``steps`` trains nothing and exports
+    the model folder from that checkpoint.
     ``audit_dir``: every process writes the sample ids it trained on and a
     digest of its final weights there (used by the multi-process test).
     """
@@ -213,9 +215,9 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         start = int(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
-    if start >= total:
-        raise CTGridItError(f"the checkpoint is at step {start}, not before the requested {total} steps",
-                            found, "ask for more steps")
+    if start > total:
+        raise CTGridItError(f"the checkpoint is at step {start}, beyond the requested {total} steps",
+                            found, "ask for at least as many steps")
 
     batches = StepBatches(start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
