@@ -29,6 +29,7 @@ from ctgridit.core.diffusion import make_sample_scheduler
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.sampler import inpaint
 from ctgridit.ct.adapter import sequence_to_volume
+from ctgridit.ct.quality import max_far_ssim, neighbour_difference, reference_neighbour_difference
 from ctgridit.synthesis import load_model, synthesize
 
 HELD_OUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lung_pet_ct_dx" / "A0002_8mm_B40f.nii.gz"
@@ -56,28 +57,6 @@ def naive_baseline(pipeline, num_slices: int, steps: int) -> float:
         for _ in range(num_slices):
             inpaint(model, scheduler, frame, None, generator=generator)
     return time.perf_counter() - began
-
-
-def neighbour_difference(hu: np.ndarray) -> float:
-    return float(np.abs(np.diff(hu, axis=2)).mean())
-
-
-def real_neighbour_difference(spacing, in_plane) -> float:
-    from ctgridit.ct.training_data import load_ct_sequences
-    from ctgridit.ct.transforms import unwindow_hu
-
-    frames = load_ct_sequences([HELD_OUT], spacing=spacing, in_plane=in_plane)[0]
-    hu = unwindow_hu(frames)
-    return float((hu[1:] - hu[:-1]).abs().mean())
-
-
-def max_far_ssim(hu: np.ndarray, far: int = FAR) -> float:
-    from skimage.metrics import structural_similarity
-
-    scaled = (np.clip(hu, -1000, 1000) + 1000) / 2000
-    n = hu.shape[2]
-    return max((structural_similarity(scaled[:, :, i], scaled[:, :, j], data_range=1.0)
-                for i in range(n) for j in range(i + far + 1, n)), default=float("nan"))
 
 
 def main() -> None:
@@ -115,12 +94,13 @@ def main() -> None:
 
     hu = volume.array
     p1, p99 = np.percentile(hu, [1, 99])
-    gen, real = neighbour_difference(hu), real_neighbour_difference(cfg.adapter["spacing"], tuple(cfg.frame_size))
+    gen = neighbour_difference(hu)
+    real = reference_neighbour_difference(HELD_OUT, cfg.adapter["spacing"], cfg.frame_size)
     print(f"\nshape {hu.shape}, spacing {volume.spacing} mm")
     print(f"HU p1 {p1:.0f} (< -800: {p1 < -800}), p99 {p99:.0f} (> 100: {p99 > 100})")
     print(f"neighbouring-slice mean |dHU|: generated {gen:.1f}, held-out real {real:.1f}, ratio {gen / real:.2f} "
           f"(0.5..2: {0.5 <= gen / real <= 2})")
-    far = max_far_ssim(hu)
+    far = max_far_ssim(hu, FAR)
     print(f"largest SSIM between slices more than {FAR} apart: {far:.3f} (< 0.9: {far < 0.9})")
     if not args.no_second_seed:
         other = synthesize(args.slices, 1, args.seed + 1, pipeline)[0].array

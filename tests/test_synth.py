@@ -104,14 +104,10 @@ def test_missing_default_model_says_so(capsys, tmp_path, monkeypatch):
 # ----------------------------------------------------------- the bundled model
 def _real_neighbour_difference() -> float:
     """Mean |HU difference| of neighbouring slices of the held-out scan at the bundled model's spacing."""
-    from ctgridit.ct.training_data import load_ct_sequences
-    from ctgridit.ct.transforms import unwindow_hu
+    from ctgridit.ct.quality import reference_neighbour_difference
     from tests.conftest import data_file
 
-    scan = data_file("lung_pet_ct_dx/A0002_8mm_B40f.nii.gz")
-    frames = load_ct_sequences([scan], spacing=[3.0, 3.0, 3.0], in_plane=(128, 128))[0]
-    hu = unwindow_hu(frames)
-    return float((hu[1:] - hu[:-1]).abs().mean())
+    return reference_neighbour_difference(data_file("lung_pet_ct_dx/A0002_8mm_B40f.nii.gz"), [3.0, 3.0, 3.0], (128, 128))
 
 
 needs_bundled_model = pytest.mark.skipif(not (BUNDLED_MODEL / "gridit.json").exists(),
@@ -140,14 +136,12 @@ def test_bundled_model_makes_ct_intensities_with_its_geometry(bundled_volumes):
                    "flicker (neighbouring-slice mean |dHU| 9.3x the held-out scan's at 201 slices, "
                    "pipelines/bench_synth.py)")
 def test_bundled_model_is_coherent_along_z(bundled_volumes):
-    from skimage.metrics import structural_similarity
+    from ctgridit.ct.quality import max_far_ssim, neighbour_difference
 
     hu = bundled_volumes[0].array
-    generated = float(np.abs(np.diff(hu, axis=2)).mean())
+    generated = neighbour_difference(hu)
     real = _real_neighbour_difference()
-    scaled = (np.clip(hu, -1000, 1000) + 1000) / 2000
-    far = max(structural_similarity(scaled[:, :, i], scaled[:, :, j], data_range=1.0)
-              for i in range(48) for j in range(i + 31, 48))
+    far = max_far_ssim(hu, far=30)
     assert 0.5 <= generated / real <= 2.0 and far < 0.9, (generated / real, far)
 
 
