@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -131,6 +132,42 @@ def test_stage2_is_conditioned_on_the_upsampled_stage1_frames():
     torch.testing.assert_close(torch.cat(per_chunk), up, rtol=1e-5, atol=1e-5)
     # and the output is stage 2's, not the bicubic frames
     assert not torch.allclose(out.flatten(0, 1), up.clamp(-1, 1), atol=1e-2)
+
+
+def with_sampling(pipe: GriDiTPipeline, **changes) -> GriDiTPipeline:
+    pipe.config.sampling = dataclasses.replace(pipe.config.sampling, **changes)
+    return pipe
+
+
+def test_shared_stage2_noise_is_one_draw_per_sequence():
+    """Equal low-resolution frames give equal frames within a sequence, different ones across sequences,
+    across stage-2 chunks too (8 frames per sequence, chunks of 5)."""
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_shared_noise=True)
+    lr = torch.rand(1, 3, 8, 8, generator=seed(0)).mul(2).sub(1).expand(16, 3, 8, 8)
+    out = pipe.super_resolve(lr, seed(1), sequence_length=8).view(2, 8, 3, 16, 16)
+    for sequence in out:
+        torch.testing.assert_close(sequence, sequence[:1].expand_as(sequence), rtol=1e-5, atol=1e-5)
+    assert (out[0, 0] - out[1, 0]).abs().mean() > 1e-2
+    independent = with_sampling(pixel_pipeline(), sampler="ddpm").super_resolve(lr, seed(1), sequence_length=8)
+    assert (independent[0] - independent[1]).abs().mean() > 1e-2
+    with pytest.raises(ValueError, match="whole sequences"):
+        pipe.super_resolve(lr[:15], seed(1), sequence_length=8)
+
+
+def test_stage2_strength_starts_from_the_condition():
+    """With strength 0.2 of 10 steps stage 2 runs only the last 2 steps, and its first input is the
+    upsampled frame diffused to that level (its projection on the frame is ``sqrt(abar_t)``)."""
+    lr = torch.rand(6, 3, 8, 8, generator=seed(0)).mul(2).sub(1)
+    up = bicubic(lr, (16, 16))
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_steps=10, stage2_strength=0.2, stage2_batch=6)
+    calls = []
+    forward = pipe.stage2.forward
+    pipe.stage2.forward = lambda x, t, c: (calls.append((int(t[0]), x.clone())), forward(x, t, c))[1]
+    pipe.super_resolve(lr, seed(1))
+    assert [t for t, _ in calls] == [199, 99]
+    first = calls[0][1].double()
+    sqrt_a = float((first * up).sum() / (up.double() ** 2).sum())
+    assert abs(sqrt_a / float(pipe.scheduler.alphas_cumprod[199]) ** 0.5 - 1) < 0.05
 
 
 # ------------------------------------------------------------- progress

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ctgridit.core.sampler as sampler_module
-from ctgridit.core.diffusion import diffusion_loss, make_sample_scheduler, make_train_scheduler
+from ctgridit.core.diffusion import diffusion_loss, make_sample_scheduler, make_train_scheduler, strength_timesteps
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask, tile, untile
 from ctgridit.core.sampler import inpaint, model_forwards, plan_sequence, repaint_schedule, sample_sequence
@@ -147,6 +147,61 @@ def test_known_cells_get_fresh_standard_noise(sampler, jump, times):
         for j in range(i + 1, len(eps)):
             corr = float(torch.corrcoef(torch.stack([eps[i], eps[j]]))[0, 1])
             assert abs(corr) < 0.05, (i, j, corr)             # fresh noise at every step
+
+
+# ------------------------------------------------------------ SDEdit start and shared noise
+@pytest.mark.parametrize("sampler,steps,strength,kept", [("ddpm", 10, 1.0, 10), ("ddpm", 10, 0.5, 5),
+                                                         ("ddim", 50, 0.3, 15), ("ddpm", 10, 0.01, 1)])
+def test_strength_keeps_the_last_part_of_the_schedule(sampler, steps, strength, kept):
+    scheduler = make_sample_scheduler(TRAIN, sampler, steps)
+    timesteps = strength_timesteps(scheduler, strength)
+    assert timesteps == [int(t) for t in scheduler.timesteps][steps - kept:]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
+def test_strength_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="strength"):
+        strength_timesteps(make_sample_scheduler(TRAIN, "ddpm", 10), bad)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_inpaint_from_init_starts_at_the_level_of_its_first_step(sampler):
+    """SDEdit: the first model input is ``init`` diffused to the first kept level, and only those steps run."""
+    g = torch.Generator().manual_seed(0)
+    init = 1e4 + torch.randn(2, 2, 8, 8, generator=g)
+    model = Recorder(lambda x, t: 0.1 * x, keep=True)
+    scheduler = make_sample_scheduler(TRAIN, sampler, 10)
+    inpaint(model, scheduler, torch.zeros_like(init), None, init=init, strength=0.4, generator=g)
+    labels = [int(t[0]) for t in model.timesteps]
+    assert labels == [int(t) for t in scheduler.timesteps][6:]
+    x = model.inputs[0].double()
+    sqrt_a = (x * init).sum() / (init.double() ** 2).sum()
+    assert abs(sqrt_a / TRAIN.alphas_cumprod[labels[0]].double().sqrt() - 1) < 1e-3
+
+
+def test_inpaint_with_low_strength_stays_near_init_and_needs_one():
+    model = tiny_model()
+    init = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    scheduler = make_sample_scheduler(TRAIN, "ddpm", 50)
+    g = torch.Generator().manual_seed(2)
+    near = inpaint(model, scheduler, init, None, init=init, strength=0.04, generator=g)
+    far = inpaint(model, scheduler, init, None, init=init, strength=1.0, generator=g)
+    assert (near - init).abs().mean() < 0.25 * (far - init).abs().mean()
+    with pytest.raises(ValueError, match="init"):
+        inpaint(model, scheduler, init, None, strength=0.5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_generators_seeded_alike_give_batch_items_the_same_noise(sampler):
+    """A list of generators (diffusers' convention) reaches the initial noise and every scheduler step."""
+    model = tiny_model()
+    scheduler = make_sample_scheduler(TRAIN, sampler, 5)
+    shape = torch.zeros(3, 2, 8, 8)
+    same = inpaint(model, scheduler, shape, None, generator=[torch.Generator().manual_seed(7) for _ in range(3)])
+    assert torch.allclose(same[0], same[1], atol=1e-5) and torch.allclose(same[0], same[2], atol=1e-5)
+    other = inpaint(model, scheduler, shape, None, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    assert torch.allclose(other[0], same[0], atol=1e-5)
+    assert not torch.allclose(other[1], other[0], atol=1e-2)
 
 
 # ------------------------------------------------------------ schedules

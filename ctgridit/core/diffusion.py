@@ -15,12 +15,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 #: Timesteps the models are trained with (DDPM, GRIDIT.md section 3).
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddpm", "ddim")
 
 EpsModel = Callable[..., torch.Tensor]
+#: One generator, or one per batch item (diffusers' convention), or none.
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4,
@@ -65,7 +68,7 @@ def alpha_bar(scheduler: SchedulerMixin, timestep: int) -> float:
 
 
 def noise_to_level(scheduler: SchedulerMixin, clean: torch.Tensor, timestep: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: Generators = None) -> torch.Tensor:
     """``sqrt(abar_t) * clean + sqrt(1 - abar_t) * eps`` with fresh noise; ``clean`` itself for ``t < 0``."""
     if timestep < 0:
         return clean
@@ -75,20 +78,37 @@ def noise_to_level(scheduler: SchedulerMixin, clean: torch.Tensor, timestep: int
 
 
 def renoise(scheduler: SchedulerMixin, sample: torch.Tensor, from_t: int, to_t: int,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: Generators = None) -> torch.Tensor:
     """Forward-diffuse a sample at level ``from_t`` to the noisier level ``to_t`` (RePaint's jump back)."""
     ratio = alpha_bar(scheduler, to_t) / alpha_bar(scheduler, from_t)
     return ratio ** 0.5 * sample + (1.0 - ratio) ** 0.5 * randn_like(sample, generator)
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on the generator's device)."""
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` (on the generator's device).
+
+    A list of generators draws item ``i`` of the batch from ``generator[i]``, as
+    diffusers' schedulers do (``randn_tensor``): generators seeded alike give the
+    items the same noise.
+    """
+    return randn_tensor(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
+
+
+def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list[int]:
+    """The last ``round(strength * n)`` of the scheduler's ``n`` sampling timesteps (at least one).
+
+    ``strength = 1`` is the whole schedule, from pure noise; smaller values start
+    from a less noisy level, as in SDEdit / diffusers' image-to-image pipelines.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    timesteps = [int(t) for t in scheduler.timesteps]
+    keep = max(1, min(len(timesteps), round(strength * len(timesteps))))
+    return timesteps[len(timesteps) - keep:]
 
 
 def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: Generators = None) -> torch.Tensor:
     """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
 
     ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ctgridit.core.codecs import LatentCodec, load_codec
-from ctgridit.core.diffusion import make_sample_scheduler
+from ctgridit.core.diffusion import make_sample_scheduler, strength_timesteps
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, resize_frames
 from ctgridit.core.sampler import ProgressCallback, inpaint, sample_sequence
@@ -49,6 +49,12 @@ class SamplingConfig:
     chunk: int | None = None              # k; None: cols for >= 3 rows, else 1
     max_batch: int = 16                   # grids per model call in step 2
     stage2_batch: int = 16                # frames per stage-2 call
+    # Stage 2 from the upsampled condition diffused to the last ``stage2_strength`` of the schedule (SDEdit)
+    # instead of pure noise (1.0, the paper): it then adds detail to the stage-1 frame instead of redrawing it.
+    stage2_strength: float = 1.0
+    # One noise draw shared by all frames of a sequence in stage 2 (each sequence its own): the detail stage 2
+    # adds is then the same from slice to slice instead of flickering. False: independent noise per frame.
+    stage2_shared_noise: bool = False
 
 
 @dataclass
@@ -129,7 +135,7 @@ class GriDiTPipeline:
         latents = self.sample_latents(num_frames, batch_size, generator, num_steps, progress)  # (B, N, c, h, w)
         b, n = latents.shape[:2]
         lr = self.codec.decode(latents.flatten(0, 1))                                        # (B*N, C, H/r, W/r)
-        hr = self.super_resolve(lr, generator, stage2_steps, progress)                      # (B*N, C, H, W)
+        hr = self.super_resolve(lr, generator, stage2_steps, progress, sequence_length=n)        # (B*N, C, H, W)
         return hr.clamp(-1, 1).reshape(b, n, *hr.shape[1:])
 
     @torch.no_grad()
@@ -147,25 +153,40 @@ class GriDiTPipeline:
 
     @torch.no_grad()
     def super_resolve(self, lr_frames: torch.Tensor, generator: torch.Generator | None = None,
-                      num_steps: int | None = None, progress: ProgressCallback | None = None) -> torch.Tensor:
+                      num_steps: int | None = None, progress: ProgressCallback | None = None,
+                      sequence_length: int | None = None) -> torch.Tensor:
         """Stage 2 on ``(M, C, H/r, W/r)`` frames: bicubic up by ``r``, then the conditional DiT.
 
-        Without a stage-2 model the bicubic upsampling is the result.
+        Frames are consecutive runs of ``sequence_length`` frames of one sequence
+        (default: all ``M`` are one sequence); with ``stage2_shared_noise`` the
+        frames of a sequence share one noise draw. Without a stage-2 model the
+        bicubic upsampling is the result.
         """
         up = resize_frames(lr_frames, self.config.frame_size)                                # (M, C, H, W)
         if self.stage2 is None:
             return up
         cfg = self.config.sampling
         scheduler = make_sample_scheduler(self.scheduler, cfg.sampler, num_steps or cfg.stage2_steps)
-        chunks = torch.split(up, cfg.stage2_batch)
-        per_chunk = len(scheduler.timesteps)
+        length = sequence_length or len(up)
+        if len(up) % length:
+            raise ValueError(f"{len(up)} frames are not whole sequences of {length}")
+        seeds = None
+        if cfg.stage2_shared_noise:
+            draw = torch.Generator().manual_seed(0) if generator is None else generator
+            seeds = torch.randint(0, 2**62, (len(up) // length,), generator=draw, device=draw.device).tolist()
+        starts = range(0, len(up), cfg.stage2_batch)
+        per_chunk = len(strength_timesteps(scheduler, cfg.stage2_strength))
         out = []
-        for i, chunk in enumerate(chunks):
-            cond = self.codec.encode(chunk.to(self.device, self.dtype))                      # (m, c, h, w)
+        for i, start in enumerate(starts):
+            chunk = up[start:start + cfg.stage2_batch].to(self.device, self.dtype)
+            cond = self.codec.encode(chunk)                                                  # (m, c, h, w)
+            noise = generator if seeds is None else [
+                torch.Generator(device=(generator.device if generator is not None else "cpu")).manual_seed(
+                    seeds[(start + j) // length]) for j in range(len(chunk))]
             report = None if progress is None else (
-                lambda done, _n, i=i: progress("stage2", i * per_chunk + done, len(chunks) * per_chunk))
-            z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=generator,
-                        callback=report)
+                lambda done, _n, i=i: progress("stage2", i * per_chunk + done, len(starts) * per_chunk))
+            z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=noise,
+                        init=cond, strength=cfg.stage2_strength, callback=report)
             out.append(self.codec.decode(z))
         return torch.cat(out)
 

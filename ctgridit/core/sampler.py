@@ -37,7 +37,8 @@ from typing import Callable
 
 import torch
 
-from ctgridit.core.diffusion import EpsModel, noise_to_level, previous_timestep, randn_like, renoise
+from ctgridit.core.diffusion import (EpsModel, Generators, noise_to_level, previous_timestep, randn_like, renoise,
+                                     strength_timesteps)
 from ctgridit.core.grid import cell_mask, tile, untile
 
 #: ``callback(phase, done, total)``: progress in model forwards of one phase.
@@ -76,7 +77,8 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
 
 
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
-            cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            cond: torch.Tensor | None = None, generator: Generators = None,
+            init: torch.Tensor | None = None, strength: float = 1.0,
             repaint_jump: int = 0, repaint_times: int = 1,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Reverse diffusion of ``(B, C, H, W)`` latents keeping the ``mask == 1`` cells at ``known``.
@@ -84,11 +86,20 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     ``scheduler`` must have its timesteps set. With ``mask=None`` this is plain
     unconditional sampling and ``known`` only gives shape, device and dtype.
     ``cond`` is passed to the model as a third argument (stage 2).
+    ``init`` and ``strength`` (SDEdit; GRIDIT.md section 7): the walk covers the
+    last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
+    from ``init`` forward-diffused to its first level instead of pure noise.
+    ``generator`` may be a list, one per batch item (see :func:`randn_like`).
     ``callback(done, total)`` is called after every model forward.
     """
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = strength_timesteps(scheduler, strength)
+    if strength < 1.0 and init is None:
+        raise ValueError("strength < 1 needs init, the latent to start from")
     levels = timesteps + [-1]                                     # noise level at walk index i; -1 = clean
-    x = randn_like(known, generator) * scheduler.init_noise_sigma
+    if init is None:
+        x = randn_like(known, generator) * scheduler.init_noise_sigma
+    else:
+        x = noise_to_level(scheduler, init, levels[0], generator)
     if mask is not None:
         x = mask * noise_to_level(scheduler, known, levels[0], generator) + (1 - mask) * x
     walk = repaint_schedule(len(timesteps), repaint_jump, repaint_times)
@@ -175,7 +186,7 @@ def plan_sequence(num_frames: int, rows: int, cols: int, control_rows: int | Non
 def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape: tuple[int, int, int],
                     rows: int, cols: int, batch_size: int = 1, control_rows: int | None = None,
                     interpolate: bool = True, chunk: int | None = None, max_batch: int = 16,
-                    generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                    generator: Generators = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, repaint_jump: int = 0, repaint_times: int = 1,
                     callback: ProgressCallback | None = None) -> torch.Tensor:
     """Sample ``batch_size`` sequences of exactly ``num_frames`` latent frames.
