@@ -16,7 +16,9 @@ PHASE_NAMES = {
     "extend": "stage 1: extend (grids)",
     "interpolate": "stage 1: interpolate",
     "stage2": "stage 2: super-resolve",
-    "denoise": "denoise",
+    "denoise": "stage 1: denoise (grids)",
+    "bilateral": "bilateral filter (slices)",
+    "nlm": "non-local means (slices)",
 }
 
 

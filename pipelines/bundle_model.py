@@ -59,9 +59,11 @@ axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
   AdamW, EMA 0.999, on 2 CPU cores.
 - What it is not: a research-grade model. Three scans cannot teach the
   variability of chest CT. Axial slices look CT-like (air, lungs, heart,
-  spine and table in the right HU ranges), but along z the volume flickers:
-  neighbouring slices differ far more than in real scans (mean |dHU| 9.3x
-  the held-out scan's at 201 slices; `python pipelines/bench_synth.py`). Train on CT-RATE with
+  spine and table in the right HU ranges), but stage 1 is not coherent enough
+  along z: neighbouring slices differ 2.55x more than in the held-out scan
+  (mean |dHU| 45.5 against 17.8) and the anatomy changes too little over the
+  volume (slices more than 30 apart reach SSIM 0.92) at 201 slices
+  (`python pipelines/bench_synth.py`). Train on CT-RATE with
   `pipelines/configs/ctrate_xl.yaml` on GPUs for a real model.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):

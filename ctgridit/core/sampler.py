@@ -78,7 +78,7 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
 
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
             cond: torch.Tensor | None = None, generator: Generators = None,
-            init: torch.Tensor | None = None, strength: float = 1.0,
+            init: torch.Tensor | None = None, strength: float = 1.0, init_at_level: bool = False,
             repaint_jump: int = 0, repaint_times: int = 1,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Reverse diffusion of ``(B, C, H, W)`` latents keeping the ``mask == 1`` cells at ``known``.
@@ -88,7 +88,9 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     ``cond`` is passed to the model as a third argument (stage 2).
     ``init`` and ``strength`` (SDEdit; GRIDIT.md section 7): the walk covers the
     last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
-    from ``init`` forward-diffused to its first level instead of pure noise.
+    from ``init`` forward-diffused to its first level instead of pure noise;
+    with ``init_at_level`` the caller has already brought ``init`` to that level
+    (denoising: :func:`ctgridit.core.denoise.diffuse_to`) and it is used as is.
     ``generator`` may be a list, one per batch item (see :func:`randn_like`).
     ``callback(done, total)`` is called after every model forward.
     """
@@ -98,6 +100,8 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     levels = timesteps + [-1]                                     # noise level at walk index i; -1 = clean
     if init is None:
         x = randn_like(known, generator) * scheduler.init_noise_sigma
+    elif init_at_level:
+        x = init
     else:
         x = noise_to_level(scheduler, init, levels[0], generator)
     if mask is not None:

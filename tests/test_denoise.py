@@ -1,0 +1,215 @@
+"""Denoising (GRIDIT.md section 7): the noise rule, ``add-noise``, ``denoise`` on real scans, reports and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ctgridit.core.denoise import diffuse_to, estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
+from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.ct.io import read_ct
+from ctgridit.ct.metrics import body_mask, psnr, quality
+from ctgridit.ct.noise import add_noise
+from ctgridit.denoising import denoise_volume
+from tests.test_cli import assert_refused, no_files_left, run_cli
+
+TRAIN = make_train_scheduler()
+
+
+# ------------------------------------------------------------- the noise rule
+@pytest.mark.parametrize("sigma", [0.02, 0.1, 0.3])
+def test_noise_estimate_of_white_noise(sigma):
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(-0.3, 0.3, 64).expand(64, 64)                 # smooth structure does not count
+    frames = (ramp + sigma * torch.randn(6, 1, 64, 64, generator=g)).clamp(-1, 1)
+    assert estimate_noise(frames) == pytest.approx(sigma, rel=0.08)
+
+
+def test_noise_estimate_ignores_clipped_and_padded_blocks():
+    g = torch.Generator().manual_seed(0)
+    frames = 0.05 * torch.randn(4, 1, 64, 64, generator=g)
+    frames[..., :40] = -1.0                                             # padding / air clipped at the window
+    assert estimate_noise(frames) == pytest.approx(0.05, rel=0.1)
+
+
+def test_more_noise_gives_a_later_level_and_the_level_matches_the_noise():
+    sigmas = [0.0, 0.02, 0.05, 0.1, 0.2, 0.5]
+    levels = [noise_timestep(TRAIN, s) for s in sigmas]
+    assert levels[0] == 0 and all(b > a for a, b in zip(levels, levels[1:]))
+    for s, t in zip(sigmas[1:], levels[1:]):
+        assert timestep_noise(TRAIN, t) >= s > timestep_noise(TRAIN, t - 1)
+
+
+def test_diffuse_to_adds_only_the_missing_noise():
+    z = torch.rand(2, 1, 16, 16)
+    t = 40
+    a = float(TRAIN.alphas_cumprod[t])
+    matched = diffuse_to(TRAIN, z, t, noise_std=timestep_noise(TRAIN, t), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(matched, a ** 0.5 * z)                   # the input's noise is the level's noise
+    fresh = diffuse_to(TRAIN, z, t, 0.0, torch.Generator().manual_seed(0)) - a ** 0.5 * z
+    assert float(fresh.std()) == pytest.approx((1 - a) ** 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("t,steps,expected", [(0, 10, [0]), (7, 1, [7]), (9, 10, list(range(9, -1, -1))),
+                                              (30, 4, [30, 20, 10, 0])])
+def test_reverse_schedule_runs_from_the_level_to_zero(t, steps, expected):
+    assert [int(x) for x in reverse_scheduler(TRAIN, t, steps).timesteps] == expected
+
+
+# ----------------------------------------------------------------- add-noise
+def test_gaussian_noise_has_its_sigma_and_keeps_the_geometry(capsys, small_ct, tmp_path):
+    out = tmp_path / "noisy.nii.gz"
+    code, _, err = run_cli(capsys, "add-noise", small_ct, "--sigma", "40", "--out", out, "--seed", "3")
+    assert code == 0, err
+    clean, noisy = read_ct(small_ct), read_ct(out)
+    assert noisy.shape == clean.shape and np.allclose(noisy.affine, clean.affine)
+    assert float(np.std(noisy.array - clean.array)) == pytest.approx(40, rel=0.03)
+    again = tmp_path / "again.nii.gz"
+    run_cli(capsys, "add-noise", small_ct, "--sigma", "40", "--out", again, "--seed", "3")
+    assert np.array_equal(nib.load(str(out)).get_fdata(), nib.load(str(again)).get_fdata())
+
+
+def test_lowdose_noise_is_sigma_in_water_more_in_bone_less_in_air(small_ct):
+    clean = read_ct(small_ct)
+    diff = add_noise(clean, 30, "lowdose", seed=0).array - clean.array
+    hu = clean.array
+    water, bone, air = np.abs(hu) < 60, hu > 400, hu < -950
+    assert water.sum() > 1000 and bone.sum() > 100 and air.sum() > 1000
+    assert float(diff[water].std()) == pytest.approx(30, rel=0.15)
+    assert diff[bone].std() > 1.1 * diff[water].std() > 1.1 * diff[air].std()
+
+
+def test_add_noise_refuses_bad_options(capsys, small_ct, tmp_path):
+    before = set(os.listdir(tmp_path))
+    code, _, err = run_cli(capsys, "add-noise", small_ct, "--sigma", "-5", "--out", tmp_path / "n.nii.gz")
+    assert_refused(code, err, "sigma")
+    code, _, err = run_cli(capsys, "add-noise", small_ct, "--sigma", "5", "--model", "speckle",
+                           "--out", tmp_path / "n.nii.gz")
+    assert_refused(code, err, "speckle", "gaussian")
+    no_files_left(tmp_path, before)
+
+
+# ------------------------------------------------------------------- metrics
+def test_body_mask_and_metrics_on_a_real_scan(small_ct):
+    clean = read_ct(small_ct).array
+    mask = body_mask(clean)
+    assert 0.2 < mask.mean() < 0.9
+    assert not mask[0, 0, :].any()                                       # corners are outside the body
+    flat = np.zeros((8, 8, 8))
+    assert psnr(flat, flat + 20) == pytest.approx(40.0)                  # 20 log10(2000 / 20)
+    half = flat.copy()
+    half[:4] = 200                                                       # errors only where the mask is off
+    assert psnr(flat, half, mask=np.arange(8)[:, None, None].repeat(8, 1).repeat(8, 2) >= 4) == float("inf")
+    q = quality(clean, clean)
+    assert q["ssim"] == pytest.approx(1.0) and q["psnr"] == float("inf")
+    worse, better = (quality(clean, add_noise(read_ct(small_ct), s).array) for s in (100, 20))
+    assert better["psnr"] > worse["psnr"] and better["ssim"] > worse["ssim"]
+    assert better["ssim_body"] > worse["ssim_body"]
+
+
+# -------------------------------------------------------------- denoise: gridit
+@pytest.fixture(scope="module")
+def noisy50(tmp_path_factory):
+    from tests.conftest import data_file
+
+    clean_path = data_file("totalsegmentator/example_ct_sm.nii.gz")
+    folder = tmp_path_factory.mktemp("noisy")
+    noisy = folder / "noisy50.nii.gz"
+    from ctgridit.ct.io import write_nifti
+    write_nifti(add_noise(read_ct(clean_path), 50, seed=0), noisy)
+    return clean_path, noisy
+
+
+def test_gridit_denoise_raises_psnr_and_ssim_and_keeps_the_geometry(capsys, noisy50, tmp_path):
+    """The bundled model on a real scan with sigma 50 HU: the report shows the gain."""
+    clean, noisy = noisy50
+    out, report, png = tmp_path / "d.nii.gz", tmp_path / "report.json", tmp_path / "d.png"
+    code, stdout, err = run_cli(capsys, "denoise", noisy, "--out", out, "--reference", clean, "--report", report,
+                                "--preview", png, "--device", "cpu")
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    before, after = data["input_quality"], data["output_quality"]
+    assert after["psnr"] > before["psnr"] + 1.0 and after["ssim"] > before["ssim"]
+    assert after["psnr_body"] > before["psnr_body"]
+    assert data["method"] == "gridit" and data["t_stage1"] >= 1
+    assert "PSNR" in stdout and f"{after['psnr']:.2f}" in stdout
+    src, img = nib.load(str(noisy)), nib.load(str(out))
+    assert img.shape == src.shape and img.get_data_dtype() == np.int16
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+    np.testing.assert_allclose(img.header.get_zooms(), src.header.get_zooms(), atol=1e-6)
+    assert png.stat().st_size > 1000
+
+
+def test_auto_strength_follows_the_noise(small_ct):
+    """More noise in the input -> a later diffusion level t* for both stages."""
+    clean = read_ct(small_ct)
+    runs = [denoise_volume(add_noise(clean, s, seed=1), "gridit", device="cpu").details for s in (20, 100)]
+    assert runs[1]["t_stage1"] > runs[0]["t_stage1"] and runs[1]["t_stage2"] > runs[0]["t_stage2"]
+    assert runs[1]["noise_sigma_hu"] > 2 * runs[0]["noise_sigma_hu"]
+
+
+def test_denoise_of_a_dicom_folder_keeps_its_geometry(capsys, dicom_dir, tmp_path):
+    out = tmp_path / "d.nii.gz"
+    code, _, err = run_cli(capsys, "denoise", dicom_dir, "--out", out, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    src, result = read_ct(dicom_dir), read_ct(out)
+    assert result.shape == src.shape
+    np.testing.assert_allclose(result.affine, src.affine, atol=1e-4)
+    assert np.abs(result.array - src.array).mean() < 50                  # a correction, not a new image
+
+
+def test_default_output_name_is_next_to_the_input(capsys, noisy50, tmp_path):
+    import shutil
+
+    noisy = tmp_path / "scan.nii.gz"
+    shutil.copy(noisy50[1], noisy)
+    code, _, err = run_cli(capsys, "denoise", noisy, "--method", "bilateral", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "scan_denoised.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("method", ["bilateral", "nlm"])
+def test_classical_baselines_through_the_same_path(noisy50, method):
+    clean, noisy = (read_ct(p) for p in noisy50)
+    result = denoise_volume(noisy, method)
+    assert result.volume.shape == noisy.shape and np.array_equal(result.volume.affine, noisy.affine)
+    assert psnr(clean.array, result.volume.array) > psnr(clean.array, noisy.array)
+    assert result.details["noise_sigma_hu"] == pytest.approx(50, rel=0.3)
+
+
+# ----------------------------------------------------------------- bad input
+def test_reference_of_another_shape_is_refused(capsys, noisy50, chest_ct, tmp_path):
+    before = set(os.listdir(tmp_path))
+    code, _, err = run_cli(capsys, "denoise", noisy50[1], "--out", tmp_path / "d.nii.gz", "--reference", chest_ct,
+                           "--report", tmp_path / "r.json")
+    assert_refused(code, err, "shape", "same grid")
+    no_files_left(tmp_path, before)
+
+
+@pytest.mark.parametrize("args,phrases", [
+    (["--strength", "1.5"], ["strength"]),
+    (["--strength", "lots"], ["strength"]),
+    (["--method", "median"], ["median", "gridit"]),
+    (["--report", "r.txt"], [".json"]),
+])
+def test_bad_options_are_refused(capsys, noisy50, tmp_path, args, phrases):
+    before = set(os.listdir(tmp_path))
+    code, _, err = run_cli(capsys, "denoise", noisy50[1], "--out", tmp_path / "d.nii.gz", *args)
+    assert_refused(code, err, *phrases)
+    no_files_left(tmp_path, before)
+
+
+def test_missing_and_non_image_inputs_are_refused(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "denoise", tmp_path / "nope.nii.gz")
+    assert_refused(code, err, "no such file")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not an image")
+    before = set(os.listdir(tmp_path))
+    code, _, err = run_cli(capsys, "denoise", junk)
+    assert code == 2 and "Traceback" not in err
+    no_files_left(tmp_path, before)
