@@ -34,15 +34,13 @@ last grid is padded by repeating the last frame.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
-
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import Generators, alpha_bar, randn_like
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
-from ctgridit.core.sampler import ProgressCallback, inpaint
+from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback
 
 #: Default number of reverse steps of a denoising run (fewer when the level is lower).
 DENOISE_STEPS = 1
@@ -151,7 +149,7 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
     for i, batch in enumerate(batches):
         z = pipeline.codec.encode(batch)
         start = diffuse_to(s1, z, t1, own_lr, generator)
-        report = _report(progress, "denoise", i * per, len(batches) * per)
+        report = phase_callback(progress, "denoise", i * per, len(batches) * per)
         out.append(pipeline.codec.decode(inpaint(pipeline.stage1, s1, z, None, init=start, init_at_level=True,
                                                  generator=generator, callback=report)))
     up = grids_to_sequence(torch.cat(out), layout)                          # (N, C, H, W), bicubic up by r
@@ -167,12 +165,9 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
         part = slice(first, first + cfg.sampling.stage2_batch)
         cond = pipeline.codec.encode(up[part])
         start = diffuse_to(s2, pipeline.codec.encode(frames[part]), t2, own_hr, generator)
-        report = _report(progress, "stage2", i * per, len(chunks) * per)
+        report = phase_callback(progress, "stage2", i * per, len(chunks) * per)
         z = inpaint(pipeline.stage2, s2, cond, None, cond=cond, init=start, init_at_level=True,
                     generator=generator, callback=report)
         result.append(pipeline.codec.decode(z))
     return torch.cat(result).clamp(-1, 1), levels
 
-
-def _report(progress: ProgressCallback | None, phase: str, offset: int, total: int) -> Callable | None:
-    return None if progress is None else (lambda done, _n: progress(phase, offset + done, total))

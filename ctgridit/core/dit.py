@@ -285,19 +285,15 @@ def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
 
 
+#: DiT sizes of Peebles and Xie (depth, width, heads); each comes with patch 2, 4 and 8.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "DiT-XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "DiT-L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "DiT-B": dict(depth=12, hidden_size=768, num_heads=12),
+    "DiT-S": dict(depth=12, hidden_size=384, num_heads=6),
+}
 DIT_PRESETS: dict[str, dict[str, int]] = {
-    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
-    "DiT-XL/4": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=4),
-    "DiT-XL/8": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=8),
-    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
-    "DiT-L/4": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4),
-    "DiT-L/8": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=8),
-    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
-    "DiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
-    "DiT-B/8": dict(depth=12, hidden_size=768, num_heads=12, patch_size=8),
-    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
-    "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4),
-    "DiT-S/8": dict(depth=12, hidden_size=384, num_heads=6, patch_size=8),
+    **{f"{name}/{patch}": dict(size, patch_size=patch) for name, size in DIT_SIZES.items() for patch in (2, 4, 8)},
     "DiT-tiny/2": dict(depth=2, hidden_size=48, num_heads=2, patch_size=2),  # for tests and smoke runs
 }
 

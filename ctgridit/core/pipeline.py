@@ -30,7 +30,7 @@ from ctgridit.core.codecs import LatentCodec, load_codec
 from ctgridit.core.diffusion import make_sample_scheduler, strength_timesteps
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, resize_frames
-from ctgridit.core.sampler import ProgressCallback, inpaint, sample_sequence
+from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback, sample_sequence
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
@@ -183,8 +183,7 @@ class GriDiTPipeline:
             noise = generator if seeds is None else [
                 torch.Generator(device=(generator.device if generator is not None else "cpu")).manual_seed(
                     seeds[(start + j) // length]) for j in range(len(chunk))]
-            report = None if progress is None else (
-                lambda done, _n, i=i: progress("stage2", i * per_chunk + done, len(starts) * per_chunk))
+            report = phase_callback(progress, "stage2", i * per_chunk, len(starts) * per_chunk)
             z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=noise,
                         init=cond, strength=cfg.stage2_strength, callback=report)
             out.append(self.codec.decode(z))

@@ -45,6 +45,12 @@ from ctgridit.core.grid import cell_mask, tile, untile
 ProgressCallback = Callable[[str, int, int], None]
 
 
+def phase_callback(callback: ProgressCallback | None, phase: str, offset: int,
+                   total: int) -> Callable[[int, int], None] | None:
+    """An :func:`inpaint` ``callback(done, n)`` that reports ``(phase, offset + done, total)`` to ``callback``."""
+    return None if callback is None else (lambda done, _n: callback(phase, offset + done, total))
+
+
 # ------------------------------------------------------------------ inpainting
 def repaint_schedule(num_steps: int, jump: int = 0, times: int = 1) -> list[int]:
     """Indices into the sampling timesteps visited by RePaint resampling.
@@ -206,7 +212,7 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     inpaint_args = dict(generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
 
     def progress(phase: str, offset: int, total: int):
-        return None if callback is None else (lambda done, _n: callback(phase, offset + done, total))
+        return phase_callback(callback, phase, offset, total)
 
     per_grid = model_forwards(len(scheduler.timesteps), repaint_jump, repaint_times)
     total1 = plan.iterations * per_grid

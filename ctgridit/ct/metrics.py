@@ -56,13 +56,6 @@ def ssim_map(reference: np.ndarray, image: np.ndarray, window: Sequence[float] =
     return structural_similarity(ref, img, data_range=high - low, win_size=win, full=True)[1]
 
 
-def ssim(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW,
-         mask: np.ndarray | None = None) -> float:
-    """3D SSIM averaged over ``mask`` (default all voxels)."""
-    smap = ssim_map(reference, image, window)
-    return float(smap[mask].mean() if mask is not None else smap.mean())
-
-
 def quality(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW,
             mask: np.ndarray | None = None) -> dict[str, float]:
     """``{"psnr", "ssim", "psnr_body", "ssim_body"}`` of ``image`` against ``reference``."""
