@@ -186,3 +186,55 @@ def test_resuming_a_finished_run_only_exports(tmp_path, small_ct):
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
     with pytest.raises(CTGridItError, match="beyond the requested"):
         train(config, 1, steps=2, resume=True, device="cpu", quiet=True)
+
+
+def test_stride_conditioned_warm_start_from_an_unconditional_run(tmp_path, small_ct):
+    """Phase 2 of the bundled model's recipe: a trained unconditional stage 1 gets the stride embedding
+    (starting unchanged) and learns it; the trained labels are the grids' strides."""
+    from ctgridit.core.pipeline import GriDiTPipeline
+    from ctgridit.training.trainer import warm_start
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for folder in (base, tuned):
+        folder.mkdir()
+    write_config(base, small_ct)
+    train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    source = base / "ckpt" / "stage1" / "step_00000003"
+    write_config(tuned, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"num_strides": 2}},
+                                          "init": str(source)})
+    config = load_config(tuned / "config.yaml")
+
+    # the warm start alone: the source's EMA weights, the stride embedding at zero, the same predictions
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.training.trainer import build_model
+    codec = PixelCodec(channels=1)
+    model = build_model(config, 1, codec)
+    assert warm_start(model, source) == ["stride_embedder.weight"]
+    reference = GriDiTPipeline.from_pretrained(base / "model").stage1
+    x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, stride=torch.tensor([1, 2])), reference(x, t))
+
+    train(config, 1, steps=4, device="cpu", quiet=True)
+    tuned_model = GriDiTPipeline.from_pretrained(tuned / "model").stage1
+    assert tuned_model.config.num_strides == 2
+    assert tuned_model.stride_embedder.weight[1:].abs().sum() > 0          # the embedding was learned
+    with torch.no_grad():
+        assert not torch.allclose(tuned_model(x, t, stride=1), tuned_model(x, t, stride=2))
+
+    # a source of another architecture is refused with the file named
+    other = tmp_path / "other"
+    other.mkdir()
+    write_config(other, small_ct, stage1={"model": {"preset": "DiT-S/8", "overrides": {"depth": 1,
+                                                                                      "hidden_size": 96,
+                                                                                      "num_heads": 4}}})
+    with pytest.raises(CTGridItError, match="do not fit"):
+        warm_start(build_model(load_config(other / "config.yaml"), 1, codec), source)
+    with pytest.raises(CTGridItError, match="no weights"):
+        warm_start(model, tmp_path)
+
+
+def test_stride_conditioning_must_cover_the_stride_range(tmp_path, small_ct):
+    write_config(tmp_path, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"num_strides": 1}}})
+    with pytest.raises(CTGridItError, match="num_strides is 1 but data.stride_range goes up to 2"):
+        load_config(tmp_path / "config.yaml")
