@@ -196,35 +196,6 @@ def test_stage2_uses_and_requires_its_condition():
         model(x["sample"], x["timestep"], cond=x["cond"][:, :2])
 
 
-def test_stride_conditioning_starts_neutral_then_tells_strides_apart(tmp_path):
-    model = randomized(tiny())                                  # unconditional weights
-    strided = tiny(num_strides=3)
-    assert strided.stride_embedder.weight.shape == (4, HIDDEN) and not strided.stride_embedder.weight.any()
-    missing = strided.load_state_dict(model.state_dict(), strict=False).missing_keys
-    assert missing == ["stride_embedder.weight"]
-    x = inputs(model)
-    with torch.no_grad():
-        # a zero embedding: any stride, none, or per-sample strides predict what the unconditional model does
-        for stride in (None, 0, 3, torch.tensor([1, 2])):
-            torch.testing.assert_close(strided(**x, stride=stride), model(**x))
-        strided.stride_embedder.weight.normal_(generator=torch.Generator().manual_seed(3))
-        by_stride = [strided(**x, stride=s) for s in range(4)]
-        assert all(not torch.allclose(a, b) for i, a in enumerate(by_stride) for b in by_stride[i + 1:])
-        torch.testing.assert_close(strided(**x, stride=torch.tensor([1, 2]))[1], by_stride[2][1])
-        torch.testing.assert_close(strided(**x), by_stride[0])  # None means "not given", label 0
-    strided.save_pretrained(tmp_path)
-    loaded = GridDiT.from_pretrained(tmp_path)
-    assert loaded.config.num_strides == 3
-    with torch.no_grad():
-        assert torch.equal(loaded(**x, stride=2), by_stride[2])
-    with pytest.raises(ValueError, match=r"stride must lie in 0\.\.3"):
-        strided(**x, stride=4)
-    with pytest.raises(ValueError, match="stride must be a scalar or of shape"):
-        strided(**x, stride=torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match="no stride conditioning"):
-        model(**x, stride=1)
-
-
 def test_stage1_refuses_a_condition_and_wrong_sizes():
     model = tiny()
     x = inputs(model)

@@ -427,41 +427,6 @@ def test_one_forward_per_step_per_grid_batch(rows, cols, m, n, batch, max_batch,
     assert model.batches == expected                                      # never a doubled (guidance) batch
 
 
-class StrideRecorder:
-    """A stride-conditioned tiny model that records the stride of every call (None: not passed)."""
-
-    def __init__(self, rows: int, cols: int, num_strides: int):
-        self.model = create_dit("DiT-tiny/2", sample_height=rows * 2, sample_width=cols * 2, in_channels=2,
-                                grid_rows=rows, grid_cols=cols, num_strides=num_strides).eval()
-        self.config = self.model.config
-        self.strides: list[int | None] = []
-
-    def __call__(self, x, t, stride=None):
-        self.strides.append(stride)
-        return self.model(x, t, stride=stride)
-
-
-@pytest.mark.parametrize("rows,cols,m,interpolate,num_strides,step1,step2", [
-    (2, 2, 1, True, 3, 3, 1),        # 2 x 2: step-1 frames are 3 apart in the final sequence
-    (2, 2, 1, True, 2, None, 1),     # the model cannot be told 3: not given
-    (2, 2, 1, False, 3, 1, None),    # no interpolation: step 1 makes consecutive frames
-    (4, 4, 3, True, 3, None, 1),     # chunks of a row: step-1 frames not evenly spaced
-    (3, 3, 2, True, 8, None, 1),
-])
-def test_stride_conditioned_models_are_told_the_real_strides(rows, cols, m, interpolate, num_strides, step1, step2):
-    model = StrideRecorder(rows, cols, num_strides)
-    steps, n = 2, rows * cols * 3
-    sample_sequence(model, make_sample_scheduler(TRAIN, "ddim", steps), num_frames=n, frame_shape=(2, 2, 2),
-                    rows=rows, cols=cols, control_rows=m, interpolate=interpolate,
-                    generator=torch.Generator().manual_seed(0))
-    plan = plan_sequence(n, rows, cols, control_rows=m, interpolate=interpolate)
-    raw = {(2, 2, True): 3, (2, 2, False): 1}.get((rows, cols, interpolate))       # None: uneven chunks
-    assert plan.step1_stride == raw
-    first = plan.iterations * steps
-    assert model.strides[:first] == [step1] * first
-    assert model.strides[first:] == ([step2] * (len(model.strides) - first) if plan.interpolate else [])
-
-
 def test_same_seed_same_sequence_other_seed_other_sequence():
     model = tiny_model()
     scheduler = make_sample_scheduler(TRAIN, "ddpm", 4)

@@ -188,11 +188,10 @@ def test_resuming_a_finished_run_only_exports(tmp_path, small_ct):
         train(config, 1, steps=2, resume=True, device="cpu", quiet=True)
 
 
-def test_stride_conditioned_warm_start_from_an_unconditional_run(tmp_path, small_ct):
-    """Phase 2 of the bundled model's recipe: a trained unconditional stage 1 gets the stride embedding
-    (starting unchanged) and learns it; the trained labels are the grids' strides."""
-    from ctgridit.core.pipeline import GriDiTPipeline
-    from ctgridit.training.trainer import warm_start
+def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path, small_ct):
+    """stage.init (the bundled model's second phase): training starts from a trained stage's EMA weights."""
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.training.trainer import build_model, warm_start
 
     base, tuned = tmp_path / "base", tmp_path / "tuned"
     for folder in (base, tuned):
@@ -200,29 +199,33 @@ def test_stride_conditioned_warm_start_from_an_unconditional_run(tmp_path, small
     write_config(base, small_ct)
     train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
     source = base / "ckpt" / "stage1" / "step_00000003"
-    write_config(tuned, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"num_strides": 2}},
-                                          "init": str(source)})
+    write_config(tuned, small_ct, stage1={"model": {"preset": "DiT-tiny/2"}, "init": str(source)},
+                 data={"stride_range": [1, 1]})
     config = load_config(tuned / "config.yaml")
-
-    # the warm start alone: the source's EMA weights, the stride embedding at zero, the same predictions
-    from ctgridit.core.codecs import PixelCodec
-    from ctgridit.training.trainer import build_model
     codec = PixelCodec(channels=1)
-    model = build_model(config, 1, codec)
-    assert warm_start(model, source) == ["stride_embedder.weight"]
+
+    # the warm start alone gives the source run's exported (EMA) model
+    model = build_model(config, 1, codec).eval()
+    warm_start(model, source)
     reference = GriDiTPipeline.from_pretrained(base / "model").stage1
     x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, stride=torch.tensor([1, 2])), reference(x, t))
+        out = model(x, t)
+        torch.testing.assert_close(out, reference(x, t), rtol=0, atol=0)
+        assert out.abs().sum() > 0
+    # an exported stage folder works as well
+    warm_start(model, base / "model" / "stage1")
 
-    train(config, 1, steps=4, device="cpu", quiet=True)
-    tuned_model = GriDiTPipeline.from_pretrained(tuned / "model").stage1
-    assert tuned_model.config.num_strides == 2
-    assert tuned_model.stride_embedder.weight[1:].abs().sum() > 0          # the embedding was learned
-    with torch.no_grad():
-        assert not torch.allclose(tuned_model(x, t, stride=1), tuned_model(x, t, stride=2))
+    # training from it: the first step starts from those weights (EMA at start = source), then moves on
+    train(config, 1, steps=2, device="cpu", quiet=True)
+    first = load_file(str(tuned / "ckpt" / "stage1" / "step_00000002" / "model.safetensors"))
+    ema = load_file(str(source / "ema.safetensors"))
+    assert first.keys() == ema.keys()
+    close = [torch.allclose(first[k], ema[k], atol=0.05) for k in ema]
+    assert all(close)                                                 # two small steps away from the source
+    assert any(not torch.equal(first[k], ema[k]) for k in ema)        # ... but trained
 
-    # a source of another architecture is refused with the file named
+    # a source of another architecture, or no weights at all, is refused with the file named
     other = tmp_path / "other"
     other.mkdir()
     write_config(other, small_ct, stage1={"model": {"preset": "DiT-S/8", "overrides": {"depth": 1,
@@ -232,9 +235,3 @@ def test_stride_conditioned_warm_start_from_an_unconditional_run(tmp_path, small
         warm_start(build_model(load_config(other / "config.yaml"), 1, codec), source)
     with pytest.raises(CTGridItError, match="no weights"):
         warm_start(model, tmp_path)
-
-
-def test_stride_conditioning_must_cover_the_stride_range(tmp_path, small_ct):
-    write_config(tmp_path, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"num_strides": 1}}})
-    with pytest.raises(CTGridItError, match="num_strides is 1 but data.stride_range goes up to 2"):
-        load_config(tmp_path / "config.yaml")

@@ -126,24 +126,6 @@ def test_grid_items_hold_the_slices_their_id_names(ct_sequences):
     assert len(dataset) == 10**9
 
 
-def test_grid_stride_labels_are_the_strides_or_dropped(ct_sequences):
-    spec = GridSpec(2, 2)
-    plain = GridSampleDataset(ct_sequences, spec, stride_range=(1, 3), seed=2)
-    dropping = GridSampleDataset(ct_sequences, spec, stride_range=(1, 3), seed=2, stride_dropout=0.3)
-    labels = []
-    for index in range(200):
-        a, b = plain[index], dropping[index]
-        assert a["stride"] == a["id"][2]
-        assert a["id"] == b["id"] and torch.equal(a["x"], b["x"])   # the label draw comes last: same grids
-        assert b["stride"] in (0, b["id"][2])
-        labels.append(b["stride"])
-    dropped = labels.count(0) / len(labels)
-    assert 0.15 < dropped < 0.45, dropped
-    assert all(GridSampleDataset(ct_sequences, spec, seed=2, stride_dropout=1.0)[i]["stride"] == 0 for i in range(5))
-    with pytest.raises(ValueError, match="stride_dropout"):
-        GridSampleDataset(ct_sequences, spec, stride_dropout=1.5)
-
-
 def test_grid_items_are_a_pure_function_of_seed_and_index(ct_sequences):
     spec = GridSpec(2, 2)
     a = GridSampleDataset(ct_sequences, spec, stride_range=(1, 4), seed=5)

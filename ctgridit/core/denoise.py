@@ -40,7 +40,7 @@ from diffusers import DDPMScheduler, SchedulerMixin
 from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import Generators, alpha_bar, randn_like
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
-from ctgridit.core.sampler import ProgressCallback, inpaint, model_stride, phase_callback
+from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback
 
 #: Default number of reverse steps of a denoising run (fewer when the level is lower).
 DENOISE_STEPS = 1
@@ -151,8 +151,7 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
         start = diffuse_to(s1, z, t1, own_lr, generator)
         report = phase_callback(progress, "denoise", i * per, len(batches) * per)
         out.append(pipeline.codec.decode(inpaint(pipeline.stage1, s1, z, None, init=start, init_at_level=True,
-                                                 stride=model_stride(pipeline.stage1, 1), generator=generator,
-                                                 callback=report)))
+                                                 generator=generator, callback=report)))
     up = grids_to_sequence(torch.cat(out), layout)                          # (N, C, H, W), bicubic up by r
     if pipeline.stage2 is None:
         return up.clamp(-1, 1), levels

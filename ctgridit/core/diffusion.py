@@ -108,17 +108,15 @@ def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list
 
 
 def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
-                   generator: Generators = None, stride: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: Generators = None) -> torch.Tensor:
     """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
 
     ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.
-    ``stride`` (``(B,)``) goes to a stride-conditioned model as ``stride=``.
     """
     b = clean.shape[0]
     device = generator.device if generator is not None else clean.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device).to(clean.device)
     eps = randn_like(clean, generator)
     noisy = scheduler.add_noise(clean, eps, t)
-    extra = {} if stride is None else {"stride": stride.to(clean.device)}
-    pred = model(noisy, t, **extra) if cond is None else model(noisy, t, cond, **extra)
+    pred = model(noisy, t) if cond is None else model(noisy, t, cond)
     return F.mse_loss(pred.float(), eps.float())

@@ -28,13 +28,6 @@ unconditional, so there is no guidance and nothing is doubled.
 
 Latents never leave memory between iterations. The result has exactly ``N``
 frames (surplus frames of the last iteration are dropped).
-
-A stride-conditioned model (:class:`~ctgridit.core.dit.GridDiT` ``num_strides > 0``)
-is told the stride its grids really have, in frames of the final sequence
-(:func:`model_stride`): ``1`` for interpolation grids, ``R*C - 2k + 1`` between
-step-1 frames when interpolation follows with ``k = 1`` (3 for 2 x 2), ``1``
-without interpolation; for ``k > 1`` step-1 frames are not evenly spaced and
-the stride is not given.
 """
 
 from __future__ import annotations
@@ -89,14 +82,8 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
     return sum(1 for a, b in zip(walk, walk[1:]) if b > a)
 
 
-def model_stride(model: EpsModel, stride: int | None) -> int | None:
-    """``stride`` when ``model`` is stride-conditioned and can be told it, else None (nothing to pass)."""
-    top = getattr(getattr(model, "config", None), "num_strides", 0) or 0
-    return stride if stride is not None and 1 <= stride <= top else None
-
-
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
-            cond: torch.Tensor | None = None, stride: int | None = None, generator: Generators = None,
+            cond: torch.Tensor | None = None, generator: Generators = None,
             init: torch.Tensor | None = None, strength: float = 1.0, init_at_level: bool = False,
             repaint_jump: int = 0, repaint_times: int = 1,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -104,8 +91,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
 
     ``scheduler`` must have its timesteps set. With ``mask=None`` this is plain
     unconditional sampling and ``known`` only gives shape, device and dtype.
-    ``cond`` is passed to the model as a third argument (stage 2), ``stride``
-    (when not None) as ``stride=`` (see :func:`model_stride`).
+    ``cond`` is passed to the model as a third argument (stage 2).
     ``init`` and ``strength`` (SDEdit; GRIDIT.md section 7): the walk covers the
     last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
     from ``init`` forward-diffused to its first level instead of pure noise;
@@ -126,7 +112,6 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
         x = noise_to_level(scheduler, init, levels[0], generator)
     if mask is not None:
         x = mask * noise_to_level(scheduler, known, levels[0], generator) + (1 - mask) * x
-    extra = {} if stride is None else {"stride": stride}
     walk = repaint_schedule(len(timesteps), repaint_jump, repaint_times)
     forwards = model_forwards(len(timesteps), repaint_jump, repaint_times)
     done = 0
@@ -136,7 +121,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             continue
         t = timesteps[here]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, t_batch, **extra) if cond is None else model(x, t_batch, cond, **extra)
+        eps = model(x, t_batch) if cond is None else model(x, t_batch, cond)
         unknown = scheduler.step(eps, t, x, generator=generator).prev_sample
         if mask is None:
             x = unknown
@@ -167,13 +152,6 @@ class SequencePlan:
     @property
     def cells(self) -> int:
         return self.rows * self.cols
-
-    @property
-    def step1_stride(self) -> int | None:
-        """Frames of the final sequence between neighbouring step-1 frames (None: not evenly spaced)."""
-        if not self.interpolate:
-            return 1
-        return self.cells - 1 if self.chunk == 1 else None
 
     @property
     def step1_frames(self) -> int:
@@ -231,8 +209,7 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     c, h, w = frame_shape
     cells = plan.cells
     grid_shape = (batch_size, c, rows * h, cols * w)
-    inpaint_args = dict(generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times,
-                        stride=model_stride(model, plan.step1_stride))
+    inpaint_args = dict(generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
 
     def progress(phase: str, offset: int, total: int):
         return phase_callback(callback, phase, offset, total)
@@ -273,7 +250,6 @@ def _interpolate(model, scheduler, step1: torch.Tensor, plan: SequencePlan, max_
     mask = cell_mask(flags, plan.rows, plan.cols, h, w).to(device=step1.device, dtype=step1.dtype)
     batches = list(torch.split(grids, max_batch))
     total = len(batches) * per_grid
-    inpaint_args = {**inpaint_args, "stride": model_stride(model, 1)}
     filled = [inpaint(model, scheduler, g, mask, **inpaint_args, callback=progress("interpolate", i * per_grid, total))
               for i, g in enumerate(batches)]
     new = untile(torch.cat(filled), plan.rows, plan.cols)[:, k:k + gap].reshape(b, pairs, gap, c, h, w)

@@ -54,7 +54,6 @@ class DataConfig:
     window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # HU window to [-1, 1]
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
-    stride_dropout: float = 0.1                             # stride-conditioned stage 1: P(stride label = 0)
     every: int = 1                                          # video: keep every n-th frame
     num_workers: int = 0                                    # DataLoader worker processes
 
@@ -175,13 +174,6 @@ class TrainConfig:
                 raise CTGridItError(f"optim.mixed_precision must be one of {PRECISIONS}", self.source)
             if min(optim.steps, optim.batch_size, optim.grad_accum) < 1:
                 raise CTGridItError("optim.steps, batch_size and grad_accum must be >= 1", self.source)
-        if not 0.0 <= self.data.stride_dropout <= 1.0:
-            raise CTGridItError(f"data.stride_dropout must lie in [0, 1], got {self.data.stride_dropout}", self.source)
-        num_strides = int(self.stage1.model.overrides.get("num_strides", 0))
-        top = max(self.data.stride_range or [self.grid_spec.stride])
-        if num_strides and top > num_strides:
-            raise CTGridItError(f"stage1.model num_strides is {num_strides} but data.stride_range goes up to {top}",
-                                self.source, "set num_strides to at least the largest stride")
         return self
 
 

@@ -135,10 +135,6 @@ class GridSampleDataset(_SequenceDataset):
         spec: grid shape ``R x C`` and in-plane factor ``r`` (``spec.stride`` is
             the default stride).
         stride_range: ``(s_min, s_max)``, inclusive; default ``(spec.stride, spec.stride)``.
-        stride_dropout: the probability that an item's ``"stride"`` label is 0
-            ("not given") instead of its stride, for a stride-conditioned model
-            (:class:`~ctgridit.core.dit.GridDiT` ``num_strides``) that must also
-            work without it.
         seed, length: see the module docstring.
         channels: channels of the grids (1 keeps gray, 3 for an RGB codec).
 
@@ -148,22 +144,17 @@ class GridSampleDataset(_SequenceDataset):
     of the range that fit that sequence; a start ``k`` uniformly with
     ``k + (RC - 1) * s < N``. Its frames are resized in-plane to
     ``spec.frame_size(H, W)`` (bicubic, :func:`~ctgridit.core.grid.resize_frames`)
-    and tiled with :func:`~ctgridit.core.grid.tile`. Last, with ``stride_dropout > 0``,
-    whether the stride label is dropped.
+    and tiled with :func:`~ctgridit.core.grid.tile`.
 
-    Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride), "stride": label,
-    "index": index}`` with ``label`` the stride, or 0 when dropped.
+    Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride), "index": index}``.
     """
 
     def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, spec: GridSpec = GridSpec(),
                  stride_range: tuple[int, int] | None = None, seed: int = 0, length: int = VIRTUAL_LENGTH,
-                 channels: int = 3, stride_dropout: float = 0.0) -> None:
+                 channels: int = 3) -> None:
         low, high = (spec.stride, spec.stride) if stride_range is None else stride_range
         if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
             raise ValueError(f"stride_range must be integers (low, high) with 1 <= low <= high, got {stride_range}")
-        if not 0.0 <= stride_dropout <= 1.0:
-            raise ValueError(f"stride_dropout must be a probability in [0, 1], got {stride_dropout}")
-        self.stride_dropout = float(stride_dropout)
         super().__init__(sequences, seed, length, channels)
         self.spec = spec
         self.stride_range = (low, high)
@@ -193,9 +184,7 @@ class GridSampleDataset(_SequenceDataset):
         frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
         cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)
         grid = tile(cells, self.spec.rows, self.spec.cols)                         # (C, R*h, C*w)
-        dropped = self.stride_dropout > 0 and torch.rand((), generator=g).item() < self.stride_dropout
-        return {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride),
-                "stride": 0 if dropped else stride, "index": index}
+        return {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride), "index": index}
 
 
 class SRPairDataset(_SequenceDataset):

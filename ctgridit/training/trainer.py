@@ -79,8 +79,7 @@ def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, see
     spec = config.grid_spec
     if stage == 1:
         stride_range = tuple(config.data.stride_range) if config.data.stride_range else None
-        return GridSampleDataset(sequences, spec, stride_range=stride_range, seed=seed, channels=channels,
-                                 stride_dropout=config.data.stride_dropout)
+        return GridSampleDataset(sequences, spec, stride_range=stride_range, seed=seed, channels=channels)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
 
 
@@ -136,8 +135,6 @@ def collate(items: list[dict]) -> dict:
              "id": [it["id"] for it in items]}
     if "cond" in items[0]:
         batch["cond"] = torch.stack([it["cond"] for it in items])
-    if "stride" in items[0]:
-        batch["stride"] = torch.tensor([it["stride"] for it in items], dtype=torch.long)
     return batch
 
 
@@ -238,7 +235,6 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     first_loss = last_loss = None
     began = time.perf_counter()
     micro_batches = iter(loader)
-    strided = stage == 1 and accelerator.unwrap_model(model).config.num_strides > 0
     model.train()
     for step in range(start, total):
         step_loss = torch.zeros((), device=accelerator.device)
@@ -252,8 +248,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
                 sample_seed(optim.seed + 1, (step * optim.grad_accum + micro) * world + rank))
             sync = micro == optim.grad_accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss = diffusion_loss(model, scheduler, x, cond, generator,
-                                      batch["stride"] if strided else None) / optim.grad_accum
+                loss = diffusion_loss(model, scheduler, x, cond, generator) / optim.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if optim.max_grad_norm > 0:
@@ -291,14 +286,12 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
 
 
-def warm_start(model: GridDiT, source: str | os.PathLike) -> list[str]:
-    """Load the weights of ``source`` into ``model`` before training; returns the parameters left at their init.
+def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
+    """Load the weights of ``source`` into ``model`` before training (fine-tuning a trained stage).
 
     ``source`` is a checkpoint folder (its EMA weights are taken) or an exported
-    stage folder (``diffusion_pytorch_model.safetensors``). Every weight of the
-    source must fit the model by name and shape; the model may have more (e.g.
-    the stride embedding added to a trained unconditional model), which keep
-    their initial values.
+    stage folder (``diffusion_pytorch_model.safetensors``); its weights must be
+    those of the same architecture, name for name and shape for shape.
     """
     from safetensors.torch import load_file
 
@@ -313,14 +306,12 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> list[str]:
     except (OSError, RuntimeError, ValueError) as err:
         raise CTGridItError(f"cannot read the weights ({' '.join(str(err).split())[:200]})", found) from None
     own = model.state_dict()
-    extra = sorted(set(weights) - set(own))
+    extra, missing = sorted(set(weights) - set(own)), sorted(set(own) - set(weights))
     wrong = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
-    if extra or wrong:
-        raise CTGridItError(f"the weights do not fit this model (unknown: {extra[:3]}, other shape: {wrong[:3]})",
-                            found, "start from a model of the same architecture")
-    missing = sorted(set(own) - set(weights))
-    model.load_state_dict(weights, strict=False)
-    return missing
+    if extra or missing or wrong:
+        raise CTGridItError(f"the weights do not fit this model (unknown: {extra[:3]}, missing: {missing[:3]}, "
+                            f"other shape: {wrong[:3]})", found, "start from a model of the same architecture")
+    model.load_state_dict(weights)
 
 
 def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, ema, optimizer, lr_schedule,
