@@ -36,12 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
     parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
+    parser.add_argument("--finetune-checkpoints", default=str(REPO / "runs" / "ct_bundled_finetune" / "checkpoints"))
     args = parser.parse_args()
     pipeline = GriDiTPipeline.from_pretrained(args.model)          # refuses an incomplete folder
     if pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
-    ckpt = Path(args.checkpoints)
+    ckpt, finetune = Path(args.checkpoints), Path(args.finetune_checkpoints)
     card = f"""# ct_small: the model bundled with ctgridit
 
 A demonstration CT model, small enough to run on a laptop CPU: it generates
@@ -50,31 +51,44 @@ axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
 - What it is: GriDiT stage 1 (a DiT over 2 x 2 grids of 64 x 64 slices, pixel
   space, {params[0]:.1f} M parameters) and stage 2 (a DiT that super-resolves each
   slice to 128 x 128, {params[1]:.1f} M parameters), trained with `ctgridit train`.
-- Data: three real scans of this project's `shared/data/ct` (TCIA
-  Lung-PET-CT-Dx A0001 in two reconstruction kernels, chest; TotalSegmentator's
-  example CT, abdomen-pelvis), resampled to 3 mm, HU window -1000..1000. The
-  scan A0002 is held out for evaluation.
-- Training: stage 1 {stage_summary(ckpt / 'stage1' / 'train_log.csv')};
-  stage 2 {stage_summary(ckpt / 'stage2' / 'train_log.csv')}; batch 16,
-  AdamW, EMA 0.999, on 2 CPU cores.
+- Data: real scans of this project's `shared/data/ct`, resampled to 3 mm, HU
+  window -1000..1000: TCIA Lung-PET-CT-Dx A0001 (chest) in two reconstruction
+  kernels and TotalSegmentator's example CT (abdomen-pelvis). The scan A0002
+  is held out for evaluation.
+- Training, batch 16, AdamW, EMA 0.999, on 2 CPU cores:
+  - stage 1, phase 1 (`pipelines/configs/ct_bundled.yaml`): grids of slices
+    1 to 3 apart, all three scans, {stage_summary(ckpt / 'stage1' / 'train_log.csv')};
+  - stage 1, phase 2 (`pipelines/configs/ct_bundled_finetune.yaml`, starting
+    from phase 1): grids of consecutive slices of the soft-kernel scans only,
+    {stage_summary(finetune / 'stage1' / 'train_log.csv')};
+  - stage 2 (`ct_bundled.yaml`): {stage_summary(ckpt / 'stage2' / 'train_log.csv')}.
+- Sampling: DDPM, 50 steps for stage 1; every slice comes from the extension
+  step (two new slices per 2 x 2 grid, `interpolate: false`): phase 1 alone
+  made grids whose slices were as close as consecutive ones whatever the
+  stride, so the interpolation step (which takes extension frames to be 3
+  slices apart) slowed the anatomy down threefold. Stage 2: DDPM 10 steps
+  from the upsampled slice at strength 0.5, one noise draw per volume.
 - What it is not: a research-grade model. Three scans cannot teach the
-  variability of chest CT. Axial slices look CT-like (air, lungs, heart,
-  spine and table in the right HU ranges), but stage 1 is not coherent enough
-  along z: neighbouring slices differ 2.55x more than in the held-out scan
-  (mean |dHU| 45.5 against 17.8) and the anatomy changes too little over the
-  volume (slices more than 30 apart reach SSIM 0.92) at 201 slices
-  (`python pipelines/bench_synth.py`). Train on CT-RATE with
-  `pipelines/configs/ctrate_xl.yaml` on GPUs for a real model.
+  variability of chest CT, and 201 slices at 3 mm (603 mm) are longer than
+  any training scan (at most 336 mm): past the anatomy it has seen, the model
+  keeps repeating the last region (e.g. the shoulders) with small changes.
+  Measured at 201 slices, seed 0 (`python pipelines/bench_synth.py`):
+  neighbouring slices differ 1.40x as much as in the held-out scan (mean
+  |dHU| 25.0 against 17.8); slices more than 30 apart reach SSIM 0.87 at
+  most, but 0.915 to 0.935 with seeds 1 to 3 (the repeated region).
+  Train on CT-RATE with `pipelines/configs/ctrate_xl.yaml` on GPUs for a real
+  model.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
 
 ```bash
 ctgridit train stage1 --config pipelines/configs/ct_bundled.yaml --steps STEPS1
 ctgridit train stage2 --config pipelines/configs/ct_bundled.yaml --steps STEPS2
+ctgridit train stage1 --config pipelines/configs/ct_bundled_finetune.yaml --steps STEPS3
 python pipelines/bundle_model.py runs/ct_bundled/model
 ```
 
-with STEPS1 and STEPS2 the step counts above.
+with STEPS1, STEPS2 and STEPS3 the step counts above (phase 1, stage 2, phase 2).
 """
     BUNDLED_MODEL.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(BUNDLED_MODEL) as tmp:

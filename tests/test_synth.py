@@ -132,17 +132,25 @@ def test_bundled_model_makes_ct_intensities_with_its_geometry(bundled_volumes):
 
 
 @needs_bundled_model
-@pytest.mark.xfail(strict=True, reason="known gap of the bundled demonstration model (issue 5 open): stage 1 is not "
-                   "coherent enough along z (neighbouring-slice mean |dHU| 2.55x the held-out scan's, far "
-                   "slices SSIM 0.92 at 201 slices, pipelines/bench_synth.py)")
-def test_bundled_model_is_coherent_along_z(bundled_volumes):
-    from ctgridit.ct.quality import max_far_ssim, neighbour_difference
+def test_bundled_model_neither_flickers_nor_freezes_slice_to_slice(bundled_volumes):
+    """Neighbouring slices differ 0.5x to 2x as much as in the held-out real scan at the same spacing."""
+    from ctgridit.ct.quality import neighbour_difference
 
-    hu = bundled_volumes[0].array
-    generated = neighbour_difference(hu)
     real = _real_neighbour_difference()
-    far = max_far_ssim(hu, far=30)
-    assert 0.5 <= generated / real <= 2.0 and far < 0.9, (generated / real, far)
+    for volume in bundled_volumes:
+        ratio = neighbour_difference(volume.array) / real
+        assert 0.5 <= ratio <= 2.0, ratio
+
+
+@needs_bundled_model
+@pytest.mark.xfail(strict=True, reason="known gap of the bundled demonstration model: past the anatomy of its "
+                   "training scans (at most 336 mm long) it keeps repeating the last region, so slices more than "
+                   "30 apart can reach SSIM 0.9 (seeds 1-3 at 201 slices: 0.92-0.94; seed 0: 0.87)")
+def test_bundled_model_does_not_repeat_far_slices(bundled_volumes):
+    from ctgridit.ct.quality import max_far_ssim
+
+    far = [max_far_ssim(volume.array, far=30) for volume in bundled_volumes]
+    assert max(far) < 0.9, far
 
 
 def test_adapter_inverts_the_training_frames(chest_ct):

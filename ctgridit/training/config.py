@@ -16,6 +16,7 @@ unknown keys are refused, so a typo never passes silently)::
     codec: {kind: pixel, channels: 1}  # or {kind: vae, path: /models/sd-vae-ft-mse}
     stage1: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
     stage2: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
+    # a stage may start from trained weights (fine-tuning): init: runs/x/checkpoints/stage1/step_00005000
     optim: {lr: 1.0e-4, batch_size: 8, ...}   # shared; a stage's optim overrides it
     checkpoint: {dir: runs/ct_small/checkpoints, every: 1000, keep_last: 3}
     logging: {every: 10, tensorboard: false}
