@@ -67,15 +67,17 @@ axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
   made grids whose slices were as close as consecutive ones whatever the
   stride, so the interpolation step (which takes extension frames to be 3
   slices apart) slowed the anatomy down threefold. Stage 2: DDPM 10 steps
-  from the upsampled slice at strength 0.5, one noise draw per volume.
+  (as DDIM at eta 1) from the upsampled slice at strength 0.5, with noise that
+  changes smoothly along z (about 8 slices).
 - What it is not: a research-grade model. Three scans cannot teach the
   variability of chest CT, and 201 slices at 3 mm (603 mm) are longer than
   any training scan (at most 336 mm): past the anatomy it has seen, the model
   keeps repeating the last region (e.g. the shoulders) with small changes.
   Measured at 201 slices, seed 0 (`python pipelines/bench_synth.py`):
-  neighbouring slices differ 1.40x as much as in the held-out scan (mean
-  |dHU| 25.0 against 17.8); slices more than 30 apart reach SSIM 0.87 at
-  most, but 0.915 to 0.935 with seeds 1 to 3 (the repeated region).
+  neighbouring slices differ 1.46x as much as in the held-out scan (mean
+  |dHU| 26.1 against 17.8); slices more than 30 apart reach SSIM 0.62 at most
+  (0.68 to 0.72 with seeds 1 to 3), but the anatomy alone (stage-1 slices
+  upsampled) reaches 0.83: the repeated region.
   Train on CT-RATE with `pipelines/configs/ctrate_xl.yaml` on GPUs for a real
   model.
 

@@ -154,6 +154,22 @@ def test_shared_stage2_noise_is_one_draw_per_sequence():
         pipe.super_resolve(lr[:15], seed(1), sequence_length=8)
 
 
+def test_smooth_stage2_noise_varies_slowly_along_a_sequence():
+    """Equal low-resolution frames: with noise of length 3 neighbouring outputs are closer than frames
+    far apart (which are as far apart as with independent noise); chunk borders (chunks of 5) do not show."""
+    lr = torch.rand(1, 3, 8, 8, generator=seed(0)).mul(2).sub(1).expand(24, 3, 8, 8)
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_noise_length=3.0, stage2_batch=5)
+    out = pipe.super_resolve(lr, seed(1), sequence_length=24)
+    torch.testing.assert_close(out, pipe.super_resolve(lr, seed(1), sequence_length=24))   # seeded
+    gap = lambda x, h: float((x[h:] - x[:-h]).abs().mean())                                 # noqa: E731
+    independent = with_sampling(pixel_pipeline(), sampler="ddpm").super_resolve(lr, seed(1), sequence_length=24)
+    assert gap(out, 1) < 0.5 * gap(out, 12), (gap(out, 1), gap(out, 12))
+    assert gap(out, 12) > 0.7 * gap(independent, 12)
+    borders = [float((out[k] - out[k - 1]).abs().mean()) for k in (5, 10, 15, 20)]
+    inside = [float((out[k] - out[k - 1]).abs().mean()) for k in (2, 7, 12, 17)]
+    assert max(borders) < 2 * max(inside), (borders, inside)
+
+
 def test_stage2_strength_starts_from_the_condition():
     """With strength 0.2 of 10 steps stage 2 runs only the last 2 steps, and its first input is the
     upsampled frame diffused to that level (its projection on the frame is ``sqrt(abar_t)``)."""

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import ctgridit.core.sampler as sampler_module
-from ctgridit.core.diffusion import diffusion_loss, make_sample_scheduler, make_train_scheduler, strength_timesteps
+from ctgridit.core.diffusion import (SequenceNoise, diffusion_loss, make_sample_scheduler, make_train_scheduler,
+                                     scheduler_step, strength_timesteps)
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask, tile, untile
 from ctgridit.core.sampler import inpaint, model_forwards, plan_sequence, repaint_schedule, sample_sequence
@@ -557,3 +558,50 @@ def test_trained_model_extends_a_sequence_frame_by_frame(blob_models):
     assert float(((step >= 0) & (step <= 2)).float().mean()) >= 0.9, phase
     assert 0.6 < float(step.float().mean()) < 1.4, phase
     assert float((step == 1).float().mean()) >= 0.5, phase
+
+
+# ------------------------------------------------ noise along sequences
+def test_sequence_noise_is_standard_and_correlates_by_distance():
+    noise = SequenceNoise(seed=3, sequence_length=60, length=2.0)
+    x = noise.frames(0, 120).draw(torch.zeros(120, 1, 32, 32)).flatten(1)          # two sequences of 60
+    assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
+
+    def corr(i, j):
+        return float(torch.corrcoef(torch.stack([x[i], x[j]]))[0, 1])
+
+    for lag, expected in [(1, math.exp(-1 / 16)), (3, math.exp(-9 / 16)), (6, math.exp(-36 / 16)), (20, 0.0)]:
+        measured = sum(corr(k, k + lag) for k in range(10, 30)) / 20
+        assert abs(measured - expected) < 0.06, (lag, measured, expected)
+    assert abs(sum(corr(59 - k, 60 + k) for k in range(5)) / 5) < 0.06         # the next sequence: independent
+
+
+def test_sequence_noise_joins_up_across_batches_and_is_seeded():
+    like = torch.zeros(20, 2, 4, 4)
+    whole = SequenceNoise(seed=1, sequence_length=10, length=1.5).frames(0, 20)
+    first, again = whole.draw(like), whole.draw(like)                             # draws 0 and 1
+    assert not torch.allclose(first, again)
+    a, b = SequenceNoise(1, 10, 1.5).frames(0, 7), SequenceNoise(1, 10, 1.5).frames(7, 13)
+    for expected in (first, again):                                              # batch by batch, draw by draw
+        torch.testing.assert_close(torch.cat([a.draw(like[:7]), b.draw(like[7:])]), expected)
+    assert not torch.allclose(SequenceNoise(2, 10, 1.5).frames(0, 20).draw(like), first)
+    with pytest.raises(ValueError, match="for 20 frames"):
+        whole.draw(like[:3])
+    with pytest.raises(ValueError, match="length > 0"):
+        SequenceNoise(1, 10, 0.0)
+
+
+def test_ddim_at_eta_1_with_given_noise_is_the_ddpm_step():
+    """scheduler_step with SequenceNoise runs DDIM at eta 1; with DDPM's own noise it equals DDPM's step."""
+    ddpm, ddim = make_sample_scheduler(TRAIN, "ddpm", 10), make_sample_scheduler(TRAIN, "ddim", 10)
+    assert list(ddpm.timesteps) == list(ddim.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
+    for t in [int(t) for t in ddpm.timesteps[:-1]]:                              # the last step adds no noise
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        expected = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        got = ddim.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    draws = SequenceNoise(0, 3, 1.0).frames(0, 3)
+    assert not torch.allclose(scheduler_step(ddim, eps, 500, x, draws), ddim.step(eps, 500, x).prev_sample)
+    with pytest.raises(ValueError, match="needs the DDIM scheduler"):
+        scheduler_step(ddpm, eps, 500, x, draws)

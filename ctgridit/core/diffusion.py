@@ -10,6 +10,8 @@ Nothing here re-implements a scheduler.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Callable
 
 import torch
@@ -22,8 +24,75 @@ NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddpm", "ddim")
 
 EpsModel = Callable[..., torch.Tensor]
-#: One generator, or one per batch item (diffusers' convention), or none.
-Generators = torch.Generator | list[torch.Generator] | None
+
+
+class SequenceNoise:
+    """Standard normal noise that changes smoothly along sequences of frames.
+
+    The frames of a batch are runs of ``sequence_length`` consecutive frames,
+    one run per sequence. Draw ``d`` for frame ``k`` of sequence ``s`` is the
+    moving average, with Gaussian weights of standard deviation ``length``
+    frames, of independent standard normal fields ``xi(d, s, j)`` for ``j``
+    around ``k``, each seeded from ``(seed, d, s, j)``, normalised to unit
+    variance. So every frame's noise is standard normal, the noise of frames
+    ``h`` apart correlates about ``exp(-h^2 / (4 length^2))`` (``length = 2``:
+    0.94 for neighbours, 0.11 six frames apart), and sequences are independent.
+    It is the middle ground between one noise draw per frame (flicker when each
+    frame is sampled on its own) and one per sequence (the same texture in every
+    frame: streaks along the sequence axis).
+
+    :meth:`frames` gives the source for a batch holding frames
+    ``start .. start + count - 1`` of the whole set; each batch makes its draws
+    in the same order (first, second, ...), so the ``d``-th draws of all batches
+    join up. Use it wherever a generator goes (:func:`randn_like`); a scheduler
+    step takes it as DDIM's ``variance_noise`` (:func:`scheduler_step`).
+    """
+
+    def __init__(self, seed: int, sequence_length: int, length: float) -> None:
+        if sequence_length < 1 or not length > 0:
+            raise ValueError(f"need sequence_length >= 1 and length > 0, got {sequence_length} and {length}")
+        self.seed, self.sequence_length, self.length = int(seed), int(sequence_length), float(length)
+        self.reach = max(1, math.ceil(3 * self.length))
+        weights = torch.exp(-torch.arange(-self.reach, self.reach + 1, dtype=torch.float64) ** 2 / (2 * self.length ** 2))
+        self.weights = (weights / weights.square().sum().sqrt()).tolist()   # unit variance after averaging
+
+    def frames(self, start: int, count: int) -> "NoiseDraws":
+        return NoiseDraws(self, start, count)
+
+    def field(self, draw: int, sequence: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """``xi(draw, sequence, index)``: one standard normal field of ``shape`` (float32, CPU)."""
+        key = hashlib.blake2b(f"{self.seed}:{draw}:{sequence}:{index}".encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        return torch.randn(shape, generator=g)
+
+
+class NoiseDraws:
+    """The draws of :class:`SequenceNoise` for one batch of frames (see there)."""
+
+    def __init__(self, source: SequenceNoise, start: int, count: int) -> None:
+        self.source, self.start, self.count, self.drawn = source, int(start), int(count), 0
+
+    def draw(self, like: torch.Tensor) -> torch.Tensor:
+        """The next draw, shaped like ``like`` ``(count, ...)``, on its device and dtype."""
+        if like.shape[0] != self.count:
+            raise ValueError(f"this noise is for {self.count} frames, asked for {like.shape[0]}")
+        src, shape, cache = self.source, tuple(like.shape[1:]), {}
+        out = []
+        for frame in range(self.start, self.start + self.count):
+            sequence, k = divmod(frame, src.sequence_length)
+            total = torch.zeros(shape)
+            for offset, weight in zip(range(-src.reach, src.reach + 1), src.weights):
+                key = (sequence, k + offset)
+                if key not in cache:
+                    cache[key] = src.field(self.drawn, sequence, k + offset, shape)
+                total += weight * cache[key]
+            out.append(total)
+        self.drawn += 1
+        return torch.stack(out).to(device=like.device, dtype=like.dtype)
+
+
+#: One generator, or one per batch item (diffusers' convention), or smooth noise along sequences, or none.
+Generators = torch.Generator | list[torch.Generator] | NoiseDraws | None
 
 
 def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4,
@@ -89,9 +158,26 @@ def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
 
     A list of generators draws item ``i`` of the batch from ``generator[i]``, as
     diffusers' schedulers do (``randn_tensor``): generators seeded alike give the
-    items the same noise.
+    items the same noise. :class:`NoiseDraws` gives its next draw.
     """
+    if isinstance(generator, NoiseDraws):
+        return generator.draw(x)
     return randn_tensor(tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
+
+
+def scheduler_step(scheduler: SchedulerMixin, eps: torch.Tensor, timestep: int, sample: torch.Tensor,
+                   generator: Generators = None) -> torch.Tensor:
+    """The scheduler's step from ``timestep``: its ``prev_sample``.
+
+    With :class:`NoiseDraws` the scheduler must be DDIM, and its step noise is the
+    next draw (``variance_noise``); DDIM's ``eta`` is then 1, the DDPM sampler
+    written as DDIM (same posterior mean and variance).
+    """
+    if isinstance(generator, NoiseDraws):
+        if not isinstance(scheduler, DDIMScheduler):
+            raise ValueError("noise along sequences needs the DDIM scheduler (at eta 1 it samples as DDPM)")
+        return scheduler.step(eps, timestep, sample, eta=1.0, variance_noise=generator.draw(sample)).prev_sample
+    return scheduler.step(eps, timestep, sample, generator=generator).prev_sample
 
 
 def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list[int]:

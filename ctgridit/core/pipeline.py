@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ctgridit.core.codecs import LatentCodec, load_codec
-from ctgridit.core.diffusion import make_sample_scheduler, strength_timesteps
+from ctgridit.core.diffusion import SequenceNoise, make_sample_scheduler, strength_timesteps
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, resize_frames
 from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback, sample_sequence
@@ -55,6 +55,10 @@ class SamplingConfig:
     # One noise draw shared by all frames of a sequence in stage 2 (each sequence its own): the detail stage 2
     # adds is then the same from slice to slice instead of flickering. False: independent noise per frame.
     stage2_shared_noise: bool = False
+    # Without shared noise: > 0 gives stage 2 noise that changes smoothly along a sequence (SequenceNoise, a
+    # Gaussian moving average over about this many frames; stage 2 then runs as DDIM at eta 1, i.e. DDPM):
+    # detail that varies from slice to slice without flickering. 0: independent noise per frame.
+    stage2_noise_length: float = 0.0
 
 
 @dataclass
@@ -159,8 +163,9 @@ class GriDiTPipeline:
 
         Frames are consecutive runs of ``sequence_length`` frames of one sequence
         (default: all ``M`` are one sequence); with ``stage2_shared_noise`` the
-        frames of a sequence share one noise draw. Without a stage-2 model the
-        bicubic upsampling is the result.
+        frames of a sequence share one noise draw, with ``stage2_noise_length``
+        their noise changes smoothly along it (:class:`SequenceNoise`). Without a
+        stage-2 model the bicubic upsampling is the result.
         """
         up = resize_frames(lr_frames, self.config.frame_size)                                # (M, C, H, W)
         if self.stage2 is None:
@@ -170,19 +175,27 @@ class GriDiTPipeline:
         length = sequence_length or len(up)
         if len(up) % length:
             raise ValueError(f"{len(up)} frames are not whole sequences of {length}")
-        seeds = None
+        seeds = smooth = None
+        draw = torch.Generator().manual_seed(0) if generator is None else generator
         if cfg.stage2_shared_noise:
-            draw = torch.Generator().manual_seed(0) if generator is None else generator
             seeds = torch.randint(0, 2**62, (len(up) // length,), generator=draw, device=draw.device).tolist()
+        elif cfg.stage2_noise_length > 0:
+            seed = int(torch.randint(0, 2**62, (1,), generator=draw, device=draw.device))
+            smooth = SequenceNoise(seed, length, cfg.stage2_noise_length)
+            scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or cfg.stage2_steps)
         starts = range(0, len(up), cfg.stage2_batch)
         per_chunk = len(strength_timesteps(scheduler, cfg.stage2_strength))
         out = []
         for i, start in enumerate(starts):
             chunk = up[start:start + cfg.stage2_batch].to(self.device, self.dtype)
             cond = self.codec.encode(chunk)                                                  # (m, c, h, w)
-            noise = generator if seeds is None else [
-                torch.Generator(device=(generator.device if generator is not None else "cpu")).manual_seed(
+            if smooth is not None:
+                noise = smooth.frames(start, len(chunk))
+            elif seeds is not None:
+                noise = [torch.Generator(device=(generator.device if generator is not None else "cpu")).manual_seed(
                     seeds[(start + j) // length]) for j in range(len(chunk))]
+            else:
+                noise = generator
             report = phase_callback(progress, "stage2", i * per_chunk, len(starts) * per_chunk)
             z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=noise,
                         init=cond, strength=cfg.stage2_strength, callback=report)

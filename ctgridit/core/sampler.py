@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from ctgridit.core.diffusion import (EpsModel, Generators, noise_to_level, previous_timestep, randn_like, renoise,
-                                     strength_timesteps)
+                                     scheduler_step, strength_timesteps)
 from ctgridit.core.grid import cell_mask, tile, untile
 
 #: ``callback(phase, done, total)``: progress in model forwards of one phase.
@@ -122,7 +122,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
         t = timesteps[here]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = model(x, t_batch) if cond is None else model(x, t_batch, cond)
-        unknown = scheduler.step(eps, t, x, generator=generator).prev_sample
+        unknown = scheduler_step(scheduler, eps, t, x, generator)
         if mask is None:
             x = unknown
         else:
