@@ -34,6 +34,7 @@ last grid is padded by repeating the last frame.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 

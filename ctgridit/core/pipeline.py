@@ -171,18 +171,20 @@ class GriDiTPipeline:
         if self.stage2 is None:
             return up
         cfg = self.config.sampling
-        scheduler = make_sample_scheduler(self.scheduler, cfg.sampler, num_steps or cfg.stage2_steps)
         length = sequence_length or len(up)
         if len(up) % length:
             raise ValueError(f"{len(up)} frames are not whole sequences of {length}")
+        smooth_noise = not cfg.stage2_shared_noise and cfg.stage2_noise_length > 0
+        # SequenceNoise reaches the step as DDIM's variance_noise (DDIM at eta 1 is the DDPM step)
+        scheduler = make_sample_scheduler(self.scheduler, "ddim" if smooth_noise else cfg.sampler,
+                                          num_steps or cfg.stage2_steps)
         seeds = smooth = None
         draw = torch.Generator().manual_seed(0) if generator is None else generator
         if cfg.stage2_shared_noise:
             seeds = torch.randint(0, 2**62, (len(up) // length,), generator=draw, device=draw.device).tolist()
-        elif cfg.stage2_noise_length > 0:
+        elif smooth_noise:
             seed = int(torch.randint(0, 2**62, (1,), generator=draw, device=draw.device))
             smooth = SequenceNoise(seed, length, cfg.stage2_noise_length)
-            scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or cfg.stage2_steps)
         starts = range(0, len(up), cfg.stage2_batch)
         per_chunk = len(strength_timesteps(scheduler, cfg.stage2_strength))
         out = []
@@ -192,8 +194,8 @@ class GriDiTPipeline:
             if smooth is not None:
                 noise = smooth.frames(start, len(chunk))
             elif seeds is not None:
-                noise = [torch.Generator(device=(generator.device if generator is not None else "cpu")).manual_seed(
-                    seeds[(start + j) // length]) for j in range(len(chunk))]
+                noise = [torch.Generator(device=draw.device).manual_seed(seeds[(start + j) // length])
+                         for j in range(len(chunk))]
             else:
                 noise = generator
             report = phase_callback(progress, "stage2", i * per_chunk, len(starts) * per_chunk)

@@ -211,15 +211,12 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     grid_shape = (batch_size, c, rows * h, cols * w)
     inpaint_args = dict(generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
 
-    def progress(phase: str, offset: int, total: int):
-        return phase_callback(callback, phase, offset, total)
-
     per_grid = model_forwards(len(scheduler.timesteps), repaint_jump, repaint_times)
     total1 = plan.iterations * per_grid
 
     # step 1: extension
     empty = torch.zeros(grid_shape, device=device, dtype=dtype)
-    grid = inpaint(model, scheduler, empty, None, **inpaint_args, callback=progress("extend", 0, total1))
+    grid = inpaint(model, scheduler, empty, None, **inpaint_args, callback=phase_callback(callback, "extend", 0, total1))
     frames = [untile(grid, rows, cols)]                                     # (B, R*C, c, h, w)
     known_flags = [1.0] * (plan.control_rows * cols) + [0.0] * ((rows - plan.control_rows) * cols)
     mask = cell_mask(known_flags, rows, cols, h, w).to(device=device, dtype=dtype)
@@ -227,17 +224,17 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
         last_rows = untile(grid, rows, cols)[:, cells - plan.control_rows * cols:]  # (B, m*C, c, h, w)
         cells_known = torch.cat([last_rows, torch.zeros_like(frames[0][:, last_rows.shape[1]:])], dim=1)
         grid = inpaint(model, scheduler, tile(cells_known, rows, cols), mask, **inpaint_args,
-                       callback=progress("extend", it * per_grid, total1))
+                       callback=phase_callback(callback, "extend", it * per_grid, total1))
         frames.append(untile(grid, rows, cols)[:, plan.control_rows * cols:])
     step1 = torch.cat(frames, dim=1)                                         # (B, L, c, h, w)
 
     if not plan.interpolate:
         return step1[:, :num_frames]
-    return _interpolate(model, scheduler, step1, plan, max_batch, inpaint_args, per_grid, progress)[:, :num_frames]
+    return _interpolate(model, scheduler, step1, plan, max_batch, inpaint_args, per_grid, callback)[:, :num_frames]
 
 
 def _interpolate(model, scheduler, step1: torch.Tensor, plan: SequencePlan, max_batch: int, inpaint_args: dict,
-                 per_grid: int, progress) -> torch.Tensor:
+                 per_grid: int, callback: ProgressCallback | None) -> torch.Tensor:
     """Step 2: fill ``R*C - 2k`` frames between each pair of neighbouring ``k``-frame chunks."""
     b, length, c, h, w = step1.shape
     k, cells, pairs = plan.chunk, plan.cells, plan.interpolation_grids
@@ -250,7 +247,8 @@ def _interpolate(model, scheduler, step1: torch.Tensor, plan: SequencePlan, max_
     mask = cell_mask(flags, plan.rows, plan.cols, h, w).to(device=step1.device, dtype=step1.dtype)
     batches = list(torch.split(grids, max_batch))
     total = len(batches) * per_grid
-    filled = [inpaint(model, scheduler, g, mask, **inpaint_args, callback=progress("interpolate", i * per_grid, total))
+    filled = [inpaint(model, scheduler, g, mask, **inpaint_args,
+                      callback=phase_callback(callback, "interpolate", i * per_grid, total))
               for i, g in enumerate(batches)]
     new = untile(torch.cat(filled), plan.rows, plan.cols)[:, k:k + gap].reshape(b, pairs, gap, c, h, w)
     woven = torch.cat([chunks[:, :-1], new], dim=2).reshape(b, pairs * (k + gap), c, h, w)
