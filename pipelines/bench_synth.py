@@ -51,7 +51,7 @@ def naive_baseline(pipeline, num_slices: int, steps: int) -> float:
     model = GridDiT(sample_height=h, sample_width=w, in_channels=s1.in_channels, patch_size=s1.patch_size,
                     hidden_size=s1.hidden_size, depth=s1.depth, num_heads=s1.num_heads, mlp_ratio=s1.mlp_ratio,
                     grid_rows=1, grid_cols=1).to(pipeline.device).eval()
-    scheduler = make_sample_scheduler(pipeline.scheduler, pipeline.config.sampling.sampler, steps)
+    scheduler = make_sample_scheduler(pipeline.scheduler, pipeline.config.sampling.stage1.sampler, steps)
     generator = torch.Generator().manual_seed(0)
     frame = torch.zeros(1, s1.in_channels, h, w, device=pipeline.device)
     began = time.perf_counter()
@@ -76,7 +76,8 @@ def main() -> None:
     cfg = pipeline.config
     print(f"model: {args.model or 'bundled'}; stage 1 {pipeline.stage1.config.hidden_size}x{pipeline.stage1.config.depth}"
           f" patch {pipeline.stage1.config.patch_size}; frames {cfg.frame_size}; grid {cfg.grid.rows}x{cfg.grid.cols}"
-          f" factor {cfg.grid.factor}; {cfg.sampling.sampler} {cfg.sampling.num_steps} + {cfg.sampling.stage2_steps} steps;"
+          f" factor {cfg.grid.factor}; {cfg.sampling.stage1.sampler} {cfg.sampling.stage1.num_steps} +"
+          f" {cfg.sampling.stage2.sampler} {cfg.sampling.stage2.num_steps} steps;"
           f" device {pipeline.device}; threads {torch.get_num_threads()}")
     generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
@@ -89,9 +90,9 @@ def main() -> None:
     print(f"\n{args.slices} slices: stage 1 {t1:.1f} s, decoding {decode:.2f} s, stage 2 {t2:.1f} s, total {total:.1f} s")
 
     baseline_slices = args.baseline_slices or args.slices
-    base = naive_baseline(pipeline, baseline_slices, cfg.sampling.num_steps) * args.slices / baseline_slices
+    base = naive_baseline(pipeline, baseline_slices, cfg.sampling.stage1.num_steps) * args.slices / baseline_slices
     note = "" if baseline_slices == args.slices else f" (timed on {baseline_slices} slices, scaled)"
-    print(f"naive baseline (every slice at full resolution, one by one, same DiT size, {cfg.sampling.num_steps} steps):"
+    print(f"naive baseline (every slice at full resolution, one by one, same DiT size, {cfg.sampling.stage1.num_steps} steps):"
           f" {base:.1f} s{note}; baseline / GriDiT = {base / total:.2f}x")
 
     hu = volume.array

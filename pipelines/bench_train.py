@@ -23,7 +23,7 @@ import torch
 from ctgridit.core.codecs import VAECodec
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.training.config import load_config
-from ctgridit.training.trainer import build_codec, build_model
+from ctgridit.training.trainer import build_codec, build_model, model_inputs
 
 CONFIGS = Path(__file__).parent / "configs"
 #: diffusers' AutoencoderKL config of the Stable Diffusion VAE (sd-vae-ft-ema/mse).
@@ -51,15 +51,21 @@ def time_stage(config, stage: int, device: torch.device, batch: int | None, step
     spec = config.grid_spec
     h, w = spec.grid_size(*config.frame_size) if stage == 1 else tuple(config.frame_size)
     x = torch.rand(batch, codec.image_channels, h, w, device=device) * 2 - 1
-    cond = x.clone() if stage == 2 else None
+    fake = {"x": x}                                           # a batch as the trainer's data loader gives it
+    if stage == 2:
+        fake["cond"] = x.clone()
+    conditioning = config.stage1.conditioning
+    if stage == 1 and conditioning.masked:
+        g = torch.Generator().manual_seed(0)
+        fake["known"] = torch.tensor([conditioning.tasks.draw(g, spec.rows, spec.cols) for _ in range(batch)])
+    if stage == 1 and conditioning.strides:
+        fake["stride_label"] = torch.full((batch,), max(config.strides))
     use_amp = device.type == "cuda" and optim.mixed_precision in ("bf16", "fp16")
     amp_dtype = torch.bfloat16 if optim.mixed_precision == "bf16" else torch.float16
 
     def step() -> float:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            z = codec.encode(x)
-            c = codec.encode(cond) if cond is not None else None
-            loss = diffusion_loss(model, scheduler, z, c)
+            loss = diffusion_loss(model, scheduler, **model_inputs(fake, codec, spec, device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
         optimizer.step()

@@ -25,7 +25,7 @@ BLOCKED = ("monai", "nibabel", "SimpleITK", "pydicom")
 ADAPTERS = ("ctgridit.ct", "ctgridit.video", "ctgridit.cli")
 CORE_MODULES = ("ctgridit.core", "ctgridit.core.grid", "ctgridit.core.embeddings", "ctgridit.core.dit",
                 "ctgridit.core.diffusion", "ctgridit.core.sampler", "ctgridit.core.codecs",
-                "ctgridit.core.pipeline")
+                "ctgridit.core.conditioning", "ctgridit.core.pipeline")
 
 CHILD = textwrap.dedent("""
     import importlib, importlib.abc, json, sys

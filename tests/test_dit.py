@@ -205,11 +205,54 @@ def test_stage1_refuses_a_condition_and_wrong_sizes():
         model(x["sample"][..., :8], x["timestep"])
 
 
+def test_stride_labels_reach_the_prediction_and_are_checked(tmp_path):
+    model = randomized(tiny(num_strides=9))
+    assert model.stride_embedder.weight.shape == (10, HIDDEN)
+    fresh = tiny(num_strides=9).stride_embedder.weight.detach()
+    assert 0.01 < float(fresh.std()) < 0.03                       # DiT's label init, N(0, 0.02)
+    x = inputs(model, batch=3)
+    with torch.no_grad():
+        one, three = model(**x, stride=1), model(**x, stride=torch.tensor([3, 3, 3]))
+        assert not torch.allclose(one, three)
+        assert torch.equal(model(**x), model(**x, stride=0))                      # None is "not given" (0)
+        mixed = model(**x, stride=torch.tensor([1, 3, 1]))
+        torch.testing.assert_close(mixed[1], three[1])
+        torch.testing.assert_close(mixed[0], one[0])
+    for bad in (10, -1, torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="stride"):
+            model(**x, stride=bad)
+    with pytest.raises(ValueError, match="no stride label"):
+        tiny()(**x, stride=1)
+    model.save_pretrained(tmp_path)
+    loaded = GridDiT.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**x, stride=3), three)
+
+
+def test_masked_conditional_stage1_takes_the_known_cells_and_the_mask():
+    """A stage-1 grid model with cond_channels = latent channels + 1 (masked conditioning)."""
+    from ctgridit.core.conditioning import condition_channels, masked_condition
+    from ctgridit.core.grid import cell_mask
+
+    model = randomized(tiny(cond_channels=condition_channels(4)))
+    x = inputs(model, batch=2)
+    mask = cell_mask([1, 1, 0, 0], 2, 2, 8, 8)
+    known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
+    cond = masked_condition(known, mask)
+    assert cond.shape == (2, 5, 16, 16)
+    assert torch.equal(cond[:, 4:], mask.expand(2, 1, 16, 16)) and torch.equal(cond[:, :4, 8:], torch.zeros(2, 4, 8, 16))
+    with torch.no_grad():
+        given = model(x["sample"], x["timestep"], cond=cond)
+        other = model(x["sample"], x["timestep"], cond=masked_condition(-known, mask))
+    assert not torch.allclose(given, other)
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"sample_height": 18, "grid_rows": 4}, "whole frames"),        # 18 rows are not 4 frames
     ({"sample_height": 6, "grid_rows": 2}, "patches"),              # frames of 3 rows, patch 2
     ({"num_heads": 5}, "num_heads"),
     ({"cond_channels": -1}, "cond_channels"),
+    ({"num_strides": -2}, "num_strides"),
 ])
 def test_inconsistent_configs_are_refused(overrides, match):
     with pytest.raises(ValueError, match=match):

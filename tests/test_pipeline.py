@@ -14,7 +14,8 @@ from ctgridit.core.codecs import PixelCodec, VAECodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline, PipelineConfig, SamplingConfig
+from ctgridit.core.pipeline import (CONFIG_FILE, GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling,
+                                    Stage2Sampling)
 from ctgridit.core.sampler import plan_sequence
 from ctgridit.errors import CTGridItError
 from tests.test_codecs import tiny_vae
@@ -24,7 +25,8 @@ def bicubic(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(frames, size=size, mode="bicubic", align_corners=False, antialias=True)
 
 
-SAMPLING = SamplingConfig(sampler="ddim", num_steps=3, stage2_steps=2, max_batch=4, stage2_batch=5)
+SAMPLING = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=3, max_batch=4),
+                          Stage2Sampling(sampler="ddim", num_steps=2, batch=5))
 
 
 def randomized(model: GridDiT, seed: int) -> GridDiT:
@@ -125,8 +127,8 @@ def test_stage2_is_conditioned_on_the_upsampled_stage1_frames():
     out = pipe.generate(7, batch_size=2, generator=seed(5))
     lr = pipe.codec.decode(pipe.sample_latents(7, batch_size=2, generator=seed(5)).flatten(0, 1))
     up = bicubic(lr, (16, 16))
-    steps = SAMPLING.stage2_steps
-    chunks = [len(c) for c in torch.split(up, SAMPLING.stage2_batch)]
+    steps = SAMPLING.stage2.num_steps
+    chunks = [len(c) for c in torch.split(up, SAMPLING.stage2.batch)]
     assert [len(c) for c in conds] == [n for n in chunks for _ in range(steps)]
     per_chunk = [conds[i * steps] for i in range(len(chunks))]
     torch.testing.assert_close(torch.cat(per_chunk), up, rtol=1e-5, atol=1e-5)
@@ -134,15 +136,18 @@ def test_stage2_is_conditioned_on_the_upsampled_stage1_frames():
     assert not torch.allclose(out.flatten(0, 1), up.clamp(-1, 1), atol=1e-2)
 
 
-def with_sampling(pipe: GriDiTPipeline, **changes) -> GriDiTPipeline:
-    pipe.config.sampling = dataclasses.replace(pipe.config.sampling, **changes)
+def with_sampling(pipe: GriDiTPipeline, stage1: dict | None = None, **stage2) -> GriDiTPipeline:
+    """``pipe`` with the sampling settings changed: ``stage1`` a dict of stage-1 changes, keywords stage 2's."""
+    old = pipe.config.sampling
+    pipe.config.sampling = SamplingConfig(dataclasses.replace(old.stage1, **(stage1 or {})),
+                                          dataclasses.replace(old.stage2, **stage2))
     return pipe
 
 
 def test_shared_stage2_noise_is_one_draw_per_sequence():
     """Equal low-resolution frames give equal frames within a sequence, different ones across sequences,
     across stage-2 chunks too (8 frames per sequence, chunks of 5)."""
-    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_shared_noise=True)
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", noise="shared")
     lr = torch.rand(1, 3, 8, 8, generator=seed(0)).mul(2).sub(1).expand(16, 3, 8, 8)
     out = pipe.super_resolve(lr, seed(1), sequence_length=8).view(2, 8, 3, 16, 16)
     for sequence in out:
@@ -158,7 +163,7 @@ def test_smooth_stage2_noise_varies_slowly_along_a_sequence():
     """Equal low-resolution frames: with noise of length 3 neighbouring outputs are closer than frames
     far apart (which are as far apart as with independent noise); chunk borders (chunks of 5) do not show."""
     lr = torch.rand(1, 3, 8, 8, generator=seed(0)).mul(2).sub(1).expand(24, 3, 8, 8)
-    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_noise_length=3.0, stage2_batch=5)
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", noise="smooth", noise_length=3.0, batch=5)
     out = pipe.super_resolve(lr, seed(1), sequence_length=24)
     torch.testing.assert_close(out, pipe.super_resolve(lr, seed(1), sequence_length=24))   # seeded
     gap = lambda x, h: float((x[h:] - x[:-h]).abs().mean())                                 # noqa: E731
@@ -175,10 +180,10 @@ def test_stage2_strength_starts_from_the_condition():
     upsampled frame diffused to that level (its projection on the frame is ``sqrt(abar_t)``)."""
     lr = torch.rand(6, 3, 8, 8, generator=seed(0)).mul(2).sub(1)
     up = bicubic(lr, (16, 16))
-    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", stage2_steps=10, stage2_strength=0.2, stage2_batch=6)
+    pipe = with_sampling(pixel_pipeline(), sampler="ddpm", num_steps=10, strength=0.2, batch=6)
     calls = []
     forward = pipe.stage2.forward
-    pipe.stage2.forward = lambda x, t, c: (calls.append((int(t[0]), x.clone())), forward(x, t, c))[1]
+    pipe.stage2.forward = lambda x, t, cond: (calls.append((int(t[0]), x.clone())), forward(x, t, cond))[1]
     pipe.super_resolve(lr, seed(1))
     assert [t for t, _ in calls] == [199, 99]
     first = calls[0][1].double()
@@ -192,10 +197,10 @@ def test_progress_reports_every_phase_up_to_its_total():
     events: dict[str, list[tuple[int, int]]] = {}
     pipe.generate(9, batch_size=2, generator=seed(0), progress=lambda ph, d, t: events.setdefault(ph, []).append((d, t)))
     plan = plan_sequence(9, 2, 2, control_rows=1)
-    steps, s2 = SAMPLING.num_steps, SAMPLING.stage2_steps
-    interp_batches = -(-2 * plan.interpolation_grids // SAMPLING.max_batch)
+    steps, s2 = SAMPLING.stage1.num_steps, SAMPLING.stage2.num_steps
+    interp_batches = -(-2 * plan.interpolation_grids // SAMPLING.stage1.max_batch)
     expected_totals = {"extend": plan.iterations * steps, "interpolate": interp_batches * steps,
-                       "stage2": -(-2 * 9 // SAMPLING.stage2_batch) * s2}
+                       "stage2": -(-2 * 9 // SAMPLING.stage2.batch) * s2}
     assert set(events) == set(expected_totals)
     for phase, seen in events.items():
         done = [d for d, _ in seen]
@@ -237,6 +242,55 @@ def test_pipeline_config_round_trips():
     again = PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     assert again.lr_frame_size == (8, 8)
+
+
+LEGACY_SAMPLING = {"sampler": "ddpm", "num_steps": 50, "stage2_steps": 10, "control_rows": None, "interpolate": False,
+                   "chunk": None, "max_batch": 16, "stage2_batch": 32, "stage2_strength": 0.5,
+                   "stage2_shared_noise": False, "stage2_noise_length": 8.0}
+
+
+def test_model_folders_with_the_old_flat_sampling_settings_still_load():
+    """The bundled model's gridit.json before the stage-1/stage-2 split, and the other old noise switches."""
+    config = SamplingConfig.from_dict(LEGACY_SAMPLING)
+    assert config.stage1 == Stage1Sampling(sampler="ddpm", num_steps=50, levels=0, max_batch=16)
+    assert config.stage2 == Stage2Sampling(sampler="ddpm", num_steps=10, batch=32, strength=0.5, noise="smooth",
+                                           noise_length=8.0)
+    shared = SamplingConfig.from_dict({**LEGACY_SAMPLING, "stage2_shared_noise": True, "interpolate": True})
+    assert (shared.stage2.noise, shared.stage1.levels) == ("shared", 1)
+    assert SamplingConfig.from_dict({"stage2_noise_length": 0.0}).stage2.noise == "independent"
+    assert SamplingConfig.from_dict({}) == SamplingConfig()
+    assert SamplingConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown sampling key"):
+        SamplingConfig.from_dict({**LEGACY_SAMPLING, "warp": 9})
+
+
+def test_bundled_model_folder_loads_with_its_settings():
+    from ctgridit.synthesis import BUNDLED_MODEL
+
+    pipe = GriDiTPipeline.from_pretrained(BUNDLED_MODEL)
+    assert not pipe.masked and pipe.max_stride == 0
+    assert pipe.config.sampling.stage1.levels == 0 and pipe.config.sampling.stage2.noise == "smooth"
+
+
+def masked_pipeline(levels: int, num_strides: int) -> GriDiTPipeline:
+    stage1 = randomized(create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1, cond_channels=2,
+                                   num_strides=num_strides), 0)
+    sampling = SamplingConfig(Stage1Sampling(sampler="ddpm", num_steps=2, levels=levels), Stage2Sampling(num_steps=2))
+    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=1), (8, 8), 1, sampling)
+    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), config)
+
+
+def test_masked_stride_aware_pipeline_round_trips_and_refuses_strides_it_never_learnt(tmp_path):
+    pipe = masked_pipeline(levels=1, num_strides=3)
+    expected = pipe.generate(11, batch_size=2, generator=seed(3))
+    assert expected.shape == (2, 11, 1, 8, 8)
+    loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
+    assert loaded.masked and loaded.max_stride == 3
+    assert torch.equal(loaded.generate(11, batch_size=2, generator=seed(3)), expected)
+    with pytest.raises(ValueError, match="strides up to 3"):
+        masked_pipeline(levels=2, num_strides=3)                                  # stride 9 was never learnt
+    with pytest.raises(ValueError, match="strides up to 3"):
+        pipe.generate(40, generator=seed(0), levels=2)
 
 
 # ------------------------------------------------------------- bad folders

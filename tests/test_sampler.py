@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ctgridit.core.sampler as sampler_module
-from ctgridit.core.diffusion import (SequenceNoise, diffusion_loss, make_sample_scheduler, make_train_scheduler,
+from ctgridit.core.diffusion import (NoiseDraws, SequenceNoise, diffusion_loss, make_sample_scheduler, make_train_scheduler,
                                      scheduler_step, strength_timesteps)
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask, tile, untile
@@ -48,14 +48,14 @@ class Recorder:
         self.inputs: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
 
-    def __call__(self, x, t, *cond):
+    def __call__(self, x, t, **inputs):
         assert t.shape == (x.shape[0],)
         assert t.unique().numel() == 1                  # one level for the whole batch
         self.batches.append(x.shape[0])
         if self.keep:
             self.inputs.append(x.detach().clone())
             self.timesteps.append(t.detach().clone())
-        return self.fn(x, t, *cond)
+        return self.fn(x, t, **inputs)
 
 
 def cells_of(grid: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -235,24 +235,52 @@ def test_plan_for_201_frames_on_2x2():
     assert fewer.iterations == 32 and fewer.total_frames == 196
 
 
-@pytest.mark.parametrize("n,iterations,grids", [(1, 1, 0), (16, 1, 0), (17, 1, 3), (40, 1, 3), (41, 2, 4),
+@pytest.mark.parametrize("n,iterations,grids", [(1, 1, 0), (16, 1, 0), (17, 1, 1), (40, 1, 3), (41, 2, 3),
                                                 (100, 6, 8)])
-def test_plan_on_4x4_with_three_control_rows(n, iterations, grids):
-    plan = plan_sequence(n, 4, 4)
-    assert (plan.control_rows, plan.chunk) == (3, 4)
+def test_plan_on_4x4_with_the_papers_chunk_of_a_row(n, iterations, grids):
+    plan = plan_sequence(n, 4, 4, chunk=4)
+    assert plan.control_rows == 3
     assert (plan.iterations, plan.interpolation_grids) == (iterations, grids)
     assert plan.total_frames >= n
-    assert plan.total_frames == plan.step1_frames + grids * 8
+    if grids:
+        assert plan.level_inputs[0] <= plan.step1_frames
+        assert plan.total_frames == plan.level_inputs[0] + grids * 8
     if iterations > 1:                                              # the fewest grids
-        smaller = sampler_module.SequencePlan(n, 4, 4, 3, 4, True, iterations - 1)
-        assert smaller.total_frames < n
+        fewer = sampler_module.SequencePlan(n, 4, 4, 3, 4, iterations - 1)
+        assert fewer.step1_frames < plan.level_inputs[0]
+
+
+@pytest.mark.parametrize("n,levels,iterations,inputs", [
+    (201, 1, 33, (68,)), (201, 2, 11, (24, 68)), (201, 3, 4, (9, 24, 68)), (201, 4, 1, (4, 9, 24, 68)),
+    (201, 5, 1, (4, 9, 24, 68)), (10, 2, 1, (4,)), (4, 2, 1, ()), (5, 1, 1, (3,)), (2, 1, 1, ())])
+def test_hierarchical_plan_on_2x2(n, levels, iterations, inputs):
+    """Each level takes the fewest frames that give enough for the next; levels are added only while
+    more than one grid's frames are needed."""
+    plan = plan_sequence(n, 2, 2, levels=levels)
+    assert (plan.control_rows, plan.chunk) == (1, 1)
+    assert (plan.iterations, plan.level_inputs) == (iterations, inputs)
+    assert plan.step1_frames >= (inputs[0] if inputs else n)
+    outputs = [plan.level_output(level) for level in range(plan.levels)]
+    assert outputs == [3 * (f - 1) + 1 for f in inputs]                  # 2 new frames between neighbours
+    assert all(out >= nxt for out, nxt in zip(outputs, [*inputs[1:], n]))
+    assert plan.total_frames >= n
+    assert plan.strides == [3 ** (plan.levels - level) for level in range(plan.levels + 1)]
+
+
+def test_plan_on_4x4_defaults_to_single_frame_chunks():
+    plan = plan_sequence(201, 4, 4)
+    assert (plan.control_rows, plan.chunk, plan.level_inputs) == (3, 1, (15,))
+    assert plan.iterations == 1 and plan.total_frames == 15 + 14 * 14 == 211
+    assert plan.strides == [15, 1]
+    assert plan_sequence(201, 4, 4, chunk=4).strides == [None, None]      # a row of 4: not evenly spaced
 
 
 def test_plan_without_room_between_chunks_does_not_interpolate():
     plan = plan_sequence(9, 2, 2, control_rows=1, chunk=2)          # 2 + 2 chunks fill the 2x2 grid
     assert not plan.interpolate and plan.interpolation_grids == 0
     assert plan.step1_frames == plan.total_frames >= 9 and plan.iterations == 4
-    plan = plan_sequence(9, 2, 2, interpolate=False)
+    assert plan.strides == [1]
+    plan = plan_sequence(9, 2, 2, levels=0)
     assert plan.iterations == 4 and plan.total_frames == 10
 
 
@@ -265,6 +293,8 @@ def test_plan_refuses_bad_control_rows(bad):
 def test_plan_refuses_no_frames():
     with pytest.raises(ValueError, match="num_frames"):
         plan_sequence(0, 2, 2)
+    with pytest.raises(ValueError, match="levels"):
+        plan_sequence(10, 2, 2, levels=-1)
 
 
 # ------------------------------------------------- layout (labelled fake)
@@ -338,6 +368,8 @@ def test_sequence_layout(monkeypatch, rows, cols, m, n):
         step1.append(fake.labels(out_grid)[:, m * cols:])
     step1 = torch.cat(step1, dim=1)                                     # (B, L) labels in sequence order
     assert step1.shape[1] == plan.step1_frames
+    if plan.interpolate:
+        step1 = step1[:, :plan.level_inputs[0]]                         # what interpolation takes
 
     # step 2: chunk a in the first k cells, chunk b (the next one) in the last k cells
     assert sum(c[0].shape[0] for c in step2_calls) == batch * plan.interpolation_grids
@@ -373,7 +405,8 @@ def test_sequence_layout(monkeypatch, rows, cols, m, n):
 
 
 def test_layout_with_the_real_inpaint(monkeypatch):
-    """With a real model: the known cells passed to inpaint reappear bit for bit where they belong."""
+    """With a real model: the known cells passed to inpaint reappear bit for bit where they belong
+    (the paper's 4 x 4 layout: chunks of a row)."""
     rows, cols, m = 4, 4, 3
     real = sampler_module.inpaint
     calls = []
@@ -386,9 +419,9 @@ def test_layout_with_the_real_inpaint(monkeypatch):
     monkeypatch.setattr(sampler_module, "inpaint", recording)
     model = tiny_model(rows, cols, frame=2)
     out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddpm", 3), num_frames=48, frame_shape=(2, 2, 2),
-                          rows=rows, cols=cols, batch_size=2, control_rows=m, max_batch=3,
+                          rows=rows, cols=cols, batch_size=2, control_rows=m, max_batch=3, chunk=4,
                           generator=torch.Generator().manual_seed(0))
-    plan = plan_sequence(48, rows, cols, control_rows=m)
+    plan = plan_sequence(48, rows, cols, control_rows=m, chunk=4)
     assert (plan.iterations, plan.interpolation_grids) == (2, 4) and out.shape == (2, 48, 2, 2, 2)
     g0, g1 = calls[0][2], calls[1][2]
     assert torch.equal(untile(calls[1][0], rows, cols)[:, :12], untile(g0, rows, cols)[:, 4:])
@@ -547,7 +580,7 @@ def test_trained_model_extends_a_sequence_frame_by_frame(blob_models):
     scheduler = make_sample_scheduler(train_scheduler, "ddpm", 20)
     with torch.no_grad():
         frames = sample_sequence(model, scheduler, num_frames=10, frame_shape=(1, SIZE, SIZE), rows=2, cols=2,
-                                 batch_size=8, control_rows=1, interpolate=False,
+                                 batch_size=8, control_rows=1, levels=0,
                                  generator=torch.Generator().manual_seed(2), repaint_jump=2, repaint_times=4)
     assert frames.shape == (8, 10, 1, SIZE, SIZE)
     # the phase of every frame: the nearest frame of the true sequence
@@ -590,17 +623,35 @@ def test_sequence_noise_joins_up_across_batches_and_is_seeded():
         SequenceNoise(1, 10, 0.0)
 
 
-def test_ddim_at_eta_1_with_given_noise_is_the_ddpm_step():
-    """scheduler_step with SequenceNoise runs DDIM at eta 1; with DDPM's own noise it equals DDPM's step."""
-    ddpm, ddim = make_sample_scheduler(TRAIN, "ddpm", 10), make_sample_scheduler(TRAIN, "ddim", 10)
+class GivenNoise(NoiseDraws):
+    """NoiseDraws that hand out fixed tensors, to compare scheduler_step with DDPM's own step."""
+
+    def __init__(self, *draws: torch.Tensor):
+        super().__init__(SequenceNoise(0, 1, 1.0), 0, draws[0].shape[0])
+        self.draws = list(draws)
+
+    def draw(self, like: torch.Tensor) -> torch.Tensor:
+        return self.draws.pop(0)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_at_eta_1_with_given_noise_is_the_ddpm_step(clip):
+    """scheduler_step with noise along sequences runs DDIM at eta 1; with DDPM's own noise it equals DDPM's
+    step, with a clipping scheduler too (x0 beyond [-1, 1] here, so clipping acts at every step)."""
+    train = make_train_scheduler(clip_sample=clip)
+    ddpm, ddim = make_sample_scheduler(train, "ddpm", 10), make_sample_scheduler(train, "ddim", 10)
     assert list(ddpm.timesteps) == list(ddim.timesteps)
     g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
+    x, eps = 3 * torch.randn(3, 2, 8, 8, generator=g), torch.randn(3, 2, 8, 8, generator=g)
+    worst_unclipped = 0.0
     for t in [int(t) for t in ddpm.timesteps[:-1]]:                              # the last step adds no noise
         z = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
         expected = ddpm.step(eps, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
-        got = ddim.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+        got = scheduler_step(ddim, eps, t, x, GivenNoise(z))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        plain = ddim.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample     # without use_clipped_model_output
+        worst_unclipped = max(worst_unclipped, float((plain - expected).abs().max()))
+    assert (worst_unclipped > 0.05) == clip, worst_unclipped
     draws = SequenceNoise(0, 3, 1.0).frames(0, 3)
     assert not torch.allclose(scheduler_step(ddim, eps, 500, x, draws), ddim.step(eps, 500, x).prev_sample)
     with pytest.raises(ValueError, match="needs the DDIM scheduler"):

@@ -36,7 +36,7 @@ def write_config(folder: Path, scan: Path, **changes) -> Path:
         "stage1": {"model": {"preset": "DiT-tiny/2"}}, "stage2": {"model": {"preset": "DiT-tiny/2"}},
         "optim": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
         "checkpoint": {"dir": "ckpt", "every": 3, "keep_last": 5},
-        "sampling": {"num_steps": 3, "stage2_steps": 2},
+        "sampling": {"stage1": {"num_steps": 3}, "stage2": {"num_steps": 2}},
     }
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
@@ -143,6 +143,73 @@ def test_bad_config_is_refused(tmp_path, small_ct, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "learning_rate" in err and "Traceback" not in err
+
+
+MASKED = {"model": {"preset": "DiT-tiny/2"}, "conditioning": {"masked": True, "strides": True}}
+
+
+def test_masked_stride_aware_stage1_trains_resumes_and_samples_hierarchically(tmp_path, small_ct):
+    """Config switches on masked conditioning and stride labels: the exported stage 1 takes the known cells,
+    the mask and strides up to 9; resuming is exact; the model folder samples with two interpolation levels."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    for folder in (straight, split):
+        folder.mkdir()
+        write_config(folder, small_ct, stage1=MASKED, data={"stride_range": None, "strides": [1, 3, 9]},
+                     sampling={"stage1": {"num_steps": 2, "levels": 2}, "stage2": {"num_steps": 2}})
+    train(load_config(straight / "config.yaml"), 1, steps=4, device="cpu", quiet=True)
+    train(load_config(split / "config.yaml"), 1, steps=2, device="cpu", quiet=True)
+    train(load_config(split / "config.yaml"), 1, steps=4, resume=True, device="cpu", quiet=True)
+    a = load_file(str(straight / "model" / "stage1" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(split / "model" / "stage1" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["stride_embedder.weight"].shape[0] == 10                   # labels 0 (not given) .. 9
+    pipe = GriDiTPipeline.from_pretrained(straight / "model")
+    assert pipe.masked and pipe.max_stride == 9 and pipe.stage1.config.cond_channels == 2
+    assert pipe.config.sampling.stage1.levels == 2
+    labels, calls = [], []
+    forward = pipe.stage1.forward
+    pipe.stage1.forward = lambda x, t, cond=None, stride=None: (calls.append(cond), labels.append(int(stride)),
+                                                                 forward(x, t, cond=cond, stride=stride))[2]
+    frames = pipe.sample_latents(30, generator=torch.Generator().manual_seed(0))
+    assert frames.shape == (1, 30, 1, 16, 16)
+    assert sorted(set(labels)) == [1, 3, 9] and all(c is not None and c.shape[1] == 2 for c in calls)
+
+
+def test_diffusion_loss_counts_only_the_cells_to_generate():
+    """A prediction that is exact on the unknown cells and wrong on the known ones has weighted loss 0."""
+    from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
+    from ctgridit.core.grid import cell_mask
+
+    scheduler = make_train_scheduler()
+    clean = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    mask = cell_mask([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0]], 2, 2, 4, 4)          # (3, 1, 8, 8)
+
+    def exact_on_unknown(noisy, t):
+        a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (noisy - a.sqrt() * clean) / (1 - a).sqrt()
+        return eps + 5.0 * mask
+
+    g = lambda: torch.Generator().manual_seed(1)                                          # noqa: E731
+    assert float(diffusion_loss(exact_on_unknown, scheduler, clean, generator=g(), weight=1 - mask)) < 1e-8
+    assert float(diffusion_loss(exact_on_unknown, scheduler, clean, generator=g())) > 1.0
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"sampling": {"stage1": {"levels": 3}}}, "strides up to 9"),                  # stride 27 never trained
+    ({"sampling": {"stage1": {"levels": 1, "chunk": 2}}}, "chunk"),
+    ({"sampling": {"stage1": {"sampler": "bogus"}}}, "sampler"),
+    ({"sampling": {"stage2": {"noise": "pink"}}}, "noise"),
+    ({"stage1": {**MASKED, "conditioning": {"masked": True, "control_rows": 2}}}, "control_rows"),
+    ({"stage1": {**MASKED, "conditioning": {"masked": True, "extension": -1}}}, "probabilities"),
+    ({"stage1": {**MASKED, "conditioning": {"strides": True, "stride_dropout": 1.5}}}, "stride_dropout"),
+])
+def test_bad_conditioning_or_sampling_is_refused_before_training(tmp_path, small_ct, changes, match):
+    base = {"stage1": MASKED, "data": {"stride_range": None, "strides": [1, 3, 9]}}
+    path = write_config(tmp_path, small_ct, **{**base, **changes})
+    with pytest.raises(CTGridItError, match=match) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def _free_port() -> int:

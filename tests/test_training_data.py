@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ctgridit.core.conditioning import TaskMix
 from ctgridit.core.degrade import Degrade
 from ctgridit.core.grid import GridSpec, resize_frames, untile
 from ctgridit.ct.ctrate import CSV_COLUMNS
@@ -181,6 +182,36 @@ def test_short_sequences_are_skipped_or_refused(ct_sequences):
         GridSampleDataset([short], GridSpec(2, 2))
     with pytest.raises(ValueError, match="stride_range"):
         GridSampleDataset(ct_sequences, GridSpec(2, 2), stride_range=(3, 2))
+
+
+def test_explicit_strides_and_masked_tasks_and_stride_labels(ct_sequences):
+    """Strides drawn from a list; the known cells of each item follow the task mix; labels are dropped at
+    the given rate; the grid an index gives does not change when tasks or labels are switched on."""
+    spec = GridSpec(2, 2)
+    plain = GridSampleDataset(ct_sequences, spec, strides=(1, 3), seed=2)
+    tasks = TaskMix(unconditional=0.2, extension=0.3, interpolation=0.5)
+    masked = GridSampleDataset(ct_sequences, spec, strides=(1, 3), seed=2, tasks=tasks, stride_dropout=0.25)
+    counts = {(0, 0, 0, 0): 0, (1, 1, 0, 0): 0, (1, 0, 0, 1): 0}
+    dropped, n = 0, 1200
+    for index in range(n):
+        item, same = masked[index], plain[index]
+        assert item["id"] == same["id"] and torch.equal(item["x"], same["x"])
+        assert item["id"][2] in (1, 3)
+        counts[tuple(int(f) for f in item["known"])] += 1             # a KeyError for any other pattern
+        assert item["stride_label"] in (0, item["id"][2])
+        dropped += item["stride_label"] == 0
+        assert "known" not in same and "stride_label" not in same
+    for (pattern, count), p in zip(counts.items(), (0.2, 0.3, 0.5)):
+        assert abs(count / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (pattern, count)
+    assert abs(dropped / n - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5
+    again = GridSampleDataset(ct_sequences, spec, strides=(1, 3), seed=2, tasks=tasks, stride_dropout=0.25)
+    assert torch.equal(again[17]["known"], masked[17]["known"]) and again[17]["stride_label"] == masked[17]["stride_label"]
+    with pytest.raises(ValueError, match="not both"):
+        GridSampleDataset(ct_sequences, spec, strides=(1, 3), stride_range=(1, 3))
+    with pytest.raises(ValueError, match="control_rows"):
+        GridSampleDataset(ct_sequences, spec, tasks=TaskMix(control_rows=2))
+    with pytest.raises(ValueError, match="stride_dropout"):
+        GridSampleDataset(ct_sequences, spec, stride_dropout=1.0)
 
 
 def test_lazy_loader_lengths_are_checked(ct_sequences):

@@ -144,14 +144,16 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
     # stage 1 on grids of consecutive frames
     grids, layout = sequence_to_grids(frames, replace(cfg.grid, stride=1))
     s1 = reverse_scheduler(pipeline.scheduler, t1, steps)
-    batches = torch.split(grids, cfg.sampling.max_batch)
+    batches = torch.split(grids, cfg.sampling.stage1.max_batch)
+    stride = 1 if pipeline.max_stride else None                            # consecutive frames
     per = len(s1.timesteps)
     out = []
     for i, batch in enumerate(batches):
         z = pipeline.codec.encode(batch)
         start = diffuse_to(s1, z, t1, own_lr, generator)
         report = phase_callback(progress, "denoise", i * per, len(batches) * per)
-        out.append(pipeline.codec.decode(inpaint(pipeline.stage1, s1, z, None, init=start, init_at_level=True,
+        out.append(pipeline.codec.decode(inpaint(pipeline.stage1, s1, z, None, conditional=pipeline.masked,
+                                                 stride=stride, init=start, init_at_level=True,
                                                  generator=generator, callback=report)))
     up = grids_to_sequence(torch.cat(out), layout)                          # (N, C, H, W), bicubic up by r
     if pipeline.stage2 is None:
@@ -160,10 +162,10 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
     # stage 2 per frame, from the noisy frame, conditioned on stage 1's result
     s2 = reverse_scheduler(pipeline.scheduler, t2, steps)
     per = len(s2.timesteps)
-    chunks = range(0, len(frames), cfg.sampling.stage2_batch)
+    chunks = range(0, len(frames), cfg.sampling.stage2.batch)
     result = []
     for i, first in enumerate(chunks):
-        part = slice(first, first + cfg.sampling.stage2_batch)
+        part = slice(first, first + cfg.sampling.stage2.batch)
         cond = pipeline.codec.encode(up[part])
         start = diffuse_to(s2, pipeline.codec.encode(frames[part]), t2, own_hr, generator)
         report = phase_callback(progress, "stage2", i * per, len(chunks) * per)

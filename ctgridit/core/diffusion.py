@@ -5,7 +5,9 @@ Training uses a :class:`diffusers.DDPMScheduler` (1000 steps, linear betas,
 epsilon prediction: GRIDIT.md section 3). Sampling uses DDPM or DDIM built from
 the same config with a configurable number of steps; timesteps are spaced
 ``"trailing"`` so that sampling starts at the last training step (pure noise).
-Nothing here re-implements a scheduler.
+Choose step counts that divide the training steps (1000: 10, 20, 25, 50, 100,
+...): then every step spans the same number of training steps, and DDIM at
+eta 1 and DDPM visit the same timesteps. Nothing here re-implements a scheduler.
 """
 
 from __future__ import annotations
@@ -171,12 +173,16 @@ def scheduler_step(scheduler: SchedulerMixin, eps: torch.Tensor, timestep: int, 
 
     With :class:`NoiseDraws` the scheduler must be DDIM, and its step noise is the
     next draw (``variance_noise``); DDIM's ``eta`` is then 1, the DDPM sampler
-    written as DDIM (same posterior mean and variance).
+    written as DDIM (same posterior mean and variance). That holds with a
+    clipping scheduler (``clip_sample``) only if DDIM re-derives the noise from
+    the clipped ``x0`` as DDPM does (``use_clipped_model_output=True``; without it
+    the two differ by up to 31 HU on a real slice).
     """
     if isinstance(generator, NoiseDraws):
         if not isinstance(scheduler, DDIMScheduler):
             raise ValueError("noise along sequences needs the DDIM scheduler (at eta 1 it samples as DDPM)")
-        return scheduler.step(eps, timestep, sample, eta=1.0, variance_noise=generator.draw(sample)).prev_sample
+        return scheduler.step(eps, timestep, sample, eta=1.0, use_clipped_model_output=True,
+                              variance_noise=generator.draw(sample)).prev_sample
     return scheduler.step(eps, timestep, sample, generator=generator).prev_sample
 
 
@@ -194,15 +200,24 @@ def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list
 
 
 def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
-                   generator: Generators = None) -> torch.Tensor:
+                   generator: Generators = None, weight: torch.Tensor | None = None,
+                   stride: torch.Tensor | None = None) -> torch.Tensor:
     """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
 
     ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.
+    ``cond`` and ``stride`` go to the model when given. ``weight`` ``(B or 1, 1,
+    H, W)``, if given, says which pixels count (masked conditioning: the cells to
+    generate); the loss is the mean over them.
     """
     b = clean.shape[0]
     device = generator.device if generator is not None else clean.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device).to(clean.device)
     eps = randn_like(clean, generator)
     noisy = scheduler.add_noise(clean, eps, t)
-    pred = model(noisy, t) if cond is None else model(noisy, t, cond)
-    return F.mse_loss(pred.float(), eps.float())
+    inputs = {k: v for k, v in (("cond", cond), ("stride", stride)) if v is not None}
+    pred = model(noisy, t, **inputs)
+    if weight is None:
+        return F.mse_loss(pred.float(), eps.float())
+    weight = weight.float().expand(b, 1, *clean.shape[2:])
+    error = (pred.float() - eps.float()) ** 2                                         # (B, C, H, W)
+    return (error * weight).sum() / (weight.sum() * clean.shape[1]).clamp_min(1)

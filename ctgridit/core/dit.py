@@ -1,15 +1,28 @@
 """The grid Diffusion Transformer of both GriDiT stages (GRIDIT.md sections 2-4).
 
 :class:`GridDiT` is DiT (Peebles & Xie, 2023) with adaLN-Zero blocks
-conditioned on the timestep only: no class embedding and so no
-classifier-free guidance, one forward per sampling step.
+conditioned on the timestep (and optionally the grid's stride, below): no class
+embedding and no classifier-free guidance, one forward per sampling step.
 
 - Stage 1 (``cond_channels=0``): unconditional model of ``R x C`` grid latents,
-  ``forward(sample, timestep) -> eps``.
+  ``forward(sample, timestep) -> eps`` (the paper's).
+- Stage 1, masked-conditional (``cond_channels = in_channels + 1``, our
+  correction, GRIDIT.md section 6): ``cond`` holds the clean latents of the
+  known cells (zeros elsewhere) and the cell mask
+  (:func:`ctgridit.core.conditioning.masked_condition`), concatenated to the
+  noisy latent on channels as in stage 2; one model does unconditional
+  generation, extension and interpolation.
 - Stage 2 (``cond_channels > 0``): per-frame super-resolution; the latent of the
   upsampled low-resolution frame ``cond`` is concatenated to the noisy latent
   on channels and the patch embedding projects ``in + cond`` channels to the
   hidden size. Use ``grid_rows = grid_cols = 1`` (one frame).
+
+Optional *stride labels* (``num_strides > 0``): the z/time stride ``s`` between
+the frames of a grid, in frames of the output sequence, is embedded and added
+to the timestep embedding like DiT's class label, so every block's adaLN sees
+it. Label 0 means "stride not given" (trained by dropping labels, as DiT drops
+class labels), ``1..num_strides`` the stride. The embedding starts at
+``N(0, 0.02)`` like DiT's label embedding.
 
 The network predicts the noise ``eps`` only, with ``in_channels`` output
 channels: there is no learned variance (DiT's ``learn_sigma=False``), so a
@@ -151,6 +164,8 @@ class GridDiT(ModelMixin, ConfigMixin):
             :data:`DIT_PRESETS`).
         grid_rows, grid_cols: the grid shape ``R x C`` (1 x 1 for stage 2).
         pos_embed: ``"3d"`` (GriDiT) or ``"2d"`` (DiT's, the ablation).
+        num_strides: the largest stride label the model takes (0: none, the
+            paper's model).
 
     Raises:
         ValueError: for a grid that does not split into whole frames, frames
@@ -162,14 +177,17 @@ class GridDiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sample_height: int, sample_width: int, in_channels: int = 4, cond_channels: int = 0,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                 mlp_ratio: float = 4.0, grid_rows: int = 2, grid_cols: int = 2, pos_embed: str = "3d") -> None:
+                 mlp_ratio: float = 4.0, grid_rows: int = 2, grid_cols: int = 2, pos_embed: str = "3d",
+                 num_strides: int = 0) -> None:
         super().__init__()
         _check_config(sample_height, sample_width, in_channels, cond_channels, patch_size, hidden_size,
-                      num_heads, grid_rows, grid_cols, pos_embed)
+                      num_heads, grid_rows, grid_cols, pos_embed, num_strides)
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(in_channels + cond_channels, hidden_size, patch_size)
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.t_embedder = TimestepEmbedding(TIMESTEP_FREQ_DIM, hidden_size)
+        # row 0: stride not given; row s: stride s
+        self.stride_embedder = nn.Embedding(num_strides + 1, hidden_size) if num_strides else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.register_buffer("pos_embedding", self.build_pos_embed(), persistent=False)
@@ -189,7 +207,8 @@ class GridDiT(ModelMixin, ConfigMixin):
         return grid_3d_pos_embed(cfg.hidden_size, cfg.grid_rows, cfg.grid_cols, h // p, w // p, pad_remainder=True)
 
     def initialize_weights(self) -> None:
-        """DiT's init: xavier linears and patch embedding, N(0, 0.02) timestep MLP, adaLN and output at zero."""
+        """DiT's init: xavier linears and patch embedding, N(0, 0.02) timestep MLP and stride embedding,
+        adaLN and output at zero."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -199,19 +218,23 @@ class GridDiT(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.t_embedder.linear_1.weight, std=TIMESTEP_INIT_STD)
         nn.init.normal_(self.t_embedder.linear_2.weight, std=TIMESTEP_INIT_STD)
+        if self.stride_embedder is not None:
+            nn.init.normal_(self.stride_embedder.weight, std=TIMESTEP_INIT_STD)
         for zeroed in [*(block.adaLN_modulation[-1] for block in self.blocks),
                        self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
             nn.init.zeros_(zeroed.weight)
             nn.init.zeros_(zeroed.bias)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+                cond: torch.Tensor | None = None, stride: torch.Tensor | int | None = None) -> torch.Tensor:
         """Predict the noise in ``sample``.
 
         Args:
             sample: the noisy latent ``(N, in_channels, H, W)``.
             timestep: diffusion steps, ``(N,)`` or a scalar for the whole batch.
-            cond: stage 2 only, the condition latent ``(N, cond_channels, H, W)``.
+            cond: conditional models only, the condition ``(N, cond_channels, H, W)``.
+            stride: models with ``num_strides > 0`` only: the grid's stride label,
+                ``(N,)`` or a scalar in ``0..num_strides`` (0 or None: not given).
 
         Returns:
             ``eps``, ``(N, in_channels, H, W)``.
@@ -220,6 +243,10 @@ class GridDiT(ModelMixin, ConfigMixin):
         t = self._timesteps(timestep, sample)                     # (N,)
         x = self.x_embedder(x) + self.pos_embedding.to(x.dtype)   # (N, T, D)
         c = self.t_embedder(self.time_proj(t).to(x.dtype))        # (N, D)
+        if self.stride_embedder is not None:
+            c = c + self.stride_embedder(self._strides(stride, sample)).to(c.dtype)  # (N, D)
+        elif stride is not None:
+            raise ValueError("this model takes no stride label (num_strides=0): do not pass stride")
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)  # (N, T, D)
@@ -254,6 +281,18 @@ class GridDiT(ModelMixin, ConfigMixin):
             raise ValueError(f"cond must have shape {expected_cond}, got {tuple(cond.shape)}")
         return torch.cat([sample, cond.to(sample.dtype)], dim=1)
 
+    def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:
+        """``stride`` (None, a scalar or ``(N,)``) as an ``(N,)`` long tensor, checked to lie in ``0..num_strides``."""
+        n, top = sample.shape[0], self.config.num_strides
+        s = torch.as_tensor(0 if stride is None else stride, device=sample.device).long()
+        if s.ndim == 0:
+            s = s.expand(n)
+        if tuple(s.shape) != (n,):
+            raise ValueError(f"stride must be a scalar or of shape ({n},), got {tuple(s.shape)}")
+        if bool(((s < 0) | (s > top)).any()):
+            raise ValueError(f"stride labels must lie in 0..{top} (0: not given), got {sorted(set(s.tolist()))}")
+        return s
+
     @staticmethod
     def _timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
         """A scalar or ``(N,)`` timestep as an ``(N,)`` tensor on the sample's device."""
@@ -266,14 +305,15 @@ class GridDiT(ModelMixin, ConfigMixin):
 
 
 def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_channels: int, patch_size: int,
-                  hidden_size: int, num_heads: int, grid_rows: int, grid_cols: int, pos_embed: str) -> None:
+                  hidden_size: int, num_heads: int, grid_rows: int, grid_cols: int, pos_embed: str,
+                  num_strides: int = 0) -> None:
     """Raise a ValueError naming the first inconsistency of a :class:`GridDiT` config."""
     if pos_embed not in POS_EMBEDS:
         raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
     if min(sample_height, sample_width, in_channels, patch_size, hidden_size, num_heads, grid_rows, grid_cols) < 1:
         raise ValueError("sizes, channels, heads and grid shape must be positive")
-    if cond_channels < 0:
-        raise ValueError(f"cond_channels must be >= 0, got {cond_channels}")
+    if cond_channels < 0 or num_strides < 0:
+        raise ValueError(f"cond_channels and num_strides must be >= 0, got {cond_channels} and {num_strides}")
     if sample_height % grid_rows or sample_width % grid_cols:
         raise ValueError(f"a {sample_height}x{sample_width} latent does not split into a "
                          f"{grid_rows}x{grid_cols} grid of whole frames")

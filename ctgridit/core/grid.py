@@ -151,10 +151,13 @@ def cell_slices(row: int, col: int, cell_height: int, cell_width: int) -> tuple[
     return (slice(row * cell_height, (row + 1) * cell_height), slice(col * cell_width, (col + 1) * cell_width))
 
 
-def cell_mask(known: torch.Tensor | list[bool], rows: int, cols: int, cell_height: int, cell_width: int) -> torch.Tensor:
-    """A ``(1, R*h, C*w)`` float mask that is 1 on the known cells (row-major flags)."""
-    flags = torch.as_tensor(known, dtype=torch.float32).reshape(rows * cols, 1, 1, 1)
-    return tile(flags.expand(rows * cols, 1, cell_height, cell_width), rows, cols)
+def cell_mask(known: torch.Tensor | list, rows: int, cols: int, cell_height: int, cell_width: int) -> torch.Tensor:
+    """A float mask that is 1 on the known cells: ``(1, R*h, C*w)`` for ``R*C`` row-major flags,
+    ``(B, 1, R*h, C*w)`` for a ``(B, R*C)`` batch of them."""
+    flags = torch.as_tensor(known, dtype=torch.float32)
+    lead = tuple(flags.shape[:-1]) if flags.ndim > 1 else ()
+    flags = flags.reshape(*lead, rows * cols, 1, 1, 1)
+    return tile(flags.expand(*lead, rows * cols, 1, cell_height, cell_width), rows, cols)
 
 
 # --------------------------------------------------------------- resampling

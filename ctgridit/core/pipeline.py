@@ -27,38 +27,140 @@ import torch
 from diffusers import DDPMScheduler
 
 from ctgridit.core.codecs import LatentCodec, load_codec
-from ctgridit.core.diffusion import SequenceNoise, make_sample_scheduler, strength_timesteps
+from ctgridit.core.conditioning import condition_channels
+from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, SequenceNoise, make_sample_scheduler,
+                                     strength_timesteps)
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, resize_frames
-from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback, sample_sequence
+from ctgridit.core.sampler import (ProgressCallback, inpaint, level_strides, phase_callback, sample_sequence,
+                                   stride_labels)
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
 CONFIG_FILE = "gridit.json"
 
 
+STAGE2_NOISE = ("independent", "shared", "smooth")
+
+
 @dataclass
-class SamplingConfig:
-    """Defaults for :meth:`GriDiTPipeline.generate`; each can be overridden per call."""
+class Stage1Sampling:
+    """How stage 1 makes the low-resolution frame latents (:func:`~ctgridit.core.sampler.sample_sequence`).
+
+    Whether the known cells are given to the model (masked-conditional) or
+    pasted in (replacement, the paper's) follows from the stage-1 model itself.
+    """
 
     sampler: str = "ddim"
-    num_steps: int = 50
-    stage2_steps: int = 25
+    num_steps: int = 50                   # best a divisor of the 1000 training steps
     control_rows: int | None = None       # m; None: rows - 1
-    interpolate: bool = True
-    chunk: int | None = None              # k; None: cols for >= 3 rows, else 1
+    levels: int = 1                       # interpolation levels after extension (0: extension only)
+    chunk: int | None = None              # k; None: 1 (frames in order, evenly spaced)
     max_batch: int = 16                   # grids per model call in step 2
-    stage2_batch: int = 16                # frames per stage-2 call
-    # Stage 2 from the upsampled condition diffused to the last ``stage2_strength`` of the schedule (SDEdit)
-    # instead of pure noise (1.0, the paper): it then adds detail to the stage-1 frame instead of redrawing it.
-    stage2_strength: float = 1.0
-    # One noise draw shared by all frames of a sequence in stage 2 (each sequence its own): the detail stage 2
-    # adds is then the same from slice to slice instead of flickering. False: independent noise per frame.
-    stage2_shared_noise: bool = False
-    # Without shared noise: > 0 gives stage 2 noise that changes smoothly along a sequence (SequenceNoise, a
-    # Gaussian moving average over about this many frames; stage 2 then runs as DDIM at eta 1, i.e. DDPM):
-    # detail that varies from slice to slice without flickering. 0: independent noise per frame.
-    stage2_noise_length: float = 0.0
+    repaint_jump: int = 0                 # RePaint resampling (replacement mode): jump back this many steps ...
+    repaint_times: int = 1                # ... this many times (1: none)
+
+    def check(self) -> None:
+        _check_sampler(self.sampler, self.num_steps, "stage1")
+        if self.levels < 0 or self.max_batch < 1 or self.repaint_jump < 0 or self.repaint_times < 1:
+            raise ValueError("stage1: levels and repaint_jump must be >= 0, max_batch and repaint_times >= 1")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"stage1: chunk must be >= 1, got {self.chunk}")
+
+
+@dataclass
+class Stage2Sampling:
+    """How stage 2 super-resolves every frame (:meth:`GriDiTPipeline.super_resolve`).
+
+    ``noise`` is one of :data:`STAGE2_NOISE`: ``"independent"`` draws per frame
+    (the paper's; the detail flickers from slice to slice), ``"shared"`` one draw
+    per sequence (the same detail in every slice: streaks along z), ``"smooth"``
+    noise that changes over about ``noise_length`` frames (:class:`SequenceNoise`;
+    stage 2 then runs as DDIM at eta 1, which is the DDPM step, whatever
+    ``sampler`` says).
+    """
+
+    sampler: str = "ddim"
+    num_steps: int = 25
+    batch: int = 16                       # frames per stage-2 call
+    # Start from the upsampled condition diffused to the last ``strength`` of the schedule (SDEdit) instead of
+    # pure noise (1.0, the paper): stage 2 then adds detail to the stage-1 frame instead of redrawing it.
+    strength: float = 1.0
+    noise: str = "independent"
+    noise_length: float = 8.0             # "smooth" only
+
+    def check(self) -> None:
+        _check_sampler(self.sampler, self.num_steps, "stage2")
+        if self.batch < 1 or not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"stage2: batch must be >= 1 and strength in (0, 1], got {self.batch} and {self.strength}")
+        if self.noise not in STAGE2_NOISE:
+            raise ValueError(f"stage2: noise must be one of {STAGE2_NOISE}, got {self.noise!r}")
+        if self.noise == "smooth" and not self.noise_length > 0:
+            raise ValueError(f"stage2: smooth noise needs noise_length > 0, got {self.noise_length}")
+
+
+def _check_sampler(sampler: str, num_steps: int, where: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{where}: sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"{where}: num_steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {num_steps!r}")
+
+
+#: The flat sampling keys of model folders written before the stage-1/stage-2 split, and where they went.
+LEGACY_SAMPLING = {"num_steps": ("stage1", "num_steps"), "control_rows": ("stage1", "control_rows"),
+                   "chunk": ("stage1", "chunk"), "max_batch": ("stage1", "max_batch"),
+                   "stage2_steps": ("stage2", "num_steps"), "stage2_batch": ("stage2", "batch"),
+                   "stage2_strength": ("stage2", "strength")}
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (``gridit.json`` ``sampling``)."""
+
+    stage1: Stage1Sampling = field(default_factory=Stage1Sampling)
+    stage2: Stage2Sampling = field(default_factory=Stage2Sampling)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage1, dict):
+            self.stage1 = Stage1Sampling(**self.stage1)
+        if isinstance(self.stage2, dict):
+            self.stage2 = Stage2Sampling(**self.stage2)
+        self.stage1.check()
+        self.stage2.check()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SamplingConfig":
+        """Read ``{"stage1": {...}, "stage2": {...}}``, or the flat keys of older model folders.
+
+        Older folders: ``sampler`` applied to both stages, ``interpolate: true``
+        is one interpolation level, ``stage2_shared_noise`` the ``"shared"`` noise
+        and ``stage2_noise_length > 0`` the ``"smooth"`` one. Unknown keys are a
+        ValueError.
+        """
+        data = dict(data)
+        if not set(data) - {"stage1", "stage2"}:
+            return cls(**data)
+        stage1: dict = {}
+        stage2: dict = {}
+        parts = {"stage1": stage1, "stage2": stage2}
+        if "sampler" in data:
+            stage1["sampler"] = stage2["sampler"] = data.pop("sampler")
+        if "interpolate" in data:
+            stage1["levels"] = int(bool(data.pop("interpolate")))
+        shared, length = data.pop("stage2_shared_noise", False), float(data.pop("stage2_noise_length", 0.0))
+        stage2["noise"] = "shared" if shared else "smooth" if length > 0 else "independent"
+        if length > 0:
+            stage2["noise_length"] = length
+        for key in list(data):
+            if key in LEGACY_SAMPLING:
+                part, name = LEGACY_SAMPLING[key]
+                parts[part][name] = data.pop(key)
+        if data:
+            raise ValueError(f"unknown sampling key(s) {sorted(data)}")
+        return cls(Stage1Sampling(**stage1), Stage2Sampling(**stage2))
 
 
 @dataclass
@@ -77,12 +179,12 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return {"grid": self.grid.to_dict(), "frame_size": list(self.frame_size), "channels": self.channels,
-                "sampling": asdict(self.sampling), "adapter": self.adapter}
+                "sampling": self.sampling.to_dict(), "adapter": self.adapter}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
         return cls(GridSpec(**data["grid"]), tuple(data["frame_size"]), int(data.get("channels", 3)),
-                   SamplingConfig(**data.get("sampling", {})), dict(data.get("adapter", {})))
+                   SamplingConfig.from_dict(data.get("sampling", {})), dict(data.get("adapter", {})))
 
 
 class GriDiTPipeline:
@@ -97,10 +199,11 @@ class GriDiTPipeline:
     def _check(self) -> None:
         grid = self.config.grid
         lh, lw = self.codec.latent_size(*self.config.lr_frame_size)
-        s1 = self.stage1.config
-        if s1.in_channels != self.codec.latent_channels or s1.cond_channels != 0:
+        s1, c = self.stage1.config, self.codec.latent_channels
+        if s1.in_channels != c or s1.cond_channels not in (0, condition_channels(c)):
             raise ValueError(f"stage 1 takes {s1.in_channels} latent channels (cond_channels={s1.cond_channels}), "
-                             f"the codec gives {self.codec.latent_channels} and stage 1 must be unconditional")
+                             f"the codec gives {c}: stage 1 must be unconditional (cond_channels 0) or "
+                             f"masked-conditional (cond_channels {condition_channels(c)})")
         if (s1.grid_rows, s1.grid_cols) != (grid.rows, grid.cols):
             raise ValueError(f"stage 1 is a {s1.grid_rows}x{s1.grid_cols} grid model, the config says {grid.rows}x{grid.cols}")
         if (s1.sample_height, s1.sample_width) != (grid.rows * lh, grid.cols * lw):
@@ -112,6 +215,18 @@ class GriDiTPipeline:
             if ((s2.sample_height, s2.sample_width) != (hh, hw) or s2.cond_channels != self.codec.latent_channels
                     or s2.in_channels != self.codec.latent_channels):
                 raise ValueError("stage 2 does not match the full-resolution frame latent and codec")
+        cfg = self.config.sampling.stage1
+        stride_labels(level_strides(grid.cells, cfg.levels, cfg.chunk or 1), self.max_stride)  # labels the model knows
+
+    @property
+    def masked(self) -> bool:
+        """Whether stage 1 is masked-conditional (given the known cells) rather than unconditional."""
+        return self.stage1.config.cond_channels > 0
+
+    @property
+    def max_stride(self) -> int:
+        """The largest stride label stage 1 takes (0: none)."""
+        return self.stage1.config.num_strides
 
     @property
     def device(self) -> torch.device:
@@ -133,10 +248,13 @@ class GriDiTPipeline:
     # ------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, num_frames: int, batch_size: int = 1, generator: torch.Generator | None = None,
-                 num_steps: int | None = None, stage2_steps: int | None = None,
+                 num_steps: int | None = None, stage2_steps: int | None = None, levels: int | None = None,
                  progress: ProgressCallback | None = None) -> torch.Tensor:
-        """``batch_size`` sequences of exactly ``num_frames`` frames, ``(B, N, C, H, W)`` in [-1, 1]."""
-        latents = self.sample_latents(num_frames, batch_size, generator, num_steps, progress)  # (B, N, c, h, w)
+        """``batch_size`` sequences of exactly ``num_frames`` frames, ``(B, N, C, H, W)`` in [-1, 1].
+
+        ``num_steps``, ``stage2_steps`` and ``levels`` override the model's sampling settings.
+        """
+        latents = self.sample_latents(num_frames, batch_size, generator, num_steps, levels, progress)  # (B, N, c, h, w)
         b, n = latents.shape[:2]
         lr = self.codec.decode(latents.flatten(0, 1))                                        # (B*N, C, H/r, W/r)
         hr = self.super_resolve(lr, generator, stage2_steps, progress, sequence_length=n)        # (B*N, C, H, W)
@@ -144,16 +262,19 @@ class GriDiTPipeline:
 
     @torch.no_grad()
     def sample_latents(self, num_frames: int, batch_size: int = 1, generator: torch.Generator | None = None,
-                       num_steps: int | None = None, progress: ProgressCallback | None = None) -> torch.Tensor:
+                       num_steps: int | None = None, levels: int | None = None,
+                       progress: ProgressCallback | None = None) -> torch.Tensor:
         """Stage 1 only: ``(B, N, c, h, w)`` low-resolution frame latents."""
-        cfg, grid = self.config.sampling, self.config.grid
+        cfg, grid = self.config.sampling.stage1, self.config.grid
         scheduler = make_sample_scheduler(self.scheduler, cfg.sampler, num_steps or cfg.num_steps)
         lh, lw = self.codec.latent_size(*self.config.lr_frame_size)
         return sample_sequence(self.stage1, scheduler, num_frames=num_frames,
                                frame_shape=(self.codec.latent_channels, lh, lw), rows=grid.rows, cols=grid.cols,
-                               batch_size=batch_size, control_rows=cfg.control_rows, interpolate=cfg.interpolate,
-                               chunk=cfg.chunk, max_batch=cfg.max_batch, generator=generator, device=self.device,
-                               dtype=self.dtype, callback=progress)
+                               batch_size=batch_size, control_rows=cfg.control_rows,
+                               levels=cfg.levels if levels is None else levels, chunk=cfg.chunk,
+                               max_batch=cfg.max_batch, conditional=self.masked, max_stride=self.max_stride,
+                               generator=generator, device=self.device, dtype=self.dtype,
+                               repaint_jump=cfg.repaint_jump, repaint_times=cfg.repaint_times, callback=progress)
 
     @torch.no_grad()
     def super_resolve(self, lr_frames: torch.Tensor, generator: torch.Generator | None = None,
@@ -162,34 +283,32 @@ class GriDiTPipeline:
         """Stage 2 on ``(M, C, H/r, W/r)`` frames: bicubic up by ``r``, then the conditional DiT.
 
         Frames are consecutive runs of ``sequence_length`` frames of one sequence
-        (default: all ``M`` are one sequence); with ``stage2_shared_noise`` the
-        frames of a sequence share one noise draw, with ``stage2_noise_length``
-        their noise changes smoothly along it (:class:`SequenceNoise`). Without a
-        stage-2 model the bicubic upsampling is the result.
+        (default: all ``M`` are one sequence); the stage-2 ``noise`` setting says
+        how their noise relates (:class:`Stage2Sampling`). Without a stage-2
+        model the bicubic upsampling is the result.
         """
         up = resize_frames(lr_frames, self.config.frame_size)                                # (M, C, H, W)
         if self.stage2 is None:
             return up
-        cfg = self.config.sampling
+        cfg = self.config.sampling.stage2
         length = sequence_length or len(up)
         if len(up) % length:
             raise ValueError(f"{len(up)} frames are not whole sequences of {length}")
-        smooth_noise = not cfg.stage2_shared_noise and cfg.stage2_noise_length > 0
         # SequenceNoise reaches the step as DDIM's variance_noise (DDIM at eta 1 is the DDPM step)
-        scheduler = make_sample_scheduler(self.scheduler, "ddim" if smooth_noise else cfg.sampler,
-                                          num_steps or cfg.stage2_steps)
+        scheduler = make_sample_scheduler(self.scheduler, "ddim" if cfg.noise == "smooth" else cfg.sampler,
+                                          num_steps or cfg.num_steps)
         seeds = smooth = None
         draw = torch.Generator().manual_seed(0) if generator is None else generator
-        if cfg.stage2_shared_noise:
+        if cfg.noise == "shared":
             seeds = torch.randint(0, 2**62, (len(up) // length,), generator=draw, device=draw.device).tolist()
-        elif smooth_noise:
+        elif cfg.noise == "smooth":
             seed = int(torch.randint(0, 2**62, (1,), generator=draw, device=draw.device))
-            smooth = SequenceNoise(seed, length, cfg.stage2_noise_length)
-        starts = range(0, len(up), cfg.stage2_batch)
-        per_chunk = len(strength_timesteps(scheduler, cfg.stage2_strength))
+            smooth = SequenceNoise(seed, length, cfg.noise_length)
+        starts = range(0, len(up), cfg.batch)
+        per_chunk = len(strength_timesteps(scheduler, cfg.strength))
         out = []
         for i, start in enumerate(starts):
-            chunk = up[start:start + cfg.stage2_batch].to(self.device, self.dtype)
+            chunk = up[start:start + cfg.batch].to(self.device, self.dtype)
             cond = self.codec.encode(chunk)                                                  # (m, c, h, w)
             if smooth is not None:
                 noise = smooth.frames(start, len(chunk))
@@ -200,7 +319,7 @@ class GriDiTPipeline:
                 noise = generator
             report = phase_callback(progress, "stage2", i * per_chunk, len(starts) * per_chunk)
             z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=noise,
-                        init=cond, strength=cfg.stage2_strength, callback=report)
+                        init=cond, strength=cfg.strength, callback=report)
             out.append(self.codec.decode(z))
         return torch.cat(out)
 

@@ -10,24 +10,50 @@ grid latents in which some cells are *known*. At every step ``t -> t-1``
 - ``x_{t-1} = m * known + (1 - m) * unknown`` with ``m`` the cell mask at latent
   resolution.
 
-One model forward per step for the whole batch: the stage-1 model is
-unconditional, so there is no guidance and nothing is doubled.
+It has two modes, for two kinds of stage-1 model:
+
+- **replacement** (the paper's; an unconditional model): the model sees only
+  the noisy grid, so the known cells reach it only through the pasted noisy
+  part. Even with a perfect model this does not sample the conditional
+  distribution: with the exact model of a Gaussian sequence
+  (``tests/gaussian_model.py``), on a ramp whose known row is 0 and 0.15 the new
+  cells should average 0.30 and 0.45 and come out at 0.10 and 0.12 (DDPM, 50
+  steps), 0.05 and 0.04 (DDIM), 0.26 and 0.38 with RePaint (jump 5, 40 times,
+  about 8x the forwards): the trend of the known frames is lost, motion slows
+  at every extension. Optional RePaint resampling reduces, never removes, it.
+- **masked-conditional** (``conditional=True``, :mod:`ctgridit.core.conditioning`):
+  the model also gets the clean known cells and the mask and predicts the
+  noise of the unknown cells *given* them; its noisy input is built exactly as
+  in training (known cells diffused to the level). With the exact conditional
+  model this samples the true conditional distribution (tested for extension
+  and interpolation, 2 x 2 and 4 x 4, DDPM and DDIM). One forward per step, no
+  guidance.
 
 :func:`sample_sequence` builds any number of frames from it:
 
-- *step 1, extension*: grid 0 is sampled unconditionally; grid ``k`` holds the
-  last ``m`` rows of grid ``k-1`` in its first ``m`` rows and inpaints the other
-  ``R - m`` rows, giving ``(R - m) * C`` new frames per iteration;
-- *step 2, interpolation*: the step-1 frames are cut into chunks of ``k`` frames;
-  for every pair of neighbouring chunks ``a, b`` a grid holds ``a`` in its first
-  ``k`` cells and ``b`` in its last ``k`` cells, and the ``R*C - 2k`` cells
-  between are inpainted; all these grids are independent and run as batches.
-  The sequence is ``a_0, new_0, a_1, new_1, ...``. Defaults: ``k = C`` for grids
-  of three rows or more (the paper's 4 x 4: a row of 4 frames, 8 new), ``k = 1``
-  otherwise (2 x 2: frames in cells 0 and 3, cells 1 and 2 new).
+- *step 1, extension* at a coarse stride: grid 0 is sampled with nothing known;
+  grid ``k`` holds the last ``m`` rows of grid ``k-1`` in its first ``m`` rows
+  and generates the other ``R - m`` rows, ``(R - m) * C`` new frames per
+  (sequential) iteration;
+- *step 2, interpolation*, ``levels`` times: the frames so far are cut into
+  chunks of ``k`` frames; for every pair of neighbouring chunks ``a, b`` a grid
+  holds ``a`` in its first ``k`` cells and ``b`` in its last ``k`` cells, and the
+  ``R*C - 2k`` cells between are generated; all grids of a level are
+  independent and run as batches. The sequence becomes ``a_0, new_0, a_1, ...``.
+  With ``k = 1`` (the default) every level divides the stride by
+  ``R*C - 1`` (3 for 2 x 2, 15 for 4 x 4), so with ``L`` levels step 1 runs at
+  stride ``(R*C - 1)^L`` in frames of the output, and the frames of every level
+  are evenly spaced and in order. With ``k > 1`` (the paper's reading for
+  4 x 4: a row of 4 frames, 8 new, the next row) they are not: chunk ``a``
+  spans ``k - 1`` strides while its new frames must fit in the one stride
+  before ``b``, so the sequence goes back at every chunk boundary (steps 1, 1,
+  1, -0.75, 0.36 x 7, -0.75, ... measured with the exact model).
 
+A stride-aware model (``max_stride > 0``) is told each grid's stride in frames
+of the output (label 0, "not given", where frames are not evenly spaced).
 Latents never leave memory between iterations. The result has exactly ``N``
-frames (surplus frames of the last iteration are dropped).
+frames: each level interpolates only the pairs it needs and the surplus frames
+are dropped (:func:`plan_sequence` chooses the fewest grids).
 """
 
 from __future__ import annotations
@@ -37,6 +63,7 @@ from typing import Callable
 
 import torch
 
+from ctgridit.core.conditioning import known_cells, masked_condition
 from ctgridit.core.diffusion import (EpsModel, Generators, noise_to_level, previous_timestep, randn_like, renoise,
                                      scheduler_step, strength_timesteps)
 from ctgridit.core.grid import cell_mask, tile, untile
@@ -83,15 +110,19 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
 
 
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
-            cond: torch.Tensor | None = None, generator: Generators = None,
-            init: torch.Tensor | None = None, strength: float = 1.0, init_at_level: bool = False,
-            repaint_jump: int = 0, repaint_times: int = 1,
+            conditional: bool = False, cond: torch.Tensor | None = None, stride: int | torch.Tensor | None = None,
+            generator: Generators = None, init: torch.Tensor | None = None, strength: float = 1.0,
+            init_at_level: bool = False, repaint_jump: int = 0, repaint_times: int = 1,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Reverse diffusion of ``(B, C, H, W)`` latents keeping the ``mask == 1`` cells at ``known``.
 
-    ``scheduler`` must have its timesteps set. With ``mask=None`` this is plain
-    unconditional sampling and ``known`` only gives shape, device and dtype.
-    ``cond`` is passed to the model as a third argument (stage 2).
+    ``scheduler`` must have its timesteps set. With ``mask=None`` nothing is
+    known and ``known`` only gives shape, device and dtype.
+    ``conditional``: the model is masked-conditional and gets
+    :func:`~ctgridit.core.conditioning.masked_condition` of ``known`` and ``mask``
+    (all cells unknown for ``mask=None``) as ``cond``. Otherwise ``cond``, if
+    given, is passed as is (stage 2). ``stride``, if given, is passed as the
+    model's stride label.
     ``init`` and ``strength`` (SDEdit; GRIDIT.md section 7): the walk covers the
     last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
     from ``init`` forward-diffused to its first level instead of pure noise;
@@ -103,6 +134,11 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     timesteps = strength_timesteps(scheduler, strength)
     if strength < 1.0 and init is None:
         raise ValueError("strength < 1 needs init, the latent to start from")
+    if conditional:
+        if cond is not None:
+            raise ValueError("a masked-conditional model gets its condition from known and mask: do not pass cond")
+        cond = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
+    inputs = {name: value for name, value in (("cond", cond), ("stride", stride)) if value is not None}
     levels = timesteps + [-1]                                     # noise level at walk index i; -1 = clean
     if init is None:
         x = randn_like(known, generator) * scheduler.init_noise_sigma
@@ -121,7 +157,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             continue
         t = timesteps[here]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, t_batch) if cond is None else model(x, t_batch, cond)
+        eps = model(x, t_batch, **inputs)
         unknown = scheduler_step(scheduler, eps, t, x, generator)
         if mask is None:
             x = unknown
@@ -139,117 +175,205 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
 # ------------------------------------------------------------------- planning
 @dataclass(frozen=True)
 class SequencePlan:
-    """How many grids :func:`sample_sequence` needs for ``num_frames`` frames."""
+    """The grids :func:`sample_sequence` runs for ``num_frames`` frames.
+
+    ``level_inputs[l]`` is how many frames interpolation level ``l`` (coarsest
+    first) takes; step 1 makes at least ``level_inputs[0]`` (or ``num_frames``
+    without interpolation).
+    """
 
     num_frames: int
     rows: int
     cols: int
     control_rows: int
     chunk: int
-    interpolate: bool
-    iterations: int           # step-1 grids (1 = a single unconditional grid)
+    iterations: int                       # step-1 grids (1 = a single grid with nothing known)
+    level_inputs: tuple[int, ...] = ()    # one entry per interpolation level
 
     @property
     def cells(self) -> int:
         return self.rows * self.cols
 
     @property
+    def gap(self) -> int:
+        """Frames an interpolation grid generates between its two chunks."""
+        return self.cells - 2 * self.chunk
+
+    @property
+    def levels(self) -> int:
+        return len(self.level_inputs)
+
+    @property
+    def interpolate(self) -> bool:
+        return self.levels > 0
+
+    @property
     def step1_frames(self) -> int:
         return self.cells + (self.iterations - 1) * (self.rows - self.control_rows) * self.cols
 
+    def pairs(self, level: int) -> int:
+        """Interpolation grids of ``level`` (per sequence)."""
+        return interpolation_pairs(self.level_inputs[level], self.chunk)
+
+    def level_output(self, level: int) -> int:
+        """Frames after interpolation level ``level``, before the surplus is dropped."""
+        return self.level_inputs[level] + self.pairs(level) * self.gap
+
     @property
     def interpolation_grids(self) -> int:
-        return max(self.step1_frames // self.chunk - 1, 0) if self.interpolate else 0
+        return sum(self.pairs(level) for level in range(self.levels))
 
     @property
     def total_frames(self) -> int:
-        return self.step1_frames + self.interpolation_grids * (self.cells - 2 * self.chunk)
+        """Frames of the last phase before the surplus is dropped (at least ``num_frames``)."""
+        return self.level_output(self.levels - 1) if self.levels else self.step1_frames
+
+    @property
+    def strides(self) -> list[int | None]:
+        """The stride of the grids of step 1 and of every interpolation level (:func:`level_strides`)."""
+        return level_strides(self.cells, self.levels, self.chunk)
 
 
-def plan_sequence(num_frames: int, rows: int, cols: int, control_rows: int | None = None,
-                  interpolate: bool = True, chunk: int | None = None) -> SequencePlan:
+def level_strides(cells: int, levels: int, chunk: int = 1) -> list[int | None]:
+    """Frames of the output between neighbouring cells of the grids of step 1 and of each interpolation level.
+
+    Entry 0 is step 1 (extension), entry ``l >= 1`` interpolation level ``l``:
+    ``(R*C - 1)^(levels - l)`` for ``chunk = 1``. None where the frames are not
+    evenly spaced (``chunk > 1`` with interpolation).
+    """
+    gap = cells - 2 * chunk
+    if levels and (chunk > 1 or gap < 1):
+        return [None] * (levels + 1)
+    return [(gap + 1) ** (levels - level) for level in range(levels + 1)]
+
+
+def interpolation_pairs(frames: int, chunk: int) -> int:
+    """Neighbouring chunk pairs, i.e. interpolation grids, of ``frames`` frames cut into chunks of ``chunk``."""
+    return max(frames // chunk - 1, 0)
+
+
+def plan_sequence(num_frames: int, rows: int, cols: int, control_rows: int | None = None, levels: int = 1,
+                  chunk: int | None = None) -> SequencePlan:
     """The fewest grids that give at least ``num_frames`` frames.
 
-    ``control_rows`` (``m``) defaults to ``rows - 1``; ``chunk`` (``k``) to ``cols``
-    when ``rows >= 3``, else 1. Interpolation is skipped when one grid is enough or
-    when the grid has no cell left between the two chunks.
+    ``control_rows`` (``m``) defaults to ``rows - 1``; ``chunk`` (``k``) to 1.
+    Working back from ``num_frames``, each of the ``levels`` interpolation levels
+    takes the fewest frames that it turns into enough frames for the next; a
+    level is added only while more frames than one grid holds are needed (so
+    there is no interpolation for ``num_frames <= R*C``, and fewer levels for
+    short sequences). There is no interpolation when the grid has no cell left
+    between the two chunks.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if levels < 0:
+        raise ValueError(f"levels must be >= 0, got {levels}")
     m = rows - 1 if control_rows is None else control_rows
-    k = (cols if rows >= 3 else 1) if chunk is None else chunk
+    k = 1 if chunk is None else chunk
     cells = rows * cols
     if num_frames > cells and not 1 <= m < rows:
         raise ValueError(f"control_rows must be in 1..{rows - 1} to extend a {rows}x{cols} grid, got {m}")
-    if not 1 <= k or cells - 2 * k < 1:
-        interpolate = False
-    interpolate = interpolate and num_frames > cells
-    iterations = 1
-    plan = SequencePlan(num_frames, rows, cols, m, k, interpolate, iterations)
-    while plan.total_frames < num_frames:
-        iterations += 1
-        plan = SequencePlan(num_frames, rows, cols, m, k, interpolate, iterations)
-    return plan
+    if k < 1 or cells - 2 * k < 1:
+        levels = 0
+    inputs = _level_inputs(num_frames, k, cells - 2 * k, levels, cells)
+    need = inputs[0] if inputs else num_frames
+    iterations = 1 if need <= cells else 1 + -(-(need - cells) // ((rows - m) * cols))
+    return SequencePlan(num_frames, rows, cols, m, k, iterations, tuple(inputs))
+
+
+def _level_inputs(num_frames: int, chunk: int, gap: int, levels: int, cells: int) -> list[int]:
+    """Frames each interpolation level takes, coarsest first, to end with ``num_frames``.
+
+    At most ``levels`` levels, and only while a level has to make more than one grid's ``cells`` frames.
+    """
+    inputs, need = [], num_frames
+    while len(inputs) < levels and need > cells:
+        frames = min(need, chunk)
+        while frames + interpolation_pairs(frames, chunk) * gap < need:
+            frames += 1
+        inputs.insert(0, frames)
+        need = frames
+    return inputs
 
 
 # ----------------------------------------------------------------- sequences
 def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape: tuple[int, int, int],
-                    rows: int, cols: int, batch_size: int = 1, control_rows: int | None = None,
-                    interpolate: bool = True, chunk: int | None = None, max_batch: int = 16,
+                    rows: int, cols: int, batch_size: int = 1, control_rows: int | None = None, levels: int = 1,
+                    chunk: int | None = None, max_batch: int = 16, conditional: bool = False, max_stride: int = 0,
                     generator: Generators = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, repaint_jump: int = 0, repaint_times: int = 1,
                     callback: ProgressCallback | None = None) -> torch.Tensor:
     """Sample ``batch_size`` sequences of exactly ``num_frames`` latent frames.
 
     ``frame_shape`` is one frame's latent ``(c, h, w)``; grids are ``(c, R*h, C*w)``.
-    Returns ``(B, N, c, h, w)``. ``max_batch`` bounds how many grids go through
-    the model at once in step 2.
+    ``conditional``: the model is masked-conditional (module docstring), else
+    replacement inpainting. ``max_stride > 0``: the model takes stride labels up
+    to that (a plan that needs a larger stride is refused). ``max_batch`` bounds
+    how many grids go through the model at once in step 2.
+    Returns ``(B, N, c, h, w)``.
     """
-    plan = plan_sequence(num_frames, rows, cols, control_rows, interpolate, chunk)
+    plan = plan_sequence(num_frames, rows, cols, control_rows, levels, chunk)
+    labels = stride_labels(plan.strides, max_stride)
     c, h, w = frame_shape
-    cells = plan.cells
-    grid_shape = (batch_size, c, rows * h, cols * w)
-    inpaint_args = dict(generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
-
+    run = dict(conditional=conditional, generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
     per_grid = model_forwards(len(scheduler.timesteps), repaint_jump, repaint_times)
-    total1 = plan.iterations * per_grid
 
     # step 1: extension
-    empty = torch.zeros(grid_shape, device=device, dtype=dtype)
-    grid = inpaint(model, scheduler, empty, None, **inpaint_args, callback=phase_callback(callback, "extend", 0, total1))
+    total = plan.iterations * per_grid
+    grid = inpaint(model, scheduler, torch.zeros(batch_size, c, rows * h, cols * w, device=device, dtype=dtype),
+                   None, stride=labels[0], **run, callback=phase_callback(callback, "extend", 0, total))
     frames = [untile(grid, rows, cols)]                                     # (B, R*C, c, h, w)
-    known_flags = [1.0] * (plan.control_rows * cols) + [0.0] * ((rows - plan.control_rows) * cols)
-    mask = cell_mask(known_flags, rows, cols, h, w).to(device=device, dtype=dtype)
+    known = plan.control_rows * cols
+    mask = cell_mask(known_cells("extension", rows, cols, plan.control_rows), rows, cols, h, w).to(device, dtype)
     for it in range(1, plan.iterations):
-        last_rows = untile(grid, rows, cols)[:, cells - plan.control_rows * cols:]  # (B, m*C, c, h, w)
-        cells_known = torch.cat([last_rows, torch.zeros_like(frames[0][:, last_rows.shape[1]:])], dim=1)
-        grid = inpaint(model, scheduler, tile(cells_known, rows, cols), mask, **inpaint_args,
-                       callback=phase_callback(callback, "extend", it * per_grid, total1))
-        frames.append(untile(grid, rows, cols)[:, plan.control_rows * cols:])
-    step1 = torch.cat(frames, dim=1)                                         # (B, L, c, h, w)
+        cells = untile(grid, rows, cols)
+        cells = torch.cat([cells[:, plan.cells - known:], torch.zeros_like(cells[:, known:])], dim=1)
+        grid = inpaint(model, scheduler, tile(cells, rows, cols), mask, stride=labels[0], **run,
+                       callback=phase_callback(callback, "extend", it * per_grid, total))
+        frames.append(untile(grid, rows, cols)[:, known:])
+    sequence = torch.cat(frames, dim=1)                                     # (B, L, c, h, w)
 
-    if not plan.interpolate:
-        return step1[:, :num_frames]
-    return _interpolate(model, scheduler, step1, plan, max_batch, inpaint_args, per_grid, callback)[:, :num_frames]
+    # step 2: interpolation, level by level
+    batches = [-(-batch_size * plan.pairs(level) // max_batch) for level in range(plan.levels)]
+    done, total = 0, sum(batches) * per_grid
+    for level in range(plan.levels):
+        sequence = _interpolate(model, scheduler, sequence[:, :plan.level_inputs[level]], plan, level, max_batch,
+                                dict(run, stride=labels[level + 1]), per_grid, callback, done, total)
+        done += batches[level] * per_grid
+    return sequence[:, :num_frames]
 
 
-def _interpolate(model, scheduler, step1: torch.Tensor, plan: SequencePlan, max_batch: int, inpaint_args: dict,
-                 per_grid: int, callback: ProgressCallback | None) -> torch.Tensor:
-    """Step 2: fill ``R*C - 2k`` frames between each pair of neighbouring ``k``-frame chunks."""
-    b, length, c, h, w = step1.shape
-    k, cells, pairs = plan.chunk, plan.cells, plan.interpolation_grids
-    chunks = step1[:, : (pairs + 1) * k].reshape(b, pairs + 1, k, c, h, w)  # (B, P+1, k, c, h, w)
-    gap = cells - 2 * k
-    cells_known = torch.cat([chunks[:, :-1], torch.zeros(b, pairs, gap, c, h, w, device=step1.device,
-                                                          dtype=step1.dtype), chunks[:, 1:]], dim=2)
-    grids = tile(cells_known.reshape(b * pairs, cells, c, h, w), plan.rows, plan.cols)  # (B*P, c, R*h, C*w)
-    flags = [1.0] * k + [0.0] * gap + [1.0] * k
-    mask = cell_mask(flags, plan.rows, plan.cols, h, w).to(device=step1.device, dtype=step1.dtype)
-    batches = list(torch.split(grids, max_batch))
-    total = len(batches) * per_grid
-    filled = [inpaint(model, scheduler, g, mask, **inpaint_args,
-                      callback=phase_callback(callback, "interpolate", i * per_grid, total))
-              for i, g in enumerate(batches)]
+def stride_labels(strides: list[int | None], max_stride: int) -> list[int | None]:
+    """The stride labels to give a model that takes labels up to ``max_stride``, for :func:`level_strides`.
+
+    None for every level when the model takes none (``max_stride = 0``); 0 (not
+    given) where the frames are not evenly spaced. A stride beyond
+    ``max_stride`` is a ValueError: the model was never told that stride.
+    """
+    if max_stride <= 0:
+        return [None] * len(strides)
+    labels = [stride or 0 for stride in strides]
+    if max(labels) > max_stride:
+        raise ValueError(f"{len(strides) - 1} interpolation level(s) extend at stride {labels[0]}, but the model "
+                         f"knows strides up to {max_stride}: use fewer levels or train with larger strides")
+    return labels
+
+
+def _interpolate(model, scheduler, frames: torch.Tensor, plan: SequencePlan, level: int, max_batch: int,
+                 run: dict, per_grid: int, callback: ProgressCallback | None, offset: int,
+                 total: int) -> torch.Tensor:
+    """One level of step 2: fill ``R*C - 2k`` frames between each pair of neighbouring ``k``-frame chunks."""
+    b, length, c, h, w = frames.shape
+    k, gap, pairs = plan.chunk, plan.gap, plan.pairs(level)
+    chunks = frames[:, : (pairs + 1) * k].reshape(b, pairs + 1, k, c, h, w)  # (B, P+1, k, c, h, w)
+    empty = torch.zeros(b, pairs, gap, c, h, w, device=frames.device, dtype=frames.dtype)
+    cells = torch.cat([chunks[:, :-1], empty, chunks[:, 1:]], dim=2)          # (B, P, R*C, c, h, w)
+    grids = tile(cells.reshape(b * pairs, plan.cells, c, h, w), plan.rows, plan.cols)  # (B*P, c, R*h, C*w)
+    flags = known_cells("interpolation", plan.rows, plan.cols, chunk=k)
+    mask = cell_mask(flags, plan.rows, plan.cols, h, w).to(device=frames.device, dtype=frames.dtype)
+    filled = [inpaint(model, scheduler, g, mask, **run,
+                      callback=phase_callback(callback, "interpolate", offset + i * per_grid, total))
+              for i, g in enumerate(torch.split(grids, max_batch))]
     new = untile(torch.cat(filled), plan.rows, plan.cols)[:, k:k + gap].reshape(b, pairs, gap, c, h, w)
     woven = torch.cat([chunks[:, :-1], new], dim=2).reshape(b, pairs * (k + gap), c, h, w)
-    return torch.cat([woven, chunks[:, -1], step1[:, (pairs + 1) * k:]], dim=1)
+    return torch.cat([woven, chunks[:, -1], frames[:, (pairs + 1) * k:]], dim=1)

@@ -14,13 +14,20 @@ unknown keys are refused, so a typo never passes silently)::
       stride_range: [1, 3]             # random z/time stride per grid; null: grid.stride
       hold_out: [A0002_8mm_B40f.nii.gz]
     codec: {kind: pixel, channels: 1}  # or {kind: vae, path: /models/sd-vae-ft-mse}
-    stage1: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
+    stage1:
+      model: {preset: DiT-S/4}
+      optim: {steps: 20000}
+      conditioning:                    # stage 1 only; see ConditioningConfig
+        masked: true                   # known cells are model inputs (extension, interpolation)
+        strides: true                  # the grid's stride is a model input
     stage2: {model: {preset: DiT-S/4}, optim: {steps: 20000}}
     # a stage may start from trained weights (fine-tuning): init: runs/x/checkpoints/stage1/step_00005000
     optim: {lr: 1.0e-4, batch_size: 8, ...}   # shared; a stage's optim overrides it
     checkpoint: {dir: runs/ct_small/checkpoints, every: 1000, keep_last: 3}
     logging: {every: 10, tensorboard: false}
-    sampling: {sampler: ddim, num_steps: 50, ...}   # stored in the model folder
+    sampling:                          # stored in the model folder (SamplingConfig)
+      stage1: {sampler: ddpm, num_steps: 50, levels: 2}
+      stage2: {sampler: ddim, num_steps: 25, noise: smooth, noise_length: 8}
 
 Relative paths are taken relative to the config file's folder.
 """
@@ -35,8 +42,10 @@ from typing import Any
 
 import yaml
 
+from ctgridit.core.conditioning import TaskMix
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
+from ctgridit.core.sampler import level_strides, stride_labels
 from ctgridit.errors import CTGridItError
 
 DATA_KINDS = ("ct", "ctrate", "video")
@@ -55,6 +64,7 @@ class DataConfig:
     window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # HU window to [-1, 1]
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
+    strides: list[int] | None = None                        # or the strides to draw from, e.g. [1, 3, 9]
     every: int = 1                                          # video: keep every n-th frame
     num_workers: int = 0                                    # DataLoader worker processes
 
@@ -91,10 +101,38 @@ class OptimConfig:
 
 
 @dataclass
+class ConditioningConfig:
+    """Stage 1's inputs besides the noisy grid (GRIDIT.md section 6, corrections).
+
+    ``masked``: the model gets the clean known cells and the cell mask
+    (:mod:`ctgridit.core.conditioning`); every training grid draws its task with
+    these probabilities: nothing known, the first ``control_rows`` rows known
+    (extension), the first and last ``chunk`` cells known (interpolation).
+    ``strides``: the model gets the grid's stride (labels up to the largest
+    training stride), dropped to "not given" with probability ``stride_dropout``.
+    Both off: the paper's unconditional model, sampled by replacement.
+    """
+
+    masked: bool = False
+    unconditional: float = 0.2
+    extension: float = 0.4
+    interpolation: float = 0.4
+    control_rows: int | None = None
+    chunk: int = 1
+    strides: bool = False
+    stride_dropout: float = 0.1
+
+    @property
+    def tasks(self) -> TaskMix:
+        return TaskMix(self.unconditional, self.extension, self.interpolation, self.control_rows, self.chunk)
+
+
+@dataclass
 class StageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: dict[str, Any] = field(default_factory=dict)      # overrides of the shared optim section
     init: str | None = None      # warm start: a checkpoint folder (its EMA weights) or an exported stage folder
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)   # stage 1 only
 
 
 @dataclass
@@ -134,7 +172,20 @@ class TrainConfig:
 
     @property
     def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(**self.sampling)
+        return SamplingConfig.from_dict(self.sampling)
+
+    @property
+    def strides(self) -> list[int]:
+        """The z/time strides of the training grids (``data.strides``, ``data.stride_range`` or ``grid.stride``)."""
+        if self.data.strides:
+            return sorted(set(int(s) for s in self.data.strides))
+        low, high = self.data.stride_range or (self.grid_spec.stride, self.grid_spec.stride)
+        return list(range(int(low), int(high) + 1))
+
+    @property
+    def max_stride_label(self) -> int:
+        """The largest stride label stage 1 takes (0: no stride labels)."""
+        return max(self.strides) if self.stage1.conditioning.strides else 0
 
     def stage(self, stage: int) -> StageConfig:
         if stage not in STAGES:
@@ -165,10 +216,10 @@ class TrainConfig:
         if len(self.frame_size) != 2 or min(self.frame_size) < 1:
             raise CTGridItError(f"frame_size must be [H, W], got {self.frame_size}", self.source)
         try:
-            self.grid_spec
-            self.sampling_config
+            spec, sampling = self.grid_spec, self.sampling_config
         except (TypeError, ValueError) as err:
             raise CTGridItError(f"bad grid or sampling section ({err})", self.source) from None
+        self._validate_conditioning(spec, sampling)
         for stage in STAGES:
             optim = self.stage_optim(stage)
             if optim.mixed_precision not in PRECISIONS:
@@ -176,6 +227,29 @@ class TrainConfig:
             if min(optim.steps, optim.batch_size, optim.grad_accum) < 1:
                 raise CTGridItError("optim.steps, batch_size and grad_accum must be >= 1", self.source)
         return self
+
+
+    def _validate_conditioning(self, spec: GridSpec, sampling: SamplingConfig) -> None:
+        """Stage 1's conditioning and strides against the grid and the sampling settings."""
+        cond, s1 = self.stage1.conditioning, sampling.stage1
+        strides = self.strides
+        if min(strides) < 1 or (self.data.stride_range and self.data.strides):
+            raise CTGridItError(f"strides must be >= 1, from data.strides or data.stride_range (not both), "
+                                f"got {strides}", self.source)
+        try:
+            if cond.masked:
+                cond.tasks.check(spec.rows, spec.cols)
+            if not 0.0 <= cond.stride_dropout < 1.0:
+                raise ValueError(f"stride_dropout must be in [0, 1), got {cond.stride_dropout}")
+            stride_labels(level_strides(spec.cells, s1.levels, s1.chunk or 1), self.max_stride_label)
+        except ValueError as err:
+            raise CTGridItError(f"bad stage1.conditioning or sampling section ({err})", self.source) from None
+        if cond.masked and s1.levels and (s1.chunk or 1) != cond.chunk:
+            raise CTGridItError(f"sampling.stage1.chunk is {s1.chunk or 1} but stage 1 is trained to interpolate "
+                                f"with chunk {cond.chunk}", self.source, "make them equal")
+        if cond.masked and s1.control_rows != cond.control_rows:
+            raise CTGridItError(f"sampling.stage1.control_rows is {s1.control_rows} but stage 1 is trained to extend "
+                                f"with control_rows {cond.control_rows}", self.source, "make them equal")
 
 
 def _build(cls, data: Any, where: str, source: str | None):
@@ -194,7 +268,8 @@ def _build(cls, data: Any, where: str, source: str | None):
         kind = fields[name].type
         target = {"DataConfig": DataConfig, "CodecConfig": CodecConfig, "StageConfig": StageConfig,
                   "OptimConfig": OptimConfig, "CheckpointConfig": CheckpointConfig,
-                  "LoggingConfig": LoggingConfig, "ModelConfig": ModelConfig}.get(str(kind))
+                  "LoggingConfig": LoggingConfig, "ModelConfig": ModelConfig,
+                  "ConditioningConfig": ConditioningConfig}.get(str(kind))
         values[name] = _build(target, value, f"{where}.{name}".strip("."), source) if target else value
     return cls(**values)
 

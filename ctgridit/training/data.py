@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch.utils.data import Dataset
 
+from ctgridit.core.conditioning import TaskMix
 from ctgridit.core.degrade import Degrade
 from ctgridit.core.grid import GridSpec, gray_to_rgb, resize_frames, rgb_to_gray, tile
 
@@ -135,29 +136,50 @@ class GridSampleDataset(_SequenceDataset):
         spec: grid shape ``R x C`` and in-plane factor ``r`` (``spec.stride`` is
             the default stride).
         stride_range: ``(s_min, s_max)``, inclusive; default ``(spec.stride, spec.stride)``.
+        strides: instead of a range, the strides to draw from (e.g. ``(1, 3, 9)``
+            for two levels of 2 x 2 interpolation).
         seed, length: see the module docstring.
         channels: channels of the grids (1 keeps gray, 3 for an RGB codec).
+        tasks: masked conditioning (:class:`~ctgridit.core.conditioning.TaskMix`):
+            each item also draws which of its cells are known.
+        stride_dropout: stride labels: each item also carries its stride as a
+            label, replaced by 0 ("not given") with this probability.
 
     Item ``index`` draws with its generator: a sequence, uniformly among those
     with at least ``(RC - 1) * s_min + 1`` frames (shorter ones are skipped;
     none long enough is a ValueError); a stride ``s`` uniformly among the strides
-    of the range that fit that sequence; a start ``k`` uniformly with
-    ``k + (RC - 1) * s < N``. Its frames are resized in-plane to
-    ``spec.frame_size(H, W)`` (bicubic, :func:`~ctgridit.core.grid.resize_frames`)
-    and tiled with :func:`~ctgridit.core.grid.tile`.
+    that fit that sequence; a start ``k`` uniformly with
+    ``k + (RC - 1) * s < N``; then, if asked for, the known cells and the label
+    dropout. Its frames are resized in-plane to ``spec.frame_size(H, W)``
+    (bicubic, :func:`~ctgridit.core.grid.resize_frames`) and tiled with
+    :func:`~ctgridit.core.grid.tile`.
 
-    Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride), "index": index}``.
+    Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride),
+    "index": index}``, plus ``"known"`` (``(R*C,)`` flags, 1 = known) with
+    ``tasks`` and ``"stride_label"`` with ``stride_dropout``.
     """
 
     def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, spec: GridSpec = GridSpec(),
                  stride_range: tuple[int, int] | None = None, seed: int = 0, length: int = VIRTUAL_LENGTH,
-                 channels: int = 3) -> None:
-        low, high = (spec.stride, spec.stride) if stride_range is None else stride_range
-        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
-            raise ValueError(f"stride_range must be integers (low, high) with 1 <= low <= high, got {stride_range}")
+                 channels: int = 3, strides: Sequence[int] | None = None, tasks: TaskMix | None = None,
+                 stride_dropout: float | None = None) -> None:
+        if strides is not None and stride_range is not None:
+            raise ValueError("give strides or stride_range, not both")
+        if strides is None:
+            low, high = (spec.stride, spec.stride) if stride_range is None else stride_range
+            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+                raise ValueError(f"stride_range must be integers (low, high) with 1 <= low <= high, got {stride_range}")
+            strides = range(low, high + 1)
+        self.strides = sorted(set(operator.index(s) for s in strides))
+        if not self.strides or self.strides[0] < 1:
+            raise ValueError(f"strides must be positive integers, got {list(strides)}")
+        if stride_dropout is not None and not 0.0 <= stride_dropout < 1.0:
+            raise ValueError(f"stride_dropout must be in [0, 1), got {stride_dropout}")
+        if tasks is not None:
+            tasks.check(spec.rows, spec.cols)
         super().__init__(sequences, seed, length, channels)
-        self.spec = spec
-        self.stride_range = (low, high)
+        self.spec, self.tasks, self.stride_dropout = spec, tasks, stride_dropout
+        low = self.strides[0]
         self.eligible = [i for i, n in enumerate(self.num_frames) if n >= self.span(low)]
         if not self.eligible:
             raise ValueError(f"no sequence is long enough for a {spec.rows}x{spec.cols} grid at stride {low}: "
@@ -167,24 +189,27 @@ class GridSampleDataset(_SequenceDataset):
         """Frames of the sequence covered by one grid at ``stride``: ``(RC - 1) * s + 1``."""
         return (self.spec.cells - 1) * stride + 1
 
-    def max_stride(self, num_frames: int) -> int:
-        """The largest stride of the range whose grid fits in ``num_frames`` frames."""
-        high = self.stride_range[1]
-        if self.spec.cells == 1:
-            return high
-        return min(high, (num_frames - 1) // (self.spec.cells - 1))
+    def fitting_strides(self, num_frames: int) -> list[int]:
+        """The strides whose grid fits in ``num_frames`` frames."""
+        return [s for s in self.strides if self.span(s) <= num_frames]
 
     def __getitem__(self, index: int) -> dict:
         g = self.generator(index)
         i = self.eligible[_randint(len(self.eligible), g)]
         n = self.num_frames[i]
-        low = self.stride_range[0]
-        stride = low + _randint(self.max_stride(n) - low + 1, g)
+        fitting = self.fitting_strides(n)
+        stride = fitting[_randint(len(fitting), g)]
         start = _randint(n - self.span(stride) + 1, g)
         frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
         cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)
         grid = tile(cells, self.spec.rows, self.spec.cols)                         # (C, R*h, C*w)
-        return {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride), "index": index}
+        item = {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride), "index": index}
+        if self.tasks is not None:
+            item["known"] = torch.tensor(self.tasks.draw(g, self.spec.rows, self.spec.cols))
+        if self.stride_dropout is not None:
+            dropped = float(torch.rand((), generator=g)) < self.stride_dropout
+            item["stride_label"] = 0 if dropped else stride
+        return item
 
 
 class SRPairDataset(_SequenceDataset):

@@ -35,8 +35,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ctgridit.core.codecs import LatentCodec, PixelCodec, VAECodec
+from ctgridit.core.conditioning import condition_channels, masked_condition
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
+from ctgridit.core.grid import cell_mask
 from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder, atomic_output
@@ -78,8 +80,10 @@ def build_sequences(config: TrainConfig):
 def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, seed: int):
     spec = config.grid_spec
     if stage == 1:
-        stride_range = tuple(config.data.stride_range) if config.data.stride_range else None
-        return GridSampleDataset(sequences, spec, stride_range=stride_range, seed=seed, channels=channels)
+        cond = config.stage1.conditioning
+        return GridSampleDataset(sequences, spec, strides=config.strides, seed=seed, channels=channels,
+                                 tasks=cond.tasks if cond.masked else None,
+                                 stride_dropout=cond.stride_dropout if cond.strides else None)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
 
 
@@ -87,8 +91,10 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
     spec, model = config.grid_spec, config.stage(stage).model
     if stage == 1:
         lh, lw = codec.latent_size(*spec.frame_size(*config.frame_size))
-        shape = dict(sample_height=spec.rows * lh, sample_width=spec.cols * lw,
-                     grid_rows=spec.rows, grid_cols=spec.cols, cond_channels=0)
+        masked = config.stage1.conditioning.masked
+        shape = dict(sample_height=spec.rows * lh, sample_width=spec.cols * lw, grid_rows=spec.rows,
+                     grid_cols=spec.cols, cond_channels=condition_channels(codec.latent_channels) if masked else 0,
+                     num_strides=config.max_stride_label)
     else:
         lh, lw = codec.latent_size(*config.frame_size)
         shape = dict(sample_height=lh, sample_width=lw, grid_rows=1, grid_cols=1,
@@ -133,9 +139,33 @@ class StepBatches:
 def collate(items: list[dict]) -> dict:
     batch = {"x": torch.stack([it["x"] for it in items]), "index": [it["index"] for it in items],
              "id": [it["id"] for it in items]}
-    if "cond" in items[0]:
-        batch["cond"] = torch.stack([it["cond"] for it in items])
+    for key in ("cond", "known"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
+    if "stride_label" in items[0]:
+        batch["stride_label"] = torch.tensor([it["stride_label"] for it in items])
     return batch
+
+
+def model_inputs(batch: dict, codec: LatentCodec, spec, device: torch.device) -> dict:
+    """The clean latents of a batch and what goes with them into :func:`diffusion_loss`.
+
+    Stage 2: the degraded frame's latent as ``cond``. Stage 1 with masked
+    conditioning: the known cells' latents and the mask as ``cond``
+    (:func:`~ctgridit.core.conditioning.masked_condition`) and the loss on the
+    other cells; with stride labels, the labels.
+    """
+    x = codec.encode(batch["x"].to(device))
+    inputs: dict = {"clean": x}
+    if "cond" in batch:
+        inputs["cond"] = codec.encode(batch["cond"].to(device))
+    if "known" in batch:
+        mask = cell_mask(batch["known"], spec.rows, spec.cols, x.shape[-2] // spec.rows,
+                         x.shape[-1] // spec.cols).to(device=device, dtype=x.dtype)      # (B, 1, H, W)
+        inputs.update(cond=masked_condition(x, mask), weight=1 - mask)
+    if "stride_label" in batch:
+        inputs["stride"] = batch["stride_label"].to(device)
+    return inputs
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -242,13 +272,12 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
             batch = next(micro_batches)
             if audit_dir:
                 audit.append([step, micro, batch["index"], [list(i) for i in batch["id"]]])
-            x = codec.encode(batch["x"].to(accelerator.device))
-            cond = codec.encode(batch["cond"].to(accelerator.device)) if "cond" in batch else None
+            inputs = model_inputs(batch, codec, config.grid_spec, accelerator.device)
             generator = torch.Generator(accelerator.device).manual_seed(
                 sample_seed(optim.seed + 1, (step * optim.grad_accum + micro) * world + rank))
             sync = micro == optim.grad_accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss = diffusion_loss(model, scheduler, x, cond, generator) / optim.grad_accum
+                loss = diffusion_loss(model, scheduler, generator=generator, **inputs) / optim.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if optim.max_grad_norm > 0:

@@ -1,0 +1,101 @@
+"""Masked conditioning of the grid model: one stage-1 model for generation, extension and interpolation.
+
+This is Masked Conditional Video Diffusion (Voleti et al., 2022) on GriDiT's
+grids, our correction of the paper's sampling (GRIDIT.md section 6): the paper
+samples an unconditional model and pastes the known cells in (replacement
+inpainting), which even with a perfect model does not sample the conditional
+distribution and loses the trend of the known frames. Here the model is *told*
+the known cells:
+
+- a grid's *task* says which of its ``R x C`` cells are known
+  (:func:`known_cells`): none (``"unconditional"``), the first ``m`` rows
+  (``"extension"``: the last rows of the previous grid), or the first ``k`` and
+  last ``k`` cells (``"interpolation"``: frames on both sides of a gap);
+- the model's condition is the clean latent of the known cells (zeros
+  elsewhere) and the cell mask, stacked on channels (:func:`masked_condition`),
+  which :class:`~ctgridit.core.dit.GridDiT` concatenates to its noisy input like
+  stage 2's condition (``cond_channels = latent channels + 1``);
+- training draws the task of every grid (:class:`TaskMix`) and counts the loss
+  on the unknown cells only; the known cells of the noisy input are the known
+  latents diffused to the level like the rest, exactly what the sampler feeds
+  (:func:`ctgridit.core.sampler.inpaint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TASKS = ("unconditional", "extension", "interpolation")
+
+
+def known_cells(task: str, rows: int, cols: int, control_rows: int | None = None, chunk: int = 1) -> list[float]:
+    """Row-major flags (1.0 known, 0.0 to generate) of the cells of an ``R x C`` grid for ``task``.
+
+    ``control_rows`` (``m``, default ``R - 1``) for extension; ``chunk`` (``k``)
+    for interpolation. Raises ValueError when nothing would be left to generate.
+    """
+    cells = rows * cols
+    if task == "unconditional":
+        return [0.0] * cells
+    if task == "extension":
+        m = rows - 1 if control_rows is None else control_rows
+        if not 1 <= m < rows:
+            raise ValueError(f"control_rows must be in 1..{rows - 1} for a {rows}x{cols} grid, got {m}")
+        return [1.0] * (m * cols) + [0.0] * ((rows - m) * cols)
+    if task == "interpolation":
+        if not 1 <= chunk or cells - 2 * chunk < 1:
+            raise ValueError(f"chunk must leave a cell to fill in a {rows}x{cols} grid, got {chunk}")
+        return [1.0] * chunk + [0.0] * (cells - 2 * chunk) + [1.0] * chunk
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def condition_channels(latent_channels: int) -> int:
+    """Channels of :func:`masked_condition` for latents of ``latent_channels``: the latents and the mask."""
+    return latent_channels + 1
+
+
+def masked_condition(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's condition: ``(B, c + 1, H, W)``, the known latents (zeros elsewhere) and the mask.
+
+    ``known`` is ``(B, c, H, W)``; ``mask`` ``(B or 1, 1, H, W)`` is 1 on the known cells.
+    """
+    mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
+    return torch.cat([known * mask, mask], dim=1)
+
+
+@dataclass(frozen=True)
+class TaskMix:
+    """How training draws the task of each grid (probabilities need not sum to 1; they are normalised).
+
+    ``control_rows`` and ``chunk`` as in :func:`known_cells`: train the ``m`` and
+    ``k`` you sample with.
+    """
+
+    unconditional: float = 0.2
+    extension: float = 0.4
+    interpolation: float = 0.4
+    control_rows: int | None = None
+    chunk: int = 1
+
+    def __post_init__(self) -> None:
+        weights = self.weights
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"task probabilities must be >= 0 with a positive sum, got {weights}")
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        return float(self.unconditional), float(self.extension), float(self.interpolation)
+
+    def check(self, rows: int, cols: int) -> None:
+        """Raise ValueError if a task with a positive probability cannot be laid out on this grid."""
+        for task, weight in zip(TASKS, self.weights):
+            if weight > 0:
+                known_cells(task, rows, cols, self.control_rows, self.chunk)
+
+    def draw(self, generator: torch.Generator, rows: int, cols: int) -> list[float]:
+        """The known-cell flags of one training grid, drawn with ``generator``."""
+        weights = torch.tensor(self.weights, dtype=torch.float64)
+        task = TASKS[int(torch.multinomial(weights, 1, generator=generator))]
+        return known_cells(task, rows, cols, self.control_rows, self.chunk)
