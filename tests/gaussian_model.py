@@ -134,15 +134,12 @@ class ExactModel:
 
     ``alphas_cumprod`` are the training scheduler's. ``conditional``: the
     masked-conditional model (``cond`` = clean known cells and the cell mask on
-    channels). ``num_strides``: the stride labels it takes (as a GridDiT's
-    config says). Calls are counted in ``calls``.
+    channels). Calls are counted in ``calls``.
     """
 
-    def __init__(self, dist: GaussianSequence, alphas_cumprod: torch.Tensor, conditional: bool = False,
-                 num_strides: int = 0) -> None:
+    def __init__(self, dist: GaussianSequence, alphas_cumprod: torch.Tensor, conditional: bool = False) -> None:
         self.dist, self.abar = dist, alphas_cumprod.double()
         self.conditional, self.calls = conditional, 0
-        self.config = _Config(dist.channels, dist.channels + 1 if conditional else 0, num_strides)
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None,
                  stride: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,12 +174,3 @@ class ExactModel:
                 out[:, k] = (x[idx][:, k] - a ** 0.5 * values[idx][:, k]) / (1 - a) ** 0.5
             eps[idx] = out
         return d.unflatten(eps).to(sample.dtype)
-
-
-@dataclass(frozen=True)
-class _Config:
-    """The fields of a GridDiT config the sampler reads."""
-
-    in_channels: int
-    cond_channels: int
-    num_strides: int

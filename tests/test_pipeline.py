@@ -262,6 +262,11 @@ def test_model_folders_with_the_old_flat_sampling_settings_still_load():
     assert SamplingConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown sampling key"):
         SamplingConfig.from_dict({**LEGACY_SAMPLING, "warp": 9})
+    # an old 4 x 4 folder interpolated between rows of 4 (its chunk default then): it still does
+    old_4x4 = {**LEGACY_SAMPLING, "interpolate": True}
+    assert SamplingConfig.from_dict(old_4x4, GridSpec(4, 4)).stage1.chunk == 4
+    assert SamplingConfig.from_dict(old_4x4, GridSpec(2, 2)).stage1.chunk is None
+    assert SamplingConfig.from_dict({"stage1": {"levels": 1}}, GridSpec(4, 4)).stage1.chunk is None
 
 
 def test_bundled_model_folder_loads_with_its_settings():

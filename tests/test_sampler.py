@@ -235,7 +235,7 @@ def test_plan_for_201_frames_on_2x2():
     assert fewer.iterations == 32 and fewer.total_frames == 196
 
 
-@pytest.mark.parametrize("n,iterations,grids", [(1, 1, 0), (16, 1, 0), (17, 1, 1), (40, 1, 3), (41, 2, 3),
+@pytest.mark.parametrize("n,iterations,grids", [(1, 1, 0), (16, 1, 0), (17, 1, 2), (40, 1, 3), (41, 2, 4),
                                                 (100, 6, 8)])
 def test_plan_on_4x4_with_the_papers_chunk_of_a_row(n, iterations, grids):
     plan = plan_sequence(n, 4, 4, chunk=4)
@@ -243,7 +243,7 @@ def test_plan_on_4x4_with_the_papers_chunk_of_a_row(n, iterations, grids):
     assert (plan.iterations, plan.interpolation_grids) == (iterations, grids)
     assert plan.total_frames >= n
     if grids:
-        assert plan.level_inputs[0] <= plan.step1_frames
+        assert plan.level_inputs[0] <= plan.step1_frames and plan.level_inputs[0] % 4 == 0   # whole chunks
         assert plan.total_frames == plan.level_inputs[0] + grids * 8
     if iterations > 1:                                              # the fewest grids
         fewer = sampler_module.SequencePlan(n, 4, 4, 3, 4, iterations - 1)
@@ -288,6 +288,12 @@ def test_plan_without_room_between_chunks_does_not_interpolate():
 def test_plan_refuses_bad_control_rows(bad):
     with pytest.raises(ValueError, match="control_rows"):
         plan_sequence(10, 2, 2, control_rows=bad)
+
+
+def test_a_single_row_grid_samples_without_extension():
+    out = sample_sequence(tiny_model(1, 4, frame=2), make_sample_scheduler(TRAIN, "ddim", 2), num_frames=3,
+                          frame_shape=(2, 2, 2), rows=1, cols=4, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 2, 2, 2)
 
 
 def test_plan_refuses_no_frames():

@@ -28,8 +28,9 @@ from tests.gaussian_model import ExactModel, GaussianSequence, GaussianVectorMod
 
 TRAIN = make_train_scheduler()                 # no clipping: the Gaussian is unbounded
 ABAR = TRAIN.alphas_cumprod
-#: CT-like: a level, a slow trend and an AR(1) part with neighbour correlation 0.95, plus white noise.
-CT_LIKE = dict(level=0.5, trend=0.1, white=0.1, ar=0.3, rho=0.95)
+#: CT-like: a level, a slow trend and an AR(1) part with neighbour correlation 0.95, plus white noise,
+#: around a mean of 0.3.
+CT_LIKE = dict(level=0.5, trend=0.1, white=0.1, ar=0.3, rho=0.95, offset=0.3)
 GRIDS = {"2x2": dict(rows=2, cols=2, h=1, w=2), "4x4": dict(rows=4, cols=4, h=1, w=1)}
 
 
@@ -179,15 +180,15 @@ def line_fit(sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 SLOPE_STEPS = 50
 
 
-def line_model(rows: int, cols: int, max_stride: int) -> ExactModel:
+def line_model(rows: int, cols: int) -> ExactModel:
     dist = GaussianSequence(rows=rows, cols=cols, h=1, w=1, level=SLOPE.level, trend=SLOPE.trend, white=SLOPE.white)
-    return ExactModel(dist, ABAR, conditional=True, num_strides=max_stride)
+    return ExactModel(dist, ABAR, conditional=True)
 
 
 def sample_lines(rows: int, cols: int, levels: int, num_frames: int, chunk: int | None = None,
                  strides: bool = True, batch: int = 64) -> torch.Tensor:
     max_stride = 300 if strides else 0
-    return sample_sequence(line_model(rows, cols, max_stride), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
+    return sample_sequence(line_model(rows, cols), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
                            num_frames=num_frames, frame_shape=(1, 1, 1), rows=rows, cols=cols, batch_size=batch,
                            levels=levels, chunk=chunk, max_batch=64, conditional=True, max_stride=max_stride,
                            generator=seeded(levels), dtype=torch.float64)
@@ -197,7 +198,7 @@ def grid_slope_std(rows: int, cols: int, stride: int, batch: int = 2000) -> floa
     """The std of the slope (per output frame) of single grids at ``stride`` from the same scheduler: the
     slope a sequence inherits from its first grid (a few-step sampler makes it a little smaller than the
     distribution's, 0.88x at 50 DDPM steps)."""
-    grid = inpaint(line_model(rows, cols, 300), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
+    grid = inpaint(line_model(rows, cols), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
                    torch.zeros(batch, 1, rows, cols, dtype=torch.float64), None, conditional=True, stride=stride,
                    generator=seeded(9))
     return float(line_fit(untile(grid, rows, cols))[0].std()) / stride

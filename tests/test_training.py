@@ -168,7 +168,7 @@ def test_masked_stride_aware_stage1_trains_resumes_and_samples_hierarchically(tm
     assert pipe.config.sampling.stage1.levels == 2
     labels, calls = [], []
     forward = pipe.stage1.forward
-    pipe.stage1.forward = lambda x, t, cond=None, stride=None: (calls.append(cond), labels.append(int(stride)),
+    pipe.stage1.forward = lambda x, t, cond=None, stride=None: (calls.append(cond), labels.extend(stride.tolist()),
                                                                  forward(x, t, cond=cond, stride=stride))[2]
     frames = pipe.sample_latents(30, generator=torch.Generator().manual_seed(0))
     assert frames.shape == (1, 30, 1, 16, 16)
@@ -193,6 +193,14 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     assert float(diffusion_loss(exact_on_unknown, scheduler, clean, generator=g(), weight=1 - mask)) < 1e-8
     assert float(diffusion_loss(exact_on_unknown, scheduler, clean, generator=g())) > 1.0
 
+    offsets = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)                            # an error per sample
+
+    def off_on_unknown(noisy, t):
+        return exact_on_unknown(noisy, t) - 5.0 * mask + offsets * (1 - mask)
+
+    loss = float(diffusion_loss(off_on_unknown, scheduler, clean, generator=g(), weight=1 - mask))
+    assert abs(loss - (1 + 4 + 9) / 3) < 1e-4                   # every sample counts alike, whatever its cells
+
 
 @pytest.mark.parametrize("changes,match", [
     ({"sampling": {"stage1": {"levels": 3}}}, "strides up to 9"),                  # stride 27 never trained
@@ -202,14 +210,39 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "control_rows": 2}}}, "control_rows"),
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "extension": -1}}}, "probabilities"),
     ({"stage1": {**MASKED, "conditioning": {"strides": True, "stride_dropout": 1.5}}}, "stride_dropout"),
+    ({"data": {"stride_range": None, "strides": [1, 9]}, "sampling": {"stage1": {"levels": 2}}}, r"strides \[3\]"),
+    ({"data": {"stride_range": [3, 2], "strides": None}}, "stride_range"),
+    ({"stage1": {**MASKED, "conditioning": {"masked": True, "unconditional": 0}}}, "unconditional"),
+    ({"sampling": {"stage1": {"repaint_jump": 2, "repaint_times": 3}}}, "RePaint"),
+    ({"stage2": {"conditioning": {"masked": True}}}, "stage 1 only"),
 ])
 def test_bad_conditioning_or_sampling_is_refused_before_training(tmp_path, small_ct, changes, match):
-    base = {"stage1": MASKED, "data": {"stride_range": None, "strides": [1, 3, 9]}}
+    base = {"stage1": MASKED, "data": {"stride_range": None, "strides": [1, 3, 9]},
+            "sampling": {"stage1": {"num_steps": 3, "levels": 1}}}
     path = write_config(tmp_path, small_ct, **{**base, **changes})
     with pytest.raises(CTGridItError, match=match) as info:
         load_config(path)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_thick_scans_serve_only_strides_at_least_their_thickness(tmp_path, small_ct):
+    from ctgridit.training.trainer import build_dataset, build_sequences
+
+    path = write_config(tmp_path, small_ct, data={"spacing": [12.0, 12.0, 1.5], "stride_range": None,
+                                                  "strides": [1, 2, 3], "strides_from_thickness": True},
+                        sampling={"stage1": {"levels": 0}})
+    config = load_config(path)
+    dataset = build_dataset(config, 1, build_sequences(config), 1, 0)       # the 3 mm slab at 1.5 mm
+    assert dataset.servers == {2: [0], 3: [0]}
+    config.data.strides_from_thickness = False
+    assert sorted(build_dataset(config, 1, build_sequences(config), 1, 0).servers) == [1, 2, 3]
+
+
+def test_control_rows_given_or_defaulted_are_the_same(tmp_path, small_ct):
+    path = write_config(tmp_path, small_ct, stage1=MASKED, data={"stride_range": None, "strides": [1, 3]},
+                        sampling={"stage1": {"control_rows": 1}})
+    assert load_config(path).sampling_config.stage1.control_rows == 1
 
 
 def _free_port() -> int:

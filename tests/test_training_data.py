@@ -18,7 +18,7 @@ from ctgridit.ct.io import read_ct
 from ctgridit.ct.training_data import CTRateSequences, load_ct_sequences
 from ctgridit.ct.transforms import window_hu
 from ctgridit.errors import CTGridItError
-from ctgridit.training.data import GridSampleDataset, SRPairDataset, VideoSequences, sample_seed
+from ctgridit.training.data import GridSampleDataset, InPlaneJitter, SRPairDataset, VideoSequences, sample_seed
 from ctgridit.video import frames_to_sequence, write_frames, write_video
 from tests.conftest import data_file
 
@@ -212,6 +212,48 @@ def test_explicit_strides_and_masked_tasks_and_stride_labels(ct_sequences):
         GridSampleDataset(ct_sequences, spec, tasks=TaskMix(control_rows=2))
     with pytest.raises(ValueError, match="stride_dropout"):
         GridSampleDataset(ct_sequences, spec, stride_dropout=1.0)
+
+
+def test_scans_know_their_own_slice_spacing(ct_sequences):
+    assert ct_sequences.slice_spacings == [3.0, 1.5]          # the slab is 3 mm thick, the chest crop 1.5 mm
+
+
+def test_a_sequence_serves_only_its_strides_and_strides_are_drawn_evenly(ct_sequences):
+    """The 3 mm slab (sequence 0) may serve stride 2 only; stride 1 then always comes from the chest crop,
+    and each stride is drawn about as often whatever number of sequences serve it."""
+    dataset = GridSampleDataset(ct_sequences, GridSpec(2, 2), strides=(1, 2), sequence_strides=[[2], [1, 2]], seed=3)
+    seen = {1: set(), 2: set()}
+    for index in range(400):
+        sequence, _, stride = dataset[index]["id"]
+        seen[stride].add(sequence)
+    assert seen == {1: {1}, 2: {0, 1}}
+    strides = [dataset[i]["id"][2] for i in range(400)]
+    assert abs(strides.count(1) / 400 - 0.5) < 4 * (0.25 / 400) ** 0.5
+    with pytest.raises(ValueError, match="entries"):
+        GridSampleDataset(ct_sequences, GridSpec(2, 2), sequence_strides=[[1]])
+
+
+def test_first_grids_start_near_the_start_and_jitter_moves_all_cells_alike(ct_sequences):
+    tasks = TaskMix(unconditional=1.0, extension=0.0, interpolation=0.0)
+    dataset = GridSampleDataset(ct_sequences, GridSpec(2, 2), tasks=tasks, start_within=3, channels=1)
+    assert all(dataset[i]["id"][1] < 3 for i in range(50))
+    plain = GridSampleDataset(ct_sequences, GridSpec(2, 2), channels=1, seed=4)
+    jittered = GridSampleDataset(ct_sequences, GridSpec(2, 2), channels=1, seed=4, jitter=InPlaneJitter(0.2, 0.1))
+    a, b = plain[5], jittered[5]
+    assert a["id"] == b["id"] and not torch.equal(a["x"], b["x"])
+    assert torch.equal(b["x"], jittered[5]["x"])                                     # seeded
+    frames = torch.rand(4, 1, 32, 32) * 2 - 1
+    moved = InPlaneJitter(scale=0.0, shift=0.0)(frames, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moved, frames, atol=1e-5, rtol=0)                      # identity at zero
+    small = InPlaneJitter(scale=0.5, shift=0.0)
+    g = torch.Generator().manual_seed(11)
+    while True:                                                                        # find a zoom-out draw
+        state = g.get_state()
+        if float(torch.rand((), generator=g)) < 0.3:
+            break
+    g.set_state(state)
+    out = small(torch.ones(2, 1, 32, 32), g)
+    assert float(out[:, :, 0, 0].max()) == -1.0 and float(out[:, :, 16, 16].min()) == 1.0   # air comes in at the edge
 
 
 def test_lazy_loader_lengths_are_checked(ct_sequences):

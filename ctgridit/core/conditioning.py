@@ -59,7 +59,8 @@ def condition_channels(latent_channels: int) -> int:
 def masked_condition(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The model's condition: ``(B, c + 1, H, W)``, the known latents (zeros elsewhere) and the mask.
 
-    ``known`` is ``(B, c, H, W)``; ``mask`` ``(B or 1, 1, H, W)`` is 1 on the known cells.
+    ``known`` is ``(B, c, H, W)``; ``mask`` (``(B or 1, 1, H, W)`` or ``(1, H, W)``,
+    as :func:`~ctgridit.core.grid.cell_mask` makes it) is 1 on the known cells.
     """
     mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
     return torch.cat([known * mask, mask], dim=1)

@@ -207,7 +207,8 @@ def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tens
     ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.
     ``cond`` and ``stride`` go to the model when given. ``weight`` ``(B or 1, 1,
     H, W)``, if given, says which pixels count (masked conditioning: the cells to
-    generate); the loss is the mean over them.
+    generate); the loss is the mean over them per sample, then over the batch,
+    so every sample (every task) counts alike whatever number of cells it has.
     """
     b = clean.shape[0]
     device = generator.device if generator is not None else clean.device
@@ -220,4 +221,5 @@ def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tens
         return F.mse_loss(pred.float(), eps.float())
     weight = weight.float().expand(b, 1, *clean.shape[2:])
     error = (pred.float() - eps.float()) ** 2                                         # (B, C, H, W)
-    return (error * weight).sum() / (weight.sum() * clean.shape[1]).clamp_min(1)
+    per_sample = (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * clean.shape[1]).clamp_min(1)
+    return per_sample.mean()

@@ -284,14 +284,14 @@ class GridDiT(ModelMixin, ConfigMixin):
     def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:
         """``stride`` (None, a scalar or ``(N,)``) as an ``(N,)`` long tensor, checked to lie in ``0..num_strides``."""
         n, top = sample.shape[0], self.config.num_strides
-        s = torch.as_tensor(0 if stride is None else stride, device=sample.device).long()
+        s = torch.as_tensor(0 if stride is None else stride)
         if s.ndim == 0:
             s = s.expand(n)
         if tuple(s.shape) != (n,):
             raise ValueError(f"stride must be a scalar or of shape ({n},), got {tuple(s.shape)}")
-        if bool(((s < 0) | (s > top)).any()):
+        if s.device.type == "cpu" and bool(((s < 0) | (s > top)).any()):   # (on a GPU the lookup checks it)
             raise ValueError(f"stride labels must lie in 0..{top} (0: not given), got {sorted(set(s.tolist()))}")
-        return s
+        return s.to(device=sample.device, dtype=torch.long)
 
     @staticmethod
     def _timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:

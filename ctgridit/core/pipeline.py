@@ -60,6 +60,15 @@ class Stage1Sampling:
     repaint_jump: int = 0                 # RePaint resampling (replacement mode): jump back this many steps ...
     repaint_times: int = 1                # ... this many times (1: none)
 
+    @property
+    def k(self) -> int:
+        """The interpolation chunk in effect."""
+        return 1 if self.chunk is None else self.chunk
+
+    def stride_labels(self, cells: int, max_stride: int) -> list[int | None]:
+        """The stride labels these settings give a model taking labels up to ``max_stride`` (ValueError beyond)."""
+        return stride_labels(level_strides(cells, self.levels, self.k), max_stride)
+
     def check(self) -> None:
         _check_sampler(self.sampler, self.num_steps, "stage1")
         if self.levels < 0 or self.max_batch < 1 or self.repaint_jump < 0 or self.repaint_times < 1:
@@ -132,13 +141,14 @@ class SamplingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SamplingConfig":
+    def from_dict(cls, data: dict, grid: GridSpec | None = None) -> "SamplingConfig":
         """Read ``{"stage1": {...}, "stage2": {...}}``, or the flat keys of older model folders.
 
         Older folders: ``sampler`` applied to both stages, ``interpolate: true``
         is one interpolation level, ``stage2_shared_noise`` the ``"shared"`` noise
-        and ``stage2_noise_length > 0`` the ``"smooth"`` one. Unknown keys are a
-        ValueError.
+        and ``stage2_noise_length > 0`` the ``"smooth"`` one; an unset chunk on a
+        ``grid`` of 3 rows or more was a row (``cols``), as it was then. Unknown
+        keys are a ValueError.
         """
         data = dict(data)
         if not set(data) - {"stage1", "stage2"}:
@@ -160,6 +170,8 @@ class SamplingConfig:
                 parts[part][name] = data.pop(key)
         if data:
             raise ValueError(f"unknown sampling key(s) {sorted(data)}")
+        if stage1.get("chunk") is None and stage1.get("levels", 1) and grid is not None and grid.rows >= 3:
+            stage1["chunk"] = grid.cols
         return cls(Stage1Sampling(**stage1), Stage2Sampling(**stage2))
 
 
@@ -183,8 +195,9 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
-        return cls(GridSpec(**data["grid"]), tuple(data["frame_size"]), int(data.get("channels", 3)),
-                   SamplingConfig.from_dict(data.get("sampling", {})), dict(data.get("adapter", {})))
+        grid = GridSpec(**data["grid"])
+        return cls(grid, tuple(data["frame_size"]), int(data.get("channels", 3)),
+                   SamplingConfig.from_dict(data.get("sampling", {}), grid), dict(data.get("adapter", {})))
 
 
 class GriDiTPipeline:
@@ -215,8 +228,7 @@ class GriDiTPipeline:
             if ((s2.sample_height, s2.sample_width) != (hh, hw) or s2.cond_channels != self.codec.latent_channels
                     or s2.in_channels != self.codec.latent_channels):
                 raise ValueError("stage 2 does not match the full-resolution frame latent and codec")
-        cfg = self.config.sampling.stage1
-        stride_labels(level_strides(grid.cells, cfg.levels, cfg.chunk or 1), self.max_stride)  # labels the model knows
+        self.config.sampling.stage1.stride_labels(grid.cells, self.max_stride)   # labels the model knows
 
     @property
     def masked(self) -> bool:

@@ -138,6 +138,8 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
         if cond is not None:
             raise ValueError("a masked-conditional model gets its condition from known and mask: do not pass cond")
         cond = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
+    if stride is not None:                                        # one label tensor for all steps, on the device
+        stride = torch.as_tensor(stride).expand(known.shape[0]).to(device=known.device, dtype=torch.long)
     inputs = {name: value for name, value in (("cond", cond), ("stride", stride)) if value is not None}
     levels = timesteps + [-1]                                     # noise level at walk index i; -1 = clean
     if init is None:
@@ -288,9 +290,9 @@ def _level_inputs(num_frames: int, chunk: int, gap: int, levels: int, cells: int
     """
     inputs, need = [], num_frames
     while len(inputs) < levels and need > cells:
-        frames = min(need, chunk)
+        frames = 2 * chunk                                       # whole chunks: no frame left out of a pair
         while frames + interpolation_pairs(frames, chunk) * gap < need:
-            frames += 1
+            frames += chunk
         inputs.insert(0, frames)
         need = frames
     return inputs
@@ -324,7 +326,8 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
                    None, stride=labels[0], **run, callback=phase_callback(callback, "extend", 0, total))
     frames = [untile(grid, rows, cols)]                                     # (B, R*C, c, h, w)
     known = plan.control_rows * cols
-    mask = cell_mask(known_cells("extension", rows, cols, plan.control_rows), rows, cols, h, w).to(device, dtype)
+    if plan.iterations > 1:
+        mask = cell_mask(known_cells("extension", rows, cols, plan.control_rows), rows, cols, h, w).to(device, dtype)
     for it in range(1, plan.iterations):
         cells = untile(grid, rows, cols)
         cells = torch.cat([cells[:, plan.cells - known:], torch.zeros_like(cells[:, known:])], dim=1)

@@ -23,6 +23,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
@@ -98,10 +99,28 @@ def scan_paths(paths: Sequence[str | os.PathLike], hold_out: Collection[str | os
     return kept
 
 
+class CTSequences(list):
+    """A list of ``(N, 1, H, W)`` scan sequences that also knows each scan's own slice spacing (mm)."""
+
+    def __init__(self, sequences: Sequence[torch.Tensor], slice_spacings: Sequence[float]) -> None:
+        super().__init__(sequences)
+        self.slice_spacings = [float(s) for s in slice_spacings]
+
+
+def slice_spacing(volume) -> float:
+    """The voxel size (mm) of a CT volume along its axis closest to the body's long (S-I) axis."""
+    affine = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+    axis = int(np.argmax(np.abs(affine[2]) / np.linalg.norm(affine, axis=0)))
+    return float(np.linalg.norm(affine[:, axis]))
+
+
 def load_ct_sequences(paths: Sequence[str | os.PathLike], spacing: SpacingMM | None = None,
                       window: Sequence[float] = DEFAULT_WINDOW, in_plane: int | Sequence[int] | None = None,
-                      hold_out: Collection[str | os.PathLike] = ()) -> list[torch.Tensor]:
+                      hold_out: Collection[str | os.PathLike] = ()) -> CTSequences:
     """Read CT scans as ``(N, 1, H, W)`` sequences in [-1, 1], all in memory (module docstring).
+
+    The result is a list that also records each scan's own slice spacing
+    (:class:`CTSequences`), which tells the strides the scan can serve.
 
     Args:
         paths: files and folders (see :func:`scan_paths`).
@@ -114,7 +133,12 @@ def load_ct_sequences(paths: Sequence[str | os.PathLike], spacing: SpacingMM | N
         hold_out: names of scans to leave out (e.g. a validation set).
     """
     transform = ct_frames_transform(spacing, window, in_plane)
-    return [volume_frames(transform(volume_to_metatensor(read_ct(p)))) for p in scan_paths(paths, hold_out)]
+    frames, spacings = [], []
+    for path in scan_paths(paths, hold_out):
+        volume = read_ct(path)
+        frames.append(volume_frames(transform(volume_to_metatensor(volume))))
+        spacings.append(slice_spacing(volume))
+    return CTSequences(frames, spacings)
 
 
 def resampled_depth(record: CTRateRecord, spacing: Sequence[float]) -> int:
@@ -166,3 +190,8 @@ class CTRateSequences:
 
     def num_frames(self, i: int) -> int:
         return resampled_depth(self.dataset.records[self.indices[i]], self.spacing)
+
+    @property
+    def slice_spacings(self) -> list[float]:
+        """Each volume's own slice spacing (mm), from the metadata CSV (ZSpacing)."""
+        return [float(self.dataset.records[i].spacing[2]) for i in self.indices]

@@ -45,7 +45,7 @@ import yaml
 from ctgridit.core.conditioning import TaskMix
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
-from ctgridit.core.sampler import level_strides, stride_labels
+from ctgridit.training.data import InPlaneJitter
 from ctgridit.errors import CTGridItError
 
 DATA_KINDS = ("ct", "ctrate", "video")
@@ -65,6 +65,10 @@ class DataConfig:
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
     strides: list[int] | None = None                        # or the strides to draw from, e.g. [1, 3, 9]
+    # a scan serves only strides whose step (stride x spacing z) is at least its own slice spacing: thick scans
+    # teach the coarse strides, never the fine ones from slices made by interpolation
+    strides_from_thickness: bool = False
+    jitter: dict[str, float] | None = None                  # stage-1 in-plane augmentation {scale, shift}
     every: int = 1                                          # video: keep every n-th frame
     num_workers: int = 0                                    # DataLoader worker processes
 
@@ -110,6 +114,9 @@ class ConditioningConfig:
     (extension), the first and last ``chunk`` cells known (interpolation).
     ``strides``: the model gets the grid's stride (labels up to the largest
     training stride), dropped to "not given" with probability ``stride_dropout``.
+    ``start_within``: grids with nothing known (the sampler's first grid) come
+    from the first frames of a sequence, so generated sequences begin where
+    training sequences begin.
     Both off: the paper's unconditional model, sampled by replacement.
     """
 
@@ -121,6 +128,7 @@ class ConditioningConfig:
     chunk: int = 1
     strides: bool = False
     stride_dropout: float = 0.1
+    start_within: int | None = None      # grids with nothing known start within this many frames of a scan's start
 
     @property
     def tasks(self) -> TaskMix:
@@ -172,7 +180,7 @@ class TrainConfig:
 
     @property
     def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig.from_dict(self.sampling)
+        return SamplingConfig.from_dict(self.sampling, self.grid_spec)
 
     @property
     def strides(self) -> list[int]:
@@ -181,6 +189,16 @@ class TrainConfig:
             return sorted(set(int(s) for s in self.data.strides))
         low, high = self.data.stride_range or (self.grid_spec.stride, self.grid_spec.stride)
         return list(range(int(low), int(high) + 1))
+
+    @property
+    def jitter(self) -> InPlaneJitter | None:
+        """The stage-1 augmentation of ``data.jitter`` (None: none)."""
+        if self.data.jitter is None:
+            return None
+        try:
+            return InPlaneJitter(**self.data.jitter)
+        except TypeError as err:
+            raise ValueError(f"data.jitter takes scale and shift ({err})") from None
 
     @property
     def max_stride_label(self) -> int:
@@ -216,7 +234,8 @@ class TrainConfig:
         if len(self.frame_size) != 2 or min(self.frame_size) < 1:
             raise CTGridItError(f"frame_size must be [H, W], got {self.frame_size}", self.source)
         try:
-            spec, sampling = self.grid_spec, self.sampling_config
+            spec = self.grid_spec
+            sampling = SamplingConfig.from_dict(self.sampling, spec)
         except (TypeError, ValueError) as err:
             raise CTGridItError(f"bad grid or sampling section ({err})", self.source) from None
         self._validate_conditioning(spec, sampling)
@@ -228,28 +247,60 @@ class TrainConfig:
                 raise CTGridItError("optim.steps, batch_size and grad_accum must be >= 1", self.source)
         return self
 
-
     def _validate_conditioning(self, spec: GridSpec, sampling: SamplingConfig) -> None:
         """Stage 1's conditioning and strides against the grid and the sampling settings."""
         cond, s1 = self.stage1.conditioning, sampling.stage1
-        strides = self.strides
-        if min(strides) < 1 or (self.data.stride_range and self.data.strides):
-            raise CTGridItError(f"strides must be >= 1, from data.strides or data.stride_range (not both), "
-                                f"got {strides}", self.source)
         try:
+            self._check_strides()
             if cond.masked:
                 cond.tasks.check(spec.rows, spec.cols)
+                needed = [("unconditional", cond.unconditional), ("extension", cond.extension)]
+                if s1.levels:
+                    needed.append(("interpolation", cond.interpolation))
+                missing = [name for name, weight in needed if weight <= 0]
+                if missing:
+                    raise ValueError(f"sampling needs the {' and '.join(missing)} task(s), trained with probability 0")
+                if s1.repaint_times > 1:
+                    raise ValueError("RePaint resampling is for replacement inpainting, not a masked-conditional model")
             if not 0.0 <= cond.stride_dropout < 1.0:
                 raise ValueError(f"stride_dropout must be in [0, 1), got {cond.stride_dropout}")
-            stride_labels(level_strides(spec.cells, s1.levels, s1.chunk or 1), self.max_stride_label)
+            if cond.start_within is not None and cond.start_within < 1:
+                raise ValueError(f"start_within must be >= 1, got {cond.start_within}")
+            self.jitter
+            labels = s1.stride_labels(spec.cells, self.max_stride_label)
+            if cond.strides:
+                untrained = sorted({label for label in labels if label} - set(self.strides))
+                if untrained:
+                    raise ValueError(f"sampling uses strides {untrained}, which the training strides "
+                                     f"{self.strides} do not include")
+                if 0 in labels and cond.stride_dropout <= 0:
+                    raise ValueError("sampling gives some grids no stride (chunk > 1), which needs stride_dropout > 0")
         except ValueError as err:
-            raise CTGridItError(f"bad stage1.conditioning or sampling section ({err})", self.source) from None
-        if cond.masked and s1.levels and (s1.chunk or 1) != cond.chunk:
-            raise CTGridItError(f"sampling.stage1.chunk is {s1.chunk or 1} but stage 1 is trained to interpolate "
+            raise CTGridItError(f"bad stage1.conditioning, data strides or sampling section ({err})",
+                                self.source) from None
+        if cond.masked and s1.levels and s1.k != cond.chunk:
+            raise CTGridItError(f"sampling.stage1.chunk is {s1.k} but stage 1 is trained to interpolate "
                                 f"with chunk {cond.chunk}", self.source, "make them equal")
-        if cond.masked and s1.control_rows != cond.control_rows:
-            raise CTGridItError(f"sampling.stage1.control_rows is {s1.control_rows} but stage 1 is trained to extend "
-                                f"with control_rows {cond.control_rows}", self.source, "make them equal")
+        trained_m = spec.rows - 1 if cond.control_rows is None else cond.control_rows
+        sampled_m = spec.rows - 1 if s1.control_rows is None else s1.control_rows
+        if cond.masked and trained_m != sampled_m:
+            raise CTGridItError(f"sampling.stage1.control_rows is {sampled_m} but stage 1 is trained to extend "
+                                f"with control_rows {trained_m}", self.source, "make them equal")
+        if self.stage2.conditioning != ConditioningConfig():
+            raise CTGridItError("stage2.conditioning is for stage 1 only", self.source, "remove it")
+
+    def _check_strides(self) -> None:
+        """``data.strides`` or ``data.stride_range``: positive integers, a range in order, not both."""
+        data = self.data
+        if data.stride_range is not None and data.strides is not None:
+            raise ValueError("give data.strides or data.stride_range, not both")
+        if data.stride_range is not None:
+            r = data.stride_range
+            if not (isinstance(r, list) and len(r) == 2 and all(type(v) is int for v in r) and 1 <= r[0] <= r[1]):
+                raise ValueError(f"data.stride_range must be [low, high], integers with 1 <= low <= high, got {r}")
+        if data.strides is not None and not (isinstance(data.strides, list) and data.strides
+                                             and all(type(v) is int and v >= 1 for v in data.strides)):
+            raise ValueError(f"data.strides must be a list of positive integers, got {data.strides}")
 
 
 def _build(cls, data: Any, where: str, source: str | None):

@@ -37,9 +37,11 @@ import hashlib
 import operator
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ctgridit.core.conditioning import TaskMix
@@ -127,6 +129,28 @@ class _SequenceDataset(Dataset):
         return x.float()
 
 
+@dataclass(frozen=True)
+class InPlaneJitter:
+    """A random in-plane zoom and shift, the same for all frames of a grid (data augmentation).
+
+    The zoom is uniform in ``[1 - scale, 1 + scale]``, the shift uniform in
+    ``+-shift`` of the frame size along each axis; what comes into view is
+    filled with the low end of the range (-1: air for CT, black for video).
+    """
+
+    scale: float = 0.1
+    shift: float = 0.05
+
+    def __call__(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``(N, C, H, W)`` frames in [-1, 1], moved and zoomed alike (bilinear)."""
+        zoom = 1 + self.scale * (2 * float(torch.rand((), generator=generator)) - 1)
+        dy, dx = (self.shift * (2 * torch.rand(2, generator=generator, dtype=torch.float64) - 1)).tolist()
+        theta = torch.tensor([[1 / zoom, 0, 2 * dx], [0, 1 / zoom, 2 * dy]], dtype=frames.dtype)
+        grid = F.affine_grid(theta.expand(len(frames), 2, 3), list(frames.shape), align_corners=False)
+        moved = F.grid_sample(frames + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return moved - 1
+
+
 class GridSampleDataset(_SequenceDataset):
     """Stage-1 training grids: ``R x C`` frames ``k, k+s, ..., k+(RC-1)s`` of one sequence, tiled row-major.
 
@@ -140,18 +164,26 @@ class GridSampleDataset(_SequenceDataset):
             for two levels of 2 x 2 interpolation).
         seed, length: see the module docstring.
         channels: channels of the grids (1 keeps gray, 3 for an RGB codec).
+        sequence_strides: for each sequence, the strides it may serve (e.g.
+            only the coarse ones for a CT scan of thick slices); default all.
         tasks: masked conditioning (:class:`~ctgridit.core.conditioning.TaskMix`):
             each item also draws which of its cells are known.
         stride_dropout: stride labels: each item also carries its stride as a
             label, replaced by 0 ("not given") with this probability.
+        start_within: grids with nothing known (the first grid of a sampled
+            sequence) start within the first ``start_within`` frames of their
+            sequence, so the sampler begins where sequences begin (e.g. below
+            the diaphragm for chest CT) instead of anywhere.
+        jitter: in-plane augmentation (:class:`InPlaneJitter`).
 
-    Item ``index`` draws with its generator: a sequence, uniformly among those
-    with at least ``(RC - 1) * s_min + 1`` frames (shorter ones are skipped;
-    none long enough is a ValueError); a stride ``s`` uniformly among the strides
-    that fit that sequence; a start ``k`` uniformly with
-    ``k + (RC - 1) * s < N``; then, if asked for, the known cells and the label
-    dropout. Its frames are resized in-plane to ``spec.frame_size(H, W)``
-    (bicubic, :func:`~ctgridit.core.grid.resize_frames`) and tiled with
+    Item ``index`` draws with its generator: a stride, uniformly among the
+    strides some sequence can serve (serves it and is long enough:
+    ``(RC - 1) * s + 1`` frames; none is a ValueError); a sequence, uniformly
+    among those that can serve it; a start ``k`` uniformly with
+    ``k + (RC - 1) * s < N``; then, if asked for, the known cells, the label
+    dropout, the start of a grid with nothing known and the jitter. Its frames
+    are resized in-plane to ``spec.frame_size(H, W)`` (bicubic,
+    :func:`~ctgridit.core.grid.resize_frames`) and tiled with
     :func:`~ctgridit.core.grid.tile`.
 
     Items: ``{"x": (channels, R*h, C*w) grid, "id": (sequence, start, stride),
@@ -161,8 +193,10 @@ class GridSampleDataset(_SequenceDataset):
 
     def __init__(self, sequences: Sequence[torch.Tensor] | FrameSequences, spec: GridSpec = GridSpec(),
                  stride_range: tuple[int, int] | None = None, seed: int = 0, length: int = VIRTUAL_LENGTH,
-                 channels: int = 3, strides: Sequence[int] | None = None, tasks: TaskMix | None = None,
-                 stride_dropout: float | None = None) -> None:
+                 channels: int = 3, strides: Sequence[int] | None = None,
+                 sequence_strides: Sequence[Sequence[int]] | None = None, tasks: TaskMix | None = None,
+                 stride_dropout: float | None = None, start_within: int | None = None,
+                 jitter: InPlaneJitter | None = None) -> None:
         if strides is not None and stride_range is not None:
             raise ValueError("give strides or stride_range, not both")
         if strides is None:
@@ -175,13 +209,23 @@ class GridSampleDataset(_SequenceDataset):
             raise ValueError(f"strides must be positive integers, got {list(strides)}")
         if stride_dropout is not None and not 0.0 <= stride_dropout < 1.0:
             raise ValueError(f"stride_dropout must be in [0, 1), got {stride_dropout}")
+        if start_within is not None and start_within < 1:
+            raise ValueError(f"start_within must be >= 1, got {start_within}")
         if tasks is not None:
             tasks.check(spec.rows, spec.cols)
         super().__init__(sequences, seed, length, channels)
+        if sequence_strides is not None and len(sequence_strides) != len(self.num_frames):
+            raise ValueError(f"sequence_strides has {len(sequence_strides)} entries for {len(self.num_frames)} sequences")
         self.spec, self.tasks, self.stride_dropout = spec, tasks, stride_dropout
-        low = self.strides[0]
-        self.eligible = [i for i, n in enumerate(self.num_frames) if n >= self.span(low)]
-        if not self.eligible:
+        self.start_within, self.jitter = start_within, jitter
+        allowed = [set(self.strides) if sequence_strides is None else set(sequence_strides[i]) & set(self.strides)
+                   for i in range(len(self.num_frames))]
+        #: for every stride some sequence can serve, the sequences that can
+        self.servers = {s: [i for i, n in enumerate(self.num_frames) if s in allowed[i] and self.span(s) <= n]
+                        for s in self.strides}
+        self.servers = {s: seqs for s, seqs in self.servers.items() if seqs}
+        if not self.servers:
+            low = min(min(a) for a in allowed if a) if any(allowed) else self.strides[0]
             raise ValueError(f"no sequence is long enough for a {spec.rows}x{spec.cols} grid at stride {low}: "
                              f"it needs {self.span(low)} frames, the longest has {max(self.num_frames)}")
 
@@ -189,26 +233,27 @@ class GridSampleDataset(_SequenceDataset):
         """Frames of the sequence covered by one grid at ``stride``: ``(RC - 1) * s + 1``."""
         return (self.spec.cells - 1) * stride + 1
 
-    def fitting_strides(self, num_frames: int) -> list[int]:
-        """The strides whose grid fits in ``num_frames`` frames."""
-        return [s for s in self.strides if self.span(s) <= num_frames]
-
     def __getitem__(self, index: int) -> dict:
         g = self.generator(index)
-        i = self.eligible[_randint(len(self.eligible), g)]
+        served = sorted(self.servers)
+        stride = served[_randint(len(served), g)]
+        i = self.servers[stride][_randint(len(self.servers[stride]), g)]
         n = self.num_frames[i]
-        fitting = self.fitting_strides(n)
-        stride = fitting[_randint(len(fitting), g)]
         start = _randint(n - self.span(stride) + 1, g)
-        frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
-        cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)
-        grid = tile(cells, self.spec.rows, self.spec.cols)                         # (C, R*h, C*w)
-        item = {"x": to_channels(grid, self.channels).contiguous(), "id": (i, start, stride), "index": index}
+        item = {"index": index}
         if self.tasks is not None:
             item["known"] = torch.tensor(self.tasks.draw(g, self.spec.rows, self.spec.cols))
         if self.stride_dropout is not None:
             dropped = float(torch.rand((), generator=g)) < self.stride_dropout
             item["stride_label"] = 0 if dropped else stride
+        if self.start_within is not None and not bool(item.get("known", torch.zeros(1)).any()):
+            start = _randint(min(self.start_within, n - self.span(stride) + 1), g)
+        frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
+        if self.jitter is not None:
+            frames = self.jitter(frames, g)
+        cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)
+        grid = tile(cells, self.spec.rows, self.spec.cols)                         # (C, R*h, C*w)
+        item.update(x=to_channels(grid, self.channels).contiguous(), id=(i, start, stride))
         return item
 
 

@@ -82,9 +82,23 @@ def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, see
     if stage == 1:
         cond = config.stage1.conditioning
         return GridSampleDataset(sequences, spec, strides=config.strides, seed=seed, channels=channels,
+                                 sequence_strides=sequence_strides(config, sequences),
                                  tasks=cond.tasks if cond.masked else None,
-                                 stride_dropout=cond.stride_dropout if cond.strides else None)
+                                 stride_dropout=cond.stride_dropout if cond.strides else None,
+                                 start_within=cond.start_within, jitter=config.jitter)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
+
+
+def sequence_strides(config: TrainConfig, sequences) -> list[list[int]] | None:
+    """With ``data.strides_from_thickness``: for each sequence the strides whose step (``stride x`` the
+    configured z spacing) is at least the sequence's own slice spacing; None (all strides) otherwise."""
+    if not config.data.strides_from_thickness:
+        return None
+    own = getattr(sequences, "slice_spacings", None)
+    if own is None or not config.data.spacing:
+        raise CTGridItError("data.strides_from_thickness needs CT data resampled to data.spacing", config.source)
+    step = float(config.data.spacing[2])
+    return [[s for s in config.strides if s * step >= thickness - 1e-3] for thickness in own]
 
 
 def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
