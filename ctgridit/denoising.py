@@ -2,9 +2,22 @@
 
 Three methods share one input/output path (:func:`denoise_volume`):
 
-- ``gridit``: the paper's Algorithm 3 with a GriDiT model
-  (:func:`ctgridit.core.denoise.denoise`). The model only knows its own voxel
-  grid (the bundled one: 128 x 128 slices at 3 mm), so the scan is brought to it
+- ``gridit``: the paper's Algorithm 3 with a GriDiT model. Two kinds of model:
+
+  - a **native-resolution denoiser** (``adapter.resolution: native`` in its
+    ``gridit.json``; the bundled default, ``ctgridit/models/ct_denoise``): a
+    stage-1 grid model of 2 x 2 tiles of consecutive slices at the scan's own
+    voxel size. The scan is oriented LPS (axes only, no resampling), its noise
+    estimated at full resolution (:func:`~ctgridit.core.denoise.estimate_noise`)
+    and the matching level ``t*`` chosen as below; then MONAI's sliding window
+    covers it with tiles overlapping by a quarter in-plane and grids
+    overlapping by half along z, every window is denoised by the one-step
+    posterior mean from ``t*`` (:func:`~ctgridit.core.denoise.denoise_grids`)
+    and the windows are blended with Gaussian weights (no seams). A scan whose
+    estimated noise is below the model's first level comes back unchanged.
+  - a **fixed-grid model** (the synthesis model, e.g. ``--model`` with the
+    bundled synthesis model), :func:`ctgridit.core.denoise.denoise`. The model only knows its own voxel
+    grid (the bundled one: 128 x 128 slices at 3 x 3 x 1.5 mm), so the scan is brought to it
   exactly as training data were (LPS orientation, resampling to the model's
   spacing, after a Gaussian anti-aliasing blur where it is coarser than the
   scan, ``sigma = (factor - 1) / 2`` voxels as scikit-image's ``rescale``;
@@ -31,14 +44,15 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ctgridit.core.denoise import DENOISE_STEPS, denoise, estimate_noise
-from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
-from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.denoise import DENOISE_STEPS, denoise, denoise_grids, estimate_noise, start_level
+from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
@@ -59,12 +73,19 @@ class DenoiseResult:
 def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | str = "auto",
                    model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
                    steps: int = DENOISE_STEPS, progress: ProgressCallback | None = None) -> DenoiseResult:
-    """Denoise ``volume`` with ``method`` (module docstring); the result keeps its geometry."""
+    """Denoise ``volume`` with ``method`` (module docstring); the result keeps its geometry.
+
+    ``model``: a model folder or a loaded pipeline; default the bundled denoiser.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     began = time.perf_counter()
     if method == "gridit":
-        hu, details = _gridit(volume, strength, model, device, seed, steps, progress)
+        pipeline = model if isinstance(model, GriDiTPipeline) else load_denoiser(model, device)
+        run = _gridit_native if is_native(pipeline) else _gridit
+        hu, details = run(volume, strength, pipeline, seed, steps, progress)
+        details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
+            ("bundled denoiser" if model is None else "given pipeline")
     else:
         hu, details = _classical(volume, method, progress)
     out = CTVolume(hu.astype(np.float32), volume.affine.copy(), source=volume.source, source_dtype="int16",
@@ -72,16 +93,97 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     return DenoiseResult(out, method, time.perf_counter() - began, details)
 
 
+# ------------------------------------------------------------------ models
+#: The native-resolution denoiser shipped inside the package (see its MODEL.md).
+BUNDLED_DENOISER = Path(__file__).resolve().parent / "models" / "ct_denoise"
+#: Windows per model call of the sliding window.
+WINDOW_BATCH = 32
+#: Overlap of neighbouring windows: in-plane (rows, columns) and along z.
+WINDOW_OVERLAP = (0.25, 0.25, 0.5)
+
+
+def is_native(pipeline: GriDiTPipeline) -> bool:
+    """Whether the model works on tiles at the scan's own voxel size (a native-resolution denoiser)."""
+    return pipeline.config.adapter.get("resolution") == "native"
+
+
+def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
+    """A CT model folder to denoise with; ``None`` means the bundled denoiser."""
+    from ctgridit.device import resolve_device
+    from ctgridit.errors import CTGridItError
+
+    folder = Path(model) if model is not None else BUNDLED_DENOISER
+    if model is None and not (folder / CONFIG_FILE).is_file():
+        raise CTGridItError("no denoising model is installed", folder,
+                            "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
+    pipeline = GriDiTPipeline.from_pretrained(folder, device=resolve_device(device))
+    kind = pipeline.config.adapter.get("kind", "ct")
+    if kind != "ct":
+        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
+    if not is_native(pipeline) and "spacing" not in pipeline.config.adapter:
+        raise CTGridItError("the model folder records neither its voxel spacing nor that it works at the scan's "
+                            "own resolution (adapter in gridit.json)", folder, "export it again from the trainer")
+    return pipeline
+
+
 # ------------------------------------------------------------------ gridit
-def _gridit(volume: CTVolume, strength, model, device: str, seed: int, steps: int,
+def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
+                   progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers import sliding_window_inference
+
+    from ctgridit.ct.transforms import Orient, frames_to_volume, unwindow_hu, volume_to_frames, volume_to_metatensor
+    from ctgridit.ct.transforms import window_hu
+
+    cfg = pipeline.config
+    window = cfg.adapter.get("window", DEFAULT_WINDOW)
+    low, high = window
+    orient = Orient()
+    lps = orient(volume_to_metatensor(volume))                                 # (1, X, Y, Z) HU, axes only
+    hu = lps.as_tensor().float()
+    frames = window_hu(volume_to_frames(hu), window)                          # (Z, 1, Y, X) in [-1, 1]
+    sigma = estimate_noise(frames)
+    t, own = start_level(pipeline.scheduler, strength, sigma)
+    rows, cols, (tile_h, tile_w) = cfg.grid.rows, cfg.grid.cols, cfg.frame_size
+    roi = (tile_h, tile_w, cfg.grid.cells)
+    generator = torch.Generator().manual_seed(seed)
+    if t > 0:
+        x = frames.permute(1, 2, 3, 0)[None]                                   # (1, 1, Y, X, Z)
+        size = [max(s, r) for s, r in zip(x.shape[2:], roi)]
+        intervals = [r if r == s else max(1, int(r * (1 - o))) for r, s, o in zip(roi, size, WINDOW_OVERLAP)]
+        total = -(-len(dense_patch_slices(size, roi, intervals)) // WINDOW_BATCH)
+        done = [0]
+
+        def predict(patches: torch.Tensor) -> torch.Tensor:                    # (b, 1, h, w, R*C)
+            grids = tile(patches.permute(0, 4, 1, 2, 3), rows, cols)           # (b, 1, R*h, C*w)
+            out = denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
+            done[0] += 1
+            if progress is not None:
+                progress("denoise", done[0], total)
+            return untile(out.float().cpu(), rows, cols).permute(0, 2, 3, 4, 1)
+
+        with torch.no_grad():
+            out = sliding_window_inference(x, roi, WINDOW_BATCH, predict, overlap=WINDOW_OVERLAP, mode="gaussian",
+                                           padding_mode="replicate")
+        clean = out[0].permute(3, 0, 1, 2).clamp(-1, 1)                        # (Z, 1, Y, X)
+    else:
+        clean = frames                                                         # no noise to take out
+    correction = unwindow_hu(frames_to_volume(clean), window) - hu.clamp(low, high)
+    delta = lps.clone()
+    delta.copy_(correction)
+    back = orient.inverse(delta).as_tensor()[0].numpy()                       # (X, Y, Z), the scan's own axes
+    details = {"strength": strength, "steps": steps, "seed": seed, "noise_sigma_hu": sigma * (high - low) / 2,
+               "t": t, "tile": list(cfg.frame_size), "window_overlap": list(WINDOW_OVERLAP)}
+    return volume.array.astype(np.float64) + back, details
+
+
+def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
             progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
     from monai.transforms import Compose
 
     from ctgridit.ct.transforms import (HU_AIR, CropOrPadInPlane, Orient, ResampleToSpacing, frames_to_volume,
                                         unwindow_hu, volume_to_frames, volume_to_metatensor, window_hu)
-    from ctgridit.synthesis import load_model
 
-    pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
     cfg = pipeline.config
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
     height, width = cfg.frame_size
@@ -103,8 +205,7 @@ def _gridit(volume: CTVolume, strength, model, device: str, seed: int, steps: in
     delta.copy_(correction)                                                    # the model grid's metadata
     crop.pad_value = 0.0                                                       # no correction outside the field
     back = to_model.inverse(delta).as_tensor()[0].numpy()                      # (X, Y, Z), the scan's grid
-    details = {"model": str(model) if model is not None and not isinstance(model, GriDiTPipeline) else "bundled",
-               "strength": strength, "steps": steps, "seed": seed,
+    details = {"strength": strength, "steps": steps, "seed": seed,
                "noise_sigma_hu": levels.sigma_hr * (high - low) / 2,
                "t_stage1": levels.t1, "t_stage2": levels.t2,
                "model_grid": list(on_grid.shape[1:]), "model_spacing": list(cfg.adapter["spacing"])}

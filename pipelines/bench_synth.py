@@ -1,25 +1,31 @@
-"""Synthesis benchmark: time and quality of a 201-slice volume with the bundled model.
+"""Synthesis benchmark: time and quality of 201-slice volumes of the bundled model (the synthesis issues).
 
-    python pipelines/bench_synth.py                  # bundled model, 201 slices, seed 0, CPU
-    python pipelines/bench_synth.py --model runs/ct_small/model --slices 201 --device cuda
+    python pipelines/bench_synth.py                        # bundled model, 201 slices, CPU, 3 timing rounds
+    python pipelines/bench_synth.py --picture docs.png     # also the three planes next to a real chest
+    python pipelines/bench_synth.py --model runs/ctrate_xl/model --device cuda --seeds 0
 
 Prints
-- the time of stage 1 (grid sampler), decoding (latents to HU volume) and
-  stage 2 (per-slice super-resolution), and the total;
-- the time of a naive baseline of the same model size: every slice generated
-  at full resolution by its own reverse diffusion (same DiT width, depth and
-  patch, same number of steps), one after the other, without the grid, and
-  the ratio baseline / ours;
-- the checks of the issue on the volume: HU 1st and 99th percentile, mean
-  absolute difference of neighbouring slices against the held-out real scan
-  resampled to the model's spacing, the largest SSIM between slices more than
-  30 apart (also for the stage-1 slices alone, upsampled: the anatomy without
-  stage 2's fine detail), and the mean absolute difference from a second seed.
+- **time**, in alternating rounds: one 201-slice volume (seed 0) by GriDiT
+  (stage 1, decoding, stage 2), then the naive baseline of the same size: every
+  slice generated at full resolution by its own reverse diffusion with a DiT
+  of stage 1's width, depth and patch and the same sampler and steps, one
+  after the other (timed on ``--baseline-slices`` slices and scaled). The
+  median and the range of each and of their ratio;
+- **quality** for every seed (``--seeds``, default 0 to 3): HU 1st and 99th
+  percentile; mean |HU difference| of neighbouring slices against a real
+  thin-slice chest (LIDC-IDRI-0314) resampled to the model's spacing; where the
+  lungs lie (:class:`~ctgridit.ct.quality.LungExtent`: peak lung fraction, its
+  minimum in the first and last fifth over the peak, the length where it is at
+  least half the peak); the largest SSIM between slices more than 45 mm
+  apart, of the volume and of the stage-1 slices alone upsampled (the anatomy
+  without stage 2's detail); and how much the seeds differ. The same numbers
+  for the real chest come first.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -31,11 +37,12 @@ from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import resize_frames
 from ctgridit.core.sampler import inpaint
 from ctgridit.ct.adapter import sequence_to_volume
-from ctgridit.ct.quality import max_far_ssim, neighbour_difference, reference_neighbour_difference
-from ctgridit.synthesis import load_model, synthesize
+from ctgridit.ct.quality import lung_extent, max_far_ssim, neighbour_difference
+from ctgridit.ct.volume import CTVolume
+from ctgridit.synthesis import load_model
 
-HELD_OUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lung_pet_ct_dx" / "A0002_8mm_B40f.nii.gz"
-FAR = 30
+REAL_CHEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lidc_idri" / "LIDC-IDRI-0314.nii.gz"
+FAR_MM = 45.0
 
 
 def timed(fn):
@@ -44,14 +51,14 @@ def timed(fn):
     return result, time.perf_counter() - began
 
 
-def naive_baseline(pipeline, num_slices: int, steps: int) -> float:
+def naive_baseline(pipeline, num_slices: int) -> float:
     """Seconds to generate ``num_slices`` full-resolution frames one by one with a DiT of stage 1's size."""
-    s1 = pipeline.stage1.config
+    s1, cfg = pipeline.stage1.config, pipeline.config.sampling.stage1
     h, w = pipeline.codec.latent_size(*pipeline.config.frame_size)
     model = GridDiT(sample_height=h, sample_width=w, in_channels=s1.in_channels, patch_size=s1.patch_size,
                     hidden_size=s1.hidden_size, depth=s1.depth, num_heads=s1.num_heads, mlp_ratio=s1.mlp_ratio,
                     grid_rows=1, grid_cols=1).to(pipeline.device).eval()
-    scheduler = make_sample_scheduler(pipeline.scheduler, pipeline.config.sampling.stage1.sampler, steps)
+    scheduler = make_sample_scheduler(pipeline.scheduler, cfg.sampler, cfg.num_steps)
     generator = torch.Generator().manual_seed(0)
     frame = torch.zeros(1, s1.in_channels, h, w, device=pipeline.device)
     began = time.perf_counter()
@@ -61,57 +68,100 @@ def naive_baseline(pipeline, num_slices: int, steps: int) -> float:
     return time.perf_counter() - began
 
 
+def generate(pipeline, num_slices: int, seed: int) -> tuple[CTVolume, CTVolume, dict[str, float]]:
+    """One volume, the same volume's stage-1 slices upsampled (anatomy only), and the time of each phase."""
+    cfg = pipeline.config
+    spacing, window = cfg.adapter["spacing"], cfg.adapter["window"]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents, t1 = timed(lambda: pipeline.sample_latents(num_slices, 1, generator))
+        lr, t_dec1 = timed(lambda: pipeline.codec.decode(latents.flatten(0, 1)))
+        hr, t2 = timed(lambda: pipeline.super_resolve(lr, generator, sequence_length=num_slices))
+        volume, t_dec2 = timed(lambda: sequence_to_volume(hr.clamp(-1, 1), spacing, window))
+    coarse = sequence_to_volume(resize_frames(lr, cfg.frame_size).clamp(-1, 1), spacing, window)
+    times = {"stage 1": t1, "decoding": t_dec1 + t_dec2, "stage 2": t2}
+    times["total"] = sum(times.values())
+    return volume, coarse, times
+
+
+def real_chest(pipeline) -> CTVolume:
+    """The real thin-slice chest prepared like training data, at the model's spacing and size."""
+    from ctgridit.ct.training_data import load_ct_sequences
+
+    cfg = pipeline.config
+    frames = load_ct_sequences([REAL_CHEST], spacing=cfg.adapter["spacing"], window=cfg.adapter["window"],
+                               in_plane=tuple(cfg.frame_size))[0]
+    return sequence_to_volume(frames, cfg.adapter["spacing"], cfg.adapter["window"], source=REAL_CHEST.name)
+
+
+def describe(name: str, volume: CTVolume, coarse: CTVolume | None, reference: float, far: int) -> None:
+    hu = volume.array
+    p1, p99 = np.percentile(hu, [1, 99])
+    lungs = lung_extent(hu, volume.spacing[2])
+    ratio = neighbour_difference(hu) / reference
+    anatomy = f", stage 1 alone {max_far_ssim(coarse.array, far):.2f}" if coarse is not None else ""
+    print(f"{name:11s} HU p1 {p1:6.0f} p99 {p99:5.0f} | neighbours {ratio:4.2f}x the real chest | lungs: peak "
+          f"{lungs.peak:.2f}, ends {lungs.first_fifth:.2f} / {lungs.last_fifth:.2f} of the peak, "
+          f"{lungs.length_mm:3.0f} mm at half the peak, chest-like {lungs.chest_like()} | far SSIM "
+          f"{max_far_ssim(hu, far):.2f}{anatomy}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     parser.add_argument("--slices", type=int, default=201)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--baseline-slices", type=int, default=None,
-                        help="time the baseline on fewer slices and scale up (default: all)")
-    parser.add_argument("--no-second-seed", action="store_true", help="skip the second-seed volume")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (GriDiT, then the baseline)")
+    parser.add_argument("--baseline-slices", type=int, default=20,
+                        help="time the baseline on this many slices and scale up")
+    parser.add_argument("--picture", default=None, help="write the three planes of seed 0 next to the real chest")
     args = parser.parse_args()
 
     pipeline = load_model(args.model, args.device)
-    cfg = pipeline.config
+    cfg, s1, s2 = pipeline.config, pipeline.config.sampling.stage1, pipeline.config.sampling.stage2
     print(f"model: {args.model or 'bundled'}; stage 1 {pipeline.stage1.config.hidden_size}x{pipeline.stage1.config.depth}"
-          f" patch {pipeline.stage1.config.patch_size}; frames {cfg.frame_size}; grid {cfg.grid.rows}x{cfg.grid.cols}"
-          f" factor {cfg.grid.factor}; {cfg.sampling.stage1.sampler} {cfg.sampling.stage1.num_steps} +"
-          f" {cfg.sampling.stage2.sampler} {cfg.sampling.stage2.num_steps} steps;"
-          f" device {pipeline.device}; threads {torch.get_num_threads()}")
-    generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        latents, t1 = timed(lambda: pipeline.sample_latents(args.slices, 1, generator))
-        lr, t_dec1 = timed(lambda: pipeline.codec.decode(latents.flatten(0, 1)))
-        hr, t2 = timed(lambda: pipeline.super_resolve(lr, generator))
-        volume, t_dec2 = timed(lambda: sequence_to_volume(hr.clamp(-1, 1), cfg.adapter["spacing"], cfg.adapter["window"]))
-    decode = t_dec1 + t_dec2
-    total = t1 + decode + t2
-    print(f"\n{args.slices} slices: stage 1 {t1:.1f} s, decoding {decode:.2f} s, stage 2 {t2:.1f} s, total {total:.1f} s")
+          f" patch {pipeline.stage1.config.patch_size} ({'masked-conditional' if pipeline.masked else 'unconditional'},"
+          f" strides up to {pipeline.max_stride}); frames {cfg.frame_size} at {cfg.adapter['spacing']} mm; grid "
+          f"{cfg.grid.rows}x{cfg.grid.cols} factor {cfg.grid.factor}; stage 1 {s1.sampler} {s1.num_steps} steps, "
+          f"{s1.levels} interpolation level(s); stage 2 {s2.sampler} {s2.num_steps} steps at "
+          f"strength {s2.strength}; device {pipeline.device}; threads {torch.get_num_threads()}")
 
-    baseline_slices = args.baseline_slices or args.slices
-    base = naive_baseline(pipeline, baseline_slices, cfg.sampling.stage1.num_steps) * args.slices / baseline_slices
-    note = "" if baseline_slices == args.slices else f" (timed on {baseline_slices} slices, scaled)"
-    print(f"naive baseline (every slice at full resolution, one by one, same DiT size, {cfg.sampling.stage1.num_steps} steps):"
-          f" {base:.1f} s{note}; baseline / GriDiT = {base / total:.2f}x")
+    ours, base, phases = [], [], []
+    generate(pipeline, 8, 0)                                                  # warm-up
+    for _ in range(args.rounds):
+        _, _, times = generate(pipeline, args.slices, 0)
+        ours.append(times["total"])
+        phases.append(times)
+        base.append(naive_baseline(pipeline, args.baseline_slices) * args.slices / args.baseline_slices)
+    ratios = [b / o for b, o in zip(base, ours)]
+    median = statistics.median
+    print(f"\n{args.slices} slices, {args.rounds} alternating rounds (median, range):")
+    print(f"  GriDiT   {median(ours):6.1f} s  ({min(ours):.1f} .. {max(ours):.1f}); phases of the median round: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases, key=lambda p: p['total'])[len(phases) // 2].items()))
+    print(f"  baseline {median(base):6.1f} s  ({min(base):.1f} .. {max(base):.1f}), timed on "
+          f"{args.baseline_slices} slices and scaled")
+    print(f"  baseline / GriDiT {median(ratios):.2f}x ({min(ratios):.2f} .. {max(ratios):.2f})")
 
-    hu = volume.array
-    p1, p99 = np.percentile(hu, [1, 99])
-    gen = neighbour_difference(hu)
-    real = reference_neighbour_difference(HELD_OUT, cfg.adapter["spacing"], cfg.frame_size)
-    print(f"\nshape {hu.shape}, spacing {volume.spacing} mm")
-    print(f"HU p1 {p1:.0f} (< -800: {p1 < -800}), p99 {p99:.0f} (> 100: {p99 > 100})")
-    print(f"neighbouring-slice mean |dHU|: generated {gen:.1f}, held-out real {real:.1f}, ratio {gen / real:.2f} "
-          f"(0.5..2: {0.5 <= gen / real <= 2})")
-    far = max_far_ssim(hu, FAR)
-    print(f"largest SSIM between slices more than {FAR} apart: {far:.3f} (< 0.9: {far < 0.9})")
-    coarse = sequence_to_volume(resize_frames(lr, cfg.frame_size).clamp(-1, 1), cfg.adapter["spacing"],
-                                cfg.adapter["window"]).array
-    print(f"  the same for the stage-1 slices upsampled, without stage 2's detail (anatomy only): "
-          f"{max_far_ssim(coarse, FAR):.3f}")
-    if not args.no_second_seed:
-        other = synthesize(args.slices, 1, args.seed + 1, pipeline)[0].array
-        print(f"mean |HU difference| seed {args.seed} vs {args.seed + 1}: {np.abs(other - hu).mean():.1f}")
+    real = real_chest(pipeline)
+    reference = neighbour_difference(real.array)
+    far = int(np.ceil(FAR_MM / cfg.adapter["spacing"][2]))
+    print(f"\nquality ({args.slices} slices; far = more than {FAR_MM:.0f} mm, i.e. {far} slices, apart):")
+    describe("real chest", real, None, reference, far)
+    volumes = []
+    for seed in args.seeds:
+        volume, coarse, _ = generate(pipeline, args.slices, seed)
+        describe(f"seed {seed}", volume, coarse, reference, far)
+        volumes.append(volume)
+    for i in range(1, len(volumes)):
+        print(f"mean |HU difference| seed {args.seeds[0]} vs {args.seeds[i]}: "
+              f"{np.abs(volumes[i].array - volumes[0].array).mean():.0f}")
+    if args.picture and volumes:
+        from ctgridit.ct.preview import save_comparison
+
+        save_comparison([(f"generated, seed {args.seeds[0]}", volumes[0]), ("real chest, LIDC-IDRI-0314", real)],
+                        args.picture)
+        print(f"picture: {args.picture}")
 
 
 if __name__ == "__main__":

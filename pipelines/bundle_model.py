@@ -1,19 +1,25 @@
 """Copy a trained model folder into the package as the bundled model, with its model card.
 
-    python pipelines/bundle_model.py runs/ct_bundled/model
+    python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt
 
-The bundled model lives in ``ctgridit/models/ct_small/`` (safetensors + JSON,
-about 34 MB) and is what ``ctgridit synth`` uses without ``--model``. The
-model card ``MODEL.md`` records the training config, the steps of each stage
-(from the checkpoints' logs) and how to reproduce it.
+The bundled model lives in ``ctgridit/models/ct_small/`` and is what
+``ctgridit synth`` uses without ``--model``. Weights are stored as float16
+safetensors (half the size; they load as float32). The model card ``MODEL.md``
+records the data, the training config and steps of each stage (from the
+checkpoints' logs), how to reproduce the weights, and the benchmark output
+given with ``--bench`` (the output of ``pipelines/bench_synth.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.files import atomic_folder
@@ -21,6 +27,7 @@ from ctgridit.synthesis import BUNDLED_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pipelines" / "configs" / "ct_bundled.yaml"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def stage_summary(log: Path) -> str:
@@ -29,74 +36,90 @@ def stage_summary(log: Path) -> str:
         return "no log"
     first = sum(float(r["loss"]) for r in rows[:50]) / len(rows[:50])
     last = sum(float(r["loss"]) for r in rows[-50:]) / len(rows[-50:])
-    return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50)"
+    hours = float(rows[-1]["elapsed_s"]) / 3600 if "elapsed_s" in rows[-1] else float("nan")
+    return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
+
+
+def half_precision_copy(source: Path, target: Path) -> None:
+    """A stage folder with its weights stored as float16 (the config as it is)."""
+    target.mkdir(parents=True)
+    shutil.copy2(source / "config.json", target / "config.json")
+    weights = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(source / WEIGHTS)).items()}
+    save_file(weights, str(target / WEIGHTS), metadata={"format": "pt"})
+
+
+def card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+    cfg = pipeline.config
+    s1, s2 = cfg.sampling.stage1, cfg.sampling.stage2
+    params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
+    height, width = cfg.frame_size
+    spacing = cfg.adapter["spacing"]
+    cells = cfg.lr_frame_size
+    text = f"""# ct_small: the model bundled with ctgridit
+
+A demonstration chest CT model, small enough to run on a laptop CPU: it
+generates axial slices of {height} x {width} voxels of {spacing[0]:g} x {spacing[1]:g} mm
+(a {width * spacing[0]:g} mm field of view), {spacing[2]:g} mm apart; 201 slices are
+{201 * spacing[2]:g} mm, the extent of a CT-RATE chest volume.
+
+- **Stage 1** ({params[0]:.1f} M parameters): a masked-conditional, stride-aware
+  DiT over {cfg.grid.rows} x {cfg.grid.cols} grids of {cells[0]} x {cells[1]} slices
+  (factor {cfg.grid.factor}), pixel space, patch {pipeline.stage1.config.patch_size}. It extends a volume upwards
+  from its lower end at a stride of {pipeline.max_stride} slices, then {s1.levels} levels of
+  interpolation fill the slices between ({s1.sampler.upper()}, {s1.num_steps} steps).
+- **Stage 2** ({params[1]:.1f} M parameters): a DiT that super-resolves each slice
+  to {height} x {width}, starting from the upsampled stage-1 slice at strength
+  {s2.strength} ({s2.sampler.upper()} {s2.num_steps} steps, noise that changes smoothly over
+  about {s2.noise_length:g} slices).
+- **Data**: real chest scans of this project's `shared/data/ct`, resampled to
+  {spacing[0]:g} x {spacing[1]:g} x {spacing[2]:g} mm, HU window -1000..1000: TCIA LIDC-IDRI-0314 (1 mm slices,
+  neck to upper abdomen) and Lung-PET-CT-Dx A0001 (5 mm) and A0002 (8 mm), each in two
+  reconstruction kernels. A scan serves only strides at least as long as its
+  own slice spacing: the thick scans teach extension at {pipeline.max_stride * spacing[2]:g} mm, the
+  thin one all levels. In-plane zoom and shift augmentation.
+- **Training** (`pipelines/configs/ct_bundled.yaml`, batch 16, AdamW, EMA 0.999,
+  2 CPU cores):
+  - stage 1: {stage_summary(checkpoints / 'stage1' / 'train_log.csv')};
+  - stage 2: {stage_summary(checkpoints / 'stage2' / 'train_log.csv')}.
+- **What it is not**: a research-grade model. Three patients cannot teach the
+  variability of chest CT; expect the anatomy of the training patients, with
+  variations. Train `pipelines/configs/ctrate_xl.yaml` on CT-RATE with GPUs for a
+  real model.
+
+Reproduce (from the repository root, with `../shared/data/ct` present):
+
+```bash
+ctgridit train stage1 --config pipelines/configs/ct_bundled.yaml
+ctgridit train stage2 --config pipelines/configs/ct_bundled.yaml
+python pipelines/bundle_model.py runs/ct_bundled/model
+```
+
+Training is deterministic for a given machine and library versions (every
+sample is a function of the seed and its index; `--resume` continues exactly).
+"""
+    if bench:
+        text += f"\nMeasured with `python pipelines/bench_synth.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
     parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
-    parser.add_argument("--finetune-checkpoints", default=str(REPO / "runs" / "ct_bundled_finetune" / "checkpoints"))
+    parser.add_argument("--bench", default=None, help="a file with the output of pipelines/bench_synth.py")
     args = parser.parse_args()
-    pipeline = GriDiTPipeline.from_pretrained(args.model)          # refuses an incomplete folder
+    source = Path(args.model)
+    pipeline = GriDiTPipeline.from_pretrained(source)                 # refuses an incomplete folder
     if pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
-    params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
-    ckpt, finetune = Path(args.checkpoints), Path(args.finetune_checkpoints)
-    card = f"""# ct_small: the model bundled with ctgridit
-
-A demonstration CT model, small enough to run on a laptop CPU: it generates
-axial slices of 128 x 128 voxels at 3 x 3 x 3 mm (a 384 mm field of view).
-
-- What it is: GriDiT stage 1 (a DiT over 2 x 2 grids of 64 x 64 slices, pixel
-  space, {params[0]:.1f} M parameters) and stage 2 (a DiT that super-resolves each
-  slice to 128 x 128, {params[1]:.1f} M parameters), trained with `ctgridit train`.
-- Data: real scans of this project's `shared/data/ct`, resampled to 3 mm, HU
-  window -1000..1000: TCIA Lung-PET-CT-Dx A0001 (chest) in two reconstruction
-  kernels and TotalSegmentator's example CT (abdomen-pelvis). The scan A0002
-  is held out for evaluation.
-- Training, batch 16, AdamW, EMA 0.999, on 2 CPU cores:
-  - stage 1, phase 1 (`pipelines/configs/ct_bundled.yaml`): grids of slices
-    1 to 3 apart, all three scans, {stage_summary(ckpt / 'stage1' / 'train_log.csv')};
-  - stage 1, phase 2 (`pipelines/configs/ct_bundled_finetune.yaml`, starting
-    from phase 1): grids of consecutive slices of the soft-kernel scans only,
-    {stage_summary(finetune / 'stage1' / 'train_log.csv')};
-  - stage 2 (`ct_bundled.yaml`): {stage_summary(ckpt / 'stage2' / 'train_log.csv')}.
-- Sampling: DDPM, 50 steps for stage 1; every slice comes from the extension
-  step (two new slices per 2 x 2 grid, `interpolate: false`): phase 1 alone
-  made grids whose slices were as close as consecutive ones whatever the
-  stride, so the interpolation step (which takes extension frames to be 3
-  slices apart) slowed the anatomy down threefold. Stage 2: DDPM 10 steps
-  (as DDIM at eta 1) from the upsampled slice at strength 0.5, with noise that
-  changes smoothly along z (about 8 slices).
-- What it is not: a research-grade model. Three scans cannot teach the
-  variability of chest CT, and 201 slices at 3 mm (603 mm) are longer than
-  any training scan (at most 336 mm): past the anatomy it has seen, the model
-  keeps repeating the last region (e.g. the shoulders) with small changes.
-  Measured at 201 slices, seed 0 (`python pipelines/bench_synth.py`):
-  neighbouring slices differ 1.46x as much as in the held-out scan (mean
-  |dHU| 26.1 against 17.8); slices more than 30 apart reach SSIM 0.62 at most
-  (0.68 to 0.72 with seeds 1 to 3), but the anatomy alone (stage-1 slices
-  upsampled) reaches 0.83: the repeated region.
-  Train on CT-RATE with `pipelines/configs/ctrate_xl.yaml` on GPUs for a real
-  model.
-
-Reproduce (from the repository root, with `../shared/data/ct` present):
-
-```bash
-ctgridit train stage1 --config pipelines/configs/ct_bundled.yaml --steps STEPS1
-ctgridit train stage2 --config pipelines/configs/ct_bundled.yaml --steps STEPS2
-ctgridit train stage1 --config pipelines/configs/ct_bundled_finetune.yaml --steps STEPS3
-python pipelines/bundle_model.py runs/ct_bundled/model
-```
-
-with STEPS1, STEPS2 and STEPS3 the step counts above (phase 1, stage 2, phase 2).
-"""
-    BUNDLED_MODEL.parent.mkdir(parents=True, exist_ok=True)
+    bench = Path(args.bench).read_text() if args.bench else None
     with atomic_folder(BUNDLED_MODEL) as tmp:
-        for item in Path(args.model).iterdir():
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-        (tmp / "MODEL.md").write_text(card)
+        for stage in ("stage1", "stage2"):
+            half_precision_copy(source / stage, tmp / stage)
+        for item in ("codec", "scheduler"):
+            shutil.copytree(source / item, tmp / item)
+        (tmp / "gridit.json").write_text(json.dumps(pipeline.config.to_dict(), indent=2))
+        (tmp / "MODEL.md").write_text(card(pipeline, Path(args.checkpoints), bench))
     size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file()) / 2**20
     print(f"bundled {args.model} into {BUNDLED_MODEL} ({size:.1f} MB)")
 

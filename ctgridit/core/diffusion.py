@@ -201,10 +201,12 @@ def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list
 
 def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
                    generator: Generators = None, weight: torch.Tensor | None = None,
-                   stride: torch.Tensor | None = None) -> torch.Tensor:
+                   stride: torch.Tensor | None = None, timesteps: tuple[int, int] | None = None) -> torch.Tensor:
     """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
 
-    ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps.
+    ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps,
+    or over ``timesteps = (low, high)`` inclusive (a model for a range of noise
+    levels, e.g. the low ones a denoiser meets).
     ``cond`` and ``stride`` go to the model when given. ``weight`` ``(B or 1, 1,
     H, W)``, if given, says which pixels count (masked conditioning: the cells to
     generate); the loss is the mean over them per sample, then over the batch,
@@ -212,7 +214,8 @@ def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tens
     """
     b = clean.shape[0]
     device = generator.device if generator is not None else clean.device
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device).to(clean.device)
+    low, high = (0, scheduler.config.num_train_timesteps - 1) if timesteps is None else timesteps
+    t = torch.randint(low, high + 1, (b,), generator=generator, device=device).to(clean.device)
     eps = randn_like(clean, generator)
     noisy = scheduler.add_noise(clean, eps, t)
     inputs = {k: v for k, v in (("cond", cond), ("stride", stride)) if v is not None}

@@ -91,3 +91,17 @@ def save_preview(volume: CTVolume, path: str | os.PathLike, window: tuple[float,
     with atomic_output(path, force=force) as tmp:
         image.save(tmp, format="PNG")
     return Path(path)
+
+
+def save_comparison(volumes: list[tuple[str, CTVolume]], path: str | os.PathLike,
+                    window: tuple[float, float] = DEFAULT_WINDOW, force: bool = True) -> Path:
+    """The previews of several volumes (``(title, volume)``), one row each, in one PNG written atomically."""
+    rows = [render_preview(volume, window, title) for title, volume in volumes]
+    canvas = Image.new("L", (max(r.width for r in rows), sum(r.height for r in rows)), 0)
+    y = 0
+    for row in rows:
+        canvas.paste(row, (0, y))
+        y += row.height
+    with atomic_output(path, force=force) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)

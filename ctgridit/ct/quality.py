@@ -4,18 +4,25 @@
   slices (flicker when too high, frozen copies when too low);
 - :func:`reference_neighbour_difference`: the same for a real scan prepared
   like training data (resampled to a spacing, cropped/padded in-plane);
-- :func:`max_far_ssim`: the largest SSIM between slices more than ``far`` apart
-  (repeats when high), on the HU window scaled to [0, 1].
+- :func:`far_ssim`, :func:`max_far_ssim`: SSIM between slices more than
+  ``far`` apart (repeats when high), on the HU window scaled to [0, 1];
+- :func:`lung_fraction`, :func:`lung_extent`: where the lungs lie along z
+  (a chest volume holds the whole lung field, with abdomen below and neck
+  above).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ctgridit.ct.window import DEFAULT_WINDOW
+
+#: Voxels below this inside the body count as lung (and airways).
+LUNG_BELOW_HU = -500.0
 
 
 def neighbour_difference(hu: np.ndarray) -> float:
@@ -34,12 +41,76 @@ def reference_neighbour_difference(path: str | os.PathLike, spacing: Sequence[fl
     return float((hu[1:] - hu[:-1]).abs().mean())
 
 
-def max_far_ssim(hu: np.ndarray, far: int = 30, window: Sequence[float] = DEFAULT_WINDOW) -> float:
-    """The largest SSIM between slices more than ``far`` apart (NaN when the volume is too short)."""
-    from skimage.metrics import structural_similarity
+def far_ssim(hu: np.ndarray, far: int = 30, window: Sequence[float] = DEFAULT_WINDOW) -> np.ndarray:
+    """SSIM of every pair of axial slices more than ``far`` apart: ``(Z, Z)`` with NaN for nearer pairs.
+
+    The same number as scikit-image's ``structural_similarity`` (7 x 7 uniform
+    window, sample covariance, K1 0.01, K2 0.03, data range 1 on the HU window
+    scaled to [0, 1], a 3-pixel border left out), computed for all pairs of a
+    distance at once.
+    """
+    from scipy.ndimage import uniform_filter
 
     low, high = window
-    scaled = (np.clip(hu, low, high) - low) / (high - low)
-    n = hu.shape[2]
-    return max((structural_similarity(scaled[:, :, i], scaled[:, :, j], data_range=1.0)
-                for i in range(n) for j in range(i + far + 1, n)), default=float("nan"))
+    x = ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float64)       # (X, Y, Z)
+    n, size, pad = x.shape[2], 7, 3
+    norm = size * size / (size * size - 1)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return uniform_filter(a, size=(size, size, 1), mode="reflect")
+
+    mean, square = smooth(x), smooth(x * x)
+    var = norm * (square - mean * mean)
+    out = np.full((n, n), np.nan)
+    for d in range(far + 1, n):
+        a, b = slice(0, n - d), slice(d, n)
+        cov = norm * (smooth(x[:, :, a] * x[:, :, b]) - mean[:, :, a] * mean[:, :, b])
+        ssim = ((2 * mean[:, :, a] * mean[:, :, b] + c1) * (2 * cov + c2)
+                / ((mean[:, :, a] ** 2 + mean[:, :, b] ** 2 + c1) * (var[:, :, a] + var[:, :, b] + c2)))
+        values = ssim[pad:-pad, pad:-pad].mean(axis=(0, 1))
+        out[np.arange(n - d), np.arange(d, n)] = values
+    return out
+
+
+def max_far_ssim(hu: np.ndarray, far: int = 30, window: Sequence[float] = DEFAULT_WINDOW) -> float:
+    """The largest SSIM between slices more than ``far`` apart (NaN when the volume is too short)."""
+    values = far_ssim(hu, far, window)
+    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+
+
+def lung_fraction(hu: np.ndarray) -> np.ndarray:
+    """Per axial slice of an ``(X, Y, Z)`` HU volume: the share of the body (:func:`~ctgridit.ct.metrics.body_mask`)
+    below -500 HU, i.e. lung and airways (0 for a slice without body)."""
+    from ctgridit.ct.metrics import body_mask
+
+    body = body_mask(hu)
+    lung = (hu < LUNG_BELOW_HU) & body
+    return lung.sum(axis=(0, 1)) / np.maximum(body.sum(axis=(0, 1)), 1)
+
+
+@dataclass(frozen=True)
+class LungExtent:
+    """Where the lungs lie along z (:func:`lung_extent`)."""
+
+    peak: float                 # the largest per-slice lung fraction
+    first_fifth: float          # the smallest lung fraction in the first fifth of the slices, over the peak
+    last_fifth: float           # the same in the last fifth
+    length_mm: float            # from the first to the last slice with at least half the peak
+
+    def chest_like(self) -> bool:
+        """The whole lung field inside the volume, as in a CT-RATE chest scan (the synthesis issue's rule)."""
+        return (self.peak >= 0.25 and self.first_fifth < 1 / 3 and self.last_fifth < 1 / 3
+                and 100 <= self.length_mm <= 250)
+
+
+def lung_extent(hu: np.ndarray, slice_spacing: float) -> LungExtent:
+    """:class:`LungExtent` of an ``(X, Y, Z)`` HU volume with slices ``slice_spacing`` mm apart."""
+    fraction = lung_fraction(hu)
+    peak = float(fraction.max())
+    if peak <= 0:
+        return LungExtent(0.0, 0.0, 0.0, 0.0)
+    fifth = max(1, len(fraction) // 5)
+    half = np.nonzero(fraction >= peak / 2)[0]
+    return LungExtent(peak, float(fraction[:fifth].min() / peak), float(fraction[-fifth:].min() / peak),
+                      float((half[-1] - half[0] + 1) * slice_spacing))

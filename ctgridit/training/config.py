@@ -69,6 +69,7 @@ class DataConfig:
     # teach the coarse strides, never the fine ones from slices made by interpolation
     strides_from_thickness: bool = False
     jitter: dict[str, float] | None = None                  # stage-1 in-plane augmentation {scale, shift}
+    tile: int | None = None      # keep scans at their own in-plane size and train on random tiles of this size
     every: int = 1                                          # video: keep every n-th frame
     num_workers: int = 0                                    # DataLoader worker processes
 
@@ -141,6 +142,7 @@ class StageConfig:
     optim: dict[str, Any] = field(default_factory=dict)      # overrides of the shared optim section
     init: str | None = None      # warm start: a checkpoint folder (its EMA weights) or an exported stage folder
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)   # stage 1 only
+    timesteps: list[int] | None = None   # train on these diffusion steps only, [low, high] (e.g. a denoiser)
 
 
 @dataclass
@@ -288,6 +290,15 @@ class TrainConfig:
                                 f"with control_rows {trained_m}", self.source, "make them equal")
         if self.stage2.conditioning != ConditioningConfig():
             raise CTGridItError("stage2.conditioning is for stage 1 only", self.source, "remove it")
+        for stage in STAGES:
+            steps = self.stage(stage).timesteps
+            if steps is not None and not (isinstance(steps, list) and len(steps) == 2
+                                          and all(type(v) is int for v in steps) and 0 <= steps[0] <= steps[1] < 1000):
+                raise CTGridItError(f"stage{stage}.timesteps must be [low, high] within 0..999, got {steps}",
+                                    self.source)
+        if self.data.tile is not None and (type(self.data.tile) is not int or list(self.frame_size) != [self.data.tile] * 2):
+            raise CTGridItError(f"data.tile {self.data.tile} must be an integer equal to both sides of frame_size "
+                                f"{self.frame_size}", self.source, "frames are the tiles")
 
     def _check_strides(self) -> None:
         """``data.strides`` or ``data.stride_range``: positive integers, a range in order, not both."""

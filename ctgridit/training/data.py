@@ -175,6 +175,8 @@ class GridSampleDataset(_SequenceDataset):
             sequence, so the sampler begins where sequences begin (e.g. below
             the diaphragm for chest CT) instead of anywhere.
         jitter: in-plane augmentation (:class:`InPlaneJitter`).
+        crop: cut a random ``crop x crop`` tile out of the frames (the same for
+            all cells; sequences may then differ in size, each at least ``crop``).
 
     Item ``index`` draws with its generator: a stride, uniformly among the
     strides some sequence can serve (serves it and is long enough:
@@ -196,7 +198,7 @@ class GridSampleDataset(_SequenceDataset):
                  channels: int = 3, strides: Sequence[int] | None = None,
                  sequence_strides: Sequence[Sequence[int]] | None = None, tasks: TaskMix | None = None,
                  stride_dropout: float | None = None, start_within: int | None = None,
-                 jitter: InPlaneJitter | None = None) -> None:
+                 jitter: InPlaneJitter | None = None, crop: int | None = None) -> None:
         if strides is not None and stride_range is not None:
             raise ValueError("give strides or stride_range, not both")
         if strides is None:
@@ -217,7 +219,7 @@ class GridSampleDataset(_SequenceDataset):
         if sequence_strides is not None and len(sequence_strides) != len(self.num_frames):
             raise ValueError(f"sequence_strides has {len(sequence_strides)} entries for {len(self.num_frames)} sequences")
         self.spec, self.tasks, self.stride_dropout = spec, tasks, stride_dropout
-        self.start_within, self.jitter = start_within, jitter
+        self.start_within, self.jitter, self.crop = start_within, jitter, crop
         allowed = [set(self.strides) if sequence_strides is None else set(sequence_strides[i]) & set(self.strides)
                    for i in range(len(self.num_frames))]
         #: for every stride some sequence can serve, the sequences that can
@@ -249,6 +251,12 @@ class GridSampleDataset(_SequenceDataset):
         if self.start_within is not None and not bool(item.get("known", torch.zeros(1)).any()):
             start = _randint(min(self.start_within, n - self.span(stride) + 1), g)
         frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
+        if self.crop is not None:
+            height, width = frames.shape[-2:]
+            if min(height, width) < self.crop:
+                raise ValueError(f"sequence {i} has {height}x{width} frames, smaller than the {self.crop} tiles")
+            y, x = _randint(height - self.crop + 1, g), _randint(width - self.crop + 1, g)
+            frames = frames[..., y:y + self.crop, x:x + self.crop]
         if self.jitter is not None:
             frames = self.jitter(frames, g)
         cells = resize_frames(frames, self.spec.frame_size(*frames.shape[-2:]))    # (R*C, C, h, w)

@@ -74,7 +74,7 @@ def build_sequences(config: TrainConfig):
                                in_plane=config.frame_size[0], hold_out=data.hold_out,
                                **({"spacing": data.spacing} if data.spacing else {}))
     return load_ct_sequences(data.paths, spacing=data.spacing, window=data.window,
-                             in_plane=tuple(config.frame_size), hold_out=data.hold_out)
+                             in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
 
 
 def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, seed: int):
@@ -85,7 +85,7 @@ def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, see
                                  sequence_strides=sequence_strides(config, sequences),
                                  tasks=cond.tasks if cond.masked else None,
                                  stride_dropout=cond.stride_dropout if cond.strides else None,
-                                 start_within=cond.start_within, jitter=config.jitter)
+                                 start_within=cond.start_within, jitter=config.jitter, crop=config.data.tile)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
 
 
@@ -266,6 +266,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         raise CTGridItError(f"the checkpoint is at step {start}, beyond the requested {total} steps",
                             found, "ask for at least as many steps")
 
+    timesteps = tuple(config.stage(stage).timesteps) if config.stage(stage).timesteps else None
     batches = StepBatches(start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
                         persistent_workers=config.data.num_workers > 0)
@@ -291,7 +292,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
                 sample_seed(optim.seed + 1, (step * optim.grad_accum + micro) * world + rank))
             sync = micro == optim.grad_accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss = diffusion_loss(model, scheduler, generator=generator, **inputs) / optim.grad_accum
+                loss = diffusion_loss(model, scheduler, generator=generator, timesteps=timesteps,
+                                      **inputs) / optim.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if optim.max_grad_norm > 0:
