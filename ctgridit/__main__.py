@@ -1,6 +1,6 @@
 """``python -m ctgridit`` runs the command-line interface."""
 
-from ctgridit.cli import main
+from ctgridit.entry import main
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ result. A :class:`~ctgridit.errors.CTGridItError` becomes one line on stderr,
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,8 @@ import typer
 
 from ctgridit import __version__
 from ctgridit.errors import CTGridItError, CTGridItWarning
+from ctgridit.limits import MAX_SLICES, MIN_SLICES
+from ctgridit.seeds import SEED_MAX
 
 app = typer.Typer(
     name="ctgridit",
@@ -71,6 +74,7 @@ def convert(
     from ctgridit.files import check_output_path
 
     _require_nifti_name(out)
+    _refuse_overwriting_input(src, [out])
     check_output_path(out, force=force)          # refuse early, before reading a large series
     volume = read_ct(src, series_uid=series)
     write_nifti(volume, out, force=force)
@@ -87,16 +91,18 @@ def grid(
     factor: int = typer.Option(1, "--factor", min=1, help="In-plane downsampling factor r."),
     window: str = typer.Option("wide", "--window", help="HU window: wide (-1000:1000, the model's), lung, mediastinum, soft, bone or MIN:MAX."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
-    force: bool = typer.Option(False, "--force", "-f", help="Write into OUT even if it already holds grid files."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace OUT if it exists and is not empty."),
 ) -> None:
     """Write the grids the model sees (R x C slices per image, row-major) as PNG files."""
     from ctgridit.core.grid import GridSpec
     from ctgridit.ct.grid_images import write_grid_images
     from ctgridit.ct.io import read_ct
     from ctgridit.ct.window import parse_window
+    from ctgridit.files import check_output_folder
 
     spec = GridSpec(rows, cols, stride, factor)
     hu_window = parse_window(window)
+    check_output_folder(out, force=force)           # refuse early, before reading a large series
     volume = read_ct(src, series_uid=series)
     paths = write_grid_images(volume, out, spec, hu_window, force=force)
     typer.echo(f"wrote {len(paths)} grid images to {out} ({rows}x{cols}, stride {stride}, factor {factor})")
@@ -126,10 +132,10 @@ def preview(
 
 @app.command(epilog="Example: ctgridit synth --slices 201 --out vol.nii.gz --seed 0 --preview vol.png")
 def synth(
-    slices: int = typer.Option(201, "--slices", min=1, help="Number of axial slices to generate."),
+    slices: int = typer.Option(201, "--slices", min=MIN_SLICES, max=MAX_SLICES, help=f"Number of axial slices to generate ({MIN_SLICES} .. {MAX_SLICES})."),
     out: str = typer.Option("vol.nii.gz", "--out", "-o", help="The NIfTI file to write."),
     num: int = typer.Option(1, "--num", min=1, help="How many volumes (written as OUT_000.nii.gz, ...)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same volume."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same volume."),
     model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled model)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps per grid (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -170,10 +176,10 @@ def denoise(
     reference: Optional[str] = typer.Option(None, "--reference", help="A clean scan of the same grid: report PSNR and SSIM."),
     report: Optional[str] = typer.Option(None, "--report", help="Write the run and the PSNR/SSIM figures to this JSON file."),
     strength: str = typer.Option("auto", "--strength", help="auto (from the estimated noise) or a number in (0, 1]: the diffusion level t*/T (gridit)."),
-    method: str = typer.Option("gridit", "--method", help="gridit (the grid diffusion model), bilateral or nlm (classical baselines)."),
-    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled model)."),
+    method: str = typer.Option("gridit", "--method", help="gridit (the grid diffusion model), bilateral, nlm or nlm3d (classical baselines: per slice, 3D)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled denoiser)."),
     steps: int = typer.Option(1, "--steps", min=1, help="Reverse diffusion steps from t* (1: the posterior mean, best PSNR)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the fresh noise (gridit)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed of the fresh noise (gridit), 0 .. {SEED_MAX}."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
@@ -197,6 +203,7 @@ def denoise(
         _require_suffix(preview_png, ".png")
     if report:
         _require_suffix(report, ".json")
+    _refuse_overwriting_input(src, [out, preview_png, report], reference)
     for path in [out] + [p for p in (preview_png, report) if p]:
         check_output_path(path, force=force)
     volume = read_ct(src, series_uid=series)
@@ -267,21 +274,19 @@ def add_noise_command(
     src: str = typer.Argument(..., metavar="IN", help="The clean CT (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     sigma: float = typer.Option(..., "--sigma", help="Noise standard deviation in HU (in water for lowdose)."),
     out: str = typer.Option(..., "--out", "-o", help="The NIfTI file to write."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}."),
     noise_model: str = typer.Option("gaussian", "--model", help="gaussian (white, in HU) or lowdose (Poisson, projection-free approximation)."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
 ) -> None:
     """Add Gaussian or simulated low-dose noise to a CT volume, to make denoising test inputs."""
     from ctgridit.ct.io import read_ct, write_nifti
-    from ctgridit.ct.noise import NOISE_MODELS, add_noise
+    from ctgridit.ct.noise import add_noise, check_noise
     from ctgridit.files import check_output_path
 
-    if noise_model not in NOISE_MODELS:
-        raise CTGridItError(f"unknown noise model {noise_model!r}", hint=f"use one of {', '.join(NOISE_MODELS)}")
-    if not sigma > 0:
-        raise CTGridItError(f"--sigma must be a positive number of HU, got {sigma:g}", hint="e.g. --sigma 50")
+    check_noise(sigma, noise_model)
     _require_nifti_name(out)
+    _refuse_overwriting_input(src, [out])
     check_output_path(out, force=force)
     noisy = add_noise(read_ct(src, series_uid=series), sigma, noise_model, seed)
     write_nifti(noisy, out, force=force)
@@ -341,6 +346,16 @@ train_app.command("stage1", epilog=TRAIN_EPILOG.format(stage="stage1"))(_train_o
 train_app.command("stage2", epilog=TRAIN_EPILOG.format(stage="stage2"))(_train_options(2))
 
 
+def _refuse_overwriting_input(src: str, outputs: list, *inputs) -> None:
+    """No output may be one of the inputs: ``--force`` overwrites outputs, never what the user gave to read."""
+    given = [Path(p) for p in (src, *inputs) if p]
+    for out in (Path(o) for o in outputs if o):
+        for path in given:
+            same = out.exists() and path.exists() and os.path.samefile(out, path)
+            if same or out.resolve() == path.resolve():
+                raise CTGridItError("is an input of this command", out, "write the output to another file")
+
+
 def _require_suffix(path: str, suffix: str) -> None:
     if not path.lower().endswith(suffix):
         raise CTGridItError(f"output must be a {suffix} file", path, f"use a name ending in {suffix}")
@@ -358,14 +373,41 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
 
 
+def usage_error(err: typer.TyperException) -> str:
+    """A click usage error (bad option, missing argument) as one line naming the command and what to do."""
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "ctgridit"
+    message = " ".join(err.format_message().split()).rstrip(".")
+    return f"{command}: {message}; see {command} --help"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``ctgridit`` console script and ``python -m ctgridit``."""
+    """Run the command line: one ``error:`` line and exit 2 for user errors, 128 + signal when stopped.
+
+    The console script enters through :mod:`ctgridit.entry`, which installs
+    the signal handlers before the heavy imports.
+    """
+    from ctgridit import signals
+    from ctgridit.signals import install_handlers, stop_of
+
+    install_handlers()
     warnings.showwarning = _show_warning
     try:
-        app(args=argv, prog_name="ctgridit")
+        code = app(args=argv, prog_name="ctgridit", standalone_mode=False)
     except CTGridItError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except typer.TyperException as err:                       # bad options and arguments (click's errors)
+        if type(err).__name__ == "NoArgsIsHelpError":          # `ctgridit` alone: the help
+            print(err.format_message(), file=sys.stderr)
+            sys.exit(2)
+        print(f"error: {usage_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt) as err:
+        stop = stop_of(err)
+        print(f"error: {stop.reason}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    if signals.received is not None:                          # typer turned the interrupt into exit 130
+        print(f"error: {signals.received.reason}", file=sys.stderr)
+        sys.exit(signals.received.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -28,12 +28,11 @@ Three methods share one input/output path (:func:`denoise_volume`):
   is cleaned, and the finer part of the input (noise included) passes through
   unchanged rather than being blurred away. Voxels outside the model's field
   of view and HU outside its window keep their input values.
-- ``bilateral`` and ``nlm``: scikit-image's bilateral filter and fast non-local
-  means on every axial slice, the classical baselines. Their strength follows
-  the estimated noise ``sigma`` (window units): bilateral ``sigma_color =
-  sigma``, ``sigma_spatial = 1.5`` voxels (the best of a small grid on the
-  shared scans at sigma 50 and 100 HU); NLM ``h = 0.8 sigma``, 5 x 5
-  patches, search distance 6.
+- ``bilateral``, ``nlm`` and ``nlm3d``: scikit-image's bilateral filter and
+  fast non-local means on every axial slice, and non-local means on the whole
+  volume (3D patches), the classical baselines. Their strength follows the
+  estimated noise ``sigma``; their settings (:data:`CLASSICAL`) were tuned on a
+  scan that no evaluation uses.
 
 The output has the input's shape and affine exactly, in float HU (written as
 int16 by :func:`ctgridit.ct.io.write_nifti`).
@@ -56,8 +55,9 @@ from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.seeds import check_seed
 
-METHODS = ("gridit", "bilateral", "nlm")
+METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
 
 
 @dataclass
@@ -79,6 +79,7 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_seed(seed)
     began = time.perf_counter()
     if method == "gridit":
         pipeline = model if isinstance(model, GriDiTPipeline) else load_denoiser(model, device)
@@ -112,11 +113,12 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
     from ctgridit.device import resolve_device
     from ctgridit.errors import CTGridItError
 
+    where = resolve_device(device)                                       # a bad --device first, before any loading
     folder = Path(model) if model is not None else BUNDLED_DENOISER
     if model is None and not (folder / CONFIG_FILE).is_file():
         raise CTGridItError("no denoising model is installed", folder,
                             "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
-    pipeline = GriDiTPipeline.from_pretrained(folder, device=resolve_device(device))
+    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
     kind = pipeline.config.adapter.get("kind", "ct")
     if kind != "ct":
         raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
@@ -226,25 +228,47 @@ def antialiased(volume: CTVolume, spacing) -> np.ndarray:
 
 
 # --------------------------------------------------------------- classical
-def _classical(volume: CTVolume, method: str, progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
+#: Classical filter settings, relative to the estimated noise ``sigma`` (window units) where they say so;
+#: tuned on a scan kept out of every evaluation (``python pipelines/eval_denoise.py --tune``).
+CLASSICAL = {
+    "bilateral": {"color": 1.0, "spatial": 1.5},                      # sigma_color = color * sigma, voxels
+    "nlm": {"h": 0.8, "patch_size": 5, "patch_distance": 6},          # h = h * sigma, per slice
+    "nlm3d": {"h": 0.8, "patch_size": 3, "patch_distance": 3},        # h = h * sigma, the whole volume
+}
+
+
+def classical_filter(scaled: np.ndarray, method: str, sigma: float, params: dict | None = None,
+                     progress: ProgressCallback | None = None) -> np.ndarray:
+    """``method`` on an ``(X, Y, Z)`` volume scaled to [0, 1] with noise ``sigma`` (same units)."""
     from skimage.restoration import denoise_bilateral, denoise_nl_means
 
+    p = {**CLASSICAL[method], **(params or {})}
+    if method == "nlm3d":
+        out = denoise_nl_means(scaled, h=p["h"] * sigma, sigma=sigma, patch_size=p["patch_size"],
+                               patch_distance=p["patch_distance"], fast_mode=True, channel_axis=None)
+        if progress is not None:
+            progress(method, 1, 1)
+        return out
+    out = np.empty_like(scaled)
+    for k in range(scaled.shape[2]):
+        if method == "bilateral":
+            out[:, :, k] = denoise_bilateral(scaled[:, :, k], sigma_color=p["color"] * sigma,
+                                             sigma_spatial=p["spatial"])
+        else:
+            out[:, :, k] = denoise_nl_means(scaled[:, :, k], h=p["h"] * sigma, sigma=sigma,
+                                            patch_size=p["patch_size"], patch_distance=p["patch_distance"],
+                                            fast_mode=True)
+        if progress is not None:
+            progress(method, k + 1, scaled.shape[2])
+    return out
+
+
+def _classical(volume: CTVolume, method: str, progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
     low, high = DEFAULT_WINDOW
     clipped = np.clip(volume.array.astype(np.float64), low, high)
     scaled = (clipped - low) / (high - low)                                    # [0, 1]
     slices = torch.from_numpy(np.moveaxis(scaled, 2, 0)[:, None].copy())       # (Z, 1, X, Y)
-    sigma = estimate_noise(slices * 2 - 1)                                      # [-1, 1]: window limits
-    sigma /= 2                                                                 # back to [0, 1] units
-    out = np.empty_like(scaled)
-    for k in range(scaled.shape[2]):
-        if method == "bilateral":
-            out[:, :, k] = denoise_bilateral(scaled[:, :, k], sigma_color=sigma, sigma_spatial=1.5)
-        else:
-            out[:, :, k] = denoise_nl_means(scaled[:, :, k], h=0.8 * sigma, sigma=sigma, patch_size=5,
-                                            patch_distance=6, fast_mode=True)
-        if progress is not None:
-            progress(method, k + 1, scaled.shape[2])
-    params = ({"sigma_color": sigma, "sigma_spatial": 1.5} if method == "bilateral"
-              else {"h": 0.8 * sigma, "patch_size": 5, "patch_distance": 6})
-    details = {"noise_sigma_hu": sigma * (high - low), **params}
+    sigma = estimate_noise(slices * 2 - 1) / 2                                 # [-1, 1] for the window limits
+    out = classical_filter(scaled, method, sigma, progress=progress)
+    details = {"noise_sigma_hu": sigma * (high - low), **CLASSICAL[method]}
     return volume.array.astype(np.float64) + (out * (high - low) + low - clipped), details

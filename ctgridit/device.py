@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from ctgridit.errors import CTGridItError, CTGridItWarning
+from ctgridit.errors import CTGridItError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The device to run on; ``auto`` takes CUDA, then MPS, then the CPU.
 
-    An explicit accelerator that is not available falls back to the CPU with a warning.
+    An explicit accelerator that is not available is an error (the same rule
+    for synthesis, denoising and training): ``auto`` is the way to say "a GPU
+    if there is one".
     """
     name = name.strip().lower()
     if name == "auto":
@@ -27,14 +27,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise CTGridItError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            warnings.warn(f"--device {name}: no CUDA GPU is visible; running on the CPU", CTGridItWarning)
-            return torch.device("cpu")
+            raise CTGridItError(f"--device {name}: no CUDA GPU is visible", hint="use --device auto or cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise CTGridItError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible",
                                 hint="use cuda:0 .. cuda:N-1")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        warnings.warn(f"--device {name}: MPS is not available; running on the CPU", CTGridItWarning)
-        return torch.device("cpu")
+        raise CTGridItError(f"--device {name}: MPS is not available", hint="use --device auto or cpu")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise CTGridItError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
     return device

@@ -26,8 +26,32 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
         raise CTGridItError("is a folder, not a file name", out, "give a file name such as out.nii.gz")
     if out.exists() and not force:
         raise CTGridItError("output exists", out, "pass --force to overwrite it or choose another name")
-    parent = out.parent
+    _check_writable_folder(out.parent)
+    return out
+
+
+def check_output_folder(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse, before any work, an output *folder* that cannot be written or would be replaced without ``force``.
+
+    The folder itself may not exist yet (it is created, atomically, by
+    :func:`atomic_folder`); its parent must be a writable folder.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CTGridItError("exists and is not a folder", out, "give a folder name")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CTGridItError("folder exists and is not empty", out,
+                            "pass --force to replace it or choose another folder")
+    _check_writable_folder(out.parent)
+    return out
+
+
+def _check_writable_folder(parent: Path) -> None:
+    """The folder an output goes into: it exists, is a folder, and a file can be created in it."""
     if not parent.is_dir():
+        blocker = next((p for p in [parent, *parent.parents] if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise CTGridItError("is a file, not a folder", blocker, "choose an output path inside a folder")
         raise CTGridItError("output folder does not exist", parent, "create it first")
     try:  # a real write, not os.access: root passes access checks on read-only mounts
         with tempfile.TemporaryFile(dir=parent):
@@ -35,12 +59,11 @@ def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     except OSError as err:
         raise CTGridItError(f"output folder is not writable ({err.strerror})", parent,
                             "choose a folder you can write to") from None
-    return out
 
 
 def _suffixes(path: Path) -> str:
     """Keep the full extension (``.nii.gz``) so that writers that look at it still work."""
-    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    return "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
 
 
 @contextlib.contextmanager

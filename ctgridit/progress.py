@@ -19,6 +19,7 @@ PHASE_NAMES = {
     "denoise": "stage 1: denoise (grids)",
     "bilateral": "bilateral filter (slices)",
     "nlm": "non-local means (slices)",
+    "nlm3d": "non-local means (3D)",
 }
 
 

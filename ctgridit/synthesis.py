@@ -22,6 +22,8 @@ from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
 from ctgridit.device import resolve_device
 from ctgridit.errors import CTGridItError
+from ctgridit.limits import MAX_SLICES, MIN_SLICES
+from ctgridit.seeds import check_seed
 
 #: The demonstration model shipped inside the package (see its MODEL.md).
 BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "ct_small"
@@ -36,11 +38,12 @@ def default_model_dir() -> Path:
 
 def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A CT model folder on ``device``; ``None`` means :func:`default_model_dir`."""
+    where = resolve_device(device)                                       # a bad --device first, before any loading
     folder = Path(model) if model is not None else default_model_dir()
     if model is None and not (folder / CONFIG_FILE).is_file():
         raise CTGridItError("no synthesis model is installed", folder,
                             "reinstall ctgridit (it ships a model) or pass --model DIR with a trained model folder")
-    pipeline = GriDiTPipeline.from_pretrained(folder, device=resolve_device(device))
+    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
     kind = pipeline.config.adapter.get("kind", "ct")
     if kind != "ct":
         raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
@@ -54,10 +57,11 @@ def synthesize(num_slices: int = 201, num: int = 1, seed: int = 0, model: str | 
                steps: int | None = None, device: str = "auto",
                progress: ProgressCallback | None = None) -> list[CTVolume]:
     """Generate ``num`` CT volumes of ``num_slices`` axial slices (HU, model spacing), batched."""
-    if num_slices < 1 or num < 1:
-        raise CTGridItError(f"need at least one slice and one volume, got {num_slices} and {num}")
+    if not MIN_SLICES <= num_slices <= MAX_SLICES or num < 1:
+        raise CTGridItError(f"need {MIN_SLICES} to {MAX_SLICES} slices and at least one volume, got {num_slices} "
+                            f"and {num}")
+    generator = torch.Generator().manual_seed(check_seed(seed))
     pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
-    generator = torch.Generator().manual_seed(seed)
     frames = pipeline.generate(num_slices, batch_size=num, generator=generator, num_steps=steps, progress=progress)
     adapter = pipeline.config.adapter
     window = adapter.get("window", DEFAULT_WINDOW)

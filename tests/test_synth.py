@@ -165,17 +165,13 @@ def test_adapter_inverts_the_training_frames(chest_ct):
 
 
 def test_device_choice(monkeypatch):
-    import warnings
-
     from ctgridit.device import resolve_device
-    from ctgridit.errors import CTGridItError, CTGridItWarning
+    from ctgridit.errors import CTGridItError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "mps")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert resolve_device("cuda:1").type == "cpu"
-    assert any(issubclass(w.category, CTGridItWarning) and "no CUDA GPU" in str(w.message) for w in caught)
+    with pytest.raises(CTGridItError, match="no CUDA GPU"):            # one rule: an explicit device must exist
+        resolve_device("cuda:1")
     with pytest.raises(CTGridItError, match="unknown device"):
         resolve_device("tpu7")

@@ -23,7 +23,7 @@ from ctgridit.ct.transforms import HUWindow, Orient, VolumeToGrids, volume_to_me
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
 from ctgridit.errors import CTGridItError
-from ctgridit.files import atomic_output
+from ctgridit.files import atomic_folder, check_output_folder
 
 INDEX_FILE = "grids.json"
 
@@ -35,27 +35,40 @@ def grids_of(volume: CTVolume, spec: GridSpec, window: tuple[float, float] = DEF
     return grids.as_tensor(), layout
 
 
+#: Grid cells smaller than this (pixels) show nothing.
+MIN_CELL_PIXELS = 8
+
+
+def check_grid(shape: tuple[int, int, int], spec: GridSpec) -> None:
+    """Refuse a grid setting that shows nothing of an ``(X, Y, Z)`` volume: cells beyond its slices, or too small."""
+    depth, span = shape[2], (spec.cells - 1) * spec.stride + 1
+    if span > depth:
+        raise CTGridItError(f"a {spec.rows}x{spec.cols} grid at stride {spec.stride} spans {span} slices, but the "
+                            f"scan has {depth}", hint="use fewer rows or columns or a smaller --stride")
+    cell = min(spec.frame_size(shape[0], shape[1]))
+    if cell < MIN_CELL_PIXELS:
+        raise CTGridItError(f"--factor {spec.factor} makes cells of {cell} pixels from {shape[0]} x {shape[1]} slices",
+                            hint=f"use a factor that leaves at least {MIN_CELL_PIXELS} pixels")
+
+
 def write_grid_images(volume: CTVolume, folder: str | os.PathLike, spec: GridSpec = GridSpec(),
                       window: tuple[float, float] = DEFAULT_WINDOW, force: bool = False) -> list[Path]:
-    """Write every grid of ``volume`` as a PNG into ``folder``; return the paths."""
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise CTGridItError("exists and is not a folder", out, "give a folder name for the grid images")
-    if out.is_dir() and any(out.glob("grid_*.png")) and not force:
-        raise CTGridItError("folder already holds grid images", out, "pass --force to overwrite them or choose another folder")
+    """Write every grid of ``volume`` as a PNG into ``folder``, all at once (atomically); return the paths.
+
+    An existing non-empty ``folder`` is refused unless ``force``, and then replaced
+    as a whole, so no grid of an earlier run stays beside the new ones.
+    """
+    out = check_output_folder(folder, force=force)
+    check_grid(volume.shape, spec)
     grids, layout = grids_of(volume, spec, window)
-    out.mkdir(parents=True, exist_ok=True)
     pixels = np.rint((grids[:, 0].clamp(-1, 1).numpy() + 1) * 127.5).astype(np.uint8)  # (G, R*h, C*w)
-    paths = []
-    for i, image in enumerate(pixels):
-        path = out / f"grid_{i:04d}.png"
-        with atomic_output(path, force=True) as tmp:
-            Image.fromarray(image).save(tmp, format="PNG")
-        paths.append(path)
+    names = [f"grid_{i:04d}.png" for i in range(len(pixels))]
     cells = [[int(k) if k < layout.num_frames else None for k in row] for row in layout.frame_indices().tolist()]
     index = {"spec": spec.to_dict(), "window_hu": list(window), "num_slices": layout.num_frames,
              "slice_order": "frame 0 is the most inferior axial slice (LPS); cells are row-major",
-             "grids": [{"file": p.name, "slices": c} for p, c in zip(paths, cells)]}
-    with atomic_output(out / INDEX_FILE, force=True) as tmp:
-        tmp.write_text(json.dumps(index, indent=1))
-    return paths
+             "grids": [{"file": name, "slices": c} for name, c in zip(names, cells)]}
+    with atomic_folder(out) as tmp:
+        for name, image in zip(names, pixels):
+            Image.fromarray(image).save(tmp / name, format="PNG")
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
+    return [out / name for name in names]

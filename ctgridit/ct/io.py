@@ -75,7 +75,7 @@ def write_nifti(volume: CTVolume, path: str | os.PathLike, force: bool = False) 
     is refused unless ``force``.
     """
     out = Path(path)
-    if not out.name.endswith(NIFTI_SUFFIXES):
+    if not out.name.lower().endswith(NIFTI_SUFFIXES):
         raise CTGridItError("not a NIfTI file name", out, "end the output name with .nii.gz or .nii")
     check_output_path(out, force=force)
     if not np.isfinite(volume.array).all():

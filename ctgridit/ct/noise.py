@@ -16,9 +16,13 @@ Noise is added in float HU; the result keeps the input's geometry.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ctgridit.ct.volume import CTVolume
+from ctgridit.errors import CTGridItError
+from ctgridit.seeds import check_seed
 
 NOISE_MODELS = ("gaussian", "lowdose")
 #: Linear attenuation of water at about 70 keV (1/mm).
@@ -27,14 +31,28 @@ MU_WATER = 0.0193
 PATH_MM = 20.0
 
 
+#: The noise a user can ask for (HU): beyond these the result is no CT (or, for lowdose, no count).
+SIGMA_MAX_HU = 5000.0
+LOWDOSE_SIGMA_MIN_HU = 0.5
+
+
+def check_noise(sigma: float, model: str = "gaussian") -> None:
+    """Refuse an unknown noise model or a ``sigma`` that is not a sensible number of HU."""
+    if model not in NOISE_MODELS:
+        raise CTGridItError(f"unknown noise model {model!r}", hint=f"use one of {', '.join(NOISE_MODELS)}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and 0 < sigma <= SIGMA_MAX_HU):
+        raise CTGridItError(f"--sigma must be a number of HU in (0, {SIGMA_MAX_HU:g}], got {sigma}",
+                            hint="e.g. --sigma 50")
+    if model == "lowdose" and sigma < LOWDOSE_SIGMA_MIN_HU:
+        raise CTGridItError(f"lowdose noise below {LOWDOSE_SIGMA_MIN_HU:g} HU needs more photons than the "
+                            f"simulation can count (got {sigma:g})", hint="use --model gaussian for so little noise")
+
+
 def add_noise(volume: CTVolume, sigma: float, model: str = "gaussian", seed: int = 0,
               path_mm: float = PATH_MM) -> CTVolume:
     """``volume`` with noise of ``sigma`` HU (in water, for ``lowdose``): see the module docstring."""
-    if model not in NOISE_MODELS:
-        raise ValueError(f"noise model must be one of {NOISE_MODELS}, got {model!r}")
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    rng = np.random.default_rng(seed)
+    check_noise(sigma, model)
+    rng = np.random.default_rng(check_seed(seed))
     hu = volume.array.astype(np.float64)
     if model == "gaussian":
         noisy = hu + rng.normal(0.0, sigma, hu.shape)
