@@ -249,7 +249,7 @@ BAD_INPUTS = [
     (text_named("notes.txt"), "not a readable CT image (supported: "),
     (text_named("notes.nrrd"), "not a readable CT image (supported: "),
     (half_gz, "truncated or corrupt"),
-    (cut_nii, "truncated or corrupt"),
+    (cut_nii, "truncated"),
     (image_2d, "2D image"),
     (image_single_slice, "2D image"),
     (image_4d, "4D image"),

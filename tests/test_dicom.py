@@ -143,7 +143,8 @@ def test_largest_series_is_chosen_with_a_warning(two_series, reference):
     with pytest.warns(CTGridItWarning) as record:
         volume = read_ct(two_series)
     message = " ".join(str(w.message) for w in record)
-    assert UID_A in message and "6 slices" in message and "1 other series" in message
+    assert UID_A in message and "6 slices" in message and f"ignoring {UID_B}" in message
+    assert '"CT Body 3.0"' in message and "kernel Br38f" in message and "--series UID" in message
     assert volume.series_uid == UID_A
     assert np.array_equal(volume.array, reference.array[:, :, 14:20])
 
@@ -161,7 +162,7 @@ def test_unknown_series_uid_lists_the_available_ones(two_series):
         read_ct(two_series, series_uid="9.9.9")
     message = str(info.value)
     assert str(two_series) in message and "9.9.9" in message
-    assert f"{UID_A} (6 slices)" in message and f"{UID_B} (3 slices)" in message
+    assert f'{UID_A} ("CT Body 3.0", kernel Br38f 3, 6 slices)' in message and f"{UID_B} (" in message
 
 
 def test_empty_uid_can_be_selected(example_files, tmp_path, reference):

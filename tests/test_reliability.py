@@ -114,16 +114,17 @@ def test_38_an_explicit_gpu_that_is_missing_is_refused_by_every_command(capsys, 
 
 # ------------------------------------------------------- 13: never over an input
 def test_13_denoise_and_convert_never_write_over_their_input(capsys, small_ct, tmp_path):
-    scan = tmp_path / "scan.nii.gz"
+    scan, reference = tmp_path / "scan.nii.gz", tmp_path / "ref.nii.gz"
     scan.write_bytes(small_ct.read_bytes())
+    reference.write_bytes(small_ct.read_bytes())
     before = scan.read_bytes()
     for args in (["denoise", scan, "--out", scan, "--force"],
-                 ["denoise", scan, "--out", tmp_path / "d.nii.gz", "--report", scan, "--force"],
+                 ["denoise", scan, "--out", reference, "--reference", reference, "--force"],
                  ["convert", scan, scan, "--force"],
                  ["add-noise", scan, "--sigma", "5", "--out", scan, "--force"]):
         code, _, err = run_cli(capsys, *args)
         assert_refused(code, err, "is an input")
-    assert scan.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["scan.nii.gz"]
+    assert scan.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ref.nii.gz", "scan.nii.gz"]
 
 
 # ------------------------------------------------------ 22, 32: output names
@@ -180,10 +181,20 @@ def _start(args: list[str], **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def _handles_sigterm(pid: int) -> bool:
+    """Whether the process catches SIGTERM yet (ctgridit's handlers are in place), from /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
 def test_21_ctrl_c_during_startup_is_one_line_and_130(tmp_path):
     proc = _start(["info", tmp_path / "missing.nii.gz"])
-    time.sleep(0.15)                                                     # inside the imports
-    proc.send_signal(signal.SIGINT)
+    _wait_for(lambda: _handles_sigterm(proc.pid) or proc.poll() is not None)   # the first thing ctgridit does
+    proc.send_signal(signal.SIGINT)                                      # ... then the heavy imports run
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip() == "error: interrupted"
@@ -234,3 +245,181 @@ def test_9_a_signal_while_a_zip_is_extracted_leaves_no_folder(tmp_path):
         pytest.skip("the read finished before the signal arrived")
     assert proc.returncode == 143, err
     assert list(temp.iterdir()) == []
+
+
+# ------------------------------------------------------------ 1, 29: DICOM headers
+def test_29_two_series_of_equal_length_are_not_chosen_by_uid_order(capsys, tmp_path):
+    from tests.test_dicom import copy_slices
+
+    files = sorted(data_file("totalsegmentator/example_ct_dicom").iterdir())
+    root = tmp_path / "philips"
+    copy_slices(files[:5], root / "soft", lambda ds, i: (setattr(ds, "SeriesInstanceUID", "1.2.3.2"),
+                                                        setattr(ds, "SeriesDescription", "Chest soft"),
+                                                        setattr(ds, "ConvolutionKernel", "B")))
+    copy_slices(files[:5], root / "bone", lambda ds, i: (setattr(ds, "SeriesInstanceUID", "1.2.3.1"),
+                                                        setattr(ds, "SeriesDescription", "Chest bone"),
+                                                        setattr(ds, "ConvolutionKernel", "YC")))
+    code, _, err = run_cli(capsys, "info", root)
+    assert_refused(code, err, "2 series with 5 slices", '"Chest soft"', "kernel YC", "--series")
+    code, out, err = run_cli(capsys, "info", root, "--series", "1.2.3.2")
+    assert code == 0, err
+
+
+def test_1_a_dicom_header_claiming_huge_slices_is_refused_without_allocating(capsys, tmp_path):
+    from tests.test_dicom import copy_slices
+
+    files = sorted(data_file("totalsegmentator/example_ct_dicom").iterdir())
+    root = tmp_path / "huge"
+    copy_slices(files[:5], root, lambda ds, i: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)))
+    for command in (["info", root], ["convert", root, tmp_path / "c.nii.gz"], ["preview", root, "--out", tmp_path / "p.png"]):
+        code, _, err = run_cli(capsys, *command)
+        assert_refused(code, err)                            # compressed slices: the memory check; raw: the file size
+        assert "too large" in err or "more than its file holds" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["huge"]
+
+
+def test_1_memory_is_checked_before_decoding(monkeypatch, tmp_path):
+    from ctgridit import limits
+    from ctgridit.ct.io import read_ct
+    from ctgridit.errors import CTGridItError
+
+    monkeypatch.setattr(limits, "available_memory", lambda: 10_000_000)      # 10 MB free
+    with pytest.raises(CTGridItError, match="too large.*of memory"):
+        read_ct(data_file("totalsegmentator/example_ct_dicom"))
+
+
+# --------------------------------------------------------------- 18: zip bombs
+def test_18_a_zip_that_would_extract_to_far_more_is_refused_before_extracting(capsys, tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        with z.open("zeros.dcm", "w", force_zip64=True) as member:
+            block = b"\0" * 2**20
+            for _ in range(300):                                           # 300 MB of zeros, a few hundred KB zipped
+                member.write(block)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "ctgridit", "info", str(bomb)], env={**ENV, "TMPDIR": str(temp)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "would extract" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and list(temp.iterdir()) == []
+
+
+# ------------------------------------------------ 1, 12, 14, 15, 24-26, 31, 35: reading
+def raw_nifti(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0), qform: int = 1, sform: int = 1,
+              dims: tuple | None = None) -> Path:
+    """A NIfTI-1 file written byte by byte, so that its header says exactly what the test wants."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    header.set_data_shape(data.shape)
+    header["pixdim"][1:4] = pixdim
+    header["vox_offset"] = 352
+    header["qform_code"], header["sform_code"] = qform, sform
+    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]
+    if dims is not None:
+        header["dim"][1:1 + len(dims)] = dims
+    path.write_bytes(header.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
+    return path
+
+
+def test_1_24_a_nifti_header_that_promises_more_than_the_file_holds(capsys, tmp_path):
+    import gzip
+
+    small = raw_nifti(tmp_path / "s.nii", np.zeros((8, 8, 4), np.int16))
+    blob = bytearray(small.read_bytes())
+    import nibabel as nib
+
+    header = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(blob[:348])))
+    header.set_data_shape((2048, 2048, 1024))
+    blob[:348] = header.binaryblock
+    (tmp_path / "huge.nii").write_bytes(bytes(blob))
+    (tmp_path / "huge.nii.gz").write_bytes(gzip.compress(bytes(blob)))
+    began = time.perf_counter()
+    for name in ("huge.nii", "huge.nii.gz"):
+        code, _, err = run_cli(capsys, "info", tmp_path / name)
+        assert_refused(code, err, name)
+        assert "GB" in err and ("promises" in err or "too large" in err), err
+    assert time.perf_counter() - began < 5                                # checked from the header, not read
+
+
+@pytest.mark.parametrize("case,words", [
+    ("complex", "complex-valued"), ("rgb", "colour (RGB)"), ("negative_dim", "impossible dimensions"),
+    ("zero_spacing", "zero or invalid voxel size"),
+])
+def test_31_15_odd_voxel_types_and_headers_are_named(capsys, tmp_path, case, words):
+    path = tmp_path / f"{case}.nii"
+    if case == "complex":
+        raw_nifti(path, np.zeros((8, 8, 4), np.complex64))
+    elif case == "rgb":
+        raw_nifti(path, np.zeros((8, 8, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    elif case == "negative_dim":
+        raw_nifti(path, np.zeros((8, 8, 4), np.int16), dims=(8, 8, -30))
+    else:
+        raw_nifti(path, np.zeros((8, 8, 4), np.int16), pixdim=(1.0, 1.0, 0.0), qform=0, sform=0)
+    code, _, err = run_cli(capsys, "info", path)
+    assert_refused(code, err, words)
+
+
+def test_15_26_missing_orientation_and_negative_sizes_are_warnings(capsys, tmp_path):
+    path = raw_nifti(tmp_path / "n.nii", np.zeros((8, 8, 4), np.int16), pixdim=(1.0, -2.0, 1.0), qform=0, sform=0)
+    code, out, err = run_cli(capsys, "info", path)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("warning: ") for line in lines), err
+    assert any("no orientation" in line for line in lines) and any("negative voxel sizes" in line for line in lines)
+
+
+def test_14_a_sheared_affine_is_read_and_written_as_one_geometry(capsys, tmp_path):
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.35
+    src = tmp_path / "shear.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.int16), sheared), src)
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run_cli(capsys, "convert", src, out)
+    assert code == 0 and "warning: " in err and "sheared" in err, err
+    img = nib.load(out)
+    np.testing.assert_allclose(img.get_qform(), img.get_sform(), atol=1e-4)  # one geometry for every reader
+    itk = sitk.ReadImage(str(out))
+    direction = np.array(itk.GetDirection()).reshape(3, 3)
+    np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-5)
+
+
+def test_12_values_int16_cannot_hold_are_not_lost_silently(capsys, tmp_path):
+    import nibabel as nib
+
+    probabilities = tmp_path / "p.nii.gz"
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.uniform(0, 0.56, (16, 16, 8)).astype(np.float32), np.eye(4)), probabilities)
+    code, _, err = run_cli(capsys, "convert", probabilities, tmp_path / "o1.nii.gz")
+    assert code == 0 and "warning: " in err and "do not look like HU" in err, err
+    wide = tmp_path / "w.nii.gz"
+    data = np.zeros((16, 16, 8), np.float32)
+    data[0, 0, 0] = 1e6
+    nib.save(nib.Nifti1Image(data, np.eye(4)), wide)
+    code, _, err = run_cli(capsys, "convert", wide, tmp_path / "o2.nii.gz")
+    assert code == 0 and "1 voxels beyond the int16 range" in err, err
+
+
+def test_35_a_fifo_is_refused_at_once(capsys, tmp_path):
+    fifo = tmp_path / "x.nii.gz"
+    os.mkfifo(fifo)
+    code, _, err = run_cli(capsys, "info", fifo)
+    assert_refused(code, err, "not a regular file")
+
+
+def test_25_a_truncated_metaimage_says_what_is_missing(capsys, tmp_path):
+    import SimpleITK as sitk
+
+    whole = tmp_path / "t.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((20, 64, 64), np.int16)), str(whole))
+    cut = tmp_path / "cut.mha"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "info", cut)
+    assert_refused(code, err, "truncated", "bytes its header promises")
+    assert "No such file" not in err

@@ -43,6 +43,7 @@ Conventions
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -59,6 +60,7 @@ from scipy import ndimage
 
 from ctgridit.ct.volume import CTVolume
 from ctgridit.errors import CTGridItError, CTGridItWarning
+from ctgridit.limits import MAX_ZIP_BYTES, MAX_ZIP_FILES, MAX_ZIP_RATIO, check_memory, gigabytes
 
 NO_UID_LABEL = "(no UID)"
 #: Gaps that differ from the median gap by more than this fraction make the series irregular.
@@ -85,6 +87,8 @@ class _Slice:
     intercept: float
     gantry_tilt: float  # GantryDetectorTilt, degrees
     stored_dtype: str
+    description: str = ""  # SeriesDescription
+    kernel: str = ""  # ConvolutionKernel
 
 
 def uid_label(uid: str) -> str:
@@ -130,9 +134,25 @@ def read_dicom_series(
 
 # ---------------------------------------------------------------- zip files
 def _extract_zip(path: Path, target: Path) -> None:
-    """Extract ``path`` into ``target`` (zipfile drops absolute paths and ``..``)."""
+    """Extract ``path`` into ``target`` (zipfile drops absolute paths and ``..``).
+
+    The zip's directory is checked first: too many files, too many bytes once
+    extracted (or more than the free space), or a compression ratio only a
+    zip bomb has, are refused before anything is written.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            size = sum(m.file_size for m in members)
+            packed = max(1, sum(m.compress_size for m in members))
+            free = shutil.disk_usage(target).free
+            if len(members) > MAX_ZIP_FILES:
+                raise CTGridItError(f"holds {len(members):,} files (at most {MAX_ZIP_FILES:,})", path,
+                                    "zip one DICOM series")
+            if size > MAX_ZIP_BYTES or size / packed > MAX_ZIP_RATIO or size > free:
+                raise CTGridItError(f"would extract to {gigabytes(size)} from {gigabytes(packed)} (at most "
+                                    f"{gigabytes(MAX_ZIP_BYTES)}, {MAX_ZIP_RATIO}x, and {gigabytes(free)} are free)",
+                                    path, "zip one DICOM series, or extract it yourself and give the folder")
             archive.extractall(target)
     except zipfile.BadZipFile as exc:
         raise CTGridItError(f"not a valid zip file ({exc})", path, "give an intact .zip of a DICOM folder") from exc
@@ -192,10 +212,21 @@ def _slice_from_header(path: Path, name: str, header: pydicom.Dataset, shown: Pa
         tilt = float(header.get("GantryDetectorTilt", 0) or 0)
         signed = int(header.get("PixelRepresentation", 0) or 0) == 1
         bits = int(header.get("BitsAllocated", 16) or 16)
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        rows, columns = int(header.Rows), int(header.Columns)
     except (ValueError, TypeError, IndexError) as exc:
         raise CTGridItError(f"slice {name} has an invalid geometry header ({exc})", shown, _HINT) from exc
     if position.shape != (3,) or orientation.shape != (6,) or min(pixel_spacing) <= 0:
         raise CTGridItError(f"slice {name} has an invalid ImagePositionPatient, ImageOrientationPatient or PixelSpacing", shown, _HINT)
+    if min(rows, columns) < 1:
+        raise CTGridItError(f"slice {name} has {rows} x {columns} pixels", shown, _HINT)
+    syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and not syntax.is_compressed:                # the file must hold what the header promises
+        promised = rows * columns * samples * max(1, bits // 8)
+        if promised > path.stat().st_size:
+            raise CTGridItError(f"slice {name} claims {rows} x {columns} pixels ({promised:,} bytes), more than its "
+                                f"file holds ({path.stat().st_size:,} bytes)", shown, "the header is damaged: export the series again")
+    kernel = header.get("ConvolutionKernel", "")
     return _Slice(
         path=path,
         name=name,
@@ -207,6 +238,8 @@ def _slice_from_header(path: Path, name: str, header: pydicom.Dataset, shown: Pa
         intercept=intercept,
         gantry_tilt=tilt,
         stored_dtype=f"{'int' if signed else 'uint'}{bits}",
+        description=str(header.get("SeriesDescription", "") or "").strip(),
+        kernel=" ".join(str(k) for k in kernel) if isinstance(kernel, (list, pydicom.multival.MultiValue)) else str(kernel or "").strip(),
     )
 
 
@@ -218,19 +251,32 @@ def _choose_series(
     if series_uid is not None:
         uid = "" if series_uid.strip() in ("", NO_UID_LABEL) else series_uid.strip()
         if uid not in series:
-            available = ", ".join(f"{uid_label(u)} ({len(s)} slices)" for u, s in _by_size(series))
+            available = "; ".join(_series_label(u, s) for u, s in _by_size(series))
             raise CTGridItError(f"no series with UID {uid_label(uid)}", shown, f"available series: {available}")
         return uid, series[uid]
     (uid, slices), *others = _by_size(series)
+    tied = [(u, s) for u, s in others if len(s) == len(slices)]
+    if tied:
+        listed = "; ".join(_series_label(u, s) for u, s in [(uid, slices), *tied])
+        raise CTGridItError(f"holds {len(tied) + 1} series with {len(slices)} slices each ({listed})", shown,
+                            "choose one with --series UID")
     if others:
         warnings.warn(
-            f"{shown}: found {len(series)} series; reading {uid_label(uid)} ({len(slices)} slices), "
-            f"ignoring {len(others)} other series ({', '.join(f'{uid_label(u)}: {len(s)} slices' for u, s in others)}); "
-            "choose one with series_uid",
+            f"{shown}: found {len(series)} series; reading {_series_label(uid, slices)}, ignoring "
+            f"{'; '.join(_series_label(u, s) for u, s in others)}; choose another with --series UID",
             CTGridItWarning,
             stacklevel=3,
         )
+    check_memory(sum(s.size[0] * s.size[1] for s in slices), shown, "the series")
     return uid, slices
+
+
+def _series_label(uid: str, slices: list[_Slice]) -> str:
+    """``UID ("description", kernel K, N slices)`` for messages."""
+    first = slices[0]
+    facts = [f'"{first.description}"'] if first.description else []
+    facts += [f"kernel {first.kernel}"] if first.kernel else []
+    return f"{uid_label(uid)} ({', '.join(facts + [f'{len(slices)} slices'])})"
 
 
 def _by_size(series: dict[str, list[_Slice]]) -> list[tuple[str, list[_Slice]]]:

@@ -19,8 +19,16 @@ escapes. Trailing dimensions of size 1 (``x, y, z, 1``) are dropped.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import struct
+import sys
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -29,10 +37,15 @@ import SimpleITK as sitk
 
 from ctgridit.ct.dicom import read_dicom_series, read_dicom_zip
 from ctgridit.ct.volume import CTVolume
-from ctgridit.errors import CTGridItError
+from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.files import atomic_output, check_output_path
+from ctgridit.limits import check_memory, gigabytes
 
 HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
+#: Data whose middle 98 % span fewer HU than this, with fractions, are not HU (probabilities, [0, 1] images...).
+NOT_HU_RANGE = 20.0
+#: Voxel axes whose cosines exceed this are sheared.
+SHEAR_TOLERANCE = 1e-4
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 SUPPORTED = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM folder or a .zip of one"
@@ -49,6 +62,8 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
         raise CTGridItError("no such file or folder", p, "check the path")
     if p.is_dir():
         return read_dicom_series(p, series_uid)
+    if not p.is_file():
+        raise CTGridItError("is not a regular file (a pipe, socket or device)", p, "give a file on disk")
     name = p.name.lower()
     if name.endswith(".zip"):
         return read_dicom_zip(p, series_uid)
@@ -61,7 +76,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
     else:
         raise _unreadable(p)
     _check_values(array, affine, p)
-    return CTVolume(array, affine, source=str(p), source_dtype=dtype)
+    return CTVolume(array, _straightened(affine, p), source=str(p), source_dtype=dtype)
 
 
 def write_nifti(volume: CTVolume, path: str | os.PathLike, force: bool = False) -> Path:
@@ -80,6 +95,7 @@ def write_nifti(volume: CTVolume, path: str | os.PathLike, force: bool = False) 
     check_output_path(out, force=force)
     if not np.isfinite(volume.array).all():
         raise CTGridItError("the volume to write has NaN or infinite values", out, "this is a bug: please report it")
+    _warn_int16_losses(volume, out)
     img = _nifti_image(volume)
     with atomic_output(out, force=force) as tmp:  # turns OSError (disk full...) into a CTGridItError
         nib.save(img, tmp)
@@ -98,19 +114,130 @@ def _nifti_image(volume: CTVolume) -> nib.Nifti1Image:
     return img
 
 
+def _warn_int16_losses(volume: CTVolume, out: Path) -> None:
+    """Say so when int16 HU cannot hold the volume's values: clipping, or data that are not HU at all."""
+    a = volume.array
+    clipped = int(np.count_nonzero((a < HU_INT16_MIN) | (a > HU_INT16_MAX)))
+    if clipped:
+        warnings.warn(f"{out}: {clipped:,} voxels beyond the int16 range {HU_INT16_MIN}..{HU_INT16_MAX} were set to "
+                      "its ends", CTGridItWarning, stacklevel=3)
+    sample = a.ravel()[:: max(1, a.size // 1_000_000)]
+    low, high = np.percentile(sample, [1, 99])
+    if high - low < NOT_HU_RANGE and np.any(sample != np.rint(sample)):
+        kept = len(np.unique(np.rint(sample)))
+        warnings.warn(f"{out}: the values ({float(low):.3g} to {float(high):.3g} for 98 % of the voxels) do not "
+                      f"look like HU; written as whole HU they keep only {kept} distinct values", CTGridItWarning,
+                      stacklevel=3)
+
+
 # ------------------------------------------------------------------ readers
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(x, y, z) float32 HU, affine and on-disk dtype of a NIfTI file."""
+    """(x, y, z) float32 HU, affine and on-disk dtype of a NIfTI file; the header checked before the voxels."""
     try:
-        img = nib.load(path, mmap=False)
+        with _quiet_nibabel():
+            img = nib.load(path, mmap=False)
     except Exception as exc:  # nibabel raises many types for a file that is not NIfTI
         raise _unreadable(path, exc) from exc
+    header = img.header
+    ndim = int(header["dim"][0])
+    dims = tuple(int(d) for d in header["dim"][1:1 + max(ndim, 0)])
+    if not 1 <= ndim <= 7 or min(dims, default=0) < 1:
+        raise CTGridItError(f"the header gives impossible dimensions {dims}", path, "the file is damaged: export it again")
+    dtype = img.get_data_dtype()
+    if dtype.kind == "c":
+        raise CTGridItError(f"has complex-valued voxels ({dtype})", path, "give a CT scan in HU (real values)")
+    if dtype.kind == "V" or dtype.names:
+        raise CTGridItError("is a colour (RGB) image", path, "give a CT scan in HU (one value per voxel)")
     shape = _volume_shape(img.shape, path)
+    _check_nifti_size(path, header, dtype)
+    zooms = _stored_voxel_sizes(path)                        # nibabel quietly turns a zero size into 1
+    if np.any(zooms == 0) or not np.isfinite(zooms).all():
+        raise CTGridItError(f"the header gives a zero or invalid voxel size (pixdim {zooms.tolist()})", path,
+                            "fix the spacing in the header")
+    if np.any(zooms < 0):
+        warnings.warn(f"{path}: negative voxel sizes in the header (pixdim {zooms.tolist()}); their sizes are used",
+                      CTGridItWarning, stacklevel=3)
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        warnings.warn(f"{path}: the header records no orientation (qform and sform codes 0): read as RAS with "
+                      "the voxel sizes of pixdim and the origin at the first voxel", CTGridItWarning, stacklevel=3)
     try:
-        data = img.get_fdata(dtype=np.float32)
+        with _quiet_nibabel():
+            data = img.get_fdata(dtype=np.float32)
+            affine = img.affine
+    except MemoryError:
+        raise _too_large(path, int(np.prod(shape))) from None
     except Exception as exc:  # EOFError, OSError, ValueError, zlib.error... for damaged data
         raise _damaged(path, exc) from exc
-    return data.reshape(shape), img.affine, str(img.get_data_dtype())
+    return data.reshape(shape), affine, str(dtype)
+
+
+def _stored_voxel_sizes(path: Path) -> np.ndarray:
+    """``pixdim[1:4]`` as stored in the file (NIfTI-1 or NIfTI-2, either byte order)."""
+    import gzip
+
+    with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        block = f.read(540)
+    for order in "<>":
+        size = struct.unpack(order + "i", block[:4])[0]
+        if size == 348:
+            return np.asarray(struct.unpack(order + "8f", block[76:108])[1:4], dtype=np.float64)
+        if size == 540:
+            return np.asarray(struct.unpack(order + "8d", block[104:168])[1:4], dtype=np.float64)
+    raise CTGridItError("has no NIfTI header size (348 or 540)", path, "check the file")
+
+
+def _check_nifti_size(path: Path, header, dtype: np.dtype) -> None:
+    """The voxel data the header promises must be in the file (and fit in memory) before any is read."""
+    shape = tuple(int(d) for d in header["dim"][1:1 + int(header["dim"][0])])
+    voxels = int(np.prod(shape))
+    promised = voxels * dtype.itemsize
+    offset = int(header["vox_offset"]) if "vox_offset" in header else 352
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as f:                      # gzip's last 4 bytes: the data size modulo 2**32
+            f.seek(-4, os.SEEK_END)
+            stored = int.from_bytes(f.read(4), "little")
+        holds = stored - offset if promised + offset < 2**32 else None
+    else:
+        holds = path.stat().st_size - offset
+    if holds is not None and holds < promised:
+        raise CTGridItError(f"the header promises {' x '.join(map(str, shape))} {dtype} voxels "
+                            f"({gigabytes(promised)}) but the file holds {max(holds, 0):,} bytes of them", path,
+                            "the file is truncated or its header damaged: export it again")
+    check_memory(voxels, path)
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs header oddities itself; ctgridit checks the header and says what matters as warnings."""
+    logger = logging.getLogger("nibabel")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[list[str]]:
+    """Capture what C++ libraries (ITK) print on the process's stderr; the lines end up in the yielded list."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(line.strip() for line in sink.read().decode("utf-8", "replace").splitlines() if line.strip())
+
+
+def _too_large(path: Path, voxels: int) -> CTGridItError:
+    return CTGridItError(f"is too large to read: {voxels:,} voxels need about {gigabytes(12 * voxels)} of memory",
+                         path, "read it on a machine with more memory, or crop it")
 
 
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -118,24 +245,45 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _captured_stderr() as said:
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _unreadable(path, exc) from exc
+    _itk_warnings(path, said)
     if reader.GetNumberOfComponents() != 1:
         raise CTGridItError(
             f"has {reader.GetNumberOfComponents()} values per voxel (a colour or vector image)", path, "give a CT scan in HU"
         )
     shape = _volume_shape(reader.GetSize(), path)
+    if min(reader.GetSpacing()) <= 0:
+        warnings.warn(f"{path}: non-positive voxel sizes in the header ({list(reader.GetSpacing())})",
+                      CTGridItWarning, stacklevel=3)
+    check_memory(int(np.prod(shape)), path)
     try:
-        img = reader.Execute()
-    except RuntimeError as exc:
-        raise _damaged(path, exc) from exc
+        with _captured_stderr() as said:
+            img = reader.Execute()
+    except RuntimeError:
+        detail = next((s for s in said if "ideal" in s or "not read completely" in s), None)
+        numbers = re.findall(r"ideal = (\d+) : actual = (\d+)", " ".join(said))
+        if numbers:
+            ideal, actual = map(int, numbers[0])
+            raise CTGridItError(f"truncated image data: the file holds {actual:,} of the {ideal:,} bytes its "
+                                "header promises", path, "copy or export the file again") from None
+        raise CTGridItError("truncated or corrupt image data" + (f" ({detail})" if detail else ""), path,
+                            "copy or export the file again") from None
+    _itk_warnings(path, said)
     stored = sitk.GetArrayViewFromImage(img)  # (..., z, y, x)
     data = stored.reshape(shape[::-1]).transpose(2, 1, 0).astype(np.float32)
     dim = img.GetDimension()
     direction = np.asarray(img.GetDirection()).reshape(dim, dim)[:3, :3]
     affine = CTVolume.affine_from_itk(img.GetSpacing()[:3], img.GetOrigin()[:3], direction)
     return data, affine, str(stored.dtype)
+
+
+def _itk_warnings(path: Path, lines: list[str]) -> None:
+    """What ITK printed while reading, as ctgridit warnings (one line each)."""
+    for line in lines:
+        warnings.warn(f"{path}: ITK: {line}", CTGridItWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------------- checks
@@ -160,6 +308,25 @@ def _check_values(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
         raise CTGridItError(f"has {bad} NaN or infinite voxel values", path, "a CT scan holds finite HU; check the export")
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CTGridItError("has a degenerate voxel-to-world matrix (zero voxel size?)", path, "fix the header's spacing and orientation")
+
+
+def _straightened(affine: np.ndarray, path: Path) -> np.ndarray:
+    """``affine`` with perpendicular voxel axes: a sheared one is replaced by the nearest perpendicular axes
+    (same voxel sizes and origin) with a warning, so that every reader and writer agrees on the geometry."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.linalg.norm(columns, axis=0)
+    directions = columns / sizes
+    cosines = np.abs(directions.T @ directions - np.eye(3))
+    if cosines.max() < SHEAR_TOLERANCE:
+        return affine
+    u, _, vt = np.linalg.svd(directions)
+    straight = affine.copy()
+    straight[:3, :3] = (u @ vt) * sizes
+    degrees = float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
+    warnings.warn(f"{path}: the voxel axes are sheared (up to {degrees:.1f} degrees from perpendicular); "
+                  "read with the nearest perpendicular axes, voxel sizes and origin kept", CTGridItWarning,
+                  stacklevel=3)
+    return straight
 
 
 def _unreadable(path: Path, exc: Exception | None = None) -> CTGridItError:
