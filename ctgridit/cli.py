@@ -312,12 +312,14 @@ TRAIN_EPILOG = ("Example: ctgridit train {stage} --config pipelines/configs/ct_s
 
 
 def _train(stage: int, config: str, resume: bool, steps: Optional[int], device: str, quiet: bool,
-           audit: Optional[str]) -> None:
+           audit: Optional[str], force: bool) -> None:
     from ctgridit.training.config import load_config
     from ctgridit.training.trainer import train
 
+    if resume and force:
+        raise CTGridItError("--resume continues a run and --force starts it over", hint="give one of them")
     result = train(load_config(config), stage, resume=resume, steps=steps, device=device, quiet=quiet,
-                   audit_dir=audit)
+                   audit_dir=audit, force=force)
     if result.first_loss is None:
         typer.echo(f"stage {stage}: already at the requested steps; exported the model folder {result.output}")
     else:
@@ -332,10 +334,11 @@ def _train_options(stage: int):
         steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total optimizer steps (overrides the config)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per process)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        force: bool = typer.Option(False, "--force", "-f", help="Start over where an earlier run left checkpoints (they are deleted)."),
         audit: Optional[str] = typer.Option(None, "--audit", hidden=True,
                                             help="Write per-process sample ids and weight digests here."),
     ) -> None:
-        _train(stage, config, resume, steps, device, quiet, audit)
+        _train(stage, config, resume, steps, device, quiet, audit, force)
 
     command.__doc__ = ("Train stage 1: the unconditional grid DiT." if stage == 1 else
                        "Train stage 2: the per-frame super-resolution DiT.")

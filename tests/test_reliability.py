@@ -423,3 +423,166 @@ def test_25_a_truncated_metaimage_says_what_is_missing(capsys, tmp_path):
     code, _, err = run_cli(capsys, "info", cut)
     assert_refused(code, err, "truncated", "bytes its header promises")
     assert "No such file" not in err
+
+
+# ------------------------------------------------------- 36: extreme voxels
+def test_36_a_preview_of_extreme_voxels_is_readable(capsys, tmp_path):
+    from PIL import Image
+
+    path = raw_nifti(tmp_path / "thin.nii", np.zeros((32, 32, 8), np.int16), pixdim=(0.01, 0.01, 500.0))
+    out = tmp_path / "p.png"
+    code, _, err = run_cli(capsys, "preview", path, "--out", out)
+    assert code == 0, err
+    width, height = Image.open(out).size
+    assert min(width, height) >= 96, (width, height)
+
+
+# ---------------------------------------- 5, 17, 27: model folders that lie
+@pytest.fixture
+def model_folder(tmp_path):
+    import torch
+
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.core.diffusion import make_train_scheduler
+    from ctgridit.core.dit import create_dit
+    from ctgridit.core.grid import GridSpec
+    from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig
+
+    torch.manual_seed(0)
+    stage1 = create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1)
+    config = PipelineConfig(GridSpec(2, 2, 1, 1), (8, 8), 1, adapter={"kind": "ct", "spacing": [3.0, 3.0, 3.0]})
+    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), config).save_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("scheduler", "damaged"), ("sampler", "sampler"), ("depth", "depth"), ("extra_layer", "do not match"),
+    ("bin_weights", "safetensors"), ("no_weights", "safetensors"),
+])
+def test_5_17_27_a_damaged_model_folder_is_one_line_before_any_work(capsys, model_folder, tmp_path, damage, words):
+    import json
+
+    stage = model_folder / "stage1"
+    if damage == "scheduler":
+        path = model_folder / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "beta_schedule": "nonsense"}))
+    elif damage == "sampler":
+        path = model_folder / "gridit.json"
+        data = json.loads(path.read_text())
+        data["sampling"]["stage1"]["sampler"] = "bogus"
+        path.write_text(json.dumps(data))
+    elif damage in ("depth", "extra_layer"):
+        path = stage / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "depth": -3 if damage == "depth" else 3}))
+    elif damage == "bin_weights":
+        (stage / "diffusion_pytorch_model.safetensors").rename(stage / "diffusion_pytorch_model.bin")
+    else:
+        (stage / "diffusion_pytorch_model.safetensors").unlink()
+    out = tmp_path / "v.nii.gz"
+    code, _, err = run_cli(capsys, "synth", "--slices", "4", "--model", model_folder, "--out", out, "--quiet")
+    assert_refused(code, err, words)
+    assert not out.exists() and "Defaulting" not in err
+
+
+# ------------------------------------------------------------ 6, 30: configs
+def _config(tmp_path: Path, **changes) -> Path:
+    from tests.test_training import write_config
+
+    return write_config(tmp_path, data_file("totalsegmentator/example_ct_sm.nii.gz"), **changes)
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"optim": {"steps": "abc"}}, "optim.steps"), ({"frame_size": 32}, "frame_size"),
+    ({"optim": {"lr": "fast"}}, "optim.lr"), ({"data": {"window": [1000, -1000]}}, "data.window"),
+    ({"checkpoint": {"every": 0}}, "checkpoint.every"), ({"data": {"paths": []}}, "data.paths is empty"),
+    ({"data": {"paths": "scans"}}, "data.paths must be a list"), ({"optim": {"ema_decay": 1.5}}, "ema_decay"),
+    ({"stage1": {"optim": {"batch_size": 0}}}, "batch_size"),
+])
+def test_6_30_bad_configs_are_refused_before_any_work(capsys, tmp_path, changes, words):
+    path = _config(tmp_path, **changes)
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet")
+    assert_refused(code, err, words)
+    assert sorted(os.listdir(tmp_path)) == ["config.yaml"]                # no run folder left
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe binary \x89PNG", b"- a\n- list\n"])
+def test_6_30_empty_binary_or_odd_config_files(capsys, tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path)
+    assert_refused(code, err, str(path))
+
+
+def test_19_a_missing_vae_folder_is_not_downloaded(capsys, tmp_path):
+    path = _config(tmp_path, codec={"kind": "vae", "path": "no/such/vae"})
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet")
+    assert_refused(code, err, "no such VAE folder", "codec.download")
+
+
+# ------------------------------------------------- 7, 8, 11: training runs
+def test_11_a_run_does_not_land_on_an_earlier_one(capsys, tmp_path):
+    path = _config(tmp_path, sampling={"stage1": {"levels": 0}})
+    assert run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "3")[0] == 0
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "3")
+    assert_refused(code, err, "earlier run", "--resume", "--force")
+    from ctgridit.training.checkpoint import list_checkpoints
+
+    before = list_checkpoints(tmp_path / "ckpt" / "stage1")
+    assert run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "2", "--force")[0] == 0
+    after = list_checkpoints(tmp_path / "ckpt" / "stage1")
+    assert [s for s, _ in after] == [2] and [s for s, _ in before] == [3]   # no mixing of the two runs
+
+
+def test_8_resume_skips_a_damaged_newest_checkpoint(capsys, tmp_path):
+    path = _config(tmp_path, sampling={"stage1": {"levels": 0}})
+    assert run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "6")[0] == 0
+    newest = tmp_path / "ckpt" / "stage1" / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    code, out, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "6", "--resume")
+    assert code == 0, err
+    assert "warning: skipped a damaged checkpoint" in err and "step_00000006" in err
+
+
+def test_7_an_output_that_cannot_be_written_is_refused_before_training(capsys, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    path = _config(tmp_path, output=str(blocker / "model"), sampling={"stage1": {"levels": 0}})
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet")
+    assert_refused(code, err, "is a file, not a folder")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_7_a_failed_checkpoint_write_warns_and_keeps_training(monkeypatch, capsys, tmp_path):
+    from ctgridit.errors import CTGridItError
+    from ctgridit.training import trainer
+
+    real = trainer.save_checkpoint
+    calls = []
+
+    def failing_once(folder, step, *args, **kwargs):
+        calls.append(step)
+        if step == 3:
+            raise CTGridItError("could not write the folder (No space left on device)", folder)
+        return real(folder, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", failing_once)
+    path = _config(tmp_path, sampling={"stage1": {"levels": 0}})
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "6")
+    assert code == 0, err
+    assert calls == [3, 6] and "checkpoint of step 3 was not written" in err
+    assert (tmp_path / "model" / "stage1").is_dir()
+
+
+def test_26_odd_metaimage_headers_give_warning_lines_not_library_output(capsys, tmp_path):
+    """A MetaImage with a negative spacing: whatever ITK says comes out as 'warning:' lines (or one error)."""
+    import SimpleITK as sitk
+
+    good = tmp_path / "g.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 16, 16), np.int16)), str(good))
+    text = good.read_bytes().replace(b"ElementSpacing = 1 1 1", b"ElementSpacing = 1 -2 1")
+    odd = tmp_path / "odd.mha"
+    odd.write_bytes(text)
+    proc = subprocess.run([sys.executable, "-m", "ctgridit", "info", str(odd)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(line.startswith(("warning: ", "error: ")) for line in lines), proc.stderr
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr

@@ -252,12 +252,17 @@ def _free_port() -> int:
 
 
 def test_two_processes_hold_identical_weights_and_split_the_batch(tmp_path, small_ct):
+    """Without GPUs, torchrun with the default --device auto is one 2-process CPU DDP run (the reliability
+    issue, case 37: it used to start two unrelated trainings writing the same checkpoints)."""
+    import torch
+
     write_config(tmp_path, small_ct, optim={"steps": 4, "batch_size": 2})
     audit = tmp_path / "audit"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    device = [] if not torch.cuda.is_available() else ["--device", "cpu"]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         "-m", "ctgridit", "train", "stage1", "--config", str(tmp_path / "config.yaml"), "--device", "cpu",
+         "-m", "ctgridit", "train", "stage1", "--config", str(tmp_path / "config.yaml"), *device,
          "--quiet", "--audit", str(audit)],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

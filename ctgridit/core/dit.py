@@ -181,7 +181,7 @@ class GridDiT(ModelMixin, ConfigMixin):
                  num_strides: int = 0) -> None:
         super().__init__()
         _check_config(sample_height, sample_width, in_channels, cond_channels, patch_size, hidden_size,
-                      num_heads, grid_rows, grid_cols, pos_embed, num_strides)
+                      num_heads, grid_rows, grid_cols, pos_embed, num_strides, depth, mlp_ratio)
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(in_channels + cond_channels, hidden_size, patch_size)
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -306,12 +306,13 @@ class GridDiT(ModelMixin, ConfigMixin):
 
 def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_channels: int, patch_size: int,
                   hidden_size: int, num_heads: int, grid_rows: int, grid_cols: int, pos_embed: str,
-                  num_strides: int = 0) -> None:
+                  num_strides: int = 0, depth: int = 1, mlp_ratio: float = 4.0) -> None:
     """Raise a ValueError naming the first inconsistency of a :class:`GridDiT` config."""
     if pos_embed not in POS_EMBEDS:
         raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
-    if min(sample_height, sample_width, in_channels, patch_size, hidden_size, num_heads, grid_rows, grid_cols) < 1:
-        raise ValueError("sizes, channels, heads and grid shape must be positive")
+    if min(sample_height, sample_width, in_channels, patch_size, hidden_size, num_heads, grid_rows, grid_cols,
+           depth) < 1 or not mlp_ratio > 0:
+        raise ValueError("sizes, channels, depth, heads, MLP ratio and grid shape must be positive")
     if cond_channels < 0 or num_strides < 0:
         raise ValueError(f"cond_channels and num_strides must be >= 0, got {cond_channels} and {num_strides}")
     if sample_height % grid_rows or sample_width % grid_cols:

@@ -17,8 +17,10 @@ condition, conditional sampling), in batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
 CONFIG_FILE = "gridit.json"
+#: The weights file of a stage folder (diffusers' name; safetensors only).
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 STAGE2_NOISE = ("independent", "shared", "smooth")
@@ -361,13 +365,49 @@ class GriDiTPipeline:
                                 "give a folder written by `ctgridit train` or GriDiTPipeline.save_pretrained")
         try:
             config = PipelineConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-            stage1 = GridDiT.from_pretrained(str(folder / "stage1"), local_files_only=True)
-            stage2 = (GridDiT.from_pretrained(str(folder / "stage2"), local_files_only=True)
-                      if (folder / "stage2").is_dir() else None)
+            stage1 = load_stage(folder / "stage1")
+            stage2 = load_stage(folder / "stage2") if (folder / "stage2").is_dir() else None
             codec = load_codec(folder / "codec")
             scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
-            pipeline = cls(stage1.eval(), codec, scheduler, config, stage2.eval() if stage2 is not None else None)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise CTGridItError(f"model folder is incomplete or damaged ({err})".replace("\n", " "), folder,
+            pipeline = cls(stage1, codec, scheduler, config, stage2)
+        except CTGridItError:
+            raise
+        except Exception as err:  # anything in a damaged folder (a bad scheduler config raises NotImplementedError)
+            raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                                 "re-export it from the trainer") from None
         return pipeline.to(device, dtype)
+
+
+def load_stage(folder: Path) -> GridDiT:
+    """A stage folder's GridDiT, in eval mode: safetensors weights only, matching its config.json exactly."""
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CTGridItError(f"{folder.name}/ has no {WEIGHTS_FILE} (ctgridit loads safetensors weights only)",
+                            folder.parent, "re-export the model folder from the trainer")
+    with quiet_diffusers():
+        model, info = GridDiT.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                              output_loading_info=True)
+    wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if wrong:
+        counts = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in wrong.items())
+        raise CTGridItError(f"{folder.name}/ weights do not match its config.json ({counts})", folder.parent,
+                            "re-export the model folder from the trainer")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers logs loading notices of its own; ctgridit checks what matters and says it in one line."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, cut at a word boundary to at most ``width`` characters."""
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")

@@ -23,6 +23,8 @@ from ctgridit.files import atomic_output
 #: most, and at least the smaller number (small volumes are enlarged).
 MAX_PLANE_PIXELS = 512
 MIN_PLANE_PIXELS = 256
+#: No plane is drawn smaller than this along either side (stretched if its voxels are extreme).
+MIN_TILE_PIXELS = 96
 LABEL_HEIGHT = 18
 GAP = 6
 
@@ -61,7 +63,10 @@ def render_preview(volume: CTVolume, window: tuple[float, float] = DEFAULT_WINDO
     pixel_mm = max(extents) / float(np.clip(native, MIN_PLANE_PIXELS, MAX_PLANE_PIXELS))
     tiles = []
     for name, plane, (row_mm, col_mm), letters in planes:
-        size = (max(1, round(plane.shape[1] * col_mm / pixel_mm)), max(1, round(plane.shape[0] * row_mm / pixel_mm)))
+        size = (round(plane.shape[1] * col_mm / pixel_mm), round(plane.shape[0] * row_mm / pixel_mm))
+        if min(size) < MIN_TILE_PIXELS:                          # extreme voxels: readable, but not to scale
+            size = tuple(max(MIN_TILE_PIXELS, s) for s in size)
+            name += " (not to scale)"
         tile = Image.fromarray(_to_uint8(np.ascontiguousarray(plane), window)).resize(size, Image.BILINEAR)
         tiles.append((name, tile, letters))
     top = LABEL_HEIGHT * (2 if title else 1)

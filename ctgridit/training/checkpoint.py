@@ -17,7 +17,6 @@ checkpoint that ``--resume`` would pick up.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -68,12 +67,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         model = load_file(str(path / "model.safetensors"))
         ema = load_file(str(path / "ema.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:  # missing, truncated, not plain data
+    except Exception as err:  # missing, truncated (SafetensorError), not plain data: the user's file, not a bug
         raise CTGridItError(f"cannot load the checkpoint ({' '.join(str(err).split())[:200]})", path,
                             "delete it to resume from the one before") from None
     return model, ema, state
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1][1] if found else None

@@ -35,7 +35,10 @@ Relative paths are taken relative to the config file's folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,7 @@ class CodecConfig:
     path: str | None = None                                 # vae: local folder (or hub id) of an AutoencoderKL
     subfolder: str | None = None
     chunk_size: int = 16
+    download: bool = False       # vae: a hub id may be downloaded (off: local folders only, as everything else)
 
 
 @dataclass
@@ -235,6 +239,7 @@ class TrainConfig:
                                 "give the local folder of an AutoencoderKL (e.g. the SD VAE)")
         if len(self.frame_size) != 2 or min(self.frame_size) < 1:
             raise CTGridItError(f"frame_size must be [H, W], got {self.frame_size}", self.source)
+        self._validate_ranges()
         try:
             spec = self.grid_spec
             sampling = SamplingConfig.from_dict(self.sampling, spec)
@@ -248,6 +253,38 @@ class TrainConfig:
             if min(optim.steps, optim.batch_size, optim.grad_accum) < 1:
                 raise CTGridItError("optim.steps, batch_size and grad_accum must be >= 1", self.source)
         return self
+
+    def _validate_ranges(self) -> None:
+        """Values that have the right type but cannot work: every number in its range, before any work."""
+        def refuse(problem: str) -> None:
+            raise CTGridItError(problem, self.source)
+
+        data = self.data
+        if len(data.window) != 2 or not data.window[0] < data.window[1]:
+            refuse(f"data.window must be [low, high] HU with low < high, got {data.window}")
+        if data.kind in ("ct", "video") and not data.paths:
+            refuse(f"data.paths is empty: a {data.kind} config needs the files or folders to train on")
+        if data.kind == "ctrate" and not (data.ctrate_root and data.ctrate_csv):
+            refuse("data.ctrate_root and data.ctrate_csv are needed for CT-RATE")
+        if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
+            refuse(f"data.spacing must be three positive sizes in mm, got {data.spacing}")
+        if data.every < 1 or data.num_workers < 0:
+            refuse("data.every must be >= 1 and data.num_workers >= 0")
+        if self.checkpoint.every < 1 or self.checkpoint.keep_last < 1 or self.logging.every < 1:
+            refuse("checkpoint.every, checkpoint.keep_last and logging.every must be >= 1")
+        for stage in STAGES:
+            optim = self.stage_optim(stage)
+            numbers = dataclasses.asdict(optim)
+            for key in ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
+                        "ema_decay", "seed"):
+                problem = _type_problem(numbers[key], int if key in ("steps", "batch_size", "grad_accum",
+                                                                       "warmup_steps", "seed") else float)
+                if problem:
+                    refuse(f"stage{stage} optim.{key} {problem}, got {numbers[key]!r}")
+            if not (optim.lr > 0 and 0 <= optim.ema_decay < 1 and optim.weight_decay >= 0 and optim.warmup_steps >= 0
+                    and optim.max_grad_norm >= 0 and len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas)):
+                refuse(f"stage{stage} optim: lr must be > 0, ema_decay and betas in [0, 1), weight_decay, "
+                       "warmup_steps and max_grad_norm >= 0")
 
     def _validate_conditioning(self, spec: GridSpec, sampling: SamplingConfig) -> None:
         """Stage 1's conditioning and strides against the grid and the sampling settings."""
@@ -325,15 +362,51 @@ def _build(cls, data: Any, where: str, source: str | None):
     if unknown:
         raise CTGridItError(f"unknown key(s) {sorted(unknown)} in {where or 'the top level'}", source,
                             f"allowed: {', '.join(n for n in fields if n != 'source')}")
+    hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
-        kind = fields[name].type
-        target = {"DataConfig": DataConfig, "CodecConfig": CodecConfig, "StageConfig": StageConfig,
-                  "OptimConfig": OptimConfig, "CheckpointConfig": CheckpointConfig,
-                  "LoggingConfig": LoggingConfig, "ModelConfig": ModelConfig,
-                  "ConditioningConfig": ConditioningConfig}.get(str(kind))
-        values[name] = _build(target, value, f"{where}.{name}".strip("."), source) if target else value
+        key = f"{where}.{name}".strip(".")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key, source)
+        else:
+            problem = _type_problem(value, hint)
+            if problem:
+                raise CTGridItError(f"{key} {problem}, got {value!r}"[:300], source)
+            values[name] = value
     return cls(**values)
+
+
+def _type_problem(value: Any, hint) -> str | None:
+    """Why ``value`` does not fit the type ``hint`` (None if it does): the field types of the config sections."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be a whole number"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be text"
+    if origin is list:
+        if not isinstance(value, list):
+            return "must be a list"
+        for item in value:
+            problem = _type_problem(item, args[0]) if args else None
+            if problem:
+                return f"must be a list whose items {problem.removeprefix('must be ')}"
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else "must be a mapping"
+    return None
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -342,9 +415,12 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     if not path.is_file():
         raise CTGridItError("no such config file", path, "give a YAML file such as pipelines/configs/ct_small.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise CTGridItError(f"not valid YAML ({' '.join(str(err).split())})", path) from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
+        raise CTGridItError(f"not a valid YAML text file ({' '.join(str(err).split())[:200]})", path,
+                            "give a training config such as pipelines/configs/ct_small.yaml") from None
+    if not raw:
+        raise CTGridItError("the config is empty", path, "start from one in pipelines/configs/")
     config = _build(TrainConfig, raw, "", str(path))
     config.source = str(path)
     _resolve_paths(config, path.parent)

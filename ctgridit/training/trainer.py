@@ -27,7 +27,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,10 +42,10 @@ from ctgridit.core.conditioning import condition_channels, masked_condition
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask
-from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig
-from ctgridit.errors import CTGridItError
+from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig, quiet_diffusers, shorten
+from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.files import atomic_folder, atomic_output
-from ctgridit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ctgridit.training.config import TrainConfig
 from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
 from ctgridit.training.metrics import MetricsLog
@@ -53,10 +56,15 @@ def build_codec(config: TrainConfig) -> LatentCodec:
     codec = config.codec
     if codec.kind == "pixel":
         return PixelCodec(codec.channels, codec.chunk_size)
+    if not codec.download and not Path(codec.path).is_dir():
+        raise CTGridItError("no such VAE folder (ctgridit reads models from local folders)", codec.path,
+                            "give the local folder of a diffusers AutoencoderKL, or set codec.download: true for a hub id")
     try:
-        return VAECodec.from_pretrained(codec.path, subfolder=codec.subfolder, chunk_size=codec.chunk_size)
-    except (OSError, ValueError) as err:
-        raise CTGridItError(f"cannot load the VAE ({' '.join(str(err).split())[:200]})", codec.path,
+        with quiet_diffusers():
+            return VAECodec.from_pretrained(codec.path, subfolder=codec.subfolder, chunk_size=codec.chunk_size,
+                                            local_files_only=not codec.download)
+    except Exception as err:  # a folder that is not a VAE: diffusers raises many kinds
+        raise CTGridItError(f"cannot load the VAE ({shorten(str(err), 200)})", codec.path,
                             "give the local folder of a diffusers AutoencoderKL") from None
 
 
@@ -203,13 +211,17 @@ class TrainResult:
 
 
 def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | None = None,
-          device: str = "auto", quiet: bool = False, audit_dir: str | None = None) -> TrainResult:
+          device: str = "auto", quiet: bool = False, audit_dir: str | None = None, force: bool = False) -> TrainResult:
     """Train ``stage`` (1 or 2) of ``config``; write checkpoints and export the model folder.
 
     ``steps`` overrides the config's total number of optimizer steps (the
     schedule is warm-up then constant, so it does not depend on the total).
     Resuming a run that is already at ``steps`` trains nothing and exports
-    the model folder from that checkpoint.
+    the model folder from that checkpoint; a newest checkpoint that cannot
+    be read is skipped for the one before, with a warning. Starting again
+    where a run left checkpoints needs ``force`` (they are deleted first, so
+    old and new never mix). The output and checkpoint folders are checked
+    to be writable before any work.
     ``audit_dir``: every process writes the sample ids it trained on and a
     digest of its final weights there (used by the multi-process test).
     """
@@ -219,10 +231,22 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     total = steps or optim.steps
     if device not in ("auto", "cpu", "cuda"):
         raise CTGridItError(f"device must be auto, cpu or cuda for training, got {device!r}")
-    accelerator = Accelerator(mixed_precision=optim.mixed_precision, cpu=device == "cpu")
-    if device == "cuda" and accelerator.device.type != "cuda":
-        raise CTGridItError("--device cuda asked for but no CUDA GPU is visible", hint="use --device auto or cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CTGridItError("--device cuda: no CUDA GPU is visible", hint="use --device auto or cpu")
+    ckpt_dir = Path(config.checkpoint.dir) / f"stage{stage}"
+    _check_run_folders(config, ckpt_dir, resume, force)
+    # without GPUs, "auto" is the CPU for every process: a torchrun of several processes is then one CPU DDP run
+    # (accelerate would otherwise start as many unrelated single-process trainings writing the same checkpoints)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=optim.mixed_precision, cpu=on_cpu)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise CTGridItError(f"{launched} processes were launched but training runs in {world}",
+                            hint="launch with torchrun or accelerate launch, one process per GPU, or --device cpu")
+    if force and not resume and main and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)                                     # start over: no old checkpoint to mix in
+    accelerator.wait_for_everyone()
     if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         # several CPU processes on one machine: share the cores instead of oversubscribing them
         # (OpenMP threads that outnumber the cores make every matrix product many times slower)
@@ -248,12 +272,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     ema = EMAModel(model.parameters(), decay=optim.ema_decay)
     names = [n for n, _ in model.named_parameters()]
     start, found = 0, None
-    ckpt_dir = Path(config.checkpoint.dir) / f"stage{stage}"
     if resume:
-        found = latest_checkpoint(ckpt_dir)
-        if found is None:
-            raise CTGridItError("no checkpoint to resume from", ckpt_dir, "train without --resume first")
-        weights, ema_weights, state = load_checkpoint(found)
+        found, (weights, ema_weights, state) = newest_readable_checkpoint(ckpt_dir)
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
@@ -331,6 +351,37 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
 
 
+def _check_run_folders(config: TrainConfig, ckpt_dir: Path, resume: bool, force: bool) -> None:
+    """Before any work: the folders a run writes are writable, and a new run does not silently land on an old one."""
+    for folder in (Path(config.output), ckpt_dir):
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+        if not existing.is_dir():
+            raise CTGridItError("is a file, not a folder", existing, "fix output or checkpoint.dir in the config")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise CTGridItError(f"cannot be written ({err.strerror})", existing,
+                                "fix output or checkpoint.dir in the config, or its permissions") from None
+    if not resume and not force and list_checkpoints(ckpt_dir):
+        raise CTGridItError("holds the checkpoints of an earlier run", ckpt_dir,
+                            "pass --resume to continue it, or --force to start over (they are deleted)")
+
+
+def newest_readable_checkpoint(folder: Path):
+    """``(path, (weights, EMA weights, state))`` of the newest checkpoint that loads; warn for any skipped."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise CTGridItError("no checkpoint to resume from", folder, "train without --resume first")
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CTGridItError as err:
+            warnings.warn(f"skipped a damaged checkpoint ({err.one_line()}); trying the one before", CTGridItWarning)
+    raise CTGridItError(f"none of the {len(found)} checkpoints can be read", folder,
+                        "train again without --resume (with --force)")
+
+
 def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     """Load the weights of ``source`` into ``model`` before training (fine-tuning a trained stage).
 
@@ -361,6 +412,7 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
 
 def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, ema, optimizer, lr_schedule,
                 names: list[str], folder: Path) -> None:
+    """Write a checkpoint; if that fails (a full disk...), say so and go on: the earlier checkpoints are kept."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ema_state = ema.state_dict()
@@ -368,8 +420,12 @@ def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, 
         state: dict[str, Any] = {"step": step, "stage": stage, "optimizer": optimizer.state_dict(),
                                  "lr_scheduler": lr_schedule.state_dict(), "ema": ema_state,
                                  "rng_torch": torch.get_rng_state(), "world_size": accelerator.num_processes}
-        save_checkpoint(folder, step, accelerator.unwrap_model(model).state_dict(), shadow, state,
-                        config.to_dict(), config.checkpoint.keep_last)
+        try:
+            save_checkpoint(folder, step, accelerator.unwrap_model(model).state_dict(), shadow, state,
+                            config.to_dict(), config.checkpoint.keep_last)
+        except CTGridItError as err:
+            warnings.warn(f"the checkpoint of step {step} was not written ({err.one_line()}); training goes on and "
+                          "the earlier checkpoints are kept", CTGridItWarning)
     accelerator.wait_for_everyone()
 
 
