@@ -303,6 +303,22 @@ def numbered(path: str, count: int) -> list[str]:
     return [str(p.with_name(f"{stem}_{i:03d}{suffix}")) for i in range(count)]
 
 
+@app.command(epilog="Example: ctgridit prepare pipelines/configs/ctrate_xl.yaml --workers 16")
+def prepare(
+    config: str = typer.Argument(..., metavar="CONFIG", help="A training config (YAML) that names data.cache."),
+    workers: int = typer.Option(1, "--workers", "-j", min=1, help="Processes preparing volumes at once."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Prepare the config's training data once into its cache folder (resumable; training then reads it)."""
+    from ctgridit.training.config import load_config
+    from ctgridit.training.trainer import prepare as prepare_data
+
+    cfg = load_config(config)
+    report = prepare_data(cfg, workers=workers, quiet=quiet)
+    skipped = f"; {len(report.failed)} failed and skipped (see the warnings)" if report.failed else ""
+    typer.echo(f"{report.done} sequences in {cfg.data.cache} ({report.prepared} prepared now){skipped}")
+
+
 train_app = typer.Typer(help="Train the grid model (stage 1) or the super-resolution model (stage 2).",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(train_app, name="train")

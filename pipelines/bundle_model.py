@@ -1,6 +1,7 @@
-"""Copy a trained model folder into the package as the bundled model, with its model card.
+"""Copy a trained model folder into the package as a bundled model, with its model card.
 
-    python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt
+    python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
+    python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
 
 The bundled model lives in ``ctgridit/models/ct_small/`` and is what
 ``ctgridit synth`` uses without ``--model``. Weights are stored as float16
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.denoising import BUNDLED_DENOISER
 from ctgridit.files import atomic_folder
 from ctgridit.synthesis import BUNDLED_MODEL
 
@@ -102,26 +104,76 @@ sample is a function of the seed and its index; `--resume` continues exactly).
     return text
 
 
+def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+    cfg = pipeline.config
+    tile = cfg.frame_size
+    params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
+    text = f"""# ct_denoise: the denoiser bundled with ctgridit
+
+GriDiT's Algorithm 3 at the scan's own resolution: a stage-1 grid DiT
+({params:.1f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of {tile[0]} x {tile[1]}
+tiles of consecutive slices, pixel space, no stage 2. `ctgridit denoise` covers a
+scan with overlapping windows of it (MONAI's sliding window, Gaussian blending),
+estimates the noise at full resolution and takes the one-step posterior mean
+from the matching diffusion level (see `ctgridit/denoising.py`).
+
+- **Data**: random tiles of every scan of this project's `shared/data/ct` at its
+  own voxel size (0.65 to 3 mm in-plane), HU window -1000..1000: chest (LIDC-IDRI-0314,
+  Lung-PET-CT-Dx A0001), abdomen-pelvis and chest angiography crops
+  (TotalSegmentator), lung crops (elastix) and 17 extremity scans (Soft-tissue-Sarcoma)
+  for soft-tissue and bone texture. Held out: A0002 (both kernels), the
+  TotalSegmentator chest crop and its abdomen slab, STS_018 (tunes the classical filters), STS_019
+  and STS_020: `pipelines/eval_denoise.py` evaluates on them.
+- **Training** (`pipelines/configs/ct_denoise.yaml`, batch 32, AdamW, EMA 0.999,
+  2 CPU cores), on diffusion steps 0 to {pipeline_steps(checkpoints)} only (noise up to about 210 HU):
+  {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+
+Reproduce (from the repository root, with `../shared/data/ct` present):
+
+```bash
+ctgridit train stage1 --config pipelines/configs/ct_denoise.yaml
+python pipelines/bundle_model.py runs/ct_denoise/model --denoiser
+```
+"""
+    if bench:
+        text += f"\nMeasured (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
+    return text
+
+
+def pipeline_steps(checkpoints: Path) -> str:
+    """The last diffusion step the denoiser trained on, from the run's config."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "pipelines" / "configs" / "ct_denoise.yaml").read_text())
+    return str(config["stage1"]["timesteps"][1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
     parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
-    parser.add_argument("--bench", default=None, help="a file with the output of pipelines/bench_synth.py")
+    parser.add_argument("--bench", default=None, help="a file with the output of the benchmark to quote")
+    parser.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
     args = parser.parse_args()
     source = Path(args.model)
     pipeline = GriDiTPipeline.from_pretrained(source)                 # refuses an incomplete folder
-    if pipeline.stage2 is None:
+    if not args.denoiser and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
-    with atomic_folder(BUNDLED_MODEL) as tmp:
+    target = BUNDLED_DENOISER if args.denoiser else BUNDLED_MODEL
+    checkpoints = Path(args.checkpoints) if not args.denoiser or args.checkpoints != parser.get_default("checkpoints") \
+        else REPO / "runs" / "ct_denoise" / "checkpoints"
+    with atomic_folder(target) as tmp:
         for stage in ("stage1", "stage2"):
-            half_precision_copy(source / stage, tmp / stage)
+            if (source / stage).is_dir():
+                half_precision_copy(source / stage, tmp / stage)
         for item in ("codec", "scheduler"):
             shutil.copytree(source / item, tmp / item)
         (tmp / "gridit.json").write_text(json.dumps(pipeline.config.to_dict(), indent=2))
-        (tmp / "MODEL.md").write_text(card(pipeline, Path(args.checkpoints), bench))
-    size = sum(f.stat().st_size for f in BUNDLED_MODEL.rglob("*") if f.is_file()) / 2**20
-    print(f"bundled {args.model} into {BUNDLED_MODEL} ({size:.1f} MB)")
+        text = denoiser_card(pipeline, checkpoints, bench) if args.denoiser else card(pipeline, checkpoints, bench)
+        (tmp / "MODEL.md").write_text(text)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
+    print(f"bundled {args.model} into {target} ({size:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -132,13 +132,38 @@ def load_ct_sequences(paths: Sequence[str | os.PathLike], spacing: SpacingMM | N
             size (then scans of different sizes cannot share a dataset).
         hold_out: names of scans to leave out (e.g. a validation set).
     """
-    transform = ct_frames_transform(spacing, window, in_plane)
+    files = CTFileSequences(paths, spacing, window, in_plane, hold_out)
     frames, spacings = [], []
-    for path in scan_paths(paths, hold_out):
-        volume = read_ct(path)
-        frames.append(volume_frames(transform(volume_to_metatensor(volume))))
-        spacings.append(slice_spacing(volume))
+    for i in range(len(files)):
+        sequence, own = files.load(i)
+        frames.append(sequence)
+        spacings.append(own)
     return CTSequences(frames, spacings)
+
+
+class CTFileSequences:
+    """CT files and DICOM folders as a lazy loader (the protocol of :mod:`ctgridit.training.data`): item ``i``
+    is read and prepared like :func:`load_ct_sequences` does, when asked for (``ctgridit prepare`` caches them)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], spacing: SpacingMM | None = None,
+                 window: Sequence[float] = DEFAULT_WINDOW, in_plane: int | Sequence[int] | None = None,
+                 hold_out: Collection[str | os.PathLike] = ()) -> None:
+        self.paths = scan_paths(paths, hold_out)
+        self.transform = ct_frames_transform(spacing, window, in_plane)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return self.paths[i].name
+
+    def load(self, i: int) -> tuple[torch.Tensor, float]:
+        """Scan ``i`` as ``(N, 1, H, W)`` frames, and its own slice spacing (mm)."""
+        volume = read_ct(self.paths[i])
+        return volume_frames(self.transform(volume_to_metatensor(volume))), slice_spacing(volume)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.load(i)[0]
 
 
 def resampled_depth(record: CTRateRecord, spacing: Sequence[float]) -> int:
@@ -183,6 +208,10 @@ class CTRateSequences:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return volume_frames(self.dataset[self.indices[i]][IMAGE_KEY])           # (N, 1, H, W)
+
+    def load(self, i: int) -> tuple[torch.Tensor, float]:
+        """Volume ``i`` as ``(N, 1, H, W)`` frames, and its own slice spacing (mm, from the CSV)."""
+        return self[i], self.slice_spacings[i]
 
     def name(self, i: int) -> str:
         """The VolumeName of sequence ``i``."""

@@ -73,6 +73,7 @@ class DataConfig:
     strides_from_thickness: bool = False
     jitter: dict[str, float] | None = None                  # stage-1 in-plane augmentation {scale, shift}
     tile: int | None = None      # keep scans at their own in-plane size and train on random tiles of this size
+    cache: str | None = None     # a folder of frames prepared by `ctgridit prepare CONFIG`; training reads it
     every: int = 1                                          # video: keep every n-th frame
     num_workers: int = 0                                    # DataLoader worker processes
 
@@ -439,6 +440,7 @@ def _resolve_paths(config: TrainConfig, base: Path) -> None:
     config.data.paths = [resolve(p) for p in config.data.paths]
     config.data.ctrate_root = resolve(config.data.ctrate_root)
     config.data.ctrate_csv = resolve(config.data.ctrate_csv)
+    config.data.cache = resolve(config.data.cache)
     for stage in (config.stage1, config.stage2):
         stage.init = resolve(stage.init)
     if config.codec.kind == "vae" and config.codec.path and (base / config.codec.path).exists():

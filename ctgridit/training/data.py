@@ -9,7 +9,8 @@ share ``C, H, W``. A dataset takes either a list of such tensors or a *lazy
 loader* (:class:`FrameSequences`): any object with ``__len__`` and
 ``__getitem__(i) -> (N_i, C, H, W) tensor`` that reads sequence ``i`` on demand,
 optionally with ``num_frames(i) -> N_i`` that answers without reading the
-frames. The dataset learns every ``N_i`` once, when it is built: from
+frames, and ``frames(i, indices)`` that reads only some frames (a prepared
+cache, :mod:`ctgridit.training.cache`). The dataset learns every ``N_i`` once, when it is built: from
 ``num_frames`` when the loader has it, else by loading each sequence once.
 
 Reproducibility
@@ -127,6 +128,14 @@ class _SequenceDataset(Dataset):
             raise ValueError(f"sequence {i} has {x.shape[0]} frames but the loader's num_frames says "
                              f"{self.num_frames[i]}")
         return x.float()
+
+    def _frames(self, i: int, indices) -> torch.Tensor:
+        """Frames ``indices`` of sequence ``i``: read alone from a loader that can (a prepared cache), else
+        sliced out of the whole sequence."""
+        read = getattr(self.sequences, "frames", None)
+        if read is not None:
+            return read(i, indices).float()
+        return self._load(i)[indices]
 
 
 @dataclass(frozen=True)
@@ -250,7 +259,7 @@ class GridSampleDataset(_SequenceDataset):
             item["stride_label"] = 0 if dropped else stride
         if self.start_within is not None and not bool(item.get("known", torch.zeros(1)).any()):
             start = _randint(min(self.start_within, n - self.span(stride) + 1), g)
-        frames = self._load(i)[start: start + self.span(stride): stride]           # (R*C, C, H, W)
+        frames = self._frames(i, slice(start, start + self.span(stride), stride))   # (R*C, C, H, W)
         if self.crop is not None:
             height, width = frames.shape[-2:]
             if min(height, width) < self.crop:
@@ -297,7 +306,7 @@ class SRPairDataset(_SequenceDataset):
         g = self.generator(index)
         i = _randint(len(self.num_frames), g)
         frame_index = _randint(self.num_frames[i], g)
-        frame = self._load(i)[frame_index]                                         # (C, H, W)
+        frame = self._frames(i, slice(frame_index, frame_index + 1))[0]             # (C, H, W)
         cond, _ = self.degrade(frame, g)                                           # (C, H, W)
         return {"x": to_channels(frame, self.channels).contiguous(),
                 "cond": to_channels(cond, self.channels).contiguous(),

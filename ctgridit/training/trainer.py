@@ -68,9 +68,64 @@ def build_codec(config: TrainConfig) -> LatentCodec:
                             "give the local folder of a diffusers AutoencoderKL") from None
 
 
+def data_settings(config: TrainConfig) -> dict:
+    """The data settings that decide the prepared frames (recorded in, and checked against, a cache)."""
+    data = config.data
+    return {"kind": data.kind, "paths": list(data.paths), "ctrate_root": data.ctrate_root,
+            "ctrate_csv": data.ctrate_csv, "spacing": data.spacing, "window": list(data.window),
+            "hold_out": sorted(data.hold_out), "in_plane": None if data.tile else list(config.frame_size),
+            "every": data.every}
+
+
+def source_sequences(config: TrainConfig):
+    """The configured CT data as a lazy loader with ``name(i)`` and ``load(i)`` (what ``prepare`` caches)."""
+    data = config.data
+    from ctgridit.ct.training_data import CTFileSequences, CTRateSequences
+
+    if data.kind == "ctrate":
+        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window, in_plane=config.frame_size[0],
+                               hold_out=data.hold_out, **({"spacing": data.spacing} if data.spacing else {}))
+    if data.kind == "ct":
+        return CTFileSequences(data.paths, spacing=data.spacing, window=data.window,
+                               in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
+    raise CTGridItError(f"prepare caches CT data (kind ct or ctrate), not {data.kind}", config.source)
+
+
+def prepare(config: TrainConfig, workers: int = 1, quiet: bool = False):
+    """``ctgridit prepare``: write the configured data into the cache folder ``data.cache`` (resumable)."""
+    from ctgridit.training.cache import prepare_cache
+
+    if not config.data.cache:
+        raise CTGridItError("the config names no cache folder (data.cache)", config.source,
+                            "add data.cache: a folder with room for the prepared frames")
+    sequences = source_sequences(config)
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sequences), desc="prepare", unit="volume", dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    def failure(name: str, reason: str) -> None:
+        warnings.warn(f"skipped {name}: {reason}", CTGridItWarning)
+
+    try:
+        return prepare_cache(sequences, config.data.cache, data_settings(config), workers, progress, failure)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def build_sequences(config: TrainConfig):
     """The training sequences ``(N, C, H, W)`` in [-1, 1] of the configured data (a list or a lazy loader)."""
     data = config.data
+    if data.cache:
+        from ctgridit.training.cache import CachedSequences
+
+        return CachedSequences(data.cache, data_settings(config))
     if data.kind == "video":
         from ctgridit.training.data import VideoSequences
 
@@ -387,10 +442,21 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
 
     ``source`` is a checkpoint folder (its EMA weights are taken) or an exported
     stage folder (``diffusion_pytorch_model.safetensors``); its weights must be
-    those of the same architecture, name for name and shape for shape.
+    those of the same architecture, name for name and shape for shape. Or
+    ImageNet DiT weights, DiT's own ``.pt`` or a diffusers DiT folder
+    (:mod:`ctgridit.core.dit_import`), for either stage.
     """
     from safetensors.torch import load_file
 
+    from ctgridit.core.dit_import import is_dit_source, load_dit_weights
+
+    if is_dit_source(source):
+        try:
+            load_dit_weights(model, source)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise CTGridItError(f"cannot start from these DiT weights ({shorten(str(err), 240)})", source,
+                                "give DiT weights of the model's size and patch") from None
+        return
     folder = Path(source)
     files = [folder / "ema.safetensors", folder / "diffusion_pytorch_model.safetensors"]
     found = next((f for f in files if f.is_file()), None)
