@@ -130,43 +130,66 @@ def preview(
     typer.echo(f"wrote {out}")
 
 
-@app.command(epilog="Example: ctgridit synth --slices 201 --out vol.nii.gz --seed 0 --preview vol.png")
+@app.command(epilog="Example: ctgridit synth --slices 201 --out vol.nii.gz --seed 0 --preview vol.png\n\n"
+                     "Many GPUs: torchrun --nproc_per_node 8 -m ctgridit synth -n 1000 --out volumes/")
 def synth(
     slices: int = typer.Option(201, "--slices", min=MIN_SLICES, max=MAX_SLICES, help=f"Number of axial slices to generate ({MIN_SLICES} .. {MAX_SLICES})."),
-    out: str = typer.Option("vol.nii.gz", "--out", "-o", help="The NIfTI file to write."),
-    num: int = typer.Option(1, "--num", min=1, help="How many volumes (written as OUT_000.nii.gz, ...)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same volume."),
+    out: str = typer.Option("vol.nii.gz", "--out", "-o", help="The NIfTI file to write, or a folder (ending in /) for vol_00000.nii.gz, ..."),
+    num: int = typer.Option(1, "--num", "-n", min=1, help="How many volumes (OUT_000.nii.gz, ... or the folder's vol_NNNNN.nii.gz); under torchrun write -n (torchrun reads --num as its own --numa-binding)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same volumes."),
     model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled model)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps per grid (default: the model's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (under torchrun: one GPU per process)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (half precision on GPUs)."),
     preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Generate CT volumes of any number of slices with the grid diffusion model."""
+    """Generate CT volumes of any number of slices with the grid diffusion model.
+
+    Started with torchrun, the processes share the volumes (volume i on process i mod N); volume i always
+    comes from the same seed, so the files do not depend on the number of processes.
+    """
     from ctgridit.ct.io import write_nifti
     from ctgridit.ct.preview import save_preview
+    from ctgridit.device import process_device, process_rank
     from ctgridit.files import check_output_path
     from ctgridit.progress import PhaseProgress
-    from ctgridit.synthesis import load_model, synthesize
+    from ctgridit.synthesis import DTYPES, load_model, synthesize_iter
 
-    outputs = numbered(out, num)
-    previews = numbered(preview_png, num) if preview_png else []
-    if preview_png:
+    if dtype not in DTYPES:
+        raise CTGridItError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    rank, world = process_rank()
+    outputs = volume_paths(out, num)
+    previews = volume_paths(preview_png, num, ".png") if preview_png else []
+    if preview_png and not out.endswith(("/", os.sep)):
         _require_suffix(preview_png, ".png")
-    _require_nifti_name(out)
-    for path in outputs + previews:                   # refuse before minutes of work
-        check_output_path(path, force=force)
-    pipeline = load_model(model, device)
-    with PhaseProgress(enabled=not quiet) as progress:
-        volumes = synthesize(slices, num, seed, pipeline, steps, progress=progress)
-    for i, volume in enumerate(volumes):
-        write_nifti(volume, outputs[i], force=force)
-        if previews:
-            save_preview(volume, previews[i], title=f"{Path(outputs[i]).name} (seed {seed})", force=force)
-        if not quiet:
-            typer.echo(f"wrote {outputs[i]} ({' x '.join(map(str, volume.shape))} voxels of "
-                       f"{' x '.join(f'{s:g}' for s in volume.spacing)} mm)" + (f" and {previews[i]}" if previews else ""))
+    if not out.endswith(("/", os.sep)):
+        _require_nifti_name(out)
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    mine = range(rank, num, world)
+    for i in mine:                                        # refuse before minutes of work
+        for path in [outputs[i]] + ([previews[i]] if previews else []):
+            check_output_path(path, force=force)
+    pipeline = load_model(model, process_device(device))
+    with PhaseProgress(enabled=not quiet and rank == 0) as progress:
+        for i, volume in synthesize_iter(slices, mine, seed, pipeline, steps, dtype=dtype, progress=progress):
+            write_nifti(volume, outputs[i], force=force)              # each volume as soon as it is done
+            if previews:
+                save_preview(volume, previews[i], title=f"{Path(outputs[i]).name} (seed {seed})", force=force)
+            if not quiet:
+                progress.close()
+                typer.echo(f"wrote {outputs[i]} ({' x '.join(map(str, volume.shape))} voxels of "
+                           f"{' x '.join(f'{s:g}' for s in volume.spacing)} mm)" + (f" and {previews[i]}" if previews else ""))
+
+
+def volume_paths(out: str, count: int, suffix: str = ".nii.gz") -> list[str]:
+    """Output names: a folder (ending in /) gives ``vol_00000`` + suffix, ...; else :func:`numbered`."""
+    if out.endswith(("/", os.sep)):
+        stem = "vol" if suffix == ".nii.gz" else "preview"
+        return [str(Path(out) / f"{stem}_{i:05d}{suffix}") for i in range(count)]
+    return numbered(out, count)
 
 
 @app.command(epilog="Example: ctgridit denoise noisy.nii.gz --reference clean.nii.gz --report report.json --preview d.png")
@@ -301,6 +324,32 @@ def numbered(path: str, count: int) -> list[str]:
     suffix = ".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix
     stem = p.name[: len(p.name) - len(suffix)] if suffix else p.name
     return [str(p.with_name(f"{stem}_{i:03d}{suffix}")) for i in range(count)]
+
+
+@app.command(epilog="Example: ctgridit evaluate --real ct_rate_valid/ --generated volumes/ --features fid_net.pt --report eval.json")
+def evaluate(
+    real: str = typer.Option(..., "--real", help="Folder of real NIfTI volumes."),
+    generated: str = typer.Option(..., "--generated", help="Folder of generated NIfTI volumes."),
+    features: Optional[str] = typer.Option(None, "--features", help="A TorchScript feature network (a local file) for 2.5D FID."),
+    report: Optional[str] = typer.Option(None, "--report", help="Write the figures to this JSON file."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the report if it exists."),
+) -> None:
+    """Compare generated volumes with real ones: HU distribution, lung profile, continuity, far-slice SSIM, 2.5D FID."""
+    from ctgridit.ct.evaluate import evaluate as run_evaluation
+    from ctgridit.ct.evaluate import read_folder
+    from ctgridit.files import atomic_output, check_output_path
+
+    if report:
+        _require_suffix(report, ".json")
+        check_output_path(report, force=force)
+    if features is not None and not Path(features).is_file():
+        raise CTGridItError("no such feature network file", features, "give a local TorchScript file")
+    figures = run_evaluation(read_folder(real), read_folder(generated), features)
+    for key, value in figures.items():
+        typer.echo(f"{key:22}{value:>12.4f}" if isinstance(value, float) else f"{key:22}{value:>12}")
+    if report:
+        with atomic_output(report, force=force) as tmp:
+            tmp.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 @app.command(epilog="Example: ctgridit prepare pipelines/configs/ctrate_xl.yaml --workers 16")

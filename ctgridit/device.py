@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ctgridit.errors import CTGridItError
@@ -36,3 +38,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise CTGridItError(f"unsupported device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process when started by torchrun (or accelerate), else ``(0, 1)``."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def process_device(name: str = "auto") -> str:
+    """``name`` for this process: under torchrun with several GPUs, ``auto`` and ``cuda`` mean this
+    process's own GPU (``cuda:LOCAL_RANK``)."""
+    _, world = process_rank()
+    if world > 1 and name in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -53,17 +54,49 @@ def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> 
     return pipeline
 
 
+#: Precisions ``--dtype`` offers.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def volume_seed(seed: int, index: int) -> int:
+    """The seed of volume ``index`` of a run with ``seed``: ``seed`` itself for the first volume, a fixed
+    mixing of both for the others. It depends on nothing else (not the batch, not the number of processes)."""
+    return (check_seed(seed) + index * 2654435761) % 2**32
+
+
+def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
+                    model: str | os.PathLike | GriDiTPipeline | None = None, steps: int | None = None,
+                    device: str = "auto", dtype: str = "fp32",
+                    progress: ProgressCallback | None = None) -> Iterator[tuple[int, CTVolume]]:
+    """``(index, volume)`` for the volumes ``indices`` of a run with ``seed``, one at a time, as each is done.
+
+    Volume ``i`` comes from its own generator (:func:`volume_seed`), so a run
+    split over processes (each taking some indices) writes the same volumes
+    as one process, and the same seed gives the same volumes.
+    """
+    if not MIN_SLICES <= num_slices <= MAX_SLICES:
+        raise CTGridItError(f"need {MIN_SLICES} to {MAX_SLICES} slices, got {num_slices}")
+    if dtype not in DTYPES:
+        raise CTGridItError(f"unknown precision {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    check_seed(seed)
+    pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
+    if DTYPES[dtype] != pipeline.dtype:
+        pipeline.to(dtype=DTYPES[dtype])
+    adapter = pipeline.config.adapter
+    window = adapter.get("window", DEFAULT_WINDOW)
+    for index in indices:
+        generator = torch.Generator().manual_seed(volume_seed(seed, index))
+        frames = pipeline.generate(num_slices, batch_size=1, generator=generator, num_steps=steps, progress=progress)
+        yield index, sequence_to_volume(frames[0].float(), adapter["spacing"], window,
+                                        source=f"ctgridit synth, seed {seed}, volume {index}")
+
+
 def synthesize(num_slices: int = 201, num: int = 1, seed: int = 0, model: str | os.PathLike | GriDiTPipeline | None = None,
                steps: int | None = None, device: str = "auto",
                progress: ProgressCallback | None = None) -> list[CTVolume]:
-    """Generate ``num`` CT volumes of ``num_slices`` axial slices (HU, model spacing), batched."""
-    if not MIN_SLICES <= num_slices <= MAX_SLICES or num < 1:
-        raise CTGridItError(f"need {MIN_SLICES} to {MAX_SLICES} slices and at least one volume, got {num_slices} "
-                            f"and {num}")
-    generator = torch.Generator().manual_seed(check_seed(seed))
-    pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
-    frames = pipeline.generate(num_slices, batch_size=num, generator=generator, num_steps=steps, progress=progress)
-    adapter = pipeline.config.adapter
-    window = adapter.get("window", DEFAULT_WINDOW)
-    return [sequence_to_volume(frames[i], adapter["spacing"], window, source=f"ctgridit synth, seed {seed}, volume {i}")
-            for i in range(num)]
+    """Generate ``num`` CT volumes of ``num_slices`` axial slices (HU, model spacing): volumes ``0 .. num - 1``
+    of :func:`synthesize_iter`."""
+    if num < 1:
+        raise CTGridItError(f"need at least one volume, got {num}")
+    return [volume for _, volume in synthesize_iter(num_slices, range(num), seed, model, steps, device,
+                                                    progress=progress)]

@@ -142,6 +142,24 @@ class ConditioningConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Speed switches for GPUs; each ``None`` means "on where it helps" (CUDA), off on a CPU.
+
+    ``tf32``: TF32 matrix products (Ampere and later). ``fused_adamw``: the
+    fused AdamW kernel. ``vae_bf16``: the VAE encodes in bfloat16. ``compile``:
+    ``torch.compile`` the model (off by default: minutes of compilation first).
+    ``gradient_checkpointing``: recompute activations in the backward pass
+    (less memory, about 30 % more time; off by default).
+    """
+
+    tf32: bool | None = None
+    fused_adamw: bool | None = None
+    vae_bf16: bool | None = None
+    compile: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
 class StageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: dict[str, Any] = field(default_factory=dict)      # overrides of the shared optim section
@@ -176,6 +194,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
     sampling: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)   # extra metadata stored in the model folder
     source: str | None = None                               # the file this config was read from
@@ -241,6 +260,12 @@ class TrainConfig:
         if len(self.frame_size) != 2 or min(self.frame_size) < 1:
             raise CTGridItError(f"frame_size must be [H, W], got {self.frame_size}", self.source)
         self._validate_ranges()
+        if self.logging.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise CTGridItError("logging.tensorboard is on but the tensorboard package is not installed",
+                                    self.source, "pip install tensorboard, or set logging.tensorboard: false") from None
         try:
             spec = self.grid_spec
             sampling = SamplingConfig.from_dict(self.sampling, spec)

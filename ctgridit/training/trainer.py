@@ -314,8 +314,15 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     dataset = build_dataset(config, stage, sequences, codec.image_channels, optim.seed)
     torch.manual_seed(optim.seed)                                   # the same initial weights on every process
     model = build_model(config, stage, codec)
+    fast = performance(config, accelerator.device)
+    if fast["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if fast["vae_bf16"] and isinstance(codec, VAECodec):
+        codec.to(dtype=torch.bfloat16)
+    if config.performance.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                  betas=tuple(optim.betas))
+                                  betas=tuple(optim.betas), **({"fused": True} if fast["fused_adamw"] else {}))
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
 
@@ -336,6 +343,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         torch.set_rng_state(state["rng_torch"])
         start = int(state["step"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.performance.compile:
+        model = torch.compile(model)
     ema.to(accelerator.device)
     if start > total:
         raise CTGridItError(f"the checkpoint is at step {start}, beyond the requested {total} steps",
@@ -353,6 +362,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         progress = tqdm(total=total, initial=start, desc=f"train stage {stage}", unit="step", dynamic_ncols=True)
     audit: list = []
     first_loss = last_loss = None
+    pending: list[tuple[int, torch.Tensor, float, float]] = []   # losses stay on the device until logged
     began = time.perf_counter()
     micro_batches = iter(loader)
     model.train()
@@ -377,17 +387,22 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         optimizer.zero_grad(set_to_none=True)
         lr_schedule.step()
         ema.step(accelerator.unwrap_model(model).parameters())
-        last_loss = accelerator.reduce(step_loss, "mean").item()
-        first_loss = last_loss if first_loss is None else first_loss
         done = step + 1
-        if main:
-            elapsed = time.perf_counter() - began
-            rate = (done - start) * optim.grad_accum * world * optim.batch_size / max(elapsed, 1e-9)
-            metrics.log(done, last_loss, lr_schedule.get_last_lr()[0], rate, elapsed)
-            if progress is not None:
-                progress.update(1)
-                if done % config.logging.every == 0 or done == total:
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+        pending.append((done, accelerator.reduce(step_loss, "mean"), lr_schedule.get_last_lr()[0],
+                        time.perf_counter() - began))
+        if done % config.logging.every == 0 or done == total or done % config.checkpoint.every == 0:
+            losses = torch.stack([loss for _, loss, _, _ in pending]).tolist()   # one host sync per logging step
+            first_loss = losses[0] if first_loss is None else first_loss
+            last_loss = losses[-1]
+            if main:
+                for (logged, _, lr, elapsed), loss in zip(pending, losses):
+                    rate = (logged - start) * optim.grad_accum * world * optim.batch_size / max(elapsed, 1e-9)
+                    metrics.log(logged, loss, lr, rate, elapsed)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}")
+            pending.clear()
+        if progress is not None:
+            progress.update(1)
         if done % config.checkpoint.every == 0 or done == total:
             _checkpoint(accelerator, config, stage, done, model, ema, optimizer, lr_schedule, names, ckpt_dir)
             if main:
@@ -404,6 +419,14 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
+
+
+def performance(config: TrainConfig, device: torch.device) -> dict[str, bool]:
+    """The speed switches in effect: the config's, with ``None`` meaning on for CUDA (see PerformanceConfig)."""
+    cuda = device.type == "cuda"
+    perf = config.performance
+    return {name: (cuda if getattr(perf, name) is None else bool(getattr(perf, name)) and cuda)
+            for name in ("tf32", "fused_adamw", "vae_bf16")}
 
 
 def _check_run_folders(config: TrainConfig, ckpt_dir: Path, resume: bool, force: bool) -> None:
