@@ -9,7 +9,12 @@ mixed precision on a GPU), backward, gradient clipping, AdamW. Batches are
 random grids/frames of the config's shapes, so no data set is needed; data
 loading is not timed. A VAE codec whose folder is absent is replaced by a
 randomly initialised AutoencoderKL of the Stable Diffusion VAE's architecture
-(same cost). Prints one row per config and stage.
+(same cost). The config's performance switches apply as in training (TF32,
+fused AdamW, bf16 VAE on CUDA; torch.compile and gradient checkpointing when
+set). Prints one row per config and stage; on CUDA also the DiT's achieved
+TFLOP/s (model FLOPs: 6 x parameters x tokens + 12 x depth x tokens^2 x width
+per sample, the VAE not counted) and the model FLOPs utilisation (MFU) against
+the GPU's dense bf16 peak where it is known.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from ctgridit.core.codecs import VAECodec
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.training.config import load_config
-from ctgridit.training.trainer import build_codec, build_model, model_inputs
+from ctgridit.training.trainer import build_codec, build_model, model_inputs, performance
 
 CONFIGS = Path(__file__).parent / "configs"
 #: diffusers' AutoencoderKL config of the Stable Diffusion VAE (sd-vae-ft-ema/mse).
@@ -46,7 +51,16 @@ def time_stage(config, stage: int, device: torch.device, batch: int | None, step
     codec, codec_name = codec_for(config)
     codec.to(device)
     model = build_model(config, stage, codec).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr)
+    fast = performance(config, device)
+    if fast["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if fast["vae_bf16"] and isinstance(codec, VAECodec):
+        codec.to(dtype=torch.bfloat16)
+    if config.performance.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, **({"fused": True} if fast["fused_adamw"] else {}))
+    if config.performance.compile:
+        model = torch.compile(model)
     scheduler = make_train_scheduler()
     spec = config.grid_spec
     h, w = spec.grid_size(*config.frame_size) if stage == 1 else tuple(config.frame_size)
@@ -82,12 +96,29 @@ def time_stage(config, stage: int, device: torch.device, batch: int | None, step
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - began) / steps
     params = sum(p.numel() for p in model.parameters())
+    dit = getattr(model, "_orig_mod", model).config
+    tokens = (dit.sample_height // dit.patch_size) * (dit.sample_width // dit.patch_size)
+    flops = batch * (6 * params * tokens + 12 * dit.depth * tokens ** 2 * dit.hidden_size)
     spec = config.stage(stage).model
     label = spec.preset + "".join(f" {k}={v}" for k, v in spec.overrides.items())
+    peak = peak_flops(device)
     return {"config": config.name, "stage": stage, "model": label, "params_M": params / 1e6,
             "input": f"{codec.image_channels}x{h}x{w}", "codec": codec_name, "batch": batch,
             "precision": optim.mixed_precision if use_amp else "fp32", "s_per_step": seconds,
-            "samples_per_s": batch / seconds}
+            "samples_per_s": batch / seconds, "tflops": flops / seconds / 1e12,
+            "mfu": flops / seconds / peak if peak else None}
+
+
+#: Dense bf16 tensor-core peaks (FLOP/s) by device name.
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+         "RTX 4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAKS.items() if key in name), None)
 
 
 def main() -> None:
@@ -101,14 +132,15 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("| config | stage | model | params (M) | input | codec | batch | precision | s/step | samples/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | stage | model | params (M) | input | codec | batch | precision | s/step | samples/s | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.configs:
         config = load_config(CONFIGS / f"{name}.yaml")
         for stage in args.stages:
             r = time_stage(config, stage, device, args.batch, args.steps)
             print(f"| {r['config']} | {r['stage']} | {r['model']} | {r['params_M']:.1f} | {r['input']} | {r['codec']} | "
-                  f"{r['batch']} | {r['precision']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} |", flush=True)
+                  f"{r['batch']} | {r['precision']} | {r['s_per_step']:.3f} | {r['samples_per_s']:.1f} | "
+                  f"{r['tflops']:.2f} | {'' if r['mfu'] is None else format(r['mfu'], '.0%')} |", flush=True)
 
 
 if __name__ == "__main__":

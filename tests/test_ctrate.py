@@ -122,3 +122,27 @@ def test_bad_metadata_csv(ctrate, tmp_path):
         CTRateDataset(root, garbled)
     with pytest.raises(CTGridItError, match="CT-RATE folder not found"):
         CTRateDataset(tmp_path / "nowhere", metadata)
+
+
+def test_header_depths_are_read_once_with_a_depth_cache(ctrate, tmp_path, monkeypatch):
+    """50,000 headers are read on the first run only; a changed file is read again."""
+    import ctgridit.ct.training_data as training_data
+    from ctgridit.ct.training_data import CTRateSequences
+
+    cache = tmp_path / "depths.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CTGridItWarning)
+        first = CTRateSequences(*ctrate, spacing=(6.0, 6.0, 3.0), in_plane=32, depth_cache=cache).lengths()
+        assert cache.is_file() and len(first) == len(RESCALES)
+        calls = []
+        real = training_data.resampled_depth
+        monkeypatch.setattr(training_data, "resampled_depth", lambda *a: (calls.append(a), real(*a))[1])
+        again = CTRateSequences(*ctrate, spacing=(6.0, 6.0, 3.0), in_plane=32, depth_cache=cache)
+        assert again.lengths() == first and calls == []
+        touched = next(ctrate[0].rglob("train_1_a_1.nii.gz"))
+        touched.write_bytes(touched.read_bytes())                        # a newer file time
+        os_stat = touched.stat()
+        import os
+
+        os.utime(touched, ns=(os_stat.st_atime_ns, os_stat.st_mtime_ns + 10**9))
+        assert again.lengths() == first and len(calls) == 1

@@ -188,13 +188,18 @@ class CTRateSequences:
     spacing, LPS, ``spacing`` mm, ``window``, in-plane ``in_plane`` voxels
     padded with air). ``num_frames(i)`` comes from the NIfTI header
     (:func:`resampled_depth`), so a dataset over 50,000 volumes is built
-    without reading them. ``hold_out``: VolumeNames to leave out.
-    Nothing is cached: every access reads and resamples the volume again.
+    without reading them; with ``depth_cache`` (a JSON file) those header
+    reads happen once, later runs take the depths from the file (a volume whose
+    file size or time changed is read again). ``hold_out``: VolumeNames to leave
+    out. The voxels are not cached here: every access reads and resamples the
+    volume again (``ctgridit prepare`` caches them).
     """
 
     def __init__(self, root: str | os.PathLike, metadata_csv: str | os.PathLike,
                  spacing: Sequence[float] = CTRATE_SPACING, window: Sequence[float] = DEFAULT_WINDOW,
-                 in_plane: int | Sequence[int] = CTRATE_IN_PLANE, hold_out: Collection[str] = ()) -> None:
+                 in_plane: int | Sequence[int] = CTRATE_IN_PLANE, hold_out: Collection[str] = (),
+                 depth_cache: str | os.PathLike | None = None) -> None:
+        self.depth_cache = Path(depth_cache) if depth_cache is not None else None
         self.spacing = tuple(float(s) for s in ensure_tuple_rep(spacing, 3))
         transform = ctrate_preprocess(keys=IMAGE_KEY, spacing=self.spacing, spatial_size=in_plane, window=window)
         self.dataset = CTRateDataset(root, metadata_csv, transform=transform)
@@ -219,6 +224,35 @@ class CTRateSequences:
 
     def num_frames(self, i: int) -> int:
         return resampled_depth(self.dataset.records[self.indices[i]], self.spacing)
+
+    def lengths(self) -> list[int]:
+        """``num_frames`` of every volume, from ``depth_cache`` where it is current (and updated there)."""
+        import json
+
+        cached: dict = {}
+        if self.depth_cache is not None and self.depth_cache.is_file():
+            try:
+                cached = json.loads(self.depth_cache.read_text())
+            except ValueError:
+                cached = {}
+        out, changed = [], False
+        for i in range(len(self)):
+            record = self.dataset.records[self.indices[i]]
+            stat = record.path.stat()
+            key = f"{record.name}|{list(self.spacing)}"
+            stamp = [stat.st_size, stat.st_mtime_ns, list(record.spacing)]
+            entry = cached.get(key)
+            if entry is None or entry[:3] != stamp:
+                entry, changed = [*stamp, self.num_frames(i)], True
+                cached[key] = entry
+            out.append(int(entry[3]))
+        if changed and self.depth_cache is not None:
+            from ctgridit.files import atomic_output
+
+            self.depth_cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(self.depth_cache, force=True) as tmp:
+                tmp.write_text(json.dumps(cached))
+        return out
 
     @property
     def slice_spacings(self) -> list[float]:

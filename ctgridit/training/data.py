@@ -9,7 +9,7 @@ share ``C, H, W``. A dataset takes either a list of such tensors or a *lazy
 loader* (:class:`FrameSequences`): any object with ``__len__`` and
 ``__getitem__(i) -> (N_i, C, H, W) tensor`` that reads sequence ``i`` on demand,
 optionally with ``num_frames(i) -> N_i`` that answers without reading the
-frames, and ``frames(i, indices)`` that reads only some frames (a prepared
+frames (or ``lengths()`` for all at once), and ``frames(i, indices)`` that reads only some frames (a prepared
 cache, :mod:`ctgridit.training.cache`). The dataset learns every ``N_i`` once, when it is built: from
 ``num_frames`` when the loader has it, else by loading each sequence once.
 
@@ -104,9 +104,9 @@ class _SequenceDataset(Dataset):
         self.seed = int(seed)
         self.length = int(length)
         self.channels = int(channels)
-        count = getattr(sequences, "num_frames", None)
-        self.num_frames = [count(i) if count else self._load(i, check_length=False).shape[0]
-                           for i in range(len(sequences))]
+        lengths, count = getattr(sequences, "lengths", None), getattr(sequences, "num_frames", None)
+        self.num_frames = list(lengths()) if lengths else [count(i) if count else self._load(i, check_length=False).shape[0]
+                                                          for i in range(len(sequences))]
 
     def __len__(self) -> int:
         return self.length

@@ -135,6 +135,7 @@ def build_sequences(config: TrainConfig):
     if data.kind == "ctrate":
         return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window,
                                in_plane=config.frame_size[0], hold_out=data.hold_out,
+                               depth_cache=Path(config.checkpoint.dir) / "ctrate_depths.json",
                                **({"spacing": data.spacing} if data.spacing else {}))
     return load_ct_sequences(data.paths, spacing=data.spacing, window=data.window,
                              in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
