@@ -26,6 +26,7 @@ from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.denoising import BUNDLED_DENOISER
 from ctgridit.files import atomic_folder
 from ctgridit.synthesis import BUNDLED_MODEL
+from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pipelines" / "configs" / "ct_bundled.yaml"
@@ -36,8 +37,7 @@ def stage_summary(log: Path) -> str:
     rows = list(csv.DictReader(log.open())) if log.exists() else []
     if not rows:
         return "no log"
-    first = sum(float(r["loss"]) for r in rows[:50]) / len(rows[:50])
-    last = sum(float(r["loss"]) for r in rows[-50:]) / len(rows[-50:])
+    first, last = loss_decrease(rows, window=50)
     hours = float(rows[-1]["elapsed_s"]) / 3600 if "elapsed_s" in rows[-1] else float("nan")
     return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
 

@@ -1,4 +1,4 @@
-"""Latent codecs (GRIDIT.md section 5): the identity pixel codec and the diffusers VAE codec."""
+"""Latent codecs (docs/METHOD.md section 5): the identity pixel codec and the diffusers VAE codec."""
 
 from __future__ import annotations
 

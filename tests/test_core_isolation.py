@@ -1,4 +1,4 @@
-"""The generic core never imports a medical-imaging library (ctgridit/core/__init__.py, GRIDIT.md section 1).
+"""The generic core never imports a medical-imaging library (ctgridit/core/__init__.py, docs/METHOD.md section 1).
 
 Two checks: a subprocess in which monai, nibabel, SimpleITK and pydicom cannot
 be imported still imports every core module (and none of the four gets loaded),

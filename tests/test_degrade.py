@@ -1,4 +1,4 @@
-"""The stage-2 degradation (ctgridit/core/degrade.py, GRIDIT.md section 4)."""
+"""The stage-2 degradation (ctgridit/core/degrade.py, docs/METHOD.md section 4)."""
 
 from __future__ import annotations
 

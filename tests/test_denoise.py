@@ -1,4 +1,4 @@
-"""Denoising (GRIDIT.md section 7): the noise rule, ``add-noise``, ``denoise`` on real scans, reports and bad input."""
+"""Denoising (docs/METHOD.md section 7): the noise rule, ``add-noise``, ``denoise`` on real scans, reports and bad input."""
 
 from __future__ import annotations
 

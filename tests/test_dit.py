@@ -1,4 +1,4 @@
-"""The grid DiT of both stages and its fixed positional embeddings (GRIDIT.md sections 2-4, 8)."""
+"""The grid DiT of both stages and its fixed positional embeddings (docs/METHOD.md sections 2-4, 8)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def direct_sincos(d: int, p: float) -> list[float]:
 
 
 def direct_3d(hidden: int, rows: int, cols: int, hp: int, wp: int) -> torch.Tensor:
-    """GRIDIT.md section 2 patch by patch, independent of the vectorised code."""
+    """docs/METHOD.md section 2 patch by patch, independent of the vectorised code."""
     part = hidden // 3
     out = []
     for py in range(rows * hp):

@@ -11,7 +11,6 @@ from ctgridit.core.grid import (
     GridLayout,
     GridSpec,
     cell_mask,
-    cell_slices,
     gray_to_rgb,
     grids_to_sequence,
     padded_length,
@@ -96,6 +95,11 @@ def test_edge_padding_repeats_the_last_frame(grid, n):
     grids, layout = sequence_to_grids(frames, spec, pad_mode="edge")
     cell_frames = untile(grids, *grid).reshape(-1, 1, 2, 2)[layout.frame_indices().reshape(-1).argsort()]
     assert torch.equal(cell_frames[n:], frames[-1:].expand(layout.padding, 1, 2, 2))
+
+
+def cell_slices(row: int, col: int, cell_height: int, cell_width: int) -> tuple[slice, slice]:
+    """The (height, width) slices of cell ``(row, col)`` in a grid of ``h x w`` cells: the layout, stated directly."""
+    return slice(row * cell_height, (row + 1) * cell_height), slice(col * cell_width, (col + 1) * cell_width)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

@@ -1,4 +1,4 @@
-"""GriDiTPipeline end to end: generation, the model folder, loading errors and progress (GRIDIT.md sections 3-6)."""
+"""GriDiTPipeline end to end: generation, the model folder, loading errors and progress (docs/METHOD.md sections 3-6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Grid inpainting and grid-based autoregressive sampling (GRIDIT.md section 6).
+"""Grid inpainting and grid-based autoregressive sampling (docs/METHOD.md section 6).
 
 - :func:`inpaint` keeps the known cells exactly and noises them, at every step,
   to the level of the *next* model input with fresh noise;

@@ -232,7 +232,7 @@ def test_without_stride_labels_the_levels_disagree_on_speed():
 
 
 def test_the_papers_4x4_chunks_of_a_row_go_back_at_every_chunk():
-    """Chunks of 4 frames (a row), 8 new frames between: not in order (GRIDIT.md section 6)."""
+    """Chunks of 4 frames (a row), 8 new frames between: not in order (docs/METHOD.md section 6)."""
     frames = sample_lines(4, 4, 1, 40, chunk=4, strides=False)
     y = frames.flatten(2).mean(dim=2)
     steps = (y[:, 1:] - y[:, :-1]) / line_fit(frames)[0][:, None]          # in units of the mean step

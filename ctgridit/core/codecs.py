@@ -1,6 +1,6 @@
 """Latent codecs: ``encode(x) -> z`` and ``decode(z) -> x`` for images ``x`` in ``[-1, 1]``.
 
-Two implementations (GRIDIT.md section 5):
+Two implementations (docs/METHOD.md section 5):
 
 - :class:`PixelCodec`, the identity, for small models and tests;
 - :class:`VAECodec`, a diffusers ``AutoencoderKL`` (the Stable Diffusion VAE)

@@ -1,7 +1,7 @@
 """Masked conditioning of the grid model: one stage-1 model for generation, extension and interpolation.
 
 This is Masked Conditional Video Diffusion (Voleti et al., 2022) on GriDiT's
-grids, our correction of the paper's sampling (GRIDIT.md section 6): the paper
+grids, our correction of the paper's sampling (docs/METHOD.md section 6): the paper
 samples an unconditional model and pastes the known cells in (replacement
 inpainting), which even with a perfect model does not sample the conditional
 distribution and loses the trend of the known frames. Here the model is *told*

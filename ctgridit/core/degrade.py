@@ -1,6 +1,6 @@
 """The stage-2 degradation: a high-resolution frame -> the low-quality frame that conditions the SR model.
 
-GRIDIT.md section 4 (the paper's Listing 1, ``process_image_resize_noise_blur``)
+docs/METHOD.md section 4 (the paper's Listing 1, ``process_image_resize_noise_blur``)
 turns a real HR frame into a surrogate of an upsampled stage-1 frame:
 
 1. bicubic down by ``r`` then bicubic up by ``r`` back to ``H x W``, with
@@ -14,7 +14,7 @@ turns a real HR frame into a surrogate of an upsampled stage-1 frame:
    uniformly from ``blur_kernels``.
 
 Order: resize, noise, blur, as the name of the paper's function says
-(GRIDIT.md lists the same order). Blurring after the noise also smooths the
+(docs/METHOD.md lists the same order). Blurring after the noise also smooths the
 noise, so the blurred conditions are softer overall, like stage-1 output.
 
 The blur follows OpenCV's ``cv2.GaussianBlur(img, (k, k), 0)``: with sigma 0
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from ctgridit.core.grid import GridSpec, resize_frames
 
-#: Noise standard deviation range on the 0..255 scale (GRIDIT.md section 4).
+#: Noise standard deviation range on the 0..255 scale (docs/METHOD.md section 4).
 NOISE_SIGMA = (10.0, 15.0)
-#: Probability of a blur and its kernel sizes (GRIDIT.md section 4).
+#: Probability of a blur and its kernel sizes (docs/METHOD.md section 4).
 BLUR_PROB = 0.5
 BLUR_KERNELS = (9, 11, 13, 15)
 #: The pixel scale on which ``noise_sigma`` is given.

@@ -1,4 +1,4 @@
-"""Denoising a frame sequence with a GriDiT model (the paper's Algorithm 3, GRIDIT.md section 7).
+"""Denoising a frame sequence with a GriDiT model (the paper's Algorithm 3, docs/METHOD.md section 7).
 
 noisy frames -> grids of consecutive frames (stride 1, cells downsampled by
 ``r``) -> encode -> diffuse to a level ``t1`` -> reverse diffusion with stage 1

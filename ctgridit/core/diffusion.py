@@ -2,7 +2,7 @@
 helpers the samplers need (noise levels, previous timesteps, sampler choice).
 
 Training uses a :class:`diffusers.DDPMScheduler` (1000 steps, linear betas,
-epsilon prediction: GRIDIT.md section 3). Sampling uses DDPM or DDIM built from
+epsilon prediction: docs/METHOD.md section 3). Sampling uses DDPM or DDIM built from
 the same config with a configurable number of steps; timesteps are spaced
 ``"trailing"`` so that sampling starts at the last training step (pure noise).
 Choose step counts that divide the training steps (1000: 10, 20, 25, 50, 100,
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-#: Timesteps the models are trained with (DDPM, GRIDIT.md section 3).
+#: Timesteps the models are trained with (DDPM, docs/METHOD.md section 3).
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddpm", "ddim")
 

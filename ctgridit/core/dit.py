@@ -1,4 +1,4 @@
-"""The grid Diffusion Transformer of both GriDiT stages (GRIDIT.md sections 2-4).
+"""The grid Diffusion Transformer of both GriDiT stages (docs/METHOD.md sections 2-4).
 
 :class:`GridDiT` is DiT (Peebles & Xie, 2023) with adaLN-Zero blocks
 conditioned on the timestep (and optionally the grid's stride, below): no class
@@ -7,7 +7,7 @@ embedding and no classifier-free guidance, one forward per sampling step.
 - Stage 1 (``cond_channels=0``): unconditional model of ``R x C`` grid latents,
   ``forward(sample, timestep) -> eps`` (the paper's).
 - Stage 1, masked-conditional (``cond_channels = in_channels + 1``, our
-  correction, GRIDIT.md section 6): ``cond`` holds the clean latents of the
+  correction, docs/METHOD.md section 6): ``cond`` holds the clean latents of the
   known cells (zeros elsewhere) and the cell mask
   (:func:`ctgridit.core.conditioning.masked_condition`), concatenated to the
   noisy latent on channels as in stage 2; one model does unconditional
@@ -34,7 +34,7 @@ The positional embedding (``"3d"``: frame, row, column in grid layout, or
 from the config and kept as the non-persistent buffer ``pos_embedding`` (the
 name ``pos_embed`` is the config field): it is not a parameter,
 not in ``state_dict()`` nor in saved weights, so loading a checkpoint can never
-overwrite it (GRIDIT.md section 8). For a hidden size not divisible by 6
+overwrite it (docs/METHOD.md section 8). For a hidden size not divisible by 6
 (DiT-L, 1024) each of the three 3D parts gets ``2 * (D // 6)`` dims and the
 last ``D % 6`` dims are zero.
 

@@ -1,4 +1,4 @@
-"""Fixed sin-cos positional embeddings for the grid DiT (GRIDIT.md section 2).
+"""Fixed sin-cos positional embeddings for the grid DiT (docs/METHOD.md section 2).
 
 All embeddings here are pure functions of the configuration: the model computes
 them once and keeps them as a non-persistent buffer, never as a trained or saved

@@ -1,7 +1,7 @@
 """Grid maths: the one place where frames become grids and grids become frames.
 
 A *grid* is an ``R x C`` mosaic of frames in row-major order: cell ``(i, j)``
-holds frame ``i * C + j`` (GRIDIT.md section 1). A sequence of ``N`` frames is
+holds frame ``i * C + j`` (docs/METHOD.md section 1). A sequence of ``N`` frames is
 cut into grids as follows, for a z/time stride ``s``:
 
 - the sequence is padded at the end to a multiple of ``s * R * C`` frames
@@ -144,11 +144,6 @@ def untile(grids: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     x = x.transpose(-3, -2)                                      # (..., Ch, R, C, h, w)
     x = x.movedim(-5, -3)                                        # (..., R, C, Ch, h, w)
     return x.reshape(*lead, rows * cols, ch, h, w)               # (..., R*C, Ch, h, w)
-
-
-def cell_slices(row: int, col: int, cell_height: int, cell_width: int) -> tuple[slice, slice]:
-    """The (height, width) slices of cell ``(row, col)`` in a grid of ``h x w`` cells."""
-    return (slice(row * cell_height, (row + 1) * cell_height), slice(col * cell_width, (col + 1) * cell_width))
 
 
 def cell_mask(known: torch.Tensor | list, rows: int, cols: int, cell_height: int, cell_width: int) -> torch.Tensor:

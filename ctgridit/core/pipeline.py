@@ -9,7 +9,7 @@ Folder layout (all loadable offline)::
       codec/             latent codec (codec.json, plus vae/ for the SD VAE)
       scheduler/         the DDPM training scheduler config
 
-:meth:`GriDiTPipeline.generate` runs GRIDIT.md section 6 end to end: the grid
+:meth:`GriDiTPipeline.generate` runs docs/METHOD.md section 6 end to end: the grid
 autoregressive sampler in latent space, decoding of the low-resolution frames,
 and stage 2 on every frame (bicubic upsampling by ``r``, encoding as the
 condition, conditional sampling), in batches.

@@ -1,4 +1,4 @@
-"""Grid-based autoregressive sampling (GRIDIT.md section 6).
+"""Grid-based autoregressive sampling (docs/METHOD.md section 6).
 
 One primitive does all the work, :func:`inpaint`: reverse diffusion of a batch of
 grid latents in which some cells are *known*. At every step ``t -> t-1``
@@ -123,7 +123,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     (all cells unknown for ``mask=None``) as ``cond``. Otherwise ``cond``, if
     given, is passed as is (stage 2). ``stride``, if given, is passed as the
     model's stride label.
-    ``init`` and ``strength`` (SDEdit; GRIDIT.md section 7): the walk covers the
+    ``init`` and ``strength`` (SDEdit; docs/METHOD.md section 7): the walk covers the
     last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
     from ``init`` forward-diffused to its first level instead of pure noise;
     with ``init_at_level`` the caller has already brought ``init`` to that level

@@ -1,7 +1,7 @@
 """Image quality against a clean reference: PSNR and SSIM in 3D, over the volume and inside the body.
 
 Both volumes are clipped to the HU window and the data range is the window's
-width (GRIDIT.md section 7). SSIM is scikit-image's, computed on the whole 3D
+width (docs/METHOD.md section 7). SSIM is scikit-image's, computed on the whole 3D
 volume (7-voxel cube windows; a smaller odd window when the volume is thinner);
 inside the body it is the mean of the SSIM map over the body mask.
 The body mask (:func:`body_mask`) is the largest connected region above

@@ -14,7 +14,7 @@ axial frame ``vol[0, :, :, k].T`` (rows = ``j``, columns = ``i``) shows
 anterior at the top and the patient's right on the left of the screen (the
 radiological view), and frame 0 is the most inferior slice.
 
-Style (docs/STYLE.md): every transform ``X`` holds the logic (the maths lives
+Style (as MONAI's own): every transform ``X`` holds the logic (the maths lives
 in plain functions) and its dictionary version ``Xd`` owns an ``X`` and applies
 it to each key. The invertible ones record what they did on the MetaTensor
 (``push_transform(extra_info=...)``) and their ``inverse`` works from that
@@ -485,7 +485,7 @@ def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] =
                       spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, window: Sequence[float] = HU_WINDOW,
                       pad_hu: float = HU_AIR, slope_key: str = SLOPE_KEY,
                       intercept_key: str = INTERCEPT_KEY) -> Compose:
-    """CT-RATE preprocessing (GRIDIT.md section 1) as one dictionary :class:`~monai.transforms.Compose`.
+    """CT-RATE preprocessing (docs/METHOD.md section 1) as one dictionary :class:`~monai.transforms.Compose`.
 
     On a data dict whose ``keys`` hold raw ``(1, X, Y, Z)`` MetaTensors and whose
     ``slope_key`` / ``intercept_key`` hold the rescale of each item:

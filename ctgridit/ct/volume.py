@@ -7,7 +7,7 @@ Conventions (those of nibabel and NIfTI):
   RAS+ frame (+x towards the patient's Right, +y Anterior, +z Superior).
 
 ITK/SimpleITK/DICOM use the LPS+ frame; :meth:`CTVolume.itk_geometry` and
-:meth:`CTVolume.from_itk_geometry` convert, so that every library agrees on
+:meth:`CTVolume.affine_from_itk` convert, so that every library agrees on
 where each voxel is.
 """
 
@@ -91,8 +91,3 @@ class CTVolume:
         affine = self.affine @ nib.orientations.inv_ornt_aff(transform, self.array.shape)
         return replace(self, array=np.ascontiguousarray(array), affine=affine, notes=list(self.notes))
 
-    def with_array(self, array: np.ndarray) -> "CTVolume":
-        """A copy with other voxel values on the same geometry."""
-        if array.shape != self.array.shape:
-            raise ValueError(f"shape {array.shape} differs from the volume's {self.array.shape}")
-        return replace(self, array=array, notes=list(self.notes))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ctgridit.errors import CTGridItError
 
-#: The model window of GRIDIT.md section 1 (CT-RATE, GenerateCT): -1000..1000 HU.
+#: The model window of docs/METHOD.md section 1 (CT-RATE, GenerateCT): -1000..1000 HU.
 DEFAULT_WINDOW: tuple[float, float] = (-1000.0, 1000.0)
 
 #: Usual radiology windows as (min, max) HU; level/width in the comments.

@@ -112,7 +112,7 @@ class OptimConfig:
 
 @dataclass
 class ConditioningConfig:
-    """Stage 1's inputs besides the noisy grid (GRIDIT.md section 6, corrections).
+    """Stage 1's inputs besides the noisy grid (docs/METHOD.md section 6, corrections).
 
     ``masked``: the model gets the clean known cells and the cell mask
     (:mod:`ctgridit.core.conditioning`); every training grid draws its task with

@@ -280,7 +280,7 @@ class SRPairDataset(_SequenceDataset):
     Args:
         sequences: as for :class:`GridSampleDataset`.
         factor: the stage-1 in-plane factor ``r`` the SR model undoes.
-        degrade: the degradation; default ``Degrade(factor)`` (GRIDIT.md section 4).
+        degrade: the degradation; default ``Degrade(factor)`` (docs/METHOD.md section 4).
             Its factor must be ``factor``.
         seed, length, channels: as for :class:`GridSampleDataset`.
 

@@ -5,7 +5,7 @@ Conventions
 - Frames: ``numpy.uint8`` ``(T, H, W, 3)``, RGB (as :mod:`ctgridit.video.io`
   reads and writes them).
 - Sequence: ``torch.float32`` ``(T, 3, H, W)`` in ``[-1, 1]``, with
-  ``x = v / 127.5 - 1`` for a pixel value ``v`` (GRIDIT.md section 1).
+  ``x = v / 127.5 - 1`` for a pixel value ``v`` (docs/METHOD.md section 1).
 - The inverse clamps to ``[-1, 1]`` and rounds to the nearest integer, so
   ``frames -> sequence -> frames`` is exact.
 """
