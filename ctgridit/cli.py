@@ -212,6 +212,7 @@ def denoise(
     """Denoise a CT volume (the paper's Algorithm 3, or a classical filter); same grid and geometry as IN."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.metrics import body_mask, quality
+    from ctgridit.ct.window import DEFAULT_WINDOW
     from ctgridit.ct.preview import save_preview
     from ctgridit.denoising import METHODS, denoise_volume
     from ctgridit.files import atomic_output, check_output_path
@@ -247,7 +248,7 @@ def denoise(
     if clean is not None:
         mask = body_mask(clean.array)
         summary["reference"] = str(reference)
-        summary["window_hu"] = [-1000, 1000]
+        summary["window_hu"] = list(DEFAULT_WINDOW)
         summary["input_quality"] = quality(clean.array, volume.array, mask=mask)
         summary["output_quality"] = quality(clean.array, result.volume.array, mask=mask)
     if preview_png:

@@ -54,7 +54,7 @@ from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
 from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit
 from ctgridit.seeds import check_seed
 
 METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
@@ -264,11 +264,11 @@ def classical_filter(scaled: np.ndarray, method: str, sigma: float, params: dict
 
 
 def _classical(volume: CTVolume, method: str, progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
-    low, high = DEFAULT_WINDOW
-    clipped = np.clip(volume.array.astype(np.float64), low, high)
-    scaled = (clipped - low) / (high - low)                                    # [0, 1]
+    hu = volume.array.astype(np.float64)
+    scaled = to_unit(hu, DEFAULT_WINDOW)                                       # [0, 1]
     slices = torch.from_numpy(np.moveaxis(scaled, 2, 0)[:, None].copy())       # (Z, 1, X, Y)
     sigma = estimate_noise(slices * 2 - 1) / 2                                 # [-1, 1] for the window limits
     out = classical_filter(scaled, method, sigma, progress=progress)
+    low, high = DEFAULT_WINDOW
     details = {"noise_sigma_hu": sigma * (high - low), **CLASSICAL[method]}
-    return volume.array.astype(np.float64) + (out * (high - low) + low - clipped), details
+    return hu + from_unit(out - scaled, (0.0, high - low)), details

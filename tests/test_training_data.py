@@ -127,6 +127,26 @@ def test_grid_items_hold_the_slices_their_id_names(ct_sequences):
     assert len(dataset) == 10**9
 
 
+def test_tiles_are_cut_from_the_slices_and_short_sides_are_padded_with_air(ct_sequences):
+    """crop=32 cuts one 32 x 32 tile at the same place out of the four slices; crop=56 is taller than the
+    48-row slices, which are first padded with 4 rows of air (-1) above and below."""
+    spec = GridSpec(2, 2)
+    for crop in (32, 56):
+        dataset = GridSampleDataset(ct_sequences, spec, seed=2, channels=1, crop=crop)
+        for index in range(6):
+            item = dataset[index]
+            sequence, start, stride = item["id"]
+            cells = cells_of(item, spec)                                   # (4, 1, crop, crop)
+            assert cells.shape == (4, 1, crop, crop)
+            frames = ct_sequences[sequence][start:start + 4 * stride:stride]      # (4, 1, 48, 64)
+            if crop == 56:
+                assert (cells[..., :4, :] == -1).all() and (cells[..., -4:, :] == -1).all()
+                frames = torch.nn.functional.pad(frames, (0, 0, 4, 4), value=-1.0)
+            found = [(y, x) for y in range(frames.shape[-2] - crop + 1) for x in range(frames.shape[-1] - crop + 1)
+                     if torch.equal(frames[..., y:y + crop, x:x + crop], cells)]
+            assert found, "the tile is not a window of the slices"
+
+
 def test_grid_items_are_a_pure_function_of_seed_and_index(ct_sequences):
     spec = GridSpec(2, 2)
     a = GridSampleDataset(ct_sequences, spec, stride_range=(1, 4), seed=5)

@@ -16,7 +16,6 @@ from ctgridit.ct.io import read_ct
 from ctgridit.ct.transforms import (
     CTRATE_SPACING,
     HU_AIR,
-    HU_WINDOW,
     CropOrPadInPlane,
     CropOrPadInPlaned,
     HUWindow,
@@ -36,6 +35,7 @@ from ctgridit.ct.transforms import (
     window_hu,
 )
 from ctgridit.ct.volume import CTVolume
+from ctgridit.ct.window import DEFAULT_WINDOW as HU_WINDOW
 
 EXAMPLES = 40
 GRID_SHAPES = [(1, 1), (2, 2), (4, 4), (2, 3)]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ctgridit.ct.io import NIFTI_SUFFIXES, read_ct
 from ctgridit.ct.quality import lung_fraction, max_far_ssim, neighbour_difference
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 from ctgridit.errors import CTGridItError
 
 PROFILE_POINTS = 100
@@ -107,8 +107,7 @@ def _slices(volume: CTVolume, plane: str, window) -> torch.Tensor:
     axis = {"sagittal": 0, "coronal": 1, "axial": 2}[plane]
     picks = np.unique(np.linspace(0, a.shape[axis] - 1, min(FID_SLICES, a.shape[axis])).round().astype(int))
     images = np.stack([np.take(a, k, axis=axis) for k in picks])                   # (n, h, w)
-    low, high = window
-    x = torch.from_numpy(((np.clip(images, low, high) - low) / (high - low)).astype(np.float32))[:, None]
+    x = torch.from_numpy(to_unit(images, window).astype(np.float32))[:, None]
     x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False, antialias=True)
     return x.expand(-1, 3, -1, -1)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 
 BODY_THRESHOLD_HU = -500.0
 
@@ -36,24 +36,21 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
 def psnr(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW,
          mask: np.ndarray | None = None) -> float:
     """PSNR in dB with data range the window width, over ``mask`` (default all voxels)."""
-    low, high = window
-    ref, img = np.clip(reference, low, high), np.clip(image, low, high)
-    err = (ref.astype(np.float64) - img) ** 2
+    err = (to_unit(reference.astype(np.float64), window) - to_unit(image.astype(np.float64), window)) ** 2
     mse = float(err[mask].mean() if mask is not None else err.mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10((high - low) ** 2 / mse)
+    return float("inf") if mse == 0 else -10.0 * np.log10(mse)
 
 
 def ssim_map(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW) -> np.ndarray:
     """The 3D SSIM map, data range the window width (module docstring)."""
     from skimage.metrics import structural_similarity
 
-    low, high = window
-    ref = np.clip(reference, low, high).astype(np.float64)
-    img = np.clip(image, low, high).astype(np.float64)
+    ref = to_unit(reference.astype(np.float64), window)
+    img = to_unit(image.astype(np.float64), window)
     win = min(7, *(n if n % 2 else n - 1 for n in ref.shape))
     if win < 3:
         raise ValueError(f"volume {ref.shape} is too thin for SSIM (needs 3 voxels along every axis)")
-    return structural_similarity(ref, img, data_range=high - low, win_size=win, full=True)[1]
+    return structural_similarity(ref, img, data_range=1.0, win_size=win, full=True)[1]
 
 
 def quality(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW,

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 from ctgridit.files import atomic_output
 
 #: The longest physical side of the planes is drawn with this many pixels at
@@ -30,9 +30,7 @@ GAP = 6
 
 
 def _to_uint8(plane: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    low, high = window
-    scaled = (np.clip(plane, low, high) - low) / (high - low)
-    return np.rint(scaled * 255).astype(np.uint8)
+    return np.rint(to_unit(plane, window) * 255).astype(np.uint8)
 
 
 def mid_planes(volume: CTVolume) -> list[tuple[str, np.ndarray, tuple[float, float], tuple[str, str, str, str]]]:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 
 #: Voxels below this inside the body count as lung (and airways).
 LUNG_BELOW_HU = -500.0
@@ -34,7 +34,7 @@ def reference_neighbour_difference(path: str | os.PathLike, spacing: Sequence[fl
                                    in_plane: Sequence[int], window: Sequence[float] = DEFAULT_WINDOW) -> float:
     """:func:`neighbour_difference` of a real scan resampled to ``spacing`` and windowed like training data."""
     from ctgridit.ct.training_data import load_ct_sequences
-    from ctgridit.ct.transforms import unwindow_hu
+    from ctgridit.ct.window import unwindow_hu
 
     frames = load_ct_sequences([path], spacing=spacing, window=window, in_plane=tuple(in_plane))[0]  # (Z, 1, Y, X)
     hu = unwindow_hu(frames, window)
@@ -51,8 +51,7 @@ def far_ssim(hu: np.ndarray, far: int = 30, window: Sequence[float] = DEFAULT_WI
     """
     from scipy.ndimage import uniform_filter
 
-    low, high = window
-    x = ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float64)       # (X, Y, Z)
+    x = to_unit(np.asarray(hu, dtype=np.float64), window)                        # (X, Y, Z)
     n, size, pad = x.shape[2], 7, 3
     norm = size * size / (size * size - 1)
     c1, c2 = 0.01 ** 2, 0.03 ** 2

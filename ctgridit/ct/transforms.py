@@ -58,14 +58,10 @@ from monai.utils import (
 from ctgridit.core.grid import GridLayout, GridSpec, grids_to_sequence, gray_to_rgb, rgb_to_gray, sequence_to_grids
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.ct.window import DEFAULT_WINDOW, MODEL_RANGE, unwindow_hu, window_hu
 
 #: HU of air: the value that pads a CT volume.
 HU_AIR = -1000.0
-#: The HU window clipped and scaled to the model range (CT-RATE, GenerateCT).
-HU_WINDOW = DEFAULT_WINDOW
-#: The range of the values the generic core works on.
-MODEL_RANGE = (-1.0, 1.0)
 #: The canonical voxel layout (see the module docstring).
 CANONICAL_AXCODES = "LPS"
 #: Axis labels of a RAS affine, in nibabel's sense (+x = Right, +y = Anterior, +z = Superior).
@@ -77,7 +73,7 @@ CTRATE_IN_PLANE = 512
 SLOPE_KEY, INTERCEPT_KEY, SPACING_KEY = "slope", "intercept", "spacing"
 
 __all__ = [
-    "CTRATE_IN_PLANE", "CTRATE_SPACING", "CANONICAL_AXCODES", "HU_AIR", "HU_WINDOW", "MODEL_RANGE",
+    "CTRATE_IN_PLANE", "CTRATE_SPACING", "CANONICAL_AXCODES", "HU_AIR", "MODEL_RANGE",
     "volume_to_metatensor", "metatensor_to_volume", "affine_with_spacing", "window_hu", "unwindow_hu",
     "centre_margins", "crop_or_pad", "volume_to_frames", "frames_to_volume",
     "LoadCT", "LoadCTd", "SetSpacing", "SetSpacingd", "RescaleToHU", "RescaleToHUd", "HUWindow", "HUWindowd",
@@ -130,22 +126,6 @@ def affine_with_spacing(affine: torch.Tensor | np.ndarray, spacing: Sequence[flo
         raise ValueError(f"affine has a zero-length axis: {out.tolist()}")
     out[:3, :3] = out[:3, :3] / norms * torch.as_tensor(spacing, dtype=torch.float64)
     return out
-
-
-def window_hu(hu: torch.Tensor, window: Sequence[float] = HU_WINDOW,
-              output_range: Sequence[float] = MODEL_RANGE) -> torch.Tensor:
-    """Clip HU to ``window`` and map it linearly onto ``output_range``."""
-    lo, hi = window
-    a, b = output_range
-    return (hu.clamp(lo, hi) - lo) * (b - a) / (hi - lo) + a
-
-
-def unwindow_hu(x: torch.Tensor, window: Sequence[float] = HU_WINDOW,
-                output_range: Sequence[float] = MODEL_RANGE) -> torch.Tensor:
-    """The inverse of :func:`window_hu` on the window; ``x`` is first clamped to ``output_range``."""
-    lo, hi = window
-    a, b = output_range
-    return (x.clamp(a, b) - a) * (hi - lo) / (b - a) + lo
 
 
 def centre_margins(size: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
@@ -312,7 +292,7 @@ class HUWindow(InvertibleTransform):
 
     backend = [TransformBackends.TORCH]
 
-    def __init__(self, window: Sequence[float] = HU_WINDOW, output_range: Sequence[float] = MODEL_RANGE) -> None:
+    def __init__(self, window: Sequence[float] = DEFAULT_WINDOW, output_range: Sequence[float] = MODEL_RANGE) -> None:
         if not window[0] < window[1] or not output_range[0] < output_range[1]:
             raise ValueError(f"window {window} and output range {output_range} must be increasing pairs")
         self.window = tuple(float(v) for v in window)
@@ -333,7 +313,7 @@ class HUWindow(InvertibleTransform):
 class HUWindowd(_InvertibleMapArray):
     """Dictionary version of :class:`HUWindow`."""
 
-    def __init__(self, keys: KeysCollection, window: Sequence[float] = HU_WINDOW,
+    def __init__(self, keys: KeysCollection, window: Sequence[float] = DEFAULT_WINDOW,
                  output_range: Sequence[float] = MODEL_RANGE, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, HUWindow(window, output_range), allow_missing_keys)
 
@@ -482,7 +462,7 @@ class VolumeToGridsd(_InvertibleMapArray):
 
 # --------------------------------------------------------------- CT-RATE
 def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] = CTRATE_SPACING,
-                      spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, window: Sequence[float] = HU_WINDOW,
+                      spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, window: Sequence[float] = DEFAULT_WINDOW,
                       pad_hu: float = HU_AIR, slope_key: str = SLOPE_KEY,
                       intercept_key: str = INTERCEPT_KEY) -> Compose:
     """CT-RATE preprocessing (docs/METHOD.md section 1) as one dictionary :class:`~monai.transforms.Compose`.

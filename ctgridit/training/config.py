@@ -48,6 +48,7 @@ import yaml
 from ctgridit.core.conditioning import TaskMix
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
+from ctgridit.ct.window import DEFAULT_WINDOW
 from ctgridit.training.data import InPlaneJitter
 from ctgridit.errors import CTGridItError
 
@@ -64,7 +65,7 @@ class DataConfig:
     ctrate_root: str | None = None                          # ctrate: the folder of volumes ...
     ctrate_csv: str | None = None                           # ... and its metadata CSV
     spacing: list[float] | None = None                      # ct/ctrate: resample to (x, y, z) mm
-    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # HU window to [-1, 1]
+    window: list[float] = field(default_factory=lambda: list(DEFAULT_WINDOW))   # HU window to [-1, 1]
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
     strides: list[int] | None = None                        # or the strides to draw from, e.g. [1, 3, 9]

@@ -185,7 +185,9 @@ class GridSampleDataset(_SequenceDataset):
             the diaphragm for chest CT) instead of anywhere.
         jitter: in-plane augmentation (:class:`InPlaneJitter`).
         crop: cut a random ``crop x crop`` tile out of the frames (the same for
-            all cells; sequences may then differ in size, each at least ``crop``).
+            all cells; sequences may then differ in size). A side shorter than
+            ``crop`` is first padded at both ends with the low end of the range
+            (-1: air for CT, black for video), as the jitter fills.
 
     Item ``index`` draws with its generator: a stride, uniformly among the
     strides some sequence can serve (serves it and is long enough:
@@ -263,7 +265,9 @@ class GridSampleDataset(_SequenceDataset):
         if self.crop is not None:
             height, width = frames.shape[-2:]
             if min(height, width) < self.crop:
-                raise ValueError(f"sequence {i} has {height}x{width} frames, smaller than the {self.crop} tiles")
+                dy, dx = max(self.crop - height, 0), max(self.crop - width, 0)
+                frames = F.pad(frames, (dx // 2, dx - dx // 2, dy // 2, dy - dy // 2), value=-1.0)
+                height, width = frames.shape[-2:]
             y, x = _randint(height - self.crop + 1, g), _randint(width - self.crop + 1, g)
             frames = frames[..., y:y + self.crop, x:x + self.crop]
         if self.jitter is not None:
