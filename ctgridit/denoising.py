@@ -54,7 +54,7 @@ from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
 from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit
+from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_hu
 from ctgridit.seeds import check_seed
 
 METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
@@ -88,7 +88,7 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
         details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
             ("bundled denoiser" if model is None else "given pipeline")
     else:
-        hu, details = _classical(volume, method, progress)
+        hu, details = classical_denoise(volume.array, method, progress=progress)
     out = CTVolume(hu.astype(np.float32), volume.affine.copy(), source=volume.source, source_dtype="int16",
                    series_uid=volume.series_uid, notes=[*volume.notes, f"denoised with {method}"])
     return DenoiseResult(out, method, time.perf_counter() - began, details)
@@ -134,8 +134,7 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     from monai.data.utils import dense_patch_slices
     from monai.inferers import sliding_window_inference
 
-    from ctgridit.ct.transforms import Orient, frames_to_volume, unwindow_hu, volume_to_frames, volume_to_metatensor
-    from ctgridit.ct.transforms import window_hu
+    from ctgridit.ct.transforms import Orient, frames_to_volume, volume_to_frames, volume_to_metatensor
 
     cfg = pipeline.config
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
@@ -183,14 +182,14 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
             progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
     from monai.transforms import Compose
 
-    from ctgridit.ct.transforms import (HU_AIR, CropOrPadInPlane, Orient, ResampleToSpacing, frames_to_volume,
-                                        unwindow_hu, volume_to_frames, volume_to_metatensor, window_hu)
+    from ctgridit.ct.transforms import (HU_AIR, Orient, ResampleToSpacing, crop_or_pad_in_plane,
+                                        frames_to_volume, volume_to_frames, volume_to_metatensor)
 
     cfg = pipeline.config
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
     height, width = cfg.frame_size
-    crop = CropOrPadInPlane((width, height), pad_value=HU_AIR)
-    to_model = Compose([Orient(), ResampleToSpacing(cfg.adapter["spacing"]), crop])
+    to_model = Compose([Orient(), ResampleToSpacing(cfg.adapter["spacing"]),
+                        crop_or_pad_in_plane((width, height), pad_value=HU_AIR)])
     smooth = CTVolume(antialiased(volume, cfg.adapter["spacing"]), volume.affine)
     on_grid = to_model(volume_to_metatensor(smooth))                         # (1, X, Y, Z) HU, model grid
     frames = window_hu(volume_to_frames(on_grid.as_tensor().float()), window)  # (Z, 1, H, W)
@@ -205,8 +204,7 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     correction = unwindow_hu(frames_to_volume(clean), window) - on_grid.as_tensor().float().clamp(low, high)
     delta = on_grid.clone()
     delta.copy_(correction)                                                    # the model grid's metadata
-    crop.pad_value = 0.0                                                       # no correction outside the field
-    back = to_model.inverse(delta).as_tensor()[0].numpy()                      # (X, Y, Z), the scan's grid
+    back = to_model.inverse(delta).as_tensor()[0].numpy()      # (X, Y, Z), the scan's grid; 0 outside the field
     details = {"strength": strength, "steps": steps, "seed": seed,
                "noise_sigma_hu": levels.sigma_hr * (high - low) / 2,
                "t_stage1": levels.t1, "t_stage2": levels.t2,
@@ -231,7 +229,7 @@ def antialiased(volume: CTVolume, spacing) -> np.ndarray:
 #: Classical filter settings, relative to the estimated noise ``sigma`` (window units) where they say so;
 #: tuned on a scan kept out of every evaluation (``python pipelines/eval_denoise.py --tune``).
 CLASSICAL = {
-    "bilateral": {"color": 1.0, "spatial": 1.5},                      # sigma_color = color * sigma, voxels
+    "bilateral": {"color": 1.0, "spatial": 2.0},                      # sigma_color = color * sigma, voxels
     "nlm": {"h": 0.8, "patch_size": 5, "patch_distance": 6},          # h = h * sigma, per slice
     "nlm3d": {"h": 0.8, "patch_size": 3, "patch_distance": 3},        # h = h * sigma, the whole volume
 }
@@ -263,12 +261,21 @@ def classical_filter(scaled: np.ndarray, method: str, sigma: float, params: dict
     return out
 
 
-def _classical(volume: CTVolume, method: str, progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
-    hu = volume.array.astype(np.float64)
-    scaled = to_unit(hu, DEFAULT_WINDOW)                                       # [0, 1]
-    slices = torch.from_numpy(np.moveaxis(scaled, 2, 0)[:, None].copy())       # (Z, 1, X, Y)
-    sigma = estimate_noise(slices * 2 - 1) / 2                                 # [-1, 1] for the window limits
-    out = classical_filter(scaled, method, sigma, progress=progress)
+def noise_hu(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> float:
+    """The noise standard deviation of an ``(X, Y, Z)`` HU array in HU, estimated slice by slice at full
+    resolution (:func:`~ctgridit.core.denoise.estimate_noise`, blocks clipped by the window left out)."""
+    low, high = window
+    slices = torch.from_numpy(np.moveaxis(window_hu(np.asarray(hu, np.float32), window), 2, 0)[:, None].copy())
+    return estimate_noise(slices) * (high - low) / 2
+
+
+def classical_denoise(hu: np.ndarray, method: str, params: dict | None = None,
+                      progress: ProgressCallback | None = None) -> tuple[np.ndarray, dict]:
+    """A classical filter on an ``(X, Y, Z)`` HU array at its estimated noise: the filtered HU (what lies
+    outside the window is kept as it was) and the details (noise estimate, settings)."""
+    hu = hu.astype(np.float64)
     low, high = DEFAULT_WINDOW
-    details = {"noise_sigma_hu": sigma * (high - low), **CLASSICAL[method]}
-    return hu + from_unit(out - scaled, (0.0, high - low)), details
+    sigma_hu = noise_hu(hu)
+    out = classical_filter(to_unit(hu), method, sigma_hu / (high - low), params, progress=progress)
+    details = {"noise_sigma_hu": sigma_hu, **CLASSICAL[method], **(params or {})}
+    return hu + from_unit(out - to_unit(hu), (0.0, high - low)), details

@@ -4,7 +4,7 @@ A scan becomes a float32 sequence ``(N, 1, H, W)`` in ``[-1, 1]`` with the
 transforms of :mod:`ctgridit.ct.transforms`: read in HU
 (:func:`~ctgridit.ct.io.read_ct`), orient LPS (:class:`Orient`), optionally
 resample to ``spacing`` mm (:class:`ResampleToSpacing`, trilinear) and centre
-crop / pad in-plane to ``in_plane`` voxels with air (:class:`CropOrPadInPlane`),
+crop / pad in-plane to ``in_plane`` voxels with air (:func:`~ctgridit.ct.transforms.crop_or_pad_in_plane`),
 clip to ``window`` and scale (:class:`HUWindow`). Frames are the axial slices in
 the radiological view (:func:`volume_to_frames`): frame 0 the most inferior,
 ``H`` along Y (anterior at the top), ``W`` along X (patient's right on the
@@ -35,11 +35,11 @@ from ctgridit.ct.transforms import (
     CTRATE_IN_PLANE,
     CTRATE_SPACING,
     HU_AIR,
-    CropOrPadInPlane,
     HUWindow,
     Orient,
     ResampleToSpacing,
     affine_with_spacing,
+    crop_or_pad_in_plane,
     ctrate_preprocess,
     volume_to_frames,
     volume_to_metatensor,
@@ -65,7 +65,7 @@ def ct_frames_transform(spacing: SpacingMM | None = None, window: Sequence[float
     if spacing is not None:
         steps.append(ResampleToSpacing(ensure_tuple_rep(spacing, 3)))
     if in_plane is not None:
-        steps.append(CropOrPadInPlane(in_plane, pad_value=HU_AIR))
+        steps.append(crop_or_pad_in_plane(in_plane, pad_value=HU_AIR))
     steps.append(HUWindow(window))
     return Compose(steps)
 

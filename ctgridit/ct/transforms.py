@@ -23,14 +23,12 @@ record alone, so ``Compose([...]).inverse(data)`` undoes a whole pipeline.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
@@ -40,11 +38,12 @@ from monai.transforms import (
     MapTransform,
     Orientation,
     Orientationd,
+    ResizeWithPadOrCrop,
+    ResizeWithPadOrCropd,
     Spacing,
     Spacingd,
     Transform,
 )
-from monai.transforms.utils import create_translate
 from monai.utils import (
     SpaceKeys,
     TraceKeys,
@@ -75,9 +74,9 @@ SLOPE_KEY, INTERCEPT_KEY, SPACING_KEY = "slope", "intercept", "spacing"
 __all__ = [
     "CTRATE_IN_PLANE", "CTRATE_SPACING", "CANONICAL_AXCODES", "HU_AIR", "MODEL_RANGE",
     "volume_to_metatensor", "metatensor_to_volume", "affine_with_spacing", "window_hu", "unwindow_hu",
-    "centre_margins", "crop_or_pad", "volume_to_frames", "frames_to_volume",
+    "volume_to_frames", "frames_to_volume",
     "LoadCT", "LoadCTd", "SetSpacing", "SetSpacingd", "RescaleToHU", "RescaleToHUd", "HUWindow", "HUWindowd",
-    "Orient", "Orientd", "ResampleToSpacing", "ResampleToSpacingd", "CropOrPadInPlane", "CropOrPadInPlaned",
+    "Orient", "Orientd", "ResampleToSpacing", "ResampleToSpacingd", "crop_or_pad_in_plane", "crop_or_pad_in_plane_d",
     "VolumeToGrids", "VolumeToGridsd", "ctrate_preprocess",
 ]
 
@@ -126,26 +125,6 @@ def affine_with_spacing(affine: torch.Tensor | np.ndarray, spacing: Sequence[flo
         raise ValueError(f"affine has a zero-length axis: {out.tolist()}")
     out[:3, :3] = out[:3, :3] / norms * torch.as_tensor(spacing, dtype=torch.float64)
     return out
-
-
-def centre_margins(size: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
-    """Signed ``(before, after)`` margins per axis that centre ``size`` in ``target``.
-
-    Positive margins pad, negative ones crop; an odd difference puts the extra
-    voxel after (the convention of MONAI's centre crop and symmetric pad).
-    Negating the margins gives the inverse operation.
-    """
-    margins = []
-    for n, t in zip(size, target):
-        before = math.trunc((t - n) / 2)
-        margins.append((before, t - n - before))
-    return margins
-
-
-def crop_or_pad(x: torch.Tensor, margins: Sequence[tuple[int, int]], value: float) -> torch.Tensor:
-    """Pad with ``value`` (positive margins) or crop (negative) the last ``len(margins)`` axes of ``x``."""
-    pad = [m for before_after in reversed(margins) for m in before_after]  # F.pad lists the last axis first
-    return F.pad(x, pad, mode="constant", value=value)
 
 
 def volume_to_frames(volume: torch.Tensor) -> torch.Tensor:
@@ -364,44 +343,26 @@ class ResampleToSpacingd(Spacingd):
                          allow_missing_keys=allow_missing_keys)
 
 
-class CropOrPadInPlane(InvertibleTransform):
-    """Centre crop / pad the in-plane axes ``(X, Y)`` of a ``(1, X, Y, Z)`` volume to ``spatial_size``.
+def crop_or_pad_in_plane(spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
+                         pad_value: float = HU_AIR) -> ResizeWithPadOrCrop:
+    """MONAI's centre crop / pad of the in-plane axes ``(X, Y)`` of a ``(1, X, Y, Z)`` volume to
+    ``spatial_size``, z untouched.
 
     Padding uses ``pad_value`` (air: -1000 HU by default; use -1 after
-    :class:`HUWindow`). The affine is shifted so every kept voxel stays at its
-    world position. The inverse applies the opposite margins: a pad-only round
-    trip is exact, while a cropped border is lost and comes back as ``pad_value``.
+    :class:`HUWindow`); the affine follows, so every kept voxel stays at its world
+    position. The inverse crops a padding off exactly and fills a cropped border
+    with 0 (a correction computed on the cropped grid is none outside it).
     """
-
-    backend = [TransformBackends.TORCH]
-
-    def __init__(self, spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, pad_value: float = HU_AIR) -> None:
-        self.spatial_size = tuple(int(n) for n in ensure_tuple_rep(spatial_size, 2))
-        self.pad_value = float(pad_value)
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        img = convert_to_tensor(img, track_meta=get_track_meta())
-        margins = centre_margins(img.shape[1:], (*self.spatial_size, img.shape[-1]))  # z untouched
-        return self._crop_or_pad(img, margins)
-
-    def inverse(self, data: torch.Tensor) -> torch.Tensor:
-        margins = self.pop_transform(data)[TraceKeys.EXTRA_INFO]["margins"]
-        with self.trace_transform(False):
-            return self._crop_or_pad(data, [(-before, -after) for before, after in margins])
-
-    def _crop_or_pad(self, img: torch.Tensor, margins: Sequence[tuple[int, int]]) -> torch.Tensor:
-        out = convert_to_dst_type(crop_or_pad(_plain(img), margins, self.pad_value), dst=img)[0]
-        shift = create_translate(len(margins), [-before for before, _ in margins])  # new index -> old index
-        return self.push_transform(out, affine=shift, orig_size=tuple(img.shape[1:]),
-                                   extra_info={"margins": [list(m) for m in margins]})
+    x, y = ensure_tuple_rep(spatial_size, 2)
+    return ResizeWithPadOrCrop((int(x), int(y), -1), mode="constant", value=float(pad_value))
 
 
-class CropOrPadInPlaned(_InvertibleMapArray):
-    """Dictionary version of :class:`CropOrPadInPlane`."""
-
-    def __init__(self, keys: KeysCollection, spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
-                 pad_value: float = HU_AIR, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, CropOrPadInPlane(spatial_size, pad_value), allow_missing_keys)
+def crop_or_pad_in_plane_d(keys: KeysCollection, spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
+                           pad_value: float = HU_AIR, allow_missing_keys: bool = False) -> ResizeWithPadOrCropd:
+    """Dictionary version of :func:`crop_or_pad_in_plane`."""
+    x, y = ensure_tuple_rep(spatial_size, 2)
+    return ResizeWithPadOrCropd(keys, (int(x), int(y), -1), mode="constant", value=float(pad_value),
+                                allow_missing_keys=allow_missing_keys)
 
 
 # --------------------------------------------------------------------- grids
@@ -476,7 +437,7 @@ def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] =
     ``Compose.inverse`` maps the result back to HU on the original grid: the
     crop/pad, window, resampling and orientation are undone; the HU rescale is
     not (see :class:`RescaleToHU`); HU outside the window and cropped borders
-    are lost (see :class:`HUWindow`, :class:`CropOrPadInPlane`).
+    are lost (see :class:`HUWindow`, :func:`crop_or_pad_in_plane`).
     """
     pad_value = float(window_hu(torch.tensor(pad_hu), window, MODEL_RANGE))
     return Compose([
@@ -484,5 +445,5 @@ def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] =
         Orientd(keys, axcodes=CANONICAL_AXCODES),
         ResampleToSpacingd(keys, spacing=spacing),
         HUWindowd(keys, window=window, output_range=MODEL_RANGE),
-        CropOrPadInPlaned(keys, spatial_size=spatial_size, pad_value=pad_value),
+        crop_or_pad_in_plane_d(keys, spatial_size=spatial_size, pad_value=pad_value),
     ])
