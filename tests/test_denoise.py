@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctgridit.core.denoise import diffuse_to, estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
-from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.denoise import estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
+from ctgridit.core.diffusion import diffuse, make_train_scheduler
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.metrics import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
@@ -48,13 +48,13 @@ def test_more_noise_gives_a_later_level_and_the_level_matches_the_noise():
         assert timestep_noise(TRAIN, t) >= s > timestep_noise(TRAIN, t - 1)
 
 
-def test_diffuse_to_adds_only_the_missing_noise():
+def test_diffuse_adds_only_the_missing_noise():
     z = torch.rand(2, 1, 16, 16)
     t = 40
     a = float(TRAIN.alphas_cumprod[t])
-    matched = diffuse_to(TRAIN, z, t, noise_std=timestep_noise(TRAIN, t), generator=torch.Generator().manual_seed(0))
+    matched = diffuse(TRAIN, z, t, noise_std=timestep_noise(TRAIN, t), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(matched, a ** 0.5 * z)                   # the input's noise is the level's noise
-    fresh = diffuse_to(TRAIN, z, t, 0.0, torch.Generator().manual_seed(0)) - a ** 0.5 * z
+    fresh = diffuse(TRAIN, z, t, generator=torch.Generator().manual_seed(0)) - a ** 0.5 * z
     assert float(fresh.std()) == pytest.approx((1 - a) ** 0.5, rel=0.1)
 
 

@@ -13,7 +13,7 @@ Choices the paper leaves open, made here:
   ``t*`` is the smallest level whose noise-to-signal ratio reaches ``sigma``
   (:func:`noise_timestep`): more noise, larger ``t*``. The sample starts at
   ``sqrt(abar) * z_noisy`` plus fresh noise only for the variance still
-  missing (:func:`diffuse_to`), so clean structure is not drowned in new
+  missing (:func:`~ctgridit.core.diffusion.diffuse`), so clean structure is not drowned in new
   noise. Stage 1 sees the cells downsampled by ``r`` (less noise: its level is
   estimated on them), stage 2 the full-resolution frames.
 - **Stage 2** is conditioned on stage 1's result upsampled by ``r`` (as in
@@ -39,7 +39,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from ctgridit.core.codecs import PixelCodec
-from ctgridit.core.diffusion import Generators, alpha_bar, randn_like
+from ctgridit.core.diffusion import Generators, alpha_bar, diffuse
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
 from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback
 
@@ -122,18 +122,6 @@ def timestep_noise(scheduler: SchedulerMixin, t: int) -> float:
     return ((1 - a) / a) ** 0.5
 
 
-def diffuse_to(scheduler: SchedulerMixin, z: torch.Tensor, t: int, noise_std: float = 0.0,
-               generator: Generators = None) -> torch.Tensor:
-    """``sqrt(abar_t) * z`` plus fresh noise for the variance ``z``'s own noise (std ``noise_std``) lacks.
-
-    The result has the total noise variance ``1 - abar_t`` of level ``t``; with
-    ``noise_std = 0`` it is the usual forward diffusion.
-    """
-    a = alpha_bar(scheduler, t)
-    missing = max(0.0, (1 - a) - a * noise_std ** 2)
-    return a ** 0.5 * z + missing ** 0.5 * randn_like(z, generator)
-
-
 def reverse_scheduler(train_scheduler: SchedulerMixin, t: int, steps: int = DENOISE_STEPS) -> DDPMScheduler:
     """A DDPM scheduler from the training config over ``min(steps, t + 1)`` timesteps from ``t`` down to 0."""
     n = max(1, min(steps, t + 1))
@@ -197,9 +185,9 @@ def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", step
 
 def reverse_from(model, scheduler: SchedulerMixin, z: torch.Tensor, t: int, noise_std: float,
                  generator: Generators = None, callback=None, **inputs) -> torch.Tensor:
-    """Reverse diffusion of noisy latents ``z`` from level ``t`` (:func:`diffuse_to` them there) to 0 over
+    """Reverse diffusion of noisy latents ``z`` from level ``t`` (:func:`~ctgridit.core.diffusion.diffuse` them there) to 0 over
     ``scheduler``'s timesteps (:func:`reverse_scheduler`); ``inputs`` go to :func:`inpaint` (cond, stride, ...)."""
-    start = diffuse_to(scheduler, z, t, noise_std, generator)
+    start = diffuse(scheduler, z, t, noise_std=noise_std, generator=generator)
     return inpaint(model, scheduler, z, None, init=start, init_at_level=True, generator=generator,
                    callback=callback, **inputs)
 

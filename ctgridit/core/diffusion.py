@@ -138,21 +138,23 @@ def alpha_bar(scheduler: SchedulerMixin, timestep: int) -> float:
     return 1.0 if timestep < 0 else float(scheduler.alphas_cumprod[int(timestep)])
 
 
-def noise_to_level(scheduler: SchedulerMixin, clean: torch.Tensor, timestep: int,
-                   generator: Generators = None) -> torch.Tensor:
-    """``sqrt(abar_t) * clean + sqrt(1 - abar_t) * eps`` with fresh noise; ``clean`` itself for ``t < 0``."""
-    if timestep < 0:
-        return clean
-    a = alpha_bar(scheduler, timestep)
-    eps = randn_like(clean, generator)
-    return a ** 0.5 * clean + (1.0 - a) ** 0.5 * eps
-
-
-def renoise(scheduler: SchedulerMixin, sample: torch.Tensor, from_t: int, to_t: int,
+def diffuse(scheduler: SchedulerMixin, x: torch.Tensor, to_t: int, from_t: int = -1, noise_std: float = 0.0,
             generator: Generators = None) -> torch.Tensor:
-    """Forward-diffuse a sample at level ``from_t`` to the noisier level ``to_t`` (RePaint's jump back)."""
+    """Forward diffusion, the one noising formula of the samplers: ``x`` at level ``from_t`` (-1: clean)
+    to the noisier level ``to_t``.
+
+    With ``r = abar_to / abar_from`` the result is ``sqrt(r) * x`` plus fresh noise for
+    the variance ``1 - r`` that ``x``'s own noise (std ``noise_std``, a noisy input
+    counted as part of the level) lacks: ``max(0, 1 - r - r * noise_std^2)``. So
+    ``from_t = -1, noise_std = 0`` is the usual ``q(x_t | x_0)``, a later ``from_t``
+    RePaint's jump back, and ``noise_std > 0`` the denoiser's start. ``x`` itself
+    for ``to_t < 0``.
+    """
+    if to_t < 0:
+        return x
     ratio = alpha_bar(scheduler, to_t) / alpha_bar(scheduler, from_t)
-    return ratio ** 0.5 * sample + (1.0 - ratio) ** 0.5 * randn_like(sample, generator)
+    missing = max(0.0, (1.0 - ratio) - ratio * noise_std ** 2)
+    return ratio ** 0.5 * x + missing ** 0.5 * randn_like(x, generator)
 
 
 def randn_like(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:

@@ -64,7 +64,7 @@ from typing import Callable
 import torch
 
 from ctgridit.core.conditioning import known_cells, masked_condition
-from ctgridit.core.diffusion import (EpsModel, Generators, noise_to_level, previous_timestep, randn_like, renoise,
+from ctgridit.core.diffusion import (EpsModel, Generators, diffuse, previous_timestep, randn_like,
                                      scheduler_step, strength_timesteps)
 from ctgridit.core.grid import cell_mask, tile, untile
 
@@ -127,7 +127,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
     from ``init`` forward-diffused to its first level instead of pure noise;
     with ``init_at_level`` the caller has already brought ``init`` to that level
-    (denoising: :func:`ctgridit.core.denoise.diffuse_to`) and it is used as is.
+    (denoising: :func:`ctgridit.core.diffusion.diffuse` with the input's own noise) and it is used as is.
     ``generator`` may be a list, one per batch item (see :func:`randn_like`).
     ``callback(done, total)`` is called after every model forward.
     """
@@ -147,15 +147,15 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     elif init_at_level:
         x = init
     else:
-        x = noise_to_level(scheduler, init, levels[0], generator)
+        x = diffuse(scheduler, init, levels[0], generator=generator)
     if mask is not None:
-        x = mask * noise_to_level(scheduler, known, levels[0], generator) + (1 - mask) * x
+        x = mask * diffuse(scheduler, known, levels[0], generator=generator) + (1 - mask) * x
     walk = repaint_schedule(len(timesteps), repaint_jump, repaint_times)
     forwards = model_forwards(len(timesteps), repaint_jump, repaint_times)
     done = 0
     for here, there in zip(walk, walk[1:]):
         if there < here:                                          # RePaint: jump back to a noisier level
-            x = renoise(scheduler, x, levels[here], levels[there], generator)
+            x = diffuse(scheduler, x, levels[there], levels[here], generator=generator)
             continue
         t = timesteps[here]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -165,7 +165,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             x = unknown
         else:
             prev = previous_timestep(scheduler, t)
-            x = mask * noise_to_level(scheduler, known, prev, generator) + (1 - mask) * unknown
+            x = mask * diffuse(scheduler, known, prev, generator=generator) + (1 - mask) * unknown
         done += 1
         if callback is not None:
             callback(done, forwards)
