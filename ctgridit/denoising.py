@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,10 +50,11 @@ import torch
 
 from ctgridit.core.denoise import DENOISE_STEPS, denoise, denoise_grids, estimate_noise, start_level
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_hu
+from ctgridit.model_folders import BUNDLED_DENOISER, open_ct_model
 from ctgridit.seeds import check_seed
 
 METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
@@ -95,8 +95,6 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
 
 
 # ------------------------------------------------------------------ models
-#: The native-resolution denoiser shipped inside the package (see its MODEL.md).
-BUNDLED_DENOISER = Path(__file__).resolve().parent / "models" / "ct_denoise"
 #: Windows per model call of the sliding window.
 WINDOW_BATCH = 32
 #: Overlap of neighbouring windows: in-plane (rows, columns) and along z.
@@ -110,21 +108,13 @@ def is_native(pipeline: GriDiTPipeline) -> bool:
 
 def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A CT model folder to denoise with; ``None`` means the bundled denoiser."""
-    from ctgridit.device import resolve_device
     from ctgridit.errors import CTGridItError
 
-    where = resolve_device(device)                                       # a bad --device first, before any loading
-    folder = Path(model) if model is not None else BUNDLED_DENOISER
-    if model is None and not (folder / CONFIG_FILE).is_file():
-        raise CTGridItError("no denoising model is installed", folder,
-                            "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
-    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
-    kind = pipeline.config.adapter.get("kind", "ct")
-    if kind != "ct":
-        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
+    pipeline = open_ct_model(model, BUNDLED_DENOISER, "denoising", device)
     if not is_native(pipeline) and "spacing" not in pipeline.config.adapter:
         raise CTGridItError("the model folder records neither its voxel spacing nor that it works at the scan's "
-                            "own resolution (adapter in gridit.json)", folder, "export it again from the trainer")
+                            "own resolution (adapter in gridit.json)", model or BUNDLED_DENOISER,
+                            "export it again from the trainer")
     return pipeline
 
 

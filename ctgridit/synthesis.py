@@ -11,46 +11,27 @@ seeded with ``seed``, so the same seed gives the same volumes on any device
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.adapter import sequence_to_volume
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
-from ctgridit.device import resolve_device
 from ctgridit.errors import CTGridItError
 from ctgridit.limits import MAX_SLICES, MIN_SLICES
+from ctgridit.model_folders import default_model_dir, open_ct_model
 from ctgridit.seeds import check_seed
 
-#: The demonstration model shipped inside the package (see its MODEL.md).
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "ct_small"
-#: An environment variable that points at another default model folder.
-MODEL_ENV = "CTGRIDIT_MODEL"
-
-
-def default_model_dir() -> Path:
-    """``$CTGRIDIT_MODEL`` if set, else the bundled model."""
-    return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
-
-
 def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
-    """A CT model folder on ``device``; ``None`` means :func:`default_model_dir`."""
-    where = resolve_device(device)                                       # a bad --device first, before any loading
-    folder = Path(model) if model is not None else default_model_dir()
-    if model is None and not (folder / CONFIG_FILE).is_file():
-        raise CTGridItError("no synthesis model is installed", folder,
-                            "reinstall ctgridit (it ships a model) or pass --model DIR with a trained model folder")
-    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
-    kind = pipeline.config.adapter.get("kind", "ct")
-    if kind != "ct":
-        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
+    """A CT synthesis model folder on ``device``; ``None`` means :func:`~ctgridit.model_folders.default_model_dir`."""
+    pipeline = open_ct_model(model, default_model_dir(), "synthesis", device)
     if "spacing" not in pipeline.config.adapter:
         raise CTGridItError("the model folder does not record its voxel spacing (adapter.spacing in gridit.json)",
-                            folder, "add it to the training config's adapter section and export again")
+                            model or default_model_dir(), "add it to the training config's adapter section and "
+                            "export again")
     return pipeline
 
 

@@ -28,7 +28,7 @@ import torch
 from ctgridit.core.codecs import VAECodec
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.training.config import load_config
-from ctgridit.training.trainer import build_codec, build_model, model_inputs, performance
+from ctgridit.training.trainer import build_codec, build_model, model_inputs, speed_up
 
 CONFIGS = Path(__file__).parent / "configs"
 #: diffusers' AutoencoderKL config of the Stable Diffusion VAE (sd-vae-ft-ema/mse).
@@ -51,14 +51,7 @@ def time_stage(config, stage: int, device: torch.device, batch: int | None, step
     codec, codec_name = codec_for(config)
     codec.to(device)
     model = build_model(config, stage, codec).to(device).train()
-    fast = performance(config, device)
-    if fast["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if fast["vae_bf16"] and isinstance(codec, VAECodec):
-        codec.to(dtype=torch.bfloat16)
-    if config.performance.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, **({"fused": True} if fast["fused_adamw"] else {}))
+    optimizer = speed_up(config, stage, device, model, codec)
     if config.performance.compile:
         model = torch.compile(model)
     scheduler = make_train_scheduler()

@@ -23,9 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
-from ctgridit.denoising import BUNDLED_DENOISER
+from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL
 from ctgridit.files import atomic_folder
-from ctgridit.synthesis import BUNDLED_MODEL
 from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +123,8 @@ from the matching diffusion level (see `ctgridit/denoising.py`).
   for soft-tissue and bone texture. Held out: A0002 (both kernels), the
   TotalSegmentator chest crop and its abdomen slab, STS_018 (tunes the classical filters), STS_019
   and STS_020: `pipelines/eval_denoise.py` evaluates on them.
-- **Training** (`pipelines/configs/ct_denoise.yaml`, batch 32, AdamW, EMA 0.999,
-  2 CPU cores), on diffusion steps 0 to {pipeline_steps(checkpoints)} only (noise up to about 210 HU):
+- **Training** (`pipelines/configs/ct_denoise.yaml`, batch {denoiser_config()["optim"]["batch_size"]}, AdamW, EMA 0.999,
+  2 CPU cores), on diffusion steps 0 to {denoiser_config()["stage1"]["timesteps"][1]} only (noise up to about 210 HU):
   {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
@@ -140,12 +139,11 @@ python pipelines/bundle_model.py runs/ct_denoise/model --denoiser
     return text
 
 
-def pipeline_steps(checkpoints: Path) -> str:
-    """The last diffusion step the denoiser trained on, from the run's config."""
+def denoiser_config() -> dict:
+    """The denoiser's training config as written (batch size, timesteps)."""
     import yaml
 
-    config = yaml.safe_load((REPO / "pipelines" / "configs" / "ct_denoise.yaml").read_text())
-    return str(config["stage1"]["timesteps"][1])
+    return yaml.safe_load((REPO / "pipelines" / "configs" / "ct_denoise.yaml").read_text())
 
 
 def main() -> None:

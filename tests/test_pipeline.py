@@ -270,7 +270,7 @@ def test_model_folders_with_the_old_flat_sampling_settings_still_load():
 
 
 def test_bundled_model_folder_loads_with_its_settings():
-    from ctgridit.synthesis import BUNDLED_MODEL
+    from ctgridit.model_folders import BUNDLED_MODEL
 
     pipe = GriDiTPipeline.from_pretrained(BUNDLED_MODEL)
     assert not pipe.masked and pipe.max_stride == 0

@@ -12,7 +12,8 @@ from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling, Stage2Sampling
-from ctgridit.synthesis import BUNDLED_MODEL, synthesize
+from ctgridit.model_folders import BUNDLED_MODEL
+from ctgridit.synthesis import synthesize
 from tests.test_cli import assert_refused, run_cli
 
 SPACING = [2.5, 2.5, 3.0]

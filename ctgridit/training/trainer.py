@@ -315,15 +315,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     dataset = build_dataset(config, stage, sequences, codec.image_channels, optim.seed)
     torch.manual_seed(optim.seed)                                   # the same initial weights on every process
     model = build_model(config, stage, codec)
-    fast = performance(config, accelerator.device)
-    if fast["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if fast["vae_bf16"] and isinstance(codec, VAECodec):
-        codec.to(dtype=torch.bfloat16)
-    if config.performance.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
-                                  betas=tuple(optim.betas), **({"fused": True} if fast["fused_adamw"] else {}))
+    optimizer = speed_up(config, stage, accelerator.device, model, codec)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
 
@@ -420,6 +412,23 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
+
+
+def speed_up(config: TrainConfig, stage: int, device: torch.device, model: GridDiT,
+             codec: LatentCodec) -> torch.optim.AdamW:
+    """Apply the config's speed switches (:func:`performance`, gradient checkpointing) to the process, the model
+    and the codec, and make the stage's optimizer (fused where switched on): what training and
+    ``pipelines/bench_train.py`` both run."""
+    fast = performance(config, device)
+    if fast["tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if fast["vae_bf16"] and isinstance(codec, VAECodec):
+        codec.to(dtype=torch.bfloat16)
+    if config.performance.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optim = config.stage_optim(stage)
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+                             betas=tuple(optim.betas), **({"fused": True} if fast["fused_adamw"] else {}))
 
 
 def performance(config: TrainConfig, device: torch.device) -> dict[str, bool]:

@@ -1,0 +1,48 @@
+"""The CT model folders: where the bundled ones live, and opening one (bundled or ``--model DIR``) with its checks.
+
+Both ``synth`` and ``denoise`` open their models here, so a missing bundled
+model, a video model given to a CT command or a bad ``--device`` reads the
+same for both.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.device import resolve_device
+from ctgridit.errors import CTGridItError
+
+MODELS = Path(__file__).resolve().parent / "models"
+#: The demonstration synthesis model shipped inside the package (see its MODEL.md).
+BUNDLED_MODEL = MODELS / "ct_small"
+#: The native-resolution denoiser shipped inside the package (see its MODEL.md).
+BUNDLED_DENOISER = MODELS / "ct_denoise"
+#: An environment variable that points at another default synthesis model folder.
+MODEL_ENV = "CTGRIDIT_MODEL"
+
+
+def default_model_dir() -> Path:
+    """``$CTGRIDIT_MODEL`` if set, else the bundled synthesis model."""
+    return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
+
+
+def open_ct_model(model: str | os.PathLike | None, default: Path, purpose: str,
+                  device: str = "auto") -> GriDiTPipeline:
+    """The CT model folder ``model`` (``None``: ``default``, a bundled one) on ``device``.
+
+    Refused with one line: a bad device (before any loading), a missing bundled
+    model, a folder that is not a model, a model of another adapter than CT.
+    ``purpose`` names the task in the messages ("synthesis", "denoising").
+    """
+    where = resolve_device(device)
+    folder = Path(model) if model is not None else default
+    if model is None and not (folder / CONFIG_FILE).is_file():
+        raise CTGridItError(f"no {purpose} model is installed", folder,
+                            "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
+    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
+    kind = pipeline.config.adapter.get("kind", "ct")
+    if kind != "ct":
+        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
+    return pipeline
