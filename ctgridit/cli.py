@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from ctgridit import __version__
@@ -211,10 +210,8 @@ def denoise(
 ) -> None:
     """Denoise a CT volume (the paper's Algorithm 3, or a classical filter); same grid and geometry as IN."""
     from ctgridit.ct.io import read_ct, write_nifti
-    from ctgridit.ct.metrics import body_mask, quality
-    from ctgridit.ct.window import DEFAULT_WINDOW
     from ctgridit.ct.preview import save_preview
-    from ctgridit.denoising import METHODS, denoise_volume
+    from ctgridit.denoising import METHODS, denoise_summary, denoise_volume, read_reference
     from ctgridit.files import atomic_output, check_output_path
     from ctgridit.progress import PhaseProgress
 
@@ -231,26 +228,11 @@ def denoise(
     for path in [out] + [p for p in (preview_png, report) if p]:
         check_output_path(path, force=force)
     volume = read_ct(src, series_uid=series)
-    clean = None
-    if reference is not None:
-        clean = read_ct(reference)
-        if clean.shape != volume.shape:
-            raise CTGridItError(f"has shape {clean.shape}, the input {volume.shape}", reference,
-                                "give the clean scan of the same grid as the input")
-        if not np.allclose(clean.affine, volume.affine, atol=1e-3):
-            raise CTGridItError("is not on the input's voxel grid (its affine differs)", reference,
-                                "give the clean scan the noisy input was made from")
+    clean = read_reference(reference, volume) if reference is not None else None
     with PhaseProgress(enabled=not quiet) as progress:
         result = denoise_volume(volume, method, level, model, device, seed, steps, progress)
     write_nifti(result.volume, out, force=force)
-    summary = {"input": str(src), "output": str(out), "method": method, "seconds": round(result.seconds, 3),
-               "shape": list(volume.shape), "spacing_mm": list(volume.spacing), **result.details}
-    if clean is not None:
-        mask = body_mask(clean.array)
-        summary["reference"] = str(reference)
-        summary["window_hu"] = list(DEFAULT_WINDOW)
-        summary["input_quality"] = quality(clean.array, volume.array, mask=mask)
-        summary["output_quality"] = quality(clean.array, result.volume.array, mask=mask)
+    summary = {"input": str(src), "output": str(out), "reference": reference, **denoise_summary(volume, result, clean)}
     if preview_png:
         save_preview(result.volume, preview_png, title=f"{Path(out).name} ({method})", force=force)
     if report:

@@ -94,6 +94,36 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     return DenoiseResult(out, method, time.perf_counter() - began, details)
 
 
+def read_reference(path: str | os.PathLike, volume: CTVolume) -> CTVolume:
+    """The clean scan at ``path`` a denoising run is measured against: refused unless on ``volume``'s grid."""
+    from ctgridit.ct.io import read_ct
+    from ctgridit.errors import CTGridItError
+
+    clean = read_ct(path)
+    if clean.shape != volume.shape:
+        raise CTGridItError(f"has shape {clean.shape}, the input {volume.shape}", path,
+                            "give the clean scan of the same grid as the input")
+    if not np.allclose(clean.affine, volume.affine, atol=1e-3):
+        raise CTGridItError("is not on the input's voxel grid (its affine differs)", path,
+                            "give the clean scan the noisy input was made from")
+    return clean
+
+
+def denoise_summary(volume: CTVolume, result: DenoiseResult, clean: CTVolume | None = None) -> dict[str, Any]:
+    """What a run did (method, seconds, grid, the method's details) and, with the clean scan, PSNR and SSIM of
+    the input and the output (3D, the HU window, whole volume and body mask): the ``--report`` of ``denoise``."""
+    from ctgridit.ct.metrics import body_mask, quality
+
+    summary = {"method": result.method, "seconds": round(result.seconds, 3), "shape": list(volume.shape),
+               "spacing_mm": list(volume.spacing), **result.details}
+    if clean is not None:
+        mask = body_mask(clean.array)
+        summary["window_hu"] = list(DEFAULT_WINDOW)
+        summary["input_quality"] = quality(clean.array, volume.array, mask=mask)
+        summary["output_quality"] = quality(clean.array, result.volume.array, mask=mask)
+    return summary
+
+
 # ------------------------------------------------------------------ models
 #: Windows per model call of the sliding window.
 WINDOW_BATCH = 32
