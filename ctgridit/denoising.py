@@ -112,7 +112,7 @@ def read_reference(path: str | os.PathLike, volume: CTVolume) -> CTVolume:
 def denoise_summary(volume: CTVolume, result: DenoiseResult, clean: CTVolume | None = None) -> dict[str, Any]:
     """What a run did (method, seconds, grid, the method's details) and, with the clean scan, PSNR and SSIM of
     the input and the output (3D, the HU window, whole volume and body mask): the ``--report`` of ``denoise``."""
-    from ctgridit.ct.metrics import body_mask, quality
+    from ctgridit.ct.fidelity import body_mask, quality
 
     summary = {"method": result.method, "seconds": round(result.seconds, 3), "shape": list(volume.shape),
                "spacing_mm": list(volume.spacing), **result.details}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.metrics import psnr
+from ctgridit.ct.fidelity import psnr
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.volume import CTVolume
 from ctgridit.denoising import denoise_volume, load_denoiser

@@ -14,7 +14,7 @@ Prints
 - **quality** for every seed (``--seeds``, default 0 to 3): HU 1st and 99th
   percentile; mean |HU difference| of neighbouring slices against a real
   thin-slice chest (LIDC-IDRI-0314) resampled to the model's spacing; where the
-  lungs lie (:class:`~ctgridit.ct.quality.LungExtent`: peak lung fraction, its
+  lungs lie (:class:`~ctgridit.ct.along_z.LungExtent`: peak lung fraction, its
   minimum in the first and last fifth over the peak, the length where it is at
   least half the peak); the largest SSIM between slices more than 45 mm
   apart, of the volume and of the stage-1 slices alone upsampled (the anatomy
@@ -37,7 +37,7 @@ from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import resize_frames
 from ctgridit.core.sampler import inpaint
 from ctgridit.ct.adapter import sequence_to_volume
-from ctgridit.ct.quality import lung_extent, max_far_ssim, neighbour_difference
+from ctgridit.ct.along_z import lung_extent, max_far_ssim, neighbour_difference
 from ctgridit.ct.volume import CTVolume
 from ctgridit.synthesis import load_model
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.metrics import body_mask, psnr, quality
+from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit
 from ctgridit.denoising import METHODS, classical_denoise, denoise_volume, load_denoiser

@@ -13,7 +13,7 @@ import torch
 from ctgridit.core.denoise import estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
 from ctgridit.core.diffusion import diffuse, make_train_scheduler
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.metrics import body_mask, psnr, quality
+from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.volume import CTVolume
 from ctgridit.denoising import denoise_volume, noise_hu

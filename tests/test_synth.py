@@ -105,7 +105,7 @@ def test_missing_default_model_says_so(capsys, tmp_path, monkeypatch):
 # ----------------------------------------------------------- the bundled model
 def _real_neighbour_difference() -> float:
     """Mean |HU difference| of neighbouring slices of the held-out scan at the bundled model's spacing."""
-    from ctgridit.ct.quality import reference_neighbour_difference
+    from ctgridit.ct.along_z import reference_neighbour_difference
     from tests.conftest import data_file
 
     return reference_neighbour_difference(data_file("lung_pet_ct_dx/A0002_8mm_B40f.nii.gz"), [3.0, 3.0, 3.0], (128, 128))
@@ -135,7 +135,7 @@ def test_bundled_model_makes_ct_intensities_with_its_geometry(bundled_volumes):
 @needs_bundled_model
 def test_bundled_model_neither_flickers_nor_freezes_slice_to_slice(bundled_volumes):
     """Neighbouring slices differ 0.5x to 2x as much as in the held-out real scan at the same spacing."""
-    from ctgridit.ct.quality import neighbour_difference
+    from ctgridit.ct.along_z import neighbour_difference
 
     real = _real_neighbour_difference()
     for volume in bundled_volumes:
@@ -146,7 +146,7 @@ def test_bundled_model_neither_flickers_nor_freezes_slice_to_slice(bundled_volum
 @needs_bundled_model
 def test_bundled_model_does_not_repeat_far_slices(bundled_volumes):
     """No slice more than 30 slices away from another has SSIM 0.9 or more with it (no frozen copies)."""
-    from ctgridit.ct.quality import max_far_ssim
+    from ctgridit.ct.along_z import max_far_ssim
 
     far = [max_far_ssim(volume.array, far=30) for volume in bundled_volumes]
     assert max(far) < 0.9, far

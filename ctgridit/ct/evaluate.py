@@ -5,7 +5,7 @@ Measures, each computed the same way on both sets of volumes:
 - ``hu_wasserstein``: the Wasserstein-1 distance (HU) between the voxel HU
   distributions (within the window), a million voxels sampled from each set;
 - ``lung_profile_l1``: the mean absolute difference of the mean per-slice lung
-  fraction profiles (:func:`~ctgridit.ct.quality.lung_fraction`), each volume's
+  fraction profiles (:func:`~ctgridit.ct.along_z.lung_fraction`), each volume's
   profile resampled to 100 points from its first to its last slice;
 - ``continuity``: the mean absolute HU difference of neighbouring slices, per
   set, and their ratio (generated over real; 1 is the real scans' own);
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ctgridit.ct.io import NIFTI_SUFFIXES, read_ct
-from ctgridit.ct.quality import lung_fraction, max_far_ssim, neighbour_difference
+from ctgridit.ct.along_z import lung_fraction, max_far_ssim, neighbour_difference
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 from ctgridit.errors import CTGridItError

@@ -70,7 +70,7 @@ def ct_frames_transform(spacing: SpacingMM | None = None, window: Sequence[float
     return Compose(steps)
 
 
-def volume_frames(volume: torch.Tensor) -> torch.Tensor:
+def plain_frames(volume: torch.Tensor) -> torch.Tensor:
     """A preprocessed ``(1, X, Y, Z)`` volume as contiguous float32 frames ``(Z, 1, Y, X)``, no metadata."""
     plain = volume.as_tensor() if isinstance(volume, MetaTensor) else volume
     return volume_to_frames(plain).float().contiguous()
@@ -160,7 +160,7 @@ class CTFileSequences:
     def load(self, i: int) -> tuple[torch.Tensor, float]:
         """Scan ``i`` as ``(N, 1, H, W)`` frames, and its own slice spacing (mm)."""
         volume = read_ct(self.paths[i])
-        return volume_frames(self.transform(volume_to_metatensor(volume))), slice_spacing(volume)
+        return plain_frames(self.transform(volume_to_metatensor(volume))), slice_spacing(volume)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.load(i)[0]
@@ -212,7 +212,7 @@ class CTRateSequences:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return volume_frames(self.dataset[self.indices[i]][IMAGE_KEY])           # (N, 1, H, W)
+        return plain_frames(self.dataset[self.indices[i]][IMAGE_KEY])           # (N, 1, H, W)
 
     def load(self, i: int) -> tuple[torch.Tensor, float]:
         """Volume ``i`` as ``(N, 1, H, W)`` frames, and its own slice spacing (mm, from the CSV)."""

@@ -79,9 +79,9 @@ def max_far_ssim(hu: np.ndarray, far: int = 30, window: Sequence[float] = DEFAUL
 
 
 def lung_fraction(hu: np.ndarray) -> np.ndarray:
-    """Per axial slice of an ``(X, Y, Z)`` HU volume: the share of the body (:func:`~ctgridit.ct.metrics.body_mask`)
+    """Per axial slice of an ``(X, Y, Z)`` HU volume: the share of the body (:func:`~ctgridit.ct.fidelity.body_mask`)
     below -500 HU, i.e. lung and airways (0 for a slice without body)."""
-    from ctgridit.ct.metrics import body_mask
+    from ctgridit.ct.fidelity import body_mask
 
     body = body_mask(hu)
     lung = (hu < LUNG_BELOW_HU) & body

@@ -1,4 +1,4 @@
-"""Along-z quality measures (ctgridit/ct/quality.py) against scikit-image and on real scans."""
+"""Along-z quality measures (ctgridit/ct/along_z.py) against scikit-image and on real scans."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from ctgridit.ct.quality import far_ssim, lung_extent, lung_fraction, max_far_ssim
+from ctgridit.ct.along_z import far_ssim, lung_extent, lung_fraction, max_far_ssim
 from tests.conftest import data_file
 
 
