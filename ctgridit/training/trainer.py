@@ -281,33 +281,10 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     ``audit_dir``: every process writes the sample ids it trained on and a
     digest of its final weights there (used by the multi-process test).
     """
-    from accelerate import Accelerator
-
     optim = config.stage_optim(stage)
     total = steps or optim.steps
-    if device not in ("auto", "cpu", "cuda"):
-        raise CTGridItError(f"device must be auto, cpu or cuda for training, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CTGridItError("--device cuda: no CUDA GPU is visible", hint="use --device auto or cpu")
-    ckpt_dir = Path(config.checkpoint.dir) / f"stage{stage}"
-    _check_run_folders(config, ckpt_dir, resume, force)
-    # without GPUs, "auto" is the CPU for every process: a torchrun of several processes is then one CPU DDP run
-    # (accelerate would otherwise start as many unrelated single-process trainings writing the same checkpoints)
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision=optim.mixed_precision, cpu=on_cpu)
+    accelerator, ckpt_dir = _launch(config, stage, device, resume, force)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:
-        raise CTGridItError(f"{launched} processes were launched but training runs in {world}",
-                            hint="launch with torchrun or accelerate launch, one process per GPU, or --device cpu")
-    if force and not resume and main and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)                                     # start over: no old checkpoint to mix in
-    accelerator.wait_for_everyone()
-    if accelerator.device.type == "cpu" and accelerator.num_processes > 1:
-        # several CPU processes on one machine: share the cores instead of oversubscribing them
-        # (OpenMP threads that outnumber the cores make every matrix product many times slower)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
     codec = build_codec(config).to(accelerator.device)
     scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel")
@@ -326,15 +303,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
 
     ema = EMAModel(model.parameters(), decay=optim.ema_decay)
     names = [n for n, _ in model.named_parameters()]
-    start, found = 0, None
-    if resume:
-        found, (weights, ema_weights, state) = newest_readable_checkpoint(ckpt_dir)
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        ema.load_state_dict({**state["ema"], "shadow_params": [ema_weights[n] for n in names]})
-        torch.set_rng_state(state["rng_torch"])
-        start = int(state["step"])
+    start, found = _restore(ckpt_dir, model, optimizer, lr_schedule, ema, names) if resume else (0, None)
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.performance.compile:
         model = torch.compile(model)
@@ -347,16 +316,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     batches = StepBatches(start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
                         persistent_workers=config.data.num_workers > 0)
-    metrics = MetricsLog(Path(config.checkpoint.dir) / f"stage{stage}", start, config.logging.tensorboard) if main else None
-    progress = None
-    if main and not quiet:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total, initial=start, desc=f"train stage {stage}", unit="step", dynamic_ncols=True)
+    log = _StepLog(config, stage, start, total, optim.grad_accum * world * optim.batch_size, main, quiet)
     audit: list = []
-    first_loss = last_loss = None
-    pending: list[tuple[int, torch.Tensor, float, float]] = []   # losses stay on the device until logged
-    began = time.perf_counter()
     micro_batches = iter(loader)
     model.train()
     for step in range(start, total):
@@ -381,37 +342,119 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         lr_schedule.step()
         ema.step(accelerator.unwrap_model(model).parameters())
         done = step + 1
-        pending.append((done, accelerator.reduce(step_loss, "mean"), lr_schedule.get_last_lr()[0],
-                        time.perf_counter() - began))
-        if done % config.logging.every == 0 or done == total or done % config.checkpoint.every == 0:
-            losses = torch.stack([loss for _, loss, _, _ in pending]).tolist()   # one host sync per logging step
-            first_loss = losses[0] if first_loss is None else first_loss
-            last_loss = losses[-1]
-            if main:
-                for (logged, _, lr, elapsed), loss in zip(pending, losses):
-                    rate = (logged - start) * optim.grad_accum * world * optim.batch_size / max(elapsed, 1e-9)
-                    metrics.log(logged, loss, lr, rate, elapsed)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{pending[-1][2]:.2e}")
-            pending.clear()
-        if progress is not None:
-            progress.update(1)
+        log.add(done, accelerator.reduce(step_loss, "mean"), lr_schedule.get_last_lr()[0])
         if done % config.checkpoint.every == 0 or done == total:
             _checkpoint(accelerator, config, stage, done, model, ema, optimizer, lr_schedule, names, ckpt_dir)
-            if main:
-                metrics.plot(f"{config.name}: stage {stage}")
-    if progress is not None:
-        progress.close()
+            log.plot()
+    log.close()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if main:
         export_stage(config, stage, unwrapped, ema, codec, scheduler)
-        metrics.close()
     if audit_dir:
         _write_audit(audit_dir, rank, world, audit, unwrapped)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(stage, total - start, first_loss, last_loss, time.perf_counter() - began, config.output)
+    return TrainResult(stage, total - start, log.first_loss, log.last_loss, log.elapsed(), config.output)
+
+
+def _launch(config: TrainConfig, stage: int, device: str, resume: bool, force: bool):
+    """Everything before the work: the device and folders checked, this process's Accelerator (one process per
+    GPU, or one CPU DDP run), an old run's checkpoints deleted with ``force``, CPU threads shared out.
+    Returns the Accelerator and the stage's checkpoint folder."""
+    from accelerate import Accelerator
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise CTGridItError(f"device must be auto, cpu or cuda for training, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CTGridItError("--device cuda: no CUDA GPU is visible", hint="use --device auto or cpu")
+    ckpt_dir = Path(config.checkpoint.dir) / f"stage{stage}"
+    _check_run_folders(config, ckpt_dir, resume, force)
+    # without GPUs, "auto" is the CPU for every process: a torchrun of several processes is then one CPU DDP run
+    # (accelerate would otherwise start as many unrelated single-process trainings writing the same checkpoints)
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=config.stage_optim(stage).mixed_precision, cpu=on_cpu)
+    world = accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:
+        raise CTGridItError(f"{launched} processes were launched but training runs in {world}",
+                            hint="launch with torchrun or accelerate launch, one process per GPU, or --device cpu")
+    if force and not resume and accelerator.is_main_process and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)                                     # start over: no old checkpoint to mix in
+    accelerator.wait_for_everyone()
+    if accelerator.device.type == "cpu" and world > 1:
+        # several CPU processes on one machine: share the cores instead of oversubscribing them
+        # (OpenMP threads that outnumber the cores make every matrix product many times slower)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return accelerator, ckpt_dir
+
+
+def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str]) -> tuple[int, Path]:
+    """Load the newest readable checkpoint into the model, optimizer, schedule, EMA and torch's RNG:
+    returns its step and folder."""
+    found, (weights, ema_weights, state) = newest_readable_checkpoint(ckpt_dir)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_scheduler"])
+    ema.load_state_dict({**state["ema"], "shadow_params": [ema_weights[n] for n in names]})
+    torch.set_rng_state(state["rng_torch"])
+    return int(state["step"]), found
+
+
+class _StepLog:
+    """The losses of the optimizer steps: kept on the device until a logging or checkpoint step (one host sync
+    then), written to the metrics log and shown on the progress bar by the main process."""
+
+    def __init__(self, config: TrainConfig, stage: int, start: int, total: int, samples_per_step: int,
+                 main: bool, quiet: bool) -> None:
+        self.config, self.stage, self.start, self.total = config, stage, start, total
+        self.samples_per_step, self.main = samples_per_step, main
+        self.metrics = MetricsLog(Path(config.checkpoint.dir) / f"stage{stage}", start,
+                                  config.logging.tensorboard) if main else None
+        self.progress = None
+        if main and not quiet:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=total, initial=start, desc=f"train stage {stage}", unit="step",
+                                 dynamic_ncols=True)
+        self.first_loss = self.last_loss = None
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
+        self.began = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    def add(self, done: int, loss: torch.Tensor, lr: float) -> None:
+        """Step ``done``'s loss (mean over processes, still on the device) and learning rate."""
+        self.pending.append((done, loss, lr, self.elapsed()))
+        config = self.config
+        if done % config.logging.every == 0 or done == self.total or done % config.checkpoint.every == 0:
+            self.flush()
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def flush(self) -> None:
+        losses = torch.stack([loss for _, loss, _, _ in self.pending]).tolist()   # one host sync per logging step
+        self.first_loss = losses[0] if self.first_loss is None else self.first_loss
+        self.last_loss = losses[-1]
+        if self.main:
+            for (logged, _, lr, elapsed), loss in zip(self.pending, losses):
+                rate = (logged - self.start) * self.samples_per_step / max(elapsed, 1e-9)
+                self.metrics.log(logged, loss, lr, rate, elapsed)
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{self.pending[-1][2]:.2e}")
+        self.pending.clear()
+
+    def plot(self) -> None:
+        if self.main:
+            self.metrics.plot(f"{self.config.name}: stage {self.stage}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.main:
+            self.metrics.close()
 
 
 def speed_up(config: TrainConfig, stage: int, device: torch.device, model: GridDiT,
