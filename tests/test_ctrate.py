@@ -13,7 +13,8 @@ import torch
 
 from ctgridit.ct.ctrate import CSV_COLUMNS, CTRateDataset
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.transforms import CTRATE_SPACING, ctrate_preprocess, volume_to_metatensor
+from ctgridit.ct.ctrate import CTRATE_SPACING, ctrate_preprocess
+from ctgridit.ct.transforms import volume_to_metatensor
 from ctgridit.ct.window import DEFAULT_WINDOW as HU_WINDOW
 from ctgridit.ct.volume import CTVolume
 from ctgridit.errors import CTGridItError, CTGridItWarning

@@ -11,7 +11,7 @@ row per volume. The files store raw values; the CSV says how to read them:
 
 CT-RATE's NIfTI headers are unreliable (their spacing is often wrong), so the
 CSV spacing replaces the header's; the header only gives the axis directions
-and the origin. Each item goes through :func:`~ctgridit.ct.transforms.ctrate_preprocess`
+and the origin. Each item goes through :func:`ctrate_preprocess`
 (or the given transform): HU, LPS, 0.75 x 0.75 x 1.5 mm, window to [-1, 1],
 in-plane 512 x 512.
 """
@@ -22,15 +22,51 @@ import ast
 import csv
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from monai.config import KeysCollection
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
+from ctgridit.ct.transforms import (CANONICAL_AXCODES, HU_AIR, INTERCEPT_KEY, SLOPE_KEY, SPACING_KEY, HUWindowd, LoadCTd,
+                                   Orientd, RescaleToHUd, ResampleToSpacingd, SetSpacingd, crop_or_pad_in_plane_d)
+from ctgridit.ct.window import DEFAULT_WINDOW, MODEL_RANGE, window_hu
 from ctgridit.errors import CTGridItError, CTGridItWarning
-from ctgridit.ct.transforms import INTERCEPT_KEY, SLOPE_KEY, SPACING_KEY, LoadCTd, SetSpacingd, ctrate_preprocess
+
+#: CT-RATE's voxel size (x, y, z) in mm and in-plane size in voxels (docs/METHOD.md section 1).
+CTRATE_SPACING = (0.75, 0.75, 1.5)
+CTRATE_IN_PLANE = 512
+
+
+def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] = CTRATE_SPACING,
+                      spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, window: Sequence[float] = DEFAULT_WINDOW,
+                      pad_hu: float = HU_AIR, slope_key: str = SLOPE_KEY,
+                      intercept_key: str = INTERCEPT_KEY) -> Compose:
+    """CT-RATE preprocessing (docs/METHOD.md section 1) as one dictionary :class:`~monai.transforms.Compose`.
+
+    On a data dict whose ``keys`` hold raw ``(1, X, Y, Z)`` MetaTensors and whose
+    ``slope_key`` / ``intercept_key`` hold the rescale of each item:
+    HU = slope * raw + intercept -> orient LPS -> resample to ``spacing`` mm
+    (trilinear) -> clip to ``window`` HU and scale to [-1, 1] -> centre crop /
+    pad in-plane to ``spatial_size`` with air (``pad_hu``, windowed).
+
+    ``Compose.inverse`` maps the result back to HU on the original grid: the
+    crop/pad, window, resampling and orientation are undone; the HU rescale is
+    not (see :class:`~ctgridit.ct.transforms.RescaleToHU`); HU outside the window and cropped borders
+    are lost (see :class:`~ctgridit.ct.transforms.HUWindow`, :func:`~ctgridit.ct.transforms.crop_or_pad_in_plane`).
+    """
+    pad_value = float(window_hu(torch.tensor(pad_hu), window, MODEL_RANGE))
+    return Compose([
+        RescaleToHUd(keys, slope_key=slope_key, intercept_key=intercept_key),
+        Orientd(keys, axcodes=CANONICAL_AXCODES),
+        ResampleToSpacingd(keys, spacing=spacing),
+        HUWindowd(keys, window=window, output_range=MODEL_RANGE),
+        crop_or_pad_in_plane_d(keys, spatial_size=spatial_size, pad_value=pad_value),
+    ])
+
 
 #: The metadata columns the dataset needs.
 CSV_COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing")
@@ -109,7 +145,7 @@ class CTRateDataset(Dataset):
     Item ``i`` is the data dict of the ``i``-th volume found: it is read with
     :class:`~ctgridit.ct.transforms.LoadCTd` as raw values, given the CSV
     spacing (:class:`~ctgridit.ct.transforms.SetSpacingd`) and passed through
-    ``transform``, by default :func:`~ctgridit.ct.transforms.ctrate_preprocess`.
+    ``transform``, by default :func:`ctrate_preprocess`.
     A custom transform receives ``{"image": raw (1, X, Y, Z) MetaTensor,
     "name", "slope", "intercept", "spacing"}`` and must apply the rescale
     itself (e.g. with :class:`~ctgridit.ct.transforms.RescaleToHUd`). With the

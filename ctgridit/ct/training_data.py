@@ -29,18 +29,15 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 
-from ctgridit.ct.ctrate import IMAGE_KEY, CTRateDataset, CTRateRecord
+from ctgridit.ct.ctrate import CTRATE_IN_PLANE, CTRATE_SPACING, IMAGE_KEY, CTRateDataset, CTRateRecord, ctrate_preprocess
 from ctgridit.ct.io import ITK_SUFFIXES, NIFTI_SUFFIXES, read_ct
 from ctgridit.ct.transforms import (
-    CTRATE_IN_PLANE,
-    CTRATE_SPACING,
     HU_AIR,
     HUWindow,
     Orient,
     ResampleToSpacing,
     affine_with_spacing,
     crop_or_pad_in_plane,
-    ctrate_preprocess,
     volume_to_frames,
     volume_to_metatensor,
 )
@@ -184,7 +181,7 @@ class CTRateSequences:
     """A CT-RATE folder as a lazy loader of ``(N, 1, H, W)`` sequences (the protocol of :mod:`ctgridit.training.data`).
 
     Item ``i`` reads one volume through :class:`~ctgridit.ct.ctrate.CTRateDataset`
-    with :func:`~ctgridit.ct.transforms.ctrate_preprocess` (CSV rescale and
+    with :func:`~ctgridit.ct.ctrate.ctrate_preprocess` (CSV rescale and
     spacing, LPS, ``spacing`` mm, ``window``, in-plane ``in_plane`` voxels
     padded with air). ``num_frames(i)`` comes from the NIfTI header
     (:func:`resampled_depth`), so a dataset over 50,000 volumes is built

@@ -33,7 +33,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.transforms import (
-    Compose,
     InvertibleTransform,
     MapTransform,
     Orientation,
@@ -66,18 +65,16 @@ CANONICAL_AXCODES = "LPS"
 #: Axis labels of a RAS affine, in nibabel's sense (+x = Right, +y = Anterior, +z = Superior).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 #: CT-RATE's voxel spacing (mm) along (X, Y, Z) and in-plane size (voxels).
-CTRATE_SPACING = (0.75, 0.75, 1.5)
-CTRATE_IN_PLANE = 512
 #: Data-dictionary keys of the per-volume metadata used by the dictionary transforms.
 SLOPE_KEY, INTERCEPT_KEY, SPACING_KEY = "slope", "intercept", "spacing"
 
 __all__ = [
-    "CTRATE_IN_PLANE", "CTRATE_SPACING", "CANONICAL_AXCODES", "HU_AIR", "MODEL_RANGE",
+    "CANONICAL_AXCODES", "HU_AIR", "MODEL_RANGE",
     "volume_to_metatensor", "metatensor_to_volume", "affine_with_spacing", "window_hu", "unwindow_hu",
     "volume_to_frames", "frames_to_volume",
     "LoadCT", "LoadCTd", "SetSpacing", "SetSpacingd", "RescaleToHU", "RescaleToHUd", "HUWindow", "HUWindowd",
     "Orient", "Orientd", "ResampleToSpacing", "ResampleToSpacingd", "crop_or_pad_in_plane", "crop_or_pad_in_plane_d",
-    "VolumeToGrids", "VolumeToGridsd", "ctrate_preprocess",
+    "VolumeToGrids", "VolumeToGridsd",
 ]
 
 
@@ -329,7 +326,7 @@ class ResampleToSpacing(Spacing):
     in ``dtype`` (float32 by default, to keep full-size CT in memory).
     """
 
-    def __init__(self, spacing: Sequence[float] = CTRATE_SPACING, mode: str = "bilinear",
+    def __init__(self, spacing: Sequence[float], mode: str = "bilinear",
                  padding_mode: str = "border", dtype: type = np.float32) -> None:
         super().__init__(pixdim=spacing, mode=mode, padding_mode=padding_mode, dtype=dtype)
 
@@ -337,13 +334,13 @@ class ResampleToSpacing(Spacing):
 class ResampleToSpacingd(Spacingd):
     """Dictionary version of :class:`ResampleToSpacing`."""
 
-    def __init__(self, keys: KeysCollection, spacing: Sequence[float] = CTRATE_SPACING, mode: str = "bilinear",
+    def __init__(self, keys: KeysCollection, spacing: Sequence[float], mode: str = "bilinear",
                  padding_mode: str = "border", dtype: type = np.float32, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, pixdim=spacing, mode=mode, padding_mode=padding_mode, dtype=dtype,
                          allow_missing_keys=allow_missing_keys)
 
 
-def crop_or_pad_in_plane(spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
+def crop_or_pad_in_plane(spatial_size: int | Sequence[int],
                          pad_value: float = HU_AIR) -> ResizeWithPadOrCrop:
     """MONAI's centre crop / pad of the in-plane axes ``(X, Y)`` of a ``(1, X, Y, Z)`` volume to
     ``spatial_size``, z untouched.
@@ -357,7 +354,7 @@ def crop_or_pad_in_plane(spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
     return ResizeWithPadOrCrop((int(x), int(y), -1), mode="constant", value=float(pad_value))
 
 
-def crop_or_pad_in_plane_d(keys: KeysCollection, spatial_size: int | Sequence[int] = CTRATE_IN_PLANE,
+def crop_or_pad_in_plane_d(keys: KeysCollection, spatial_size: int | Sequence[int],
                            pad_value: float = HU_AIR, allow_missing_keys: bool = False) -> ResizeWithPadOrCropd:
     """Dictionary version of :func:`crop_or_pad_in_plane`."""
     x, y = ensure_tuple_rep(spatial_size, 2)
@@ -419,31 +416,3 @@ class VolumeToGridsd(_InvertibleMapArray):
     def __init__(self, keys: KeysCollection, spec: GridSpec = GridSpec(), rgb: bool = True, pad_mode: str = "edge",
                  pad_value: float = MODEL_RANGE[0], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, VolumeToGrids(spec, rgb, pad_mode, pad_value), allow_missing_keys)
-
-
-# --------------------------------------------------------------- CT-RATE
-def ctrate_preprocess(keys: KeysCollection = "image", spacing: Sequence[float] = CTRATE_SPACING,
-                      spatial_size: int | Sequence[int] = CTRATE_IN_PLANE, window: Sequence[float] = DEFAULT_WINDOW,
-                      pad_hu: float = HU_AIR, slope_key: str = SLOPE_KEY,
-                      intercept_key: str = INTERCEPT_KEY) -> Compose:
-    """CT-RATE preprocessing (docs/METHOD.md section 1) as one dictionary :class:`~monai.transforms.Compose`.
-
-    On a data dict whose ``keys`` hold raw ``(1, X, Y, Z)`` MetaTensors and whose
-    ``slope_key`` / ``intercept_key`` hold the rescale of each item:
-    HU = slope * raw + intercept -> orient LPS -> resample to ``spacing`` mm
-    (trilinear) -> clip to ``window`` HU and scale to [-1, 1] -> centre crop /
-    pad in-plane to ``spatial_size`` with air (``pad_hu``, windowed).
-
-    ``Compose.inverse`` maps the result back to HU on the original grid: the
-    crop/pad, window, resampling and orientation are undone; the HU rescale is
-    not (see :class:`RescaleToHU`); HU outside the window and cropped borders
-    are lost (see :class:`HUWindow`, :func:`crop_or_pad_in_plane`).
-    """
-    pad_value = float(window_hu(torch.tensor(pad_hu), window, MODEL_RANGE))
-    return Compose([
-        RescaleToHUd(keys, slope_key=slope_key, intercept_key=intercept_key),
-        Orientd(keys, axcodes=CANONICAL_AXCODES),
-        ResampleToSpacingd(keys, spacing=spacing),
-        HUWindowd(keys, window=window, output_range=MODEL_RANGE),
-        crop_or_pad_in_plane_d(keys, spatial_size=spatial_size, pad_value=pad_value),
-    ])
