@@ -58,6 +58,21 @@ def test_diffuse_adds_only_the_missing_noise():
     assert float(fresh.std()) == pytest.approx((1 - a) ** 0.5, rel=0.1)
 
 
+@pytest.mark.parametrize("t", [0, 40, 999])
+def test_diffuse_from_clean_is_the_schedulers_add_noise_and_its_jumps_compose(t):
+    """From a clean sample, diffuse is diffusers' add_noise with the same noise; a jump from level s to t
+    (RePaint) has the variance that makes q(x_s) then the jump equal to q(x_t)."""
+    z = torch.rand(2, 1, 8, 8) * 2 - 1
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    ours = diffuse(TRAIN, z, t, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, TRAIN.add_noise(z, eps, torch.tensor([t])), rtol=0, atol=1e-6)
+    s = t // 2
+    a_t, a_s = float(TRAIN.alphas_cumprod[t]), float(TRAIN.alphas_cumprod[s])
+    jumped = diffuse(TRAIN, torch.zeros(200_000), t, from_t=s, generator=torch.Generator().manual_seed(4))
+    assert float(jumped.var()) == pytest.approx(1 - a_t / a_s, rel=0.02, abs=1e-6)
+    assert torch.equal(diffuse(TRAIN, z, -1), z)
+
+
 @pytest.mark.parametrize("t,steps,expected", [(0, 10, [0]), (7, 1, [7]), (9, 10, list(range(9, -1, -1))),
                                               (30, 4, [30, 20, 10, 0])])
 def test_reverse_schedule_runs_from_the_level_to_zero(t, steps, expected):
