@@ -37,7 +37,10 @@ def stage_summary(log: Path) -> str:
     if not rows:
         return "no log"
     first, last = loss_decrease(rows, window=50)
-    hours = float(rows[-1]["elapsed_s"]) / 3600 if "elapsed_s" in rows[-1] else float("nan")
+    hours = float("nan")
+    if "elapsed_s" in rows[-1]:                      # the clock starts again at every resume: add up the runs
+        elapsed = [float(r["elapsed_s"]) for r in rows]
+        hours = (sum(a for a, b in zip(elapsed, elapsed[1:]) if b < a) + elapsed[-1]) / 3600
     return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
 
 

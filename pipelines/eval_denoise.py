@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ctgridit.ct.io import read_ct
+from ctgridit.ct.preview import mid_planes
+from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit
@@ -82,10 +84,9 @@ def evaluate(args) -> None:
                 print(f"{scan.name[:23]:24}{model + ' ' + format(sigma, 'g'):>13}  {name:10}{q['psnr']:>7.2f}"
                       f"{q['ssim']:>7.3f}{q['psnr_body']:>10.2f}{q['ssim_body']:>10.3f}{seconds:>7.1f}", flush=True)
             if n == 0 and model == "gaussian":
-                mid = clean.shape[2] // 2
-                panels.append([("clean", clean.array[:, :, mid])] +
+                panels.append([("clean", axial(clean, clean.array))] +
                               [(f"{name} {psnr(clean.array, array):.1f} dB" if name != "input" else f"noisy {sigma:g} HU",
-                                array[:, :, mid]) for name, array, _ in rows])
+                                axial(clean, array)) for name, array, _ in rows])
     if args.png and panels:
         save_panels(panels, args.png, scans[0].name)
         print(f"\nwrote {args.png}")
@@ -126,6 +127,11 @@ def main() -> None:
     (tune if args.tune else evaluate)(args)
 
 
+def axial(scan, array):
+    """The middle axial slice of ``array`` (on ``scan``'s grid) as displayed: anterior up, patient's right left."""
+    return mid_planes(CTVolume(array, scan.affine))[0][1]
+
+
 def save_panels(panels, path: str, title: str) -> None:
     import matplotlib
 
@@ -139,7 +145,7 @@ def save_panels(panels, path: str, title: str) -> None:
     for r, row in enumerate(panels):
         for c, (label, image) in enumerate(row):
             ax = axes[r][c]
-            ax.imshow(np.rot90(np.clip(image, -160, 240)), cmap="gray", vmin=-160, vmax=240)  # soft-tissue window
+            ax.imshow(np.clip(image, -160, 240), cmap="gray", vmin=-160, vmax=240)  # soft-tissue window
             ax.set_title(label, fontsize=8)
             ax.axis("off")
     fig.suptitle(f"{title}: middle axial slice, soft-tissue window", fontsize=10)
