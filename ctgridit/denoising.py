@@ -16,7 +16,7 @@ Three methods share one input/output path (:func:`denoise_volume`):
     and the windows are blended with Gaussian weights (no seams). A scan whose
     estimated noise is below the model's first level comes back unchanged.
   - a **fixed-grid model** (the synthesis model, e.g. ``--model`` with the
-    bundled synthesis model), :func:`ctgridit.core.denoise.denoise`. The model only knows its own voxel
+    bundled synthesis model), :func:`ctgridit.core.denoise.denoise_frames`. The model only knows its own voxel
     grid (the bundled one: 128 x 128 slices at 3 x 3 x 1.5 mm), so the scan is brought to it
   exactly as training data were (LPS orientation, resampling to the model's
   spacing, after a Gaussian anti-aliasing blur where it is coarser than the
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.denoise import DENOISE_STEPS, denoise, denoise_grids, estimate_noise, start_level
+from ctgridit.core.denoise import DENOISE_STEPS, denoise_frames, denoise_grids, estimate_noise, start_level
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
@@ -216,7 +216,7 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     if cfg.channels == 3:
         frames = gray_to_rgb(frames)
     generator = torch.Generator().manual_seed(seed)
-    clean, levels = denoise(pipeline, frames, strength, steps, generator, progress)
+    clean, levels = denoise_frames(pipeline, frames, strength, steps, generator, progress)
     clean = clean.float().cpu()
     if cfg.channels == 3:
         clean = rgb_to_gray(clean)

@@ -131,7 +131,7 @@ def reverse_scheduler(train_scheduler: SchedulerMixin, t: int, steps: int = DENO
     return scheduler
 
 
-def denoise(pipeline, frames: torch.Tensor, strength: float | str = "auto", steps: int = DENOISE_STEPS,
+def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto", steps: int = DENOISE_STEPS,
             generator: Generators = None, progress: ProgressCallback | None = None
             ) -> tuple[torch.Tensor, DenoiseLevels]:
     """Denoise one sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size.
