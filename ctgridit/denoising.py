@@ -53,7 +53,7 @@ from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_hu
+from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_change, window_hu
 from ctgridit.model_folders import BUNDLED_DENOISER, open_ct_model
 from ctgridit.seeds import check_seed
 
@@ -189,7 +189,7 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
         clean = out[0].permute(3, 0, 1, 2).clamp(-1, 1)                        # (Z, 1, Y, X)
     else:
         clean = frames                                                         # no noise to take out
-    correction = unwindow_hu(frames_to_volume(clean), window) - hu.clamp(low, high)
+    correction = window_change(unwindow_hu(frames_to_volume(clean), window), hu, window)
     delta = lps.clone()
     delta.copy_(correction)
     back = orient.inverse(delta).as_tensor()[0].numpy()                       # (X, Y, Z), the scan's own axes
@@ -221,7 +221,7 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     if cfg.channels == 3:
         clean = rgb_to_gray(clean)
     low, high = window
-    correction = unwindow_hu(frames_to_volume(clean), window) - on_grid.as_tensor().float().clamp(low, high)
+    correction = window_change(unwindow_hu(frames_to_volume(clean), window), on_grid.as_tensor().float(), window)
     delta = on_grid.clone()
     delta.copy_(correction)                                                    # the model grid's metadata
     back = to_model.inverse(delta).as_tensor()[0].numpy()      # (X, Y, Z), the scan's grid; 0 outside the field
@@ -298,4 +298,4 @@ def classical_denoise(hu: np.ndarray, method: str, params: dict | None = None,
     sigma_hu = noise_hu(hu)
     out = classical_filter(to_unit(hu), method, sigma_hu / (high - low), params, progress=progress)
     details = {"noise_sigma_hu": sigma_hu, **CLASSICAL[method], **(params or {})}
-    return hu + from_unit(out - to_unit(hu), (0.0, high - low)), details
+    return hu + window_change(from_unit(out), hu), details

@@ -110,6 +110,7 @@ def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None
     cfg = pipeline.config
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
+    run = denoiser_config()
     text = f"""# ct_denoise: the denoiser bundled with ctgridit
 
 GriDiT's Algorithm 3 at the scan's own resolution: a stage-1 grid DiT
@@ -126,8 +127,8 @@ from the matching diffusion level (see `ctgridit/denoising.py`).
   for soft-tissue and bone texture. Held out: A0002 (both kernels), the
   TotalSegmentator chest crop and its abdomen slab, STS_018 (tunes the classical filters), STS_019
   and STS_020: `pipelines/eval_denoise.py` evaluates on them.
-- **Training** (`pipelines/configs/ct_denoise.yaml`, batch {denoiser_config()["optim"]["batch_size"]}, AdamW, EMA 0.999,
-  2 CPU cores), on diffusion steps 0 to {denoiser_config()["stage1"]["timesteps"][1]} only (noise up to about 210 HU):
+- **Training** (`pipelines/configs/ct_denoise.yaml`, batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999,
+  2 CPU cores), on diffusion steps 0 to {run["stage1"]["timesteps"][1]} only (noise up to about 210 HU):
   {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):

@@ -31,7 +31,7 @@ from ctgridit.ct.preview import mid_planes
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
-from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit
+from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, window_change
 from ctgridit.denoising import METHODS, classical_denoise, denoise_volume, load_denoiser
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
@@ -55,7 +55,7 @@ def bm3d_filter(volume, sigma_hu: float):
     scaled = to_unit(volume.array.astype(np.float64))
     out = np.stack([bm3d.bm3d(scaled[:, :, k], sigma_psd=sigma_hu / (high - low)) for k in range(scaled.shape[2])],
                    axis=2)
-    return volume.array + (from_unit(out) - np.clip(volume.array, low, high))
+    return volume.array + window_change(from_unit(out), volume.array)
 
 
 def evaluate(args) -> None:

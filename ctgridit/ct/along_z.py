@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
+from ctgridit.ct.window import DEFAULT_WINDOW, to_unit, unwindow_hu
 
 #: Voxels below this inside the body count as lung (and airways).
 LUNG_BELOW_HU = -500.0
@@ -34,7 +34,6 @@ def reference_neighbour_difference(path: str | os.PathLike, spacing: Sequence[fl
                                    in_plane: Sequence[int], window: Sequence[float] = DEFAULT_WINDOW) -> float:
     """:func:`neighbour_difference` of a real scan resampled to ``spacing`` and windowed like training data."""
     from ctgridit.ct.training_data import load_ct_sequences
-    from ctgridit.ct.window import unwindow_hu
 
     frames = load_ct_sequences([path], spacing=spacing, window=window, in_plane=tuple(in_plane))[0]  # (Z, 1, Y, X)
     hu = unwindow_hu(frames, window)

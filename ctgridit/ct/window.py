@@ -45,6 +45,13 @@ def unwindow_hu(x: Array, window: Sequence[float] = DEFAULT_WINDOW,
     a, b = output_range
     return from_unit((x.clip(a, b) - a) / (b - a), window)
 
+def window_change(filtered_hu: Array, hu: Array, window: Sequence[float] = DEFAULT_WINDOW) -> Array:
+    """What a filter working on the window changed: ``filtered_hu`` minus ``hu`` clipped to ``window``.
+    Added to the unclipped ``hu`` it keeps what lies outside the window as it was."""
+    low, high = window
+    return filtered_hu - hu.clip(low, high)
+
+
 #: Usual radiology windows as (min, max) HU; level/width in the comments.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "wide": DEFAULT_WINDOW,            # the model's window
