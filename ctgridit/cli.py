@@ -18,7 +18,7 @@ import typer
 
 from ctgridit import __version__
 from ctgridit.errors import CTGridItError, CTGridItWarning
-from ctgridit.limits import MAX_SLICES, MIN_SLICES
+from ctgridit.limits import MAX_FRAMES, MAX_SLICES, MIN_FRAMES, MIN_SLICES
 from ctgridit.seeds import SEED_MAX
 
 app = typer.Typer(
@@ -43,6 +43,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print the version and exit.")) -> None:
     """GriDiT for CT: synthesise, denoise and inspect CT volumes with grid diffusion transformers."""
 
+
+#: What ``synth`` makes without ``--slices`` / ``--frames``.
+DEFAULT_SLICES = 201
+DEFAULT_FRAMES = 32
 
 SERIES_HELP = "DICOM only: the SeriesInstanceUID to read when a folder holds several series (default: the one with most slices)."
 
@@ -130,35 +134,62 @@ def preview(
 
 
 @app.command(epilog="Example: ctgridit synth --slices 201 --out vol.nii.gz --seed 0 --preview vol.png\n\n"
+                     "Video: ctgridit synth --model runs/video_shapes/model --frames 48 --out clip.mp4\n\n"
                      "Many GPUs: torchrun --nproc_per_node 8 -m ctgridit synth -n 1000 --out volumes/")
 def synth(
-    slices: int = typer.Option(201, "--slices", min=MIN_SLICES, max=MAX_SLICES, help=f"Number of axial slices to generate ({MIN_SLICES} .. {MAX_SLICES})."),
-    out: str = typer.Option("vol.nii.gz", "--out", "-o", help="The NIfTI file to write, or a folder (ending in /) for vol_00000.nii.gz, ..."),
-    num: int = typer.Option(1, "--num", "-n", min=1, help="How many volumes (OUT_000.nii.gz, ... or the folder's vol_NNNNN.nii.gz); under torchrun write -n (torchrun reads --num as its own --numa-binding)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same volumes."),
-    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled model)."),
+    slices: Optional[int] = typer.Option(None, "--slices", min=MIN_SLICES, max=MAX_SLICES, help=f"CT models: number of axial slices, {MIN_SLICES} .. {MAX_SLICES} (default {DEFAULT_SLICES})."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=MIN_FRAMES, max=MAX_FRAMES, help=f"Video models: number of frames, {MIN_FRAMES} .. {MAX_FRAMES} (default {DEFAULT_FRAMES})."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="CT: the NIfTI file to write (default vol.nii.gz), or a folder (ending in /) for vol_00000.nii.gz, ...; video: an .mp4 or .gif file (default clip.mp4), or a name without suffix for a folder of PNG frames."),
+    num: int = typer.Option(1, "--num", "-n", min=1, help="How many volumes or clips (OUT_000.nii.gz, ... or the folder's vol_NNNNN.nii.gz); under torchrun write -n (torchrun reads --num as its own --numa-binding)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same output."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled CT model); a video model writes clips."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps per grid (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (under torchrun: one GPU per process)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (half precision on GPUs)."),
-    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes."),
+    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG: the three mid-planes of a volume, the frames of a clip."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Generate CT volumes of any number of slices with the grid diffusion model.
+    """Generate CT volumes of any number of slices, or video clips of any number of frames, with the grid diffusion model.
 
-    Started with torchrun, the processes share the volumes (volume i on process i mod N); volume i always
-    comes from the same seed, so the files do not depend on the number of processes.
+    The model folder's adapter decides what is written: a CT model NIfTI volumes (--slices), a video model clips
+    at its training clips' frame rate (--frames). Started with torchrun, the processes share the outputs (output i
+    on process i mod N); output i always comes from the same seed, so the files do not depend on the number of
+    processes.
     """
+    from ctgridit.generation import DTYPES
+    from ctgridit.model_folders import model_kind
+
+    if dtype not in DTYPES:
+        raise CTGridItError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    kind = model_kind(model) if model is not None else "ct"
+    if kind == "video":
+        if slices is not None:
+            raise CTGridItError("is a video model; --slices is for CT models", model, "give --frames N")
+        _synth_clips(frames or DEFAULT_FRAMES, out or "clip.mp4", num, seed, model, steps, device, dtype,
+                     preview_png, force, quiet)
+        return
+    if frames is not None:
+        raise CTGridItError("is a CT model; --frames is for video models", model or "the bundled model",
+                            "give --slices N, or --model a folder trained on videos")
+    _synth_volumes(slices or DEFAULT_SLICES, out or "vol.nii.gz", num, seed, model, steps, device, dtype,
+                   preview_png, force, quiet)
+
+
+def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None, steps: int | None, device: str,
+                   dtype: str, preview_png: str | None, force: bool, quiet: bool) -> None:
     from ctgridit.ct.io import write_nifti
     from ctgridit.ct.preview import save_preview
     from ctgridit.device import process_device, process_rank
     from ctgridit.files import check_output_path
     from ctgridit.progress import PhaseProgress
-    from ctgridit.synthesis import DTYPES, load_model, synthesize_iter
+    from ctgridit.synthesis import load_model, synthesize_iter
+    from ctgridit.video.clips import is_clip_file
 
-    if dtype not in DTYPES:
-        raise CTGridItError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
     rank, world = process_rank()
+    if is_clip_file(out):
+        raise CTGridItError("a CT model writes NIfTI volumes, not video", out,
+                            "use a name ending in .nii.gz, or give --model a folder trained on videos")
     outputs = volume_paths(out, num)
     previews = volume_paths(preview_png, num, ".png") if preview_png else []
     if preview_png and not out.endswith(("/", os.sep)):
@@ -181,6 +212,49 @@ def synth(
                 progress.close()
                 typer.echo(f"wrote {outputs[i]} ({' x '.join(map(str, volume.shape))} voxels of "
                            f"{' x '.join(f'{s:g}' for s in volume.spacing)} mm)" + (f" and {previews[i]}" if previews else ""))
+
+
+def _synth_clips(frames: int, out: str, num: int, seed: int, model: str, steps: int | None, device: str,
+                 dtype: str, preview_png: str | None, force: bool, quiet: bool) -> None:
+    from ctgridit.device import process_device, process_rank
+    from ctgridit.files import check_output_path
+    from ctgridit.progress import PhaseProgress
+    from ctgridit.video.clips import (CLIP_SUFFIXES, clip_frame_rate, is_clip_file, load_video_model, save_clip,
+                                      save_contact_sheet, synthesize_clips_iter)
+    from ctgridit.video.io import check_frames_folder
+
+    rank, world = process_rank()
+    name = out.rstrip("/" + os.sep)
+    if name.lower().endswith((".nii", ".nii.gz")):
+        raise CTGridItError("a video model writes .mp4, .gif or a folder of PNG frames, not NIfTI", out,
+                            "use a name ending in .mp4 or .gif, or give --model a folder trained on CT volumes")
+    if Path(name).suffix and not is_clip_file(name):
+        raise CTGridItError(f"cannot write {Path(name).suffix} clips", out,
+                            f"use a name ending in {' or '.join(CLIP_SUFFIXES)}, or one without suffix for PNG frames")
+    outputs = numbered(name, num)
+    previews = numbered(preview_png, num) if preview_png else []
+    if preview_png:
+        _require_suffix(preview_png, ".png")
+    mine = range(rank, num, world)
+    for i in mine:                                        # refuse before minutes of work
+        if is_clip_file(outputs[i]):
+            check_output_path(outputs[i], force=force)
+        else:
+            check_frames_folder(Path(outputs[i]), force=force)
+        if previews:
+            check_output_path(previews[i], force=force)
+    pipeline = load_video_model(model, process_device(device))
+    fps = clip_frame_rate(pipeline)
+    with PhaseProgress(enabled=not quiet and rank == 0) as progress:
+        for i, clip in synthesize_clips_iter(frames, mine, seed, pipeline, steps, dtype=dtype, progress=progress):
+            save_clip(clip, outputs[i], fps, force=force)
+            if previews:
+                save_contact_sheet(clip, previews[i], force=force)
+            if not quiet:
+                progress.close()
+                h, w = clip.shape[-2:]
+                typer.echo(f"wrote {outputs[i]} ({len(clip)} frames of {w} x {h} at {fps:g} fps)"
+                           + (f" and {previews[i]}" if previews else ""))
 
 
 def volume_paths(out: str, count: int, suffix: str = ".nii.gz") -> list[str]:

@@ -54,7 +54,7 @@ from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_change, window_hu
-from ctgridit.model_folders import BUNDLED_DENOISER, open_ct_model
+from ctgridit.model_folders import BUNDLED_DENOISER, open_model
 from ctgridit.seeds import check_seed
 
 METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
@@ -140,7 +140,7 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
     """A CT model folder to denoise with; ``None`` means the bundled denoiser."""
     from ctgridit.errors import CTGridItError
 
-    pipeline = open_ct_model(model, BUNDLED_DENOISER, "denoising", device)
+    pipeline = open_model(model, BUNDLED_DENOISER, "denoising", device, kind="ct")
     if not is_native(pipeline) and "spacing" not in pipeline.config.adapter:
         raise CTGridItError("the model folder records neither its voxel spacing nor that it works at the scan's "
                             "own resolution (adapter in gridit.json)", model or BUNDLED_DENOISER,

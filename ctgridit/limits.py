@@ -4,6 +4,9 @@
 #: (3 m of 1.5 mm slices; longer runs are scripts, not a command).
 MIN_SLICES = 2
 MAX_SLICES = 2000
+#: ``synth`` makes video clips of this many frames.
+MIN_FRAMES = 1
+MAX_FRAMES = 10_000
 
 #: A zip of a DICOM series may hold at most this many files, this many bytes once extracted, and be
 #: compressed at most this many times (DICOM compresses 2 to 5 times; a zip bomb thousands of times).

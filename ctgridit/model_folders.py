@@ -1,8 +1,8 @@
-"""The CT model folders: where the bundled ones live, and opening one (bundled or ``--model DIR``) with its checks.
+"""Model folders: where the bundled ones live, and opening one (bundled or ``--model DIR``) with its checks.
 
-Both ``synth`` and ``denoise`` open their models here, so a missing bundled
-model, a video model given to a CT command or a bad ``--device`` reads the
-same for both.
+``synth`` (CT and video) and ``denoise`` open their models here, so a missing
+bundled model, a model of the wrong adapter or a bad ``--device`` reads the
+same for all.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline, read_model_config
 from ctgridit.device import resolve_device
 from ctgridit.errors import CTGridItError
 
@@ -21,6 +21,8 @@ BUNDLED_MODEL = MODELS / "ct_small"
 BUNDLED_DENOISER = MODELS / "ct_denoise"
 #: An environment variable that points at another default synthesis model folder.
 MODEL_ENV = "CTGRIDIT_MODEL"
+ADAPTER_NAMES = {"ct": "CT", "video": "video"}
+TRAINED_ON = {"ct": "CT volumes", "video": "videos"}
 
 
 def default_model_dir() -> Path:
@@ -28,12 +30,17 @@ def default_model_dir() -> Path:
     return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
 
 
-def open_ct_model(model: str | os.PathLike | None, default: Path, purpose: str,
-                  device: str = "auto") -> GriDiTPipeline:
-    """The CT model folder ``model`` (``None``: ``default``, a bundled one) on ``device``.
+def model_kind(folder: str | os.PathLike) -> str:
+    """The adapter a model folder was trained for (``"ct"`` or ``"video"``), read without loading weights."""
+    return read_model_config(folder).adapter.get("kind", "ct")
+
+
+def open_model(model: str | os.PathLike | None, default: Path, purpose: str, device: str = "auto",
+               kind: str = "ct") -> GriDiTPipeline:
+    """The model folder ``model`` (``None``: ``default``, a bundled one) on ``device``.
 
     Refused with one line: a bad device (before any loading), a missing bundled
-    model, a folder that is not a model, a model of another adapter than CT.
+    model, a folder that is not a model, a model of another adapter than ``kind``.
     ``purpose`` names the task in the messages ("synthesis", "denoising").
     """
     where = resolve_device(device)
@@ -41,8 +48,8 @@ def open_ct_model(model: str | os.PathLike | None, default: Path, purpose: str,
     if model is None and not (folder / CONFIG_FILE).is_file():
         raise CTGridItError(f"no {purpose} model is installed", folder,
                             "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
-    pipeline = GriDiTPipeline.from_pretrained(folder, device=where)
-    kind = pipeline.config.adapter.get("kind", "ct")
-    if kind != "ct":
-        raise CTGridItError(f"is a {kind} model, not a CT model", folder, "give a model trained on CT volumes")
-    return pipeline
+    found = model_kind(folder)
+    if found != kind:
+        raise CTGridItError(f"is a {found} model, not a {ADAPTER_NAMES.get(kind, kind)} model", folder,
+                            f"give a model trained on {TRAINED_ON.get(kind, kind)}")
+    return GriDiTPipeline.from_pretrained(folder, device=where)

@@ -13,36 +13,26 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import torch
-
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.adapter import sequence_to_volume
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW
 from ctgridit.errors import CTGridItError
+from ctgridit.generation import check_dtype, generate_iter
 from ctgridit.limits import MAX_SLICES, MIN_SLICES
-from ctgridit.model_folders import default_model_dir, open_ct_model
+from ctgridit.model_folders import default_model_dir, open_model
 from ctgridit.seeds import check_seed
+
 
 def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A CT synthesis model folder on ``device``; ``None`` means :func:`~ctgridit.model_folders.default_model_dir`."""
-    pipeline = open_ct_model(model, default_model_dir(), "synthesis", device)
+    pipeline = open_model(model, default_model_dir(), "synthesis", device, kind="ct")
     if "spacing" not in pipeline.config.adapter:
         raise CTGridItError("the model folder does not record its voxel spacing (adapter.spacing in gridit.json)",
                             model or default_model_dir(), "add it to the training config's adapter section and "
                             "export again")
     return pipeline
-
-
-#: Precisions ``--dtype`` offers.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def volume_seed(seed: int, index: int) -> int:
-    """The seed of volume ``index`` of a run with ``seed``: ``seed`` itself for the first volume, a fixed
-    mixing of both for the others. It depends on nothing else (not the batch, not the number of processes)."""
-    return (check_seed(seed) + index * 2654435761) % 2**32
 
 
 def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
@@ -51,24 +41,19 @@ def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
                     progress: ProgressCallback | None = None) -> Iterator[tuple[int, CTVolume]]:
     """``(index, volume)`` for the volumes ``indices`` of a run with ``seed``, one at a time, as each is done.
 
-    Volume ``i`` comes from its own generator (:func:`volume_seed`), so a run
+    Volume ``i`` comes from its own generator (:func:`~ctgridit.generation.sample_seed`), so a run
     split over processes (each taking some indices) writes the same volumes
     as one process, and the same seed gives the same volumes.
     """
     if not MIN_SLICES <= num_slices <= MAX_SLICES:
         raise CTGridItError(f"need {MIN_SLICES} to {MAX_SLICES} slices, got {num_slices}")
-    if dtype not in DTYPES:
-        raise CTGridItError(f"unknown precision {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    check_dtype(dtype)
     check_seed(seed)
     pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
-    if DTYPES[dtype] != pipeline.dtype:
-        pipeline.to(dtype=DTYPES[dtype])
     adapter = pipeline.config.adapter
     window = adapter.get("window", DEFAULT_WINDOW)
-    for index in indices:
-        generator = torch.Generator().manual_seed(volume_seed(seed, index))
-        frames = pipeline.generate(num_slices, batch_size=1, generator=generator, num_steps=steps, progress=progress)
-        yield index, sequence_to_volume(frames[0].float(), adapter["spacing"], window,
+    for index, frames in generate_iter(pipeline, num_slices, indices, seed, steps, dtype, progress):
+        yield index, sequence_to_volume(frames, adapter["spacing"], window,
                                         source=f"ctgridit synth, seed {seed}, volume {index}")
 
 

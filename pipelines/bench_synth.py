@@ -106,6 +106,16 @@ def describe(name: str, volume: CTVolume, coarse: CTVolume | None, reference: fl
           f"{max_far_ssim(hu, far):.2f}{anatomy}")
 
 
+def print_times(args, ours: list[float], base: list[float], ratios: list[float], phases: list[dict]) -> None:
+    median = statistics.median
+    print(f"\n{args.slices} slices, {args.rounds} alternating rounds (median, range):")
+    print(f"  GriDiT   {median(ours):6.1f} s  ({min(ours):.1f} .. {max(ours):.1f}); phases of the median round: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases, key=lambda p: p['total'])[len(phases) // 2].items()))
+    print(f"  baseline {median(base):6.1f} s  ({min(base):.1f} .. {max(base):.1f}), timed on "
+          f"{args.baseline_slices} slices and scaled")
+    print(f"  baseline / GriDiT {median(ratios):.2f}x ({min(ratios):.2f} .. {max(ratios):.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
@@ -135,13 +145,8 @@ def main() -> None:
         phases.append(times)
         base.append(naive_baseline(pipeline, args.baseline_slices) * args.slices / args.baseline_slices)
     ratios = [b / o for b, o in zip(base, ours)]
-    median = statistics.median
-    print(f"\n{args.slices} slices, {args.rounds} alternating rounds (median, range):")
-    print(f"  GriDiT   {median(ours):6.1f} s  ({min(ours):.1f} .. {max(ours):.1f}); phases of the median round: "
-          + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(phases, key=lambda p: p['total'])[len(phases) // 2].items()))
-    print(f"  baseline {median(base):6.1f} s  ({min(base):.1f} .. {max(base):.1f}), timed on "
-          f"{args.baseline_slices} slices and scaled")
-    print(f"  baseline / GriDiT {median(ratios):.2f}x ({min(ratios):.2f} .. {max(ratios):.2f})")
+    if args.rounds:
+        print_times(args, ours, base, ratios, phases)
 
     real = real_chest(pipeline)
     reference = neighbour_difference(real.array)

@@ -139,7 +139,7 @@ def test_frechet_distance_is_exact_for_gaussians():
 
 
 def test_the_volume_seed_does_not_depend_on_the_split():
-    from ctgridit.synthesis import volume_seed
+    from ctgridit.generation import sample_seed
 
-    assert volume_seed(7, 0) == 7
-    assert len({volume_seed(7, i) for i in range(1000)}) == 1000
+    assert sample_seed(7, 0) == 7
+    assert len({sample_seed(7, i) for i in range(1000)}) == 1000

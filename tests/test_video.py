@@ -292,7 +292,7 @@ def test_bad_frames_and_fps_are_value_errors(tmp_path):
 
 
 def test_import_pulls_in_no_medical_library():
-    code = ("import sys, ctgridit.video; "
+    code = ("import sys, ctgridit.video, ctgridit.video.clips, ctgridit.video.shapes; "
             "print([m for m in ('monai', 'nibabel', 'SimpleITK', 'pydicom', 'ctgridit.ct') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

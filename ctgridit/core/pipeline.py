@@ -360,11 +360,8 @@ class GriDiTPipeline:
                         dtype: torch.dtype = torch.float32) -> "GriDiTPipeline":
         """Load a model folder offline; a clear one-line error if it is not one."""
         folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file() or not (folder / "stage1").is_dir():
-            raise CTGridItError(f"not a ctgridit model folder (no {CONFIG_FILE} or stage1/)", folder,
-                                "give a folder written by `ctgridit train` or GriDiTPipeline.save_pretrained")
+        config = read_model_config(folder)
         try:
-            config = PipelineConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
             stage1 = load_stage(folder / "stage1")
             stage2 = load_stage(folder / "stage2") if (folder / "stage2").is_dir() else None
             codec = load_codec(folder / "codec")
@@ -376,6 +373,19 @@ class GriDiTPipeline:
             raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                                 "re-export it from the trainer") from None
         return pipeline.to(device, dtype)
+
+
+def read_model_config(folder: str | os.PathLike) -> PipelineConfig:
+    """A model folder's ``gridit.json`` (no weights loaded); a clear one-line error if it is not a model folder."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / "stage1").is_dir():
+        raise CTGridItError(f"not a ctgridit model folder (no {CONFIG_FILE} or stage1/)", folder,
+                            "give a folder written by `ctgridit train` or GriDiTPipeline.save_pretrained")
+    try:
+        return PipelineConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    except Exception as err:  # a damaged or hand-edited gridit.json
+        raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
+                            "re-export it from the trainer") from None
 
 
 def load_stage(folder: Path) -> GridDiT:

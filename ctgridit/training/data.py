@@ -320,7 +320,8 @@ class SRPairDataset(_SequenceDataset):
 class VideoSequences:
     """Videos as a lazy :class:`FrameSequences`: item ``i`` is ``paths[i]`` read as ``(T, 3, H, W)`` in [-1, 1].
 
-    Each path is a video file, a GIF or a folder of frame images, read with
+    Each path is a video file, a GIF, a folder of frame images or a folder of
+    clips (:func:`~ctgridit.video.io.video_clips`), read with
     :class:`~ctgridit.video.sequence.VideoAdapter` (``size``: ``(H, W)``, or an
     int for the short side, which then must give one size for all videos;
     ``every``: temporal subsampling; ``max_frames``: a cap after subsampling).
@@ -330,10 +331,18 @@ class VideoSequences:
 
     def __init__(self, paths: Sequence[str | os.PathLike], size: Size | None = None, every: int = 1,
                  max_frames: int | None = None) -> None:
+        from ctgridit.video.io import video_clips
         from ctgridit.video.sequence import VideoAdapter
 
-        self.paths = list(paths)
+        self.paths = video_clips(paths)
         self.adapter = VideoAdapter(size=size, max_frames=max_frames, every=every)
+
+    @property
+    def frame_rates(self) -> list[float | None]:
+        """Frames per second of each clip after the subsampling (None where the file records none)."""
+        from ctgridit.video.io import frame_rate
+
+        return [None if (fps := frame_rate(p)) is None else fps / self.adapter.every for p in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)

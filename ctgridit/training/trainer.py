@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -186,12 +187,25 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
 
 def pipeline_config(config: TrainConfig, codec: LatentCodec) -> PipelineConfig:
     """What the model folder's ``gridit.json`` records: grid, frame size, sampling and adapter metadata."""
-    adapter = {"kind": "video" if config.data.kind == "video" else "ct", "window": list(config.data.window)}
-    if config.data.spacing:
-        adapter["spacing"] = list(config.data.spacing)
+    if config.data.kind == "video":
+        adapter = {"kind": "video", "fps": training_frame_rate(config)}
+    else:
+        adapter = {"kind": "ct", "window": list(config.data.window)}
+        if config.data.spacing:
+            adapter["spacing"] = list(config.data.spacing)
     adapter.update(config.adapter)
     return PipelineConfig(config.grid_spec, tuple(config.frame_size), codec.image_channels,
                           config.sampling_config, adapter)
+
+
+def training_frame_rate(config: TrainConfig) -> float:
+    """The frame rate generated clips play at: the median of the training clips' own rates after ``data.every``
+    (the video adapter's default where no clip records one); ``adapter.fps`` in the config overrides it."""
+    from ctgridit.training.data import VideoSequences
+    from ctgridit.video.io import DEFAULT_FPS
+
+    rates = [r for r in VideoSequences(config.data.paths, every=config.data.every).frame_rates if r is not None]
+    return float(statistics.median(rates)) if rates else DEFAULT_FPS
 
 
 # ------------------------------------------------------------------- batches

@@ -80,6 +80,42 @@ def read_frames(path: str | os.PathLike, size: Size | None = None, max_frames: i
     return _stack(_source_frames(source, stop, every), source, size)
 
 
+def video_clips(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The clips that ``paths`` name: each path itself, except a folder of video files (and no frame
+    images), which stands for its ``.mp4 .avi .mov .mkv .webm .gif`` files in natural order."""
+    clips: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            try:
+                entries = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+            except OSError as err:
+                raise CTGridItError(f"cannot list the folder ({err.strerror or err})", path,
+                                    "check its permissions") from None
+            videos = [p for p in entries if p.suffix.lower() in VIDEO_SUFFIXES + (GIF_SUFFIX,)]
+            if videos and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
+                clips += sorted(videos, key=natural_key)
+                continue
+        clips.append(path)
+    return clips
+
+
+def frame_rate(path: str | os.PathLike) -> float | None:
+    """Frames per second a video file or GIF records (a GIF: from its first frame's duration); None for a
+    folder of frame images or a file that records none."""
+    source = Path(path)
+    try:
+        if source.suffix.lower() == GIF_SUFFIX:
+            with Image.open(source) as gif:
+                duration = gif.info.get("duration")
+            return 1000.0 / duration if duration else None
+        if source.suffix.lower() in VIDEO_SUFFIXES:
+            fps = iio.immeta(source, plugin="pyav").get("fps")
+            return float(fps) if fps else None
+    except (OSError, ValueError, av.error.FFmpegError) as err:
+        raise CTGridItError("cannot read the frame rate", source, "check that the file is a complete video") from err
+    return None
+
+
 def _check_read_options(size: Size | None, max_frames: int | None, every: int) -> None:
     pair = isinstance(size, (tuple, list)) and len(size) == 2 and all(_positive_int(s) for s in size)
     if not (size is None or _positive_int(size) or pair):
@@ -309,7 +345,7 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray, force: bool = Fa
     """
     out = Path(folder)
     frames = check_frames(frames)
-    _check_frames_folder(out, force)
+    check_frames_folder(out, force)
     digits = max(FRAME_DIGITS, len(str(len(frames) - 1)))
     with atomic_folder(out) as staging:
         for index, frame in enumerate(frames):
@@ -317,7 +353,8 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray, force: bool = Fa
     return out
 
 
-def _check_frames_folder(out: Path, force: bool) -> None:
+def check_frames_folder(out: Path, force: bool = False) -> None:
+    """Refuse, before any work, a PNG frames folder :func:`write_frames` would refuse."""
     if out.exists() and not out.is_dir():
         raise CTGridItError("is a file, not a folder", out, "give a folder name for the PNG frames")
     if not out.parent.is_dir():
