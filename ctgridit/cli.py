@@ -181,10 +181,9 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
     from ctgridit.ct.io import write_nifti
     from ctgridit.ct.preview import save_preview
     from ctgridit.device import process_device, process_rank
-    from ctgridit.files import check_output_path
+    from ctgridit.files import check_output_path, is_clip_file
     from ctgridit.progress import PhaseProgress
     from ctgridit.synthesis import load_model, synthesize_iter
-    from ctgridit.video.clips import is_clip_file
 
     rank, world = process_rank()
     if is_clip_file(out):
@@ -217,10 +216,10 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
 def _synth_clips(frames: int, out: str, num: int, seed: int, model: str, steps: int | None, device: str,
                  dtype: str, preview_png: str | None, force: bool, quiet: bool) -> None:
     from ctgridit.device import process_device, process_rank
-    from ctgridit.files import check_output_path
+    from ctgridit.files import CLIP_SUFFIXES, check_output_path, is_clip_file
     from ctgridit.progress import PhaseProgress
-    from ctgridit.video.clips import (CLIP_SUFFIXES, clip_frame_rate, is_clip_file, load_video_model, save_clip,
-                                      save_contact_sheet, synthesize_clips_iter)
+    from ctgridit.video.clips import (clip_frame_rate, load_video_model, save_clip, save_contact_sheet,
+                                      synthesize_clips_iter)
     from ctgridit.video.io import check_frames_folder
 
     rank, world = process_rank()

@@ -19,6 +19,16 @@ from typing import Iterator
 from ctgridit.errors import CTGridItError
 
 
+#: The files ``synth`` writes a video clip as; a name without a suffix is a folder of PNG frames.
+#: (Here, not in :mod:`ctgridit.video`, so that the CT commands can refuse a clip name without importing PyAV.)
+CLIP_SUFFIXES = (".mp4", ".gif")
+
+
+def is_clip_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a clip file (``.mp4``, ``.gif``) rather than a folder of PNG frames."""
+    return Path(path).suffix.lower() in CLIP_SUFFIXES
+
+
 def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
     """Refuse, before any work is done, an output that cannot or should not be written."""
     out = Path(path)

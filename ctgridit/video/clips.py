@@ -25,11 +25,9 @@ from ctgridit.files import atomic_output
 from ctgridit.generation import check_dtype, generate_iter
 from ctgridit.limits import MAX_FRAMES, MIN_FRAMES
 from ctgridit.model_folders import open_model
-from ctgridit.video.io import DEFAULT_FPS, GIF_SUFFIX
+from ctgridit.video.io import DEFAULT_FPS
 from ctgridit.video.sequence import VideoAdapter, sequence_to_frames
 
-#: The file types a clip is written as; a name without one of these suffixes is a folder of PNG frames.
-CLIP_SUFFIXES = (".mp4", GIF_SUFFIX)
 
 
 def load_video_model(model: str | os.PathLike | None, device: str = "auto") -> GriDiTPipeline:
@@ -58,11 +56,6 @@ def synthesize_clips_iter(num_frames: int, indices=range(1), seed: int = 0,
         raise CTGridItError(f"a video model makes RGB frames, this one makes {pipeline.config.channels} channels",
                             hint="give a model trained on videos")
     yield from generate_iter(pipeline, num_frames, indices, seed, steps, dtype, progress)
-
-
-def is_clip_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a clip file (``.mp4``, ``.gif``) rather than a folder of PNG frames."""
-    return Path(path).suffix.lower() in CLIP_SUFFIXES
 
 
 def save_clip(frames: torch.Tensor, path: str | os.PathLike, fps: float, force: bool = False) -> Path:

@@ -86,11 +86,7 @@ def video_clips(paths: Iterable[str | os.PathLike]) -> list[Path]:
     clips: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            try:
-                entries = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-            except OSError as err:
-                raise CTGridItError(f"cannot list the folder ({err.strerror or err})", path,
-                                    "check its permissions") from None
+            entries = _folder_files(path)
             videos = [p for p in entries if p.suffix.lower() in VIDEO_SUFFIXES + (GIF_SUFFIX,)]
             if videos and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in entries):
                 clips += sorted(videos, key=natural_key)
@@ -151,16 +147,20 @@ def _source_frames(source: Path, stop: int | None, every: int) -> Iterator[tuple
 
 def _frame_files(folder: Path) -> list[Path]:
     """The frame images of ``folder`` in natural order."""
-    try:
-        files = [p for p in folder.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()]
-    except OSError as err:
-        raise CTGridItError(f"cannot list the folder ({err.strerror or err})", folder,
-                            "check its permissions") from None
+    files = [p for p in _folder_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise CTGridItError(f"no frame images ({', '.join(IMAGE_SUFFIXES)}) in the folder", folder,
                             "give a folder of frame images or a video file")
     return sorted(files, key=natural_key)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files of ``folder``, hidden ones left out."""
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+    except OSError as err:
+        raise CTGridItError(f"cannot list the folder ({err.strerror or err})", folder,
+                            "check its permissions") from None
 
 
 def natural_key(path: Path) -> tuple[list[str | int], str]:
