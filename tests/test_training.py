@@ -39,7 +39,7 @@ def write_config(folder: Path, scan: Path, **changes) -> Path:
         "sampling": {"stage1": {"num_steps": 3}, "stage2": {"num_steps": 2}},
     }
     for key, value in changes.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -175,6 +175,18 @@ def test_masked_stride_aware_stage1_trains_resumes_and_samples_hierarchically(tm
     assert sorted(set(labels)) == [1, 3, 9] and all(c is not None and c.shape[1] == 2 for c in calls)
 
 
+def test_a_clean_sample_model_records_what_it_predicts_and_samples(tmp_path, small_ct):
+    """``diffusion: {prediction: sample}``: the model folder's scheduler says so (every sampler reads the model
+    through it), the Min-SNR loss trains, and the folder samples a sequence."""
+    write_config(tmp_path, small_ct, diffusion={"prediction": "sample", "min_snr": 5.0})
+    result = train(load_config(tmp_path / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    assert result.last_loss is not None and result.last_loss > 0
+    pipe = GriDiTPipeline.from_pretrained(tmp_path / "model")
+    assert pipe.scheduler.config.prediction_type == "sample"
+    frames = pipe.sample_latents(6, generator=torch.Generator().manual_seed(0))
+    assert frames.shape == (1, 6, 1, 16, 16) and bool(frames.abs().le(1).all())
+
+
 def test_diffusion_loss_counts_only_the_cells_to_generate():
     """A prediction that is exact on the unknown cells and wrong on the known ones has weighted loss 0."""
     from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
@@ -215,6 +227,8 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "unconditional": 0}}}, "unconditional"),
     ({"sampling": {"stage1": {"repaint_jump": 2, "repaint_times": 3}}}, "RePaint"),
     ({"stage2": {"conditioning": {"masked": True}}}, "stage 1 only"),
+    ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction"),
+    ({"diffusion": {"min_snr": 0}}, "diffusion.min_snr"),
 ])
 def test_bad_conditioning_or_sampling_is_refused_before_training(tmp_path, small_ct, changes, match):
     base = {"stage1": MASKED, "data": {"stride_range": None, "strides": [1, 3, 9]},

@@ -17,13 +17,15 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 #: Timesteps the models are trained with (DDPM, docs/METHOD.md section 3).
 NUM_TRAIN_TIMESTEPS = 1000
 SAMPLERS = ("ddpm", "ddim")
+#: What the network predicts (diffusers' ``prediction_type``): the noise (the paper's), the clean sample
+#: (x0; what a pixel-space transformer with large patches can learn, docs/METHOD.md section 3) or v.
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 EpsModel = Callable[..., torch.Tensor]
 
@@ -99,11 +101,15 @@ Generators = torch.Generator | list[torch.Generator] | NoiseDraws | None
 
 def make_train_scheduler(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = 1e-4,
                          beta_end: float = 0.02, beta_schedule: str = "linear",
-                         clip_sample: bool = False) -> DDPMScheduler:
+                         clip_sample: bool = False, prediction_type: str = "epsilon") -> DDPMScheduler:
     """The DDPM scheduler of training. ``clip_sample`` clips predicted x0 to [-1, 1]
-    when sampling; leave it off for VAE latents (they are not bounded)."""
+    when sampling; leave it off for VAE latents (they are not bounded). ``prediction_type``
+    (:data:`PREDICTIONS`) says what the model predicts; it travels with the scheduler's
+    config into the model folder, so every sampler's step reads the model's output right."""
+    if prediction_type not in PREDICTIONS:
+        raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {prediction_type!r}")
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule=beta_schedule, prediction_type="epsilon", clip_sample=clip_sample,
+                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample,
                          variance_type="fixed_small")
 
 
@@ -201,14 +207,50 @@ def strength_timesteps(scheduler: SchedulerMixin, strength: float = 1.0) -> list
     return timesteps[len(timesteps) - keep:]
 
 
+def prediction_target(scheduler: SchedulerMixin, clean: torch.Tensor, noise: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+    """What the model should output for ``clean`` diffused with ``noise`` to levels ``t``: the scheduler's
+    ``prediction_type`` decides (the noise, the clean sample, or diffusers' ``get_velocity``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return clean
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, t)
+    raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {kind!r}")
+
+
+def snr_weight(scheduler: SchedulerMixin, t: torch.Tensor, min_snr: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma loss weights (Hang et al., 2023) for levels ``t`` ``(B,)``, or None for ``min_snr=None``.
+
+    Whatever the model predicts, the weighted loss is ``min(SNR_t, gamma) * |x0_hat - x0|^2`` up to a
+    constant: ``min(SNR, gamma) / SNR`` on the noise, ``min(SNR, gamma)`` on the clean sample,
+    ``min(SNR, gamma) / (SNR + 1)`` on v, with ``SNR_t = abar_t / (1 - abar_t)``. So the nearly clean
+    levels, where a small error of the clean sample is a large one of the noise, do not dominate.
+    """
+    if min_snr is None:
+        return None
+    if not min_snr > 0:
+        raise ValueError(f"min_snr must be > 0, got {min_snr}")
+    abar = scheduler.alphas_cumprod.to(t.device)[t].double()
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=float(min_snr))
+    divisor = {"epsilon": snr, "sample": torch.ones_like(snr), "v_prediction": snr + 1}[scheduler.config.prediction_type]
+    return (clipped / divisor).float()
+
+
 def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tensor, cond: torch.Tensor | None = None,
                    generator: Generators = None, weight: torch.Tensor | None = None,
-                   stride: torch.Tensor | None = None, timesteps: tuple[int, int] | None = None) -> torch.Tensor:
-    """The DDPM epsilon objective: MSE between the added noise and the model's prediction.
+                   stride: torch.Tensor | None = None, timesteps: tuple[int, int] | None = None,
+                   min_snr: float | None = None) -> torch.Tensor:
+    """The DDPM objective: MSE between the model's prediction and its target (:func:`prediction_target`:
+    the added noise for the paper's epsilon models, the clean sample for x0 models).
 
     ``clean`` is ``(B, C, H, W)``; timesteps are uniform over the training steps,
     or over ``timesteps = (low, high)`` inclusive (a model for a range of noise
-    levels, e.g. the low ones a denoiser meets).
+    levels, e.g. the low ones a denoiser meets). ``min_snr``: weight each sample
+    by :func:`snr_weight` (None: every level alike).
     ``cond`` and ``stride`` go to the model when given. ``weight`` ``(B or 1, 1,
     H, W)``, if given, says which pixels count (masked conditioning: the cells to
     generate); the loss is the mean over them per sample, then over the batch,
@@ -222,9 +264,11 @@ def diffusion_loss(model: EpsModel, scheduler: SchedulerMixin, clean: torch.Tens
     noisy = scheduler.add_noise(clean, eps, t)
     inputs = {k: v for k, v in (("cond", cond), ("stride", stride)) if v is not None}
     pred = model(noisy, t, **inputs)
+    error = (pred.float() - prediction_target(scheduler, clean, eps, t).float()) ** 2  # (B, C, H, W)
     if weight is None:
-        return F.mse_loss(pred.float(), eps.float())
-    weight = weight.float().expand(b, 1, *clean.shape[2:])
-    error = (pred.float() - eps.float()) ** 2                                         # (B, C, H, W)
-    per_sample = (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * clean.shape[1]).clamp_min(1)
-    return per_sample.mean()
+        per_sample = error.mean(dim=(1, 2, 3))
+    else:
+        weight = weight.float().expand(b, 1, *clean.shape[2:])
+        per_sample = (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * clean.shape[1]).clamp_min(1)
+    levels = snr_weight(scheduler, t, min_snr)
+    return per_sample.mean() if levels is None else (per_sample * levels).mean()

@@ -14,6 +14,7 @@ unknown keys are refused, so a typo never passes silently)::
       stride_range: [1, 3]             # random z/time stride per grid; null: grid.stride
       hold_out: [A0002_8mm_B40f.nii.gz]
     codec: {kind: pixel, channels: 1}  # or {kind: vae, path: /models/sd-vae-ft-mse}
+    diffusion: {prediction: sample, min_snr: 5}   # what the models predict, and the loss weights
     stage1:
       model: {preset: DiT-S/4}
       optim: {steps: 20000}
@@ -46,11 +47,12 @@ from typing import Any
 import yaml
 
 from ctgridit.core.conditioning import TaskMix
+from ctgridit.core.diffusion import PREDICTIONS
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
 from ctgridit.ct.window import DEFAULT_WINDOW
-from ctgridit.training.data import InPlaneJitter
 from ctgridit.errors import CTGridItError
+from ctgridit.training.data import InPlaneJitter
 
 DATA_KINDS = ("ct", "ctrate", "video")
 CODEC_KINDS = ("pixel", "vae")
@@ -170,6 +172,18 @@ class StageConfig:
 
 
 @dataclass
+class DiffusionConfig:
+    """What both stages' models predict and how the loss weighs the noise levels (ctgridit.core.diffusion).
+
+    ``prediction: epsilon`` is the paper's noise prediction; ``sample`` predicts the clean frames, which a
+    pixel-space DiT with large patches learns much better (docs/METHOD.md section 3). ``min_snr``: Min-SNR
+    loss weights (null: every level alike)."""
+
+    prediction: str = "epsilon"
+    min_snr: float | None = None
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = "checkpoints"
     every: int = 500
@@ -190,6 +204,7 @@ class TrainConfig:
     grid: dict[str, int] = field(default_factory=lambda: {"rows": 2, "cols": 2, "stride": 1, "factor": 2})
     data: DataConfig = field(default_factory=DataConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     stage1: StageConfig = field(default_factory=StageConfig)
     stage2: StageConfig = field(default_factory=StageConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -255,6 +270,12 @@ class TrainConfig:
             raise CTGridItError(f"data.kind must be one of {DATA_KINDS}, got {self.data.kind!r}", self.source)
         if self.codec.kind not in CODEC_KINDS:
             raise CTGridItError(f"codec.kind must be one of {CODEC_KINDS}, got {self.codec.kind!r}", self.source)
+        if self.diffusion.prediction not in PREDICTIONS:
+            raise CTGridItError(f"diffusion.prediction must be one of {PREDICTIONS}, "
+                                f"got {self.diffusion.prediction!r}", self.source)
+        if self.diffusion.min_snr is not None and not self.diffusion.min_snr > 0:
+            raise CTGridItError(f"diffusion.min_snr must be positive or null, got {self.diffusion.min_snr}",
+                                self.source)
         if self.codec.kind == "vae" and not self.codec.path:
             raise CTGridItError("codec.kind is vae but codec.path is empty", self.source,
                                 "give the local folder of an AutoencoderKL (e.g. the SD VAE)")

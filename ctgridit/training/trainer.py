@@ -301,7 +301,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
     codec = build_codec(config).to(accelerator.device)
-    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel")
+    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
+                                     prediction_type=config.diffusion.prediction)
     sequences = build_sequences(config)
     dataset = build_dataset(config, stage, sequences, codec.image_channels, optim.seed)
     torch.manual_seed(optim.seed)                                   # the same initial weights on every process
@@ -346,7 +347,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
             sync = micro == optim.grad_accum - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
                 loss = diffusion_loss(model, scheduler, generator=generator, timesteps=timesteps,
-                                      **inputs) / optim.grad_accum
+                                      min_snr=config.diffusion.min_snr, **inputs) / optim.grad_accum
                 accelerator.backward(loss)
             step_loss += loss.detach()
         if optim.max_grad_norm > 0:
