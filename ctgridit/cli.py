@@ -291,7 +291,7 @@ def denoise(
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     level = _strength(strength)
-    out = out or default_denoised_name(src)
+    out = out or derived_name(src, "denoised")
     _require_nifti_name(out)
     if preview_png:
         _require_suffix(preview_png, ".png")
@@ -317,15 +317,84 @@ def denoise(
             typer.echo(_quality_table(summary["input_quality"], summary["output_quality"]))
 
 
-def default_denoised_name(src: str) -> str:
-    """``IN_denoised.nii.gz`` next to ``IN`` (the folder's or zip's name for DICOM)."""
+def derived_name(src: str, tag: str) -> str:
+    """``IN_<tag>.nii.gz`` next to ``IN`` (the folder's or zip's name for DICOM)."""
     p = Path(src.rstrip("/\\"))
     name = p.name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".zip"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return str(p.with_name(f"{name}_denoised.nii.gz"))
+    return str(p.with_name(f"{name}_{tag}.nii.gz"))
+
+
+@app.command(epilog="Example: ctgridit interpolate thick.nii.gz --factor 3 --out thin.nii.gz --preview thin.png")
+def interpolate(
+    src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
+    factor: int = typer.Option(3, "--factor", help="Slices this many times closer (the bundled model: 3)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
+    series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two."""
+    from ctgridit.slices import interpolate_volume
+
+    _new_slices(src, out or derived_name(src, f"x{factor}"), series, preview_png, force, quiet,
+                lambda volume, progress: interpolate_volume(volume, factor, model, device, seed, steps, progress))
+
+
+@app.command(epilog="Example: ctgridit extend scan.nii.gz --slices 20 --direction up --out longer.nii.gz")
+def extend(
+    src: str = typer.Argument(..., metavar="IN", help="The CT to continue (NIfTI, NRRD/MHA, DICOM folder or zip)."),
+    slices: int = typer.Option(..., "--slices", min=1, max=MAX_SLICES, help="How many slices to add."),
+    direction: str = typer.Option("up", "--direction", help="up (towards the head) or down (towards the feet)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
+    model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps (default the model's; 1: the posterior mean)."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
+    series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Continue a scan by N slices up or down: every slice of IN kept exactly."""
+    from ctgridit.slices import DIRECTIONS, extend_volume
+
+    if direction not in DIRECTIONS:
+        raise CTGridItError(f"unknown --direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
+    _new_slices(src, out or derived_name(src, f"{direction}{slices}"), series, preview_png, force, quiet,
+                lambda volume, progress: extend_volume(volume, slices, direction, model, device, seed, steps, progress))
+
+
+def _new_slices(src: str, out: str, series: str | None, preview_png: str | None, force: bool, quiet: bool, run) -> None:
+    """What ``interpolate`` and ``extend`` share: check the outputs, read, run with progress, write."""
+    from ctgridit.ct.io import read_ct, write_nifti
+    from ctgridit.ct.preview import save_preview
+    from ctgridit.files import check_output_path
+    from ctgridit.progress import PhaseProgress
+
+    _require_nifti_name(out)
+    if preview_png:
+        _require_suffix(preview_png, ".png")
+    _refuse_overwriting_input(src, [out, preview_png])
+    for path in [out] + [p for p in (preview_png,) if p]:
+        check_output_path(path, force=force)
+    volume = read_ct(src, series_uid=series)
+    with PhaseProgress(enabled=not quiet) as progress:
+        result = run(volume, progress)
+    write_nifti(result.volume, out, force=force)
+    if preview_png:
+        save_preview(result.volume, preview_png, title=Path(out).name, force=force)
+    if not quiet:
+        spacing = result.details.get("slice_spacing_mm")
+        typer.echo(f"wrote {out} ({result.volume.shape[2]} slices, {result.seconds:.1f} s; slice spacing {spacing} mm)")
 
 
 def _strength(value: str) -> float | str:

@@ -19,6 +19,8 @@ MODELS = Path(__file__).resolve().parent / "models"
 BUNDLED_MODEL = MODELS / "ct_small"
 #: The native-resolution denoiser shipped inside the package (see its MODEL.md).
 BUNDLED_DENOISER = MODELS / "ct_denoise"
+#: The native-resolution model of ``interpolate`` and ``extend`` shipped inside the package (see its MODEL.md).
+BUNDLED_SLICE_MODEL = MODELS / "ct_interpolate"
 #: An environment variable that points at another default synthesis model folder.
 MODEL_ENV = "CTGRIDIT_MODEL"
 ADAPTER_NAMES = {"ct": "CT", "video": "video"}

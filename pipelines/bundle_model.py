@@ -2,6 +2,7 @@
 
     python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
+    python pipelines/bundle_model.py runs/ct_interpolate/model --slices --bench eval.txt
 
 The bundled model lives in ``ctgridit/models/ct_small/`` and is what
 ``ctgridit synth`` uses without ``--model``. Weights are stored as float16
@@ -23,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
-from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL
 from ctgridit.files import atomic_folder
+from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL
 from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,11 +144,50 @@ python pipelines/bundle_model.py runs/ct_denoise/model --denoiser
     return text
 
 
-def denoiser_config() -> dict:
-    """The denoiser's training config as written (batch size, timesteps)."""
+def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+    cfg = pipeline.config
+    tile = cfg.frame_size
+    params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
+    run = denoiser_config("ct_interpolate.yaml")
+    cond = run["stage1"]["conditioning"]
+    text = f"""# ct_interpolate: the slice model bundled with ctgridit
+
+The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditional
+stage-1 grid DiT ({params:.1f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of
+{tile[0]} x {tile[1]} tiles of consecutive slices at the scan's own resolution, pixel space, no
+stage 2, predicting the clean tiles (x0, Min-SNR-5 loss weights). Given the first and
+last cell it fills the two between (interpolation by 3); given the first row it
+makes the second (extension). MONAI's sliding window covers a scan with
+overlapping tiles (see `ctgridit/slices.py`); one DDIM step (the default) is the
+model's posterior mean.
+
+- **Data**: random tiles of the scans of this project's `shared/data/ct` at their own
+  voxel size, HU window -1000..1000: LIDC-IDRI-0314 (1 mm slices), Lung-PET-CT-Dx
+  A0001 (5 mm), the TotalSegmentator abdomen slab (3 mm), the elastix lung crops
+  (2.5 and 5 mm) and 17 Soft-tissue-Sarcoma scans (3.27 mm). Held out: the
+  TotalSegmentator chest crops (1.5 mm; `pipelines/eval_interpolate.py` evaluates
+  on them), A0002 and STS_018 to STS_020.
+- **Tasks**: interpolation {cond["interpolation"]}, extension {cond["extension"]}, nothing known {cond["unconditional"]}.
+- **Training** (`pipelines/configs/ct_interpolate.yaml`, batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999,
+  2 CPU cores): {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+
+Reproduce (from the repository root, with `../shared/data/ct` present):
+
+```bash
+ctgridit train stage1 --config pipelines/configs/ct_interpolate.yaml
+python pipelines/bundle_model.py runs/ct_interpolate/model --slices
+```
+"""
+    if bench:
+        text += f"\nMeasured with `python pipelines/eval_interpolate.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
+    return text
+
+
+def denoiser_config(name: str = "ct_denoise.yaml") -> dict:
+    """A native-resolution model's training config as written (batch size, timesteps, tasks)."""
     import yaml
 
-    return yaml.safe_load((REPO / "pipelines" / "configs" / "ct_denoise.yaml").read_text())
+    return yaml.safe_load((REPO / "pipelines" / "configs" / name).read_text())
 
 
 def main() -> None:
@@ -156,15 +196,20 @@ def main() -> None:
     parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
     parser.add_argument("--bench", default=None, help="a file with the output of the benchmark to quote")
     parser.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
+    parser.add_argument("--slices", action="store_true",
+                        help="bundle as the default model of interpolate and extend (ct_interpolate)")
     args = parser.parse_args()
+    native = {"denoiser": args.denoiser, "slices": args.slices}
+    kind = next((k for k, on in native.items() if on), "synthesis")
     source = Path(args.model)
     pipeline = GriDiTPipeline.from_pretrained(source)                 # refuses an incomplete folder
-    if not args.denoiser and pipeline.stage2 is None:
+    if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
-    target = BUNDLED_DENOISER if args.denoiser else BUNDLED_MODEL
-    checkpoints = Path(args.checkpoints) if not args.denoiser or args.checkpoints != parser.get_default("checkpoints") \
-        else REPO / "runs" / "ct_denoise" / "checkpoints"
+    target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL}[kind]
+    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate"}[kind]
+    checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
+        else REPO / "runs" / runs / "checkpoints"
     with atomic_folder(target) as tmp:
         for stage in ("stage1", "stage2"):
             if (source / stage).is_dir():
@@ -172,7 +217,7 @@ def main() -> None:
         for item in ("codec", "scheduler"):
             shutil.copytree(source / item, tmp / item)
         (tmp / "gridit.json").write_text(json.dumps(pipeline.config.to_dict(), indent=2))
-        text = denoiser_card(pipeline, checkpoints, bench) if args.denoiser else card(pipeline, checkpoints, bench)
+        text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card}[kind](pipeline, checkpoints, bench)
         (tmp / "MODEL.md").write_text(text)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     print(f"bundled {args.model} into {target} ({size:.1f} MB)")

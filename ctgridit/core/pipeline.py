@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,12 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
-from ctgridit.core.codecs import LatentCodec, load_codec
+from ctgridit.core.codecs import LatentCodec, PixelCodec, load_codec
 from ctgridit.core.conditioning import condition_channels
 from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, SequenceNoise, make_sample_scheduler,
                                      strength_timesteps)
 from ctgridit.core.dit import GridDiT
-from ctgridit.core.grid import GridSpec, resize_frames
+from ctgridit.core.grid import GridSpec, cell_mask, resize_frames
 from ctgridit.core.sampler import (ProgressCallback, inpaint, level_strides, phase_callback, sample_sequence,
                                    stride_labels)
 from ctgridit.errors import CTGridItError
@@ -291,6 +292,37 @@ class GriDiTPipeline:
                                max_batch=cfg.max_batch, conditional=self.masked, max_stride=self.max_stride,
                                generator=generator, device=self.device, dtype=self.dtype,
                                repaint_jump=cfg.repaint_jump, repaint_times=cfg.repaint_times, callback=progress)
+
+    @torch.no_grad()
+    def fill(self, grids: torch.Tensor, known: list[float], num_steps: int | None = None,
+             generator: torch.Generator | None = None, callback: Callable[[int, int], None] | None = None
+             ) -> torch.Tensor:
+        """Stage 1 on given grids: the cells flagged 0 in ``known`` (row-major, 1 = known) generated from the
+        others, which come back exactly; ``(B, C, R*h, C*w)`` frames in [-1, 1] in and out.
+
+        Needs a masked-conditional stage 1 (the known cells are its input; the
+        paper's unconditional model cannot take them) and frames at its own
+        low-resolution size. DDIM with ``num_steps`` (default the model's
+        stage-1 steps); one step from pure noise of a clean-sample model is its
+        estimate of the posterior mean of the missing cells (no fresh noise in
+        the result), more steps draw a sample.
+        """
+        if not self.masked:
+            raise ValueError("filling given grids needs a masked-conditional stage 1; this model is unconditional")
+        grid = self.config.grid
+        if len(known) != grid.cells:
+            raise ValueError(f"known must flag the {grid.cells} cells of a {grid.rows}x{grid.cols} grid, got {len(known)}")
+        if not 0 < sum(known) < grid.cells:
+            raise ValueError("known must flag some cells known and some to fill")
+        z = self.codec.encode(grids.to(self.device, self.dtype))                              # (B, c, R*h', C*w')
+        mask = cell_mask(torch.tensor(known).expand(len(z), -1), grid.rows, grid.cols, z.shape[-2] // grid.rows,
+                         z.shape[-1] // grid.cols).to(self.device, self.dtype)               # (B, 1, H, W)
+        scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.config.sampling.stage1.num_steps)
+        out = self.codec.decode(inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
+                                        stride=1 if self.max_stride else None, callback=callback)).clamp(-1, 1)
+        if isinstance(self.codec, PixelCodec):                    # the known cells exactly (a VAE cannot promise it)
+            out = torch.where(mask.bool(), grids.to(out), out)
+        return out
 
     @torch.no_grad()
     def super_resolve(self, lr_frames: torch.Tensor, generator: torch.Generator | None = None,

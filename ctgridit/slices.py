@@ -1,0 +1,217 @@
+"""New slices for a real scan: thin slices between thick ones, and more slices beyond its ends.
+
+The tasks behind ``ctgridit interpolate`` and ``ctgridit extend``, with a
+masked-conditional stage-1 model at the scan's own resolution (``adapter.resolution:
+native``, the bundled ``ctgridit/models/ct_interpolate``): 2 x 2 grids of tiles of
+consecutive slices, some cells known and the others generated
+(:meth:`~ctgridit.core.pipeline.GriDiTPipeline.fill`).
+
+- **Interpolation** by ``factor = cells - 1`` (3 for a 2 x 2 model): every pair
+  of neighbouring slices becomes the first and last cell of a grid and the two
+  cells between are filled, so the output has ``factor * (n - 1) + 1`` slices,
+  slice ``factor * k`` being input slice ``k`` exactly.
+- **Extension** by ``N`` slices up (towards the head) or down: the last row of
+  known slices starts a grid whose second row is generated, again and again
+  (the paper's extension step with ``m = 1``). Going down, the scan is turned
+  over along z first, so the model continues it as it continues upwards.
+
+In-plane, MONAI's sliding window covers the slices with tiles of the model's
+size overlapping by a quarter, blended with Gaussian weights; the scan is
+oriented LPS for the model (axes only, no resampling) and turned back. The
+output keeps the input's in-plane grid and axis order; its slice spacing is
+``spacing / factor`` (interpolation) and its origin that of the same physical
+slice (the first input slice stays where it was; extension downwards moves the
+origin to the new lowest slice where the scan's first slice is its lowest).
+The input slices come back exactly, in HU; new voxels lie in the model's HU
+window. DDIM with ``steps`` steps: one step (the default of the bundled model,
+trained to predict the clean tiles) is the model's posterior mean, the best
+estimate in the mean-squared sense and the same for every seed; more steps draw
+a sample (sharper, noisier).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ctgridit.core.grid import tile, untile
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.sampler import ProgressCallback
+from ctgridit.ct.volume import CTVolume
+from ctgridit.ct.window import DEFAULT_WINDOW, unwindow_hu, window_hu
+from ctgridit.errors import CTGridItError
+from ctgridit.model_folders import BUNDLED_SLICE_MODEL, open_model
+
+DIRECTIONS = ("up", "down")
+#: Windows per model call of the sliding window, and the in-plane overlap of neighbouring windows.
+WINDOW_BATCH = 32
+IN_PLANE_OVERLAP = 0.25
+
+
+@dataclass
+class SliceResult:
+    """The new volume and what the run did."""
+
+    volume: CTVolume
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
+    """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one."""
+    pipeline = open_model(model, BUNDLED_SLICE_MODEL, "slice interpolation", device, kind="ct")
+    where = model or BUNDLED_SLICE_MODEL
+    if not pipeline.masked:
+        raise CTGridItError("is not a masked-conditional model (it cannot be given the known slices)", where,
+                            "train one with stage1.conditioning.masked: true")
+    if pipeline.config.adapter.get("resolution") != "native":
+        raise CTGridItError("does not work at the scan's own resolution (adapter.resolution is not native)", where,
+                            "use a native-resolution model such as the bundled one")
+    return pipeline
+
+
+def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLike | GriDiTPipeline | None = None,
+                       device: str = "auto", seed: int = 0, steps: int | None = None,
+                       progress: ProgressCallback | None = None) -> SliceResult:
+    """``volume`` with ``factor - 1`` new slices between every two of its own (module docstring)."""
+    start = time.perf_counter()
+    pipeline = _pipeline(model, device)
+    cells = pipeline.config.grid.cells
+    if factor != cells - 1:
+        raise CTGridItError(f"this model interpolates by a factor of {cells - 1} only (got {factor})",
+                            hint=f"use --factor {cells - 1}")
+    frames, lps = _model_frames(volume, pipeline, minimum=2)
+    n = len(frames)
+    out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])                   # (Z', 1, Y, X)
+    out[::factor] = frames
+    known = [1.0] + [0.0] * (cells - 2) + [1.0]
+    filled = _fill_windows(pipeline, out, known, z_step=factor, steps=steps, seed=seed, progress=progress)
+    spacing = _slice_spacing(lps)
+    hu = _to_hu(filled, lps, pipeline, keep=torch.arange(0, len(out), factor))
+    result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
+    details = {"factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
+               "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)]}
+    return SliceResult(result, time.perf_counter() - start, details)
+
+
+def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
+                  model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
+                  steps: int | None = None, progress: ProgressCallback | None = None) -> SliceResult:
+    """``volume`` continued by ``slices`` new slices ``direction`` (``"up"``: towards the head)."""
+    if direction not in DIRECTIONS:
+        raise CTGridItError(f"unknown direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
+    if slices < 1:
+        raise CTGridItError(f"--slices must be at least 1, got {slices}")
+    start = time.perf_counter()
+    pipeline = _pipeline(model, device)
+    grid = pipeline.config.grid
+    m, new = grid.cols * (grid.rows - 1), grid.cols                               # known and new cells per grid
+    frames, lps = _model_frames(volume, pipeline, minimum=m)
+    ordered = frames if direction == "up" else frames.flip(0)                     # continue upwards
+    known = [1.0] * m + [0.0] * new
+    rounds = -(-slices // new)
+    seq = torch.cat([ordered, torch.zeros(rounds * new, *frames.shape[1:])])
+    for r in range(rounds):
+        at = len(ordered) + r * new - m                                            # the grid's first frame
+        report = None if progress is None else (
+            lambda _phase, done, total, r=r: progress("extend", r * total + done, rounds * total))
+        filled = _fill_windows(pipeline, seq[at:at + m + new], known, z_step=m + new, steps=steps,
+                               seed=seed + r, progress=report)
+        seq[at + m:at + m + new] = filled[m:]
+    seq = seq[:len(ordered) + slices]
+    seq = seq if direction == "up" else seq.flip(0)
+    first = 0 if direction == "up" else slices                                    # where input slice 0 now is
+    hu = _to_hu(seq, lps, pipeline, keep=torch.arange(first, first + len(frames)))
+    result = _back(hu, lps, volume, z_scale=1.0, shift=-first)
+    details = {"slices": slices, "direction": direction, "steps": _steps(pipeline, steps), "seed": seed,
+               "slice_spacing_mm": _slice_spacing(lps)}
+    return SliceResult(result, time.perf_counter() - start, details)
+
+
+# ------------------------------------------------------------------ helpers
+def _pipeline(model, device: str) -> GriDiTPipeline:
+    return model if isinstance(model, GriDiTPipeline) else load_slice_model(model, device)
+
+
+def _steps(pipeline: GriDiTPipeline, steps: int | None) -> int:
+    return steps or pipeline.config.sampling.stage1.num_steps
+
+
+def _model_frames(volume: CTVolume, pipeline: GriDiTPipeline, minimum: int):
+    """The scan oriented LPS, as ``(Z, 1, Y, X)`` frames in the model's window, and the LPS MetaTensor (HU)."""
+    from ctgridit.ct.transforms import Orient, volume_to_frames, volume_to_metatensor
+
+    lps = Orient()(volume_to_metatensor(volume))                                 # (1, X, Y, Z) HU, axes only
+    if lps.shape[-1] < minimum:
+        raise CTGridItError(f"has {lps.shape[-1]} slice(s); this needs at least {minimum}", volume.source,
+                            "give a scan with more slices")
+    window = pipeline.config.adapter.get("window", DEFAULT_WINDOW)
+    return window_hu(volume_to_frames(lps.as_tensor().float()), window), lps
+
+
+def _slice_spacing(lps) -> float:
+    return float(np.linalg.norm(np.asarray(lps.affine, dtype=np.float64)[:3, 2]))
+
+
+def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[float], z_step: int,
+                  steps: int | None, seed: int, progress: ProgressCallback | None) -> torch.Tensor:
+    """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
+    starting every ``z_step`` frames along z (the known frames come back blended from exact copies)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers import sliding_window_inference
+
+    grid, (tile_h, tile_w) = pipeline.config.grid, pipeline.config.frame_size
+    roi = (tile_h, tile_w, grid.cells)
+    overlap = (IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / grid.cells)    # windows start every z_step frames
+    x = frames.permute(1, 2, 3, 0)[None]                                         # (1, 1, Y, X, Z)
+    size = [max(s, r) for s, r in zip(x.shape[2:], roi)]
+    intervals = [r if r == s else max(1, int(r * (1 - o))) for r, s, o in zip(roi, size, overlap)]
+    total = -(-len(dense_patch_slices(size, roi, intervals)) // WINDOW_BATCH)
+    generator = torch.Generator().manual_seed(seed)
+    done = [0]
+
+    def predict(patches: torch.Tensor) -> torch.Tensor:                          # (b, 1, h, w, cells)
+        grids = tile(patches.permute(0, 4, 1, 2, 3), grid.rows, grid.cols)      # (b, 1, R*h, C*w)
+        out = pipeline.fill(grids, known, steps, generator)
+        done[0] += 1
+        if progress is not None:
+            progress("fill", done[0], total)
+        return untile(out.float().cpu(), grid.rows, grid.cols).permute(0, 2, 3, 4, 1)
+
+    with torch.no_grad():
+        out = sliding_window_inference(x, roi, WINDOW_BATCH, predict, overlap=overlap, mode="gaussian",
+                                       padding_mode="replicate")
+    return out[0].permute(3, 0, 1, 2).clamp(-1, 1)                               # (Z, 1, Y, X)
+
+
+def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tensor) -> torch.Tensor:
+    """``(1, X, Y, Z')`` HU: the model's frames out of its window, the input's own slices (at ``keep``) exactly."""
+    from ctgridit.ct.transforms import frames_to_volume
+
+    window = pipeline.config.adapter.get("window", DEFAULT_WINDOW)
+    hu = unwindow_hu(frames_to_volume(frames), window)                           # (1, X, Y, Z')
+    hu[..., keep] = lps.as_tensor().float()
+    return hu
+
+
+def _back(hu: torch.Tensor, lps, volume: CTVolume, z_scale: float, shift: int) -> CTVolume:
+    """The LPS result turned back to the input's axis order, with the slice axis scaled by ``z_scale`` and
+    the origin moved by ``shift`` (new) slices along it."""
+    import nibabel as nib
+    from monai.data import MetaTensor
+
+    from ctgridit.ct.transforms import Orient, metatensor_to_volume
+
+    affine = torch.as_tensor(np.asarray(lps.affine, dtype=np.float64)).clone()
+    affine[:3, 2] *= z_scale
+    affine[:3, 3] += shift * affine[:3, 2]
+    meta = {k: v for k, v in lps.meta.items() if k not in ("affine", "original_affine")}
+    out = MetaTensor(hu, affine=affine, meta=meta)
+    codes = "".join(nib.aff2axcodes(volume.affine))
+    back = Orient(codes)(out)
+    return metatensor_to_volume(back, like=volume)

@@ -1,0 +1,131 @@
+"""New slices for real scans (``ctgridit.slices``, ``ctgridit interpolate`` and ``ctgridit extend``).
+
+Geometry and exactness are checked with a tiny untrained native-resolution
+masked-conditional model (what it generates does not matter for them) on real
+scans in two orientations: RAS (``example_ct_sm``) and LPS (``chest_crop``).
+What the bundled model generates is measured by ``pipelines/eval_interpolate.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctgridit.cli import main
+from ctgridit.core.codecs import PixelCodec
+from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.dit import create_dit
+from ctgridit.core.grid import GridSpec
+from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling
+from ctgridit.ct.io import read_ct, write_nifti
+from ctgridit.ct.volume import CTVolume
+from ctgridit.slices import extend_volume, interpolate_volume
+from tests.test_pipeline import randomized
+
+
+def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPipeline:
+    """A 2 x 2 model of 16 x 16 tiles at the scan's own resolution, predicting clean tiles (one DDIM step)."""
+    stage1 = randomized(create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
+                                   cond_channels=2 if masked else 0), 0)
+    sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1))
+    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
+                            {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})
+    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True, prediction_type="sample"),
+                          config)
+
+
+def slab(path, slices: int) -> CTVolume:
+    volume = read_ct(path)
+    return CTVolume(volume.array[:, :, :slices].copy(), volume.affine, source=str(path))
+
+
+def world(affine: np.ndarray, index) -> np.ndarray:
+    return affine[:3, :3] @ np.asarray(index, dtype=float) + affine[:3, 3]
+
+
+@pytest.mark.parametrize("scan", ["small_ct", "chest_ct"])
+def test_interpolation_keeps_every_slice_and_divides_the_spacing(scan, request):
+    volume = slab(request.getfixturevalue(scan), 7)
+    result = interpolate_volume(volume, 3, native_pipeline())
+    out = result.volume
+    assert out.shape == (*volume.shape[:2], 19)
+    assert np.array_equal(out.array[:, :, ::3], volume.array.astype(np.float32))      # every input slice, exactly
+    new = out.array[:, :, 1::3]
+    assert new.min() >= -1000 and new.max() <= 1000 and new.std() > 0             # generated, in the window
+    assert np.allclose(out.affine[:3, :2], volume.affine[:3, :2])                  # same in-plane grid
+    assert np.allclose(out.affine[:3, 2], volume.affine[:3, 2] / 3)                # slices three times closer
+    assert np.allclose(out.affine[:3, 3], volume.affine[:3, 3])                    # origin unchanged
+    for k in range(7):                                                             # same place in the world
+        assert np.allclose(world(out.affine, (5, 9, 3 * k)), world(volume.affine, (5, 9, k)))
+    assert result.details["slices"] == [7, 19]
+
+
+def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
+    volume = slab(small_ct, 5)
+    with pytest.raises(Exception, match="factor of 3"):
+        interpolate_volume(volume, 2, native_pipeline())
+    with pytest.raises(Exception, match="at least 2"):
+        interpolate_volume(slab(small_ct, 1), 3, native_pipeline())
+
+
+@pytest.mark.parametrize("scan", ["small_ct", "chest_ct"])
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_extension_keeps_the_scan_and_adds_slices_at_the_right_end(scan, direction, request):
+    volume = slab(request.getfixturevalue(scan), 6)
+    out = extend_volume(volume, 5, direction, native_pipeline()).volume
+    assert out.shape == (*volume.shape[:2], 11)
+    assert np.allclose(out.affine[:3, :3], volume.affine[:3, :3])
+    superior = float(volume.affine[2, 2]) > 0                  # does the array's slice index run towards the head?
+    first = 0 if (direction == "up") == superior else 5        # where input slice 0 lies in the output
+    assert np.array_equal(out.array[:, :, first:first + 6], volume.array.astype(np.float32))
+    assert np.allclose(world(out.affine, (0, 0, first)), world(volume.affine, (0, 0, 0)))
+    added = world(out.affine, (0, 0, 10 if first == 0 else 0))[2] - world(volume.affine, (0, 0, 0))[2]
+    span = abs(float(volume.affine[2, 2])) * 5
+    assert (added > span) if direction == "up" else (added < -0.0)                 # new slices above / below
+
+
+def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, small_ct, dicom_dir, capsys):
+    model = tmp_path / "model"
+    native_pipeline().save_pretrained(model)
+    thick = tmp_path / "thick.nii.gz"
+    write_nifti(slab(small_ct, 4), thick)
+    out = tmp_path / "thin.nii.gz"
+
+    def run(*args) -> int:
+        with pytest.raises(SystemExit) as info:
+            main([*map(str, args)])
+        return info.value.code
+
+    assert run("interpolate", thick, "--out", out, "--model", model, "-q") == 0
+    thin = read_ct(out)
+    assert thin.shape[2] == 10 and np.allclose(thin.spacing[2], read_ct(thick).spacing[2] / 3)
+    assert np.array_equal(thin.array[:, :, ::3], read_ct(thick).array)
+    assert run("interpolate", thick, "--out", out, "--model", model, "-q") == 2         # exists: no overwrite
+    assert "--force" in capsys.readouterr().err
+    assert run("interpolate", thick, "--factor", 2, "--out", tmp_path / "x.nii.gz", "--model", model) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "factor" in err
+    assert not (tmp_path / "x.nii.gz").exists()
+    plain = tmp_path / "plain"
+    native_pipeline(masked=False).save_pretrained(plain)
+    assert run("extend", thick, "--slices", 3, "--out", tmp_path / "y.nii.gz", "--model", plain) == 2
+    assert "masked-conditional" in capsys.readouterr().err
+    assert run("extend", thick, "--slices", 3, "--direction", "sideways", "--model", model) == 2
+    assert "direction" in capsys.readouterr().err
+    longer = tmp_path / "longer.nii.gz"
+    assert run("extend", dicom_dir, "--slices", 3, "--direction", "down", "--out", longer, "--model", model,
+               "-q") == 0
+    assert read_ct(longer).shape[2] == read_ct(dicom_dir).shape[2] + 3
+
+
+def test_default_output_names_sit_next_to_the_input(tmp_path, small_ct):
+    model = tmp_path / "model"
+    native_pipeline().save_pretrained(model)
+    thick = tmp_path / "scan.nii.gz"
+    write_nifti(slab(small_ct, 3), thick)
+    with pytest.raises(SystemExit) as info:
+        main(["interpolate", str(thick), "--model", str(model), "-q"])
+    assert info.value.code == 0 and (tmp_path / "scan_x3.nii.gz").exists()
+    with pytest.raises(SystemExit) as info:
+        main(["extend", str(thick), "--slices", "2", "--model", str(model), "-q"])
+    assert info.value.code == 0 and (tmp_path / "scan_up2.nii.gz").exists()
