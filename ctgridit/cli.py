@@ -334,7 +334,7 @@ def interpolate(
     factor: int = typer.Option(3, "--factor", help="Slices this many times closer (the bundled model: 3)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
     model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -356,7 +356,7 @@ def extend(
     direction: str = typer.Option("up", "--direction", help="up (towards the head) or down (towards the feet)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
     model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="DDIM steps (default the model's; 1: the posterior mean)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
@@ -365,10 +365,9 @@ def extend(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Continue a scan by N slices up or down: every slice of IN kept exactly."""
-    from ctgridit.slices import DIRECTIONS, extend_volume
+    from ctgridit.slices import check_direction, extend_volume
 
-    if direction not in DIRECTIONS:
-        raise CTGridItError(f"unknown --direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     _new_slices(src, out or derived_name(src, f"{direction}{slices}"), series, preview_png, force, quiet,
                 lambda volume, progress: extend_volume(volume, slices, direction, model, device, seed, steps, progress))
 
@@ -393,8 +392,9 @@ def _new_slices(src: str, out: str, series: str | None, preview_png: str | None,
     if preview_png:
         save_preview(result.volume, preview_png, title=Path(out).name, force=force)
     if not quiet:
-        spacing = result.details.get("slice_spacing_mm")
-        typer.echo(f"wrote {out} ({result.volume.shape[2]} slices, {result.seconds:.1f} s; slice spacing {spacing} mm)")
+        before, after = result.details["slices"]
+        spacing = result.details["slice_spacing_mm"]
+        typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm)")
 
 
 def _strength(value: str) -> float | str:

@@ -11,7 +11,7 @@ Three methods share one input/output path (:func:`denoise_volume`):
     estimated at full resolution (:func:`~ctgridit.core.denoise.estimate_noise`)
     and the matching level ``t*`` chosen as below; then MONAI's sliding window
     covers it with tiles overlapping by a quarter in-plane and grids
-    overlapping by half along z, every window is denoised by the one-step
+    overlapping by half along z (:func:`ctgridit.ct.tiled.over_grids`), every window is denoised by the one-step
     posterior mean from ``t*`` (:func:`~ctgridit.core.denoise.denoise_grids`)
     and the windows are blended with Gaussian weights (no seams). A scan whose
     estimated noise is below the model's first level comes back unchanged.
@@ -49,12 +49,13 @@ import numpy as np
 import torch
 
 from ctgridit.core.denoise import DENOISE_STEPS, denoise_frames, denoise_grids, estimate_noise, start_level
-from ctgridit.core.grid import gray_to_rgb, rgb_to_gray, tile, untile
+from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
+from ctgridit.ct.tiled import IN_PLANE_OVERLAP, over_grids
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_change, window_hu
-from ctgridit.model_folders import BUNDLED_DENOISER, open_model
+from ctgridit.model_folders import BUNDLED_DENOISER, is_native, open_model
 from ctgridit.seeds import check_seed
 
 METHODS = ("gridit", "bilateral", "nlm", "nlm3d")
@@ -125,15 +126,6 @@ def denoise_summary(volume: CTVolume, result: DenoiseResult, clean: CTVolume | N
 
 
 # ------------------------------------------------------------------ models
-#: Windows per model call of the sliding window.
-WINDOW_BATCH = 32
-#: Overlap of neighbouring windows: in-plane (rows, columns) and along z.
-WINDOW_OVERLAP = (0.25, 0.25, 0.5)
-
-
-def is_native(pipeline: GriDiTPipeline) -> bool:
-    """Whether the model works on tiles at the scan's own voxel size (a native-resolution denoiser)."""
-    return pipeline.config.adapter.get("resolution") == "native"
 
 
 def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
@@ -151,9 +143,6 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
 # ------------------------------------------------------------------ gridit
 def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
                    progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers import sliding_window_inference
-
     from ctgridit.ct.transforms import Orient, frames_to_volume, volume_to_frames, volume_to_metatensor
 
     cfg = pipeline.config
@@ -165,28 +154,15 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     frames = window_hu(volume_to_frames(hu), window)                          # (Z, 1, Y, X) in [-1, 1]
     sigma = estimate_noise(frames)
     t, own = start_level(pipeline.scheduler, strength, sigma)
-    rows, cols, (tile_h, tile_w) = cfg.grid.rows, cfg.grid.cols, cfg.frame_size
-    roi = (tile_h, tile_w, cfg.grid.cells)
+    rows, cols = cfg.grid.rows, cfg.grid.cols
+    z_step = max(1, cfg.grid.cells // 2)                                       # grids overlap by half along z
     generator = torch.Generator().manual_seed(seed)
     if t > 0:
-        x = frames.permute(1, 2, 3, 0)[None]                                   # (1, 1, Y, X, Z)
-        size = [max(s, r) for s, r in zip(x.shape[2:], roi)]
-        intervals = [r if r == s else max(1, int(r * (1 - o))) for r, s, o in zip(roi, size, WINDOW_OVERLAP)]
-        total = -(-len(dense_patch_slices(size, roi, intervals)) // WINDOW_BATCH)
-        done = [0]
+        def denoise(grids: torch.Tensor) -> torch.Tensor:
+            return denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
 
-        def predict(patches: torch.Tensor) -> torch.Tensor:                    # (b, 1, h, w, R*C)
-            grids = tile(patches.permute(0, 4, 1, 2, 3), rows, cols)           # (b, 1, R*h, C*w)
-            out = denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
-            done[0] += 1
-            if progress is not None:
-                progress("denoise", done[0], total)
-            return untile(out.float().cpu(), rows, cols).permute(0, 2, 3, 4, 1)
-
-        with torch.no_grad():
-            out = sliding_window_inference(x, roi, WINDOW_BATCH, predict, overlap=WINDOW_OVERLAP, mode="gaussian",
-                                           padding_mode="replicate")
-        clean = out[0].permute(3, 0, 1, 2).clamp(-1, 1)                        # (Z, 1, Y, X)
+        clean = over_grids(frames, rows, cols, tuple(cfg.frame_size), z_step, denoise, progress,
+                           "denoise").clamp(-1, 1)                              # (Z, 1, Y, X)
     else:
         clean = frames                                                         # no noise to take out
     correction = window_change(unwindow_hu(frames_to_volume(clean), window), hu, window)
@@ -194,7 +170,8 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     delta.copy_(correction)
     back = orient.inverse(delta).as_tensor()[0].numpy()                       # (X, Y, Z), the scan's own axes
     details = {"strength": strength, "steps": steps, "seed": seed, "noise_sigma_hu": sigma * (high - low) / 2,
-               "t": t, "tile": list(cfg.frame_size), "window_overlap": list(WINDOW_OVERLAP)}
+               "t": t, "tile": list(cfg.frame_size),
+               "window_overlap": [IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / cfg.grid.cells]}
     return volume.array.astype(np.float64) + back, details
 
 

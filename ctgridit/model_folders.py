@@ -37,6 +37,11 @@ def model_kind(folder: str | os.PathLike) -> str:
     return read_model_config(folder).adapter.get("kind", "ct")
 
 
+def is_native(pipeline: GriDiTPipeline) -> bool:
+    """Whether the model works on tiles at the scan's own voxel size (the denoiser, the slice model)."""
+    return pipeline.config.adapter.get("resolution") == "native"
+
+
 def open_model(model: str | os.PathLike | None, default: Path, purpose: str, device: str = "auto",
                kind: str = "ct") -> GriDiTPipeline:
     """The model folder ``model`` (``None``: ``default``, a bundled one) on ``device``.

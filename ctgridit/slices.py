@@ -39,18 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.grid import tile, untile
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
+from ctgridit.ct.tiled import over_grids
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, unwindow_hu, window_hu
 from ctgridit.errors import CTGridItError
-from ctgridit.model_folders import BUNDLED_SLICE_MODEL, open_model
+from ctgridit.model_folders import BUNDLED_SLICE_MODEL, is_native, open_model
 
 DIRECTIONS = ("up", "down")
-#: Windows per model call of the sliding window, and the in-plane overlap of neighbouring windows.
-WINDOW_BATCH = 32
-IN_PLANE_OVERLAP = 0.25
 
 
 @dataclass
@@ -65,14 +62,27 @@ class SliceResult:
 def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one."""
     pipeline = open_model(model, BUNDLED_SLICE_MODEL, "slice interpolation", device, kind="ct")
-    where = model or BUNDLED_SLICE_MODEL
+    check_slice_model(pipeline, model or BUNDLED_SLICE_MODEL)
+    return pipeline
+
+
+def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
+    """One line for a model that cannot make new slices of a real scan (see :func:`load_slice_model`)."""
+    grid = pipeline.config.grid
     if not pipeline.masked:
         raise CTGridItError("is not a masked-conditional model (it cannot be given the known slices)", where,
                             "train one with stage1.conditioning.masked: true")
-    if pipeline.config.adapter.get("resolution") != "native":
-        raise CTGridItError("does not work at the scan's own resolution (adapter.resolution is not native)", where,
-                            "use a native-resolution model such as the bundled one")
-    return pipeline
+    if not is_native(pipeline) or grid.factor != 1:
+        raise CTGridItError("does not work at the scan's own resolution (adapter.resolution native, factor 1)",
+                            where, "use a native-resolution model such as the bundled one")
+    if grid.rows < 2 or grid.cells < 3:
+        raise CTGridItError(f"has {grid.rows} x {grid.cols} grids; new slices need at least two rows and three cells",
+                            where, "use a model of 2 x 2 or larger grids")
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise CTGridItError(f"unknown direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
 
 
 def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLike | GriDiTPipeline | None = None,
@@ -103,8 +113,7 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
                   model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
                   steps: int | None = None, progress: ProgressCallback | None = None) -> SliceResult:
     """``volume`` continued by ``slices`` new slices ``direction`` (``"up"``: towards the head)."""
-    if direction not in DIRECTIONS:
-        raise CTGridItError(f"unknown direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
+    check_direction(direction)
     if slices < 1:
         raise CTGridItError(f"--slices must be at least 1, got {slices}")
     start = time.perf_counter()
@@ -128,14 +137,17 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
     first = 0 if direction == "up" else slices                                    # where input slice 0 now is
     hu = _to_hu(seq, lps, pipeline, keep=torch.arange(first, first + len(frames)))
     result = _back(hu, lps, volume, z_scale=1.0, shift=-first)
-    details = {"slices": slices, "direction": direction, "steps": _steps(pipeline, steps), "seed": seed,
-               "slice_spacing_mm": _slice_spacing(lps)}
+    details = {"slices": [len(frames), len(seq)], "direction": direction, "steps": _steps(pipeline, steps),
+               "seed": seed, "slice_spacing_mm": _slice_spacing(lps)}
     return SliceResult(result, time.perf_counter() - start, details)
 
 
 # ------------------------------------------------------------------ helpers
 def _pipeline(model, device: str) -> GriDiTPipeline:
-    return model if isinstance(model, GriDiTPipeline) else load_slice_model(model, device)
+    if isinstance(model, GriDiTPipeline):
+        check_slice_model(model)
+        return model
+    return load_slice_model(model, device)
 
 
 def _steps(pipeline: GriDiTPipeline, steps: int | None) -> int:
@@ -162,31 +174,14 @@ def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[fl
                   steps: int | None, seed: int, progress: ProgressCallback | None) -> torch.Tensor:
     """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
     starting every ``z_step`` frames along z (the known frames come back blended from exact copies)."""
-    from monai.data.utils import dense_patch_slices
-    from monai.inferers import sliding_window_inference
-
-    grid, (tile_h, tile_w) = pipeline.config.grid, pipeline.config.frame_size
-    roi = (tile_h, tile_w, grid.cells)
-    overlap = (IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / grid.cells)    # windows start every z_step frames
-    x = frames.permute(1, 2, 3, 0)[None]                                         # (1, 1, Y, X, Z)
-    size = [max(s, r) for s, r in zip(x.shape[2:], roi)]
-    intervals = [r if r == s else max(1, int(r * (1 - o))) for r, s, o in zip(roi, size, overlap)]
-    total = -(-len(dense_patch_slices(size, roi, intervals)) // WINDOW_BATCH)
+    grid = pipeline.config.grid
     generator = torch.Generator().manual_seed(seed)
-    done = [0]
 
-    def predict(patches: torch.Tensor) -> torch.Tensor:                          # (b, 1, h, w, cells)
-        grids = tile(patches.permute(0, 4, 1, 2, 3), grid.rows, grid.cols)      # (b, 1, R*h, C*w)
-        out = pipeline.fill(grids, known, steps, generator)
-        done[0] += 1
-        if progress is not None:
-            progress("fill", done[0], total)
-        return untile(out.float().cpu(), grid.rows, grid.cols).permute(0, 2, 3, 4, 1)
+    def fill(grids: torch.Tensor) -> torch.Tensor:
+        return pipeline.fill(grids, known, steps, generator)
 
-    with torch.no_grad():
-        out = sliding_window_inference(x, roi, WINDOW_BATCH, predict, overlap=overlap, mode="gaussian",
-                                       padding_mode="replicate")
-    return out[0].permute(3, 0, 1, 2).clamp(-1, 1)                               # (Z, 1, Y, X)
+    return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.config.frame_size), z_step, fill, progress,
+                      "fill").clamp(-1, 1)
 
 
 def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tensor) -> torch.Tensor:

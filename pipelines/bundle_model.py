@@ -195,8 +195,9 @@ def main() -> None:
     parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
     parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
     parser.add_argument("--bench", default=None, help="a file with the output of the benchmark to quote")
-    parser.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
-    parser.add_argument("--slices", action="store_true",
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
+    which.add_argument("--slices", action="store_true",
                         help="bundle as the default model of interpolate and extend (ct_interpolate)")
     args = parser.parse_args()
     native = {"denoiser": args.denoiser, "slices": args.slices}

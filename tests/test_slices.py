@@ -16,9 +16,15 @@ from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling
+from ctgridit.core.pipeline import (
+    GriDiTPipeline,
+    PipelineConfig,
+    SamplingConfig,
+    Stage1Sampling,
+)
 from ctgridit.ct.io import read_ct, write_nifti
 from ctgridit.ct.volume import CTVolume
+from ctgridit.errors import CTGridItError
 from ctgridit.slices import extend_volume, interpolate_volume
 from tests.test_pipeline import randomized
 
@@ -34,54 +40,89 @@ def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPi
                           config)
 
 
-def slab(path, slices: int) -> CTVolume:
+def slab(path, slices: int, layout: str = "as stored") -> CTVolume:
+    """The first ``slices`` slices; ``layout`` "z flipped" stores them head first, "z first" makes the slice axis
+    the first array axis (the same voxels in the world either way)."""
     volume = read_ct(path)
-    return CTVolume(volume.array[:, :, :slices].copy(), volume.affine, source=str(path))
+    array, affine = volume.array[:, :, :slices].copy(), volume.affine.copy()
+    if layout == "z flipped":
+        array = array[:, :, ::-1].copy()
+        affine[:3, 3] = affine[:3, :3] @ [0, 0, slices - 1] + affine[:3, 3]
+        affine[:3, 2] *= -1
+    elif layout == "z first":
+        array = np.transpose(array, (2, 0, 1)).copy()
+        affine[:3, :3] = affine[:3, [2, 0, 1]]
+    return CTVolume(array, affine, source=str(path))
+
+
+def slice_axis(volume: CTVolume) -> int:
+    return int(np.argmax(np.abs(volume.affine[2, :3])))
+
+
+def take(array: np.ndarray, axis: int, index) -> np.ndarray:
+    return np.take(array, index, axis=axis)
 
 
 def world(affine: np.ndarray, index) -> np.ndarray:
     return affine[:3, :3] @ np.asarray(index, dtype=float) + affine[:3, 3]
 
 
-@pytest.mark.parametrize("scan", ["small_ct", "chest_ct"])
-def test_interpolation_keeps_every_slice_and_divides_the_spacing(scan, request):
-    volume = slab(request.getfixturevalue(scan), 7)
+LAYOUTS = [("small_ct", "as stored"), ("chest_ct", "as stored"), ("small_ct", "z flipped"), ("chest_ct", "z first")]
+
+
+@pytest.mark.parametrize("scan,layout", LAYOUTS)
+def test_interpolation_keeps_every_slice_and_divides_the_spacing(scan, layout, request):
+    volume = slab(request.getfixturevalue(scan), 7, layout)
+    axis = slice_axis(volume)
     result = interpolate_volume(volume, 3, native_pipeline())
     out = result.volume
-    assert out.shape == (*volume.shape[:2], 19)
-    assert np.array_equal(out.array[:, :, ::3], volume.array.astype(np.float32))      # every input slice, exactly
-    new = out.array[:, :, 1::3]
+    expected_shape = list(volume.shape)
+    expected_shape[axis] = 19
+    assert list(out.shape) == expected_shape
+    assert np.array_equal(take(out.array, axis, range(0, 19, 3)), volume.array.astype(np.float32))  # exactly
+    new = take(out.array, axis, range(1, 19, 3))
     assert new.min() >= -1000 and new.max() <= 1000 and new.std() > 0             # generated, in the window
-    assert np.allclose(out.affine[:3, :2], volume.affine[:3, :2])                  # same in-plane grid
-    assert np.allclose(out.affine[:3, 2], volume.affine[:3, 2] / 3)                # slices three times closer
+    others = [a for a in range(3) if a != axis]
+    assert np.allclose(out.affine[:3, others], volume.affine[:3, others])          # same in-plane grid
+    assert np.allclose(out.affine[:3, axis], volume.affine[:3, axis] / 3)          # slices three times closer
     assert np.allclose(out.affine[:3, 3], volume.affine[:3, 3])                    # origin unchanged
     for k in range(7):                                                             # same place in the world
-        assert np.allclose(world(out.affine, (5, 9, 3 * k)), world(volume.affine, (5, 9, k)))
+        index, out_index = [5, 9, 3], [5, 9, 3]
+        index[axis], out_index[axis] = k, 3 * k
+        assert np.allclose(world(out.affine, out_index), world(volume.affine, index))
     assert result.details["slices"] == [7, 19]
 
 
 def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
     volume = slab(small_ct, 5)
-    with pytest.raises(Exception, match="factor of 3"):
+    with pytest.raises(CTGridItError, match="factor of 3"):
         interpolate_volume(volume, 2, native_pipeline())
-    with pytest.raises(Exception, match="at least 2"):
+    with pytest.raises(CTGridItError, match="at least 2"):
         interpolate_volume(slab(small_ct, 1), 3, native_pipeline())
+    with pytest.raises(CTGridItError, match="own resolution"):
+        interpolate_volume(volume, 3, native_pipeline(resolution="fixed"))
 
 
-@pytest.mark.parametrize("scan", ["small_ct", "chest_ct"])
+@pytest.mark.parametrize("scan,layout", LAYOUTS)
 @pytest.mark.parametrize("direction", ["up", "down"])
-def test_extension_keeps_the_scan_and_adds_slices_at_the_right_end(scan, direction, request):
-    volume = slab(request.getfixturevalue(scan), 6)
-    out = extend_volume(volume, 5, direction, native_pipeline()).volume
-    assert out.shape == (*volume.shape[:2], 11)
+def test_extension_keeps_the_scan_and_adds_slices_at_the_right_end(scan, layout, direction, request):
+    volume = slab(request.getfixturevalue(scan), 6, layout)
+    axis = slice_axis(volume)
+    result = extend_volume(volume, 5, direction, native_pipeline())
+    out = result.volume
+    assert out.shape[axis] == 11 and result.details["slices"] == [6, 11]
     assert np.allclose(out.affine[:3, :3], volume.affine[:3, :3])
-    superior = float(volume.affine[2, 2]) > 0                  # does the array's slice index run towards the head?
+    superior = float(volume.affine[2, axis]) > 0               # does the array's slice index run towards the head?
     first = 0 if (direction == "up") == superior else 5        # where input slice 0 lies in the output
-    assert np.array_equal(out.array[:, :, first:first + 6], volume.array.astype(np.float32))
-    assert np.allclose(world(out.affine, (0, 0, first)), world(volume.affine, (0, 0, 0)))
-    added = world(out.affine, (0, 0, 10 if first == 0 else 0))[2] - world(volume.affine, (0, 0, 0))[2]
-    span = abs(float(volume.affine[2, 2])) * 5
-    assert (added > span) if direction == "up" else (added < -0.0)                 # new slices above / below
+    assert np.array_equal(take(out.array, axis, range(first, first + 6)), volume.array.astype(np.float32))
+    at, zero = [0, 0, 0], [0, 0, 0]
+    at[axis] = first
+    assert np.allclose(world(out.affine, at), world(volume.affine, zero))
+    heights = [world(out.affine, [k if a == axis else 0 for a in range(3)])[2] for k in range(11)]
+    original = [world(volume.affine, [k if a == axis else 0 for a in range(3)])[2] for k in range(6)]
+    new = sorted(set(np.round(heights, 3)) - set(np.round(original, 3)))
+    assert len(new) == 5
+    assert (min(new) > max(original)) if direction == "up" else (max(new) < min(original))   # above / below
 
 
 def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, small_ct, dicom_dir, capsys):
