@@ -331,7 +331,8 @@ def derived_name(src: str, tag: str) -> str:
 @app.command(epilog="Example: ctgridit interpolate thick.nii.gz --factor 3 --out thin.nii.gz --preview thin.png")
 def interpolate(
     src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
-    factor: int = typer.Option(3, "--factor", help="Slices this many times closer (the bundled model: 3)."),
+    factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (a 2 x 2 grid model: 3)."),
+    method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
     model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
@@ -342,11 +343,17 @@ def interpolate(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two."""
-    from ctgridit.slices import interpolate_volume
+    """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two.
 
+    No grid model is bundled yet (the one trained here does not beat cubic
+    interpolation): give one with --model, or use --method cubic."""
+    from ctgridit.slices import METHODS, interpolate_volume
+
+    if method not in METHODS:
+        raise CTGridItError(f"unknown --method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     _new_slices(src, out or derived_name(src, f"x{factor}"), series, preview_png, force, quiet,
-                lambda volume, progress: interpolate_volume(volume, factor, model, device, seed, steps, progress))
+                lambda volume, progress: interpolate_volume(volume, factor, model, device, seed, steps, progress,
+                                                            method))
 
 
 @app.command(epilog="Example: ctgridit extend scan.nii.gz --slices 20 --direction up --out longer.nii.gz")

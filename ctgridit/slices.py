@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.tiled import over_grids
 from ctgridit.ct.volume import CTVolume
@@ -48,6 +48,9 @@ from ctgridit.errors import CTGridItError
 from ctgridit.model_folders import BUNDLED_SLICE_MODEL, is_native, open_model
 
 DIRECTIONS = ("up", "down")
+#: Interpolation methods: the grid model, and the classical baselines along z (SciPy splines of degree 1 and 3).
+METHODS = ("gridit", "linear", "cubic")
+SPLINE_DEGREE = {"linear": 1, "cubic": 3}
 
 
 @dataclass
@@ -61,6 +64,11 @@ class SliceResult:
 
 def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one."""
+    if model is None and not (BUNDLED_SLICE_MODEL / CONFIG_FILE).is_file():
+        raise CTGridItError("no slice model is bundled yet: the one trained here does not beat cubic interpolation "
+                            "(README, Thin slices and longer scans)", BUNDLED_SLICE_MODEL,
+                            "pass --model DIR with a model trained by pipelines/configs/ct_interpolate.yaml, "
+                            "or use --method cubic")
     pipeline = open_model(model, BUNDLED_SLICE_MODEL, "slice interpolation", device, kind="ct")
     check_slice_model(pipeline, model or BUNDLED_SLICE_MODEL)
     return pipeline
@@ -87,14 +95,20 @@ def check_direction(direction: str) -> None:
 
 def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLike | GriDiTPipeline | None = None,
                        device: str = "auto", seed: int = 0, steps: int | None = None,
-                       progress: ProgressCallback | None = None) -> SliceResult:
-    """``volume`` with ``factor - 1`` new slices between every two of its own (module docstring)."""
+                       progress: ProgressCallback | None = None, method: str = "gridit") -> SliceResult:
+    """``volume`` with ``factor - 1`` new slices between every two of its own (module docstring); ``method``
+    ``"linear"`` or ``"cubic"`` interpolates each voxel's HU along z instead (any ``factor`` >= 2; not-a-knot
+    cubic spline, which needs 4 slices)."""
+    if method not in METHODS:
+        raise CTGridItError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     start = time.perf_counter()
+    if method != "gridit":
+        return _spline_interpolation(volume, factor, method, start)
     pipeline = _pipeline(model, device)
     cells = pipeline.config.grid.cells
     if factor != cells - 1:
         raise CTGridItError(f"this model interpolates by a factor of {cells - 1} only (got {factor})",
-                            hint=f"use --factor {cells - 1}")
+                            hint=f"use --factor {cells - 1}, or --method cubic for other factors")
     frames, lps = _model_frames(volume, pipeline, minimum=2)
     n = len(frames)
     out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])                   # (Z', 1, Y, X)
@@ -104,8 +118,27 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     spacing = _slice_spacing(lps)
     hu = _to_hu(filled, lps, pipeline, keep=torch.arange(0, len(out), factor))
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
-    details = {"factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
+    details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
                "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)]}
+    return SliceResult(result, time.perf_counter() - start, details)
+
+
+def _spline_interpolation(volume: CTVolume, factor: int, method: str, start: float) -> SliceResult:
+    from scipy.interpolate import make_interp_spline
+
+    if factor < 2:
+        raise CTGridItError(f"--factor must be at least 2, got {factor}")
+    degree = SPLINE_DEGREE[method]
+    lps = _lps(volume, minimum=degree + 1)
+    hu = lps.as_tensor().double().numpy()                                        # (1, X, Y, Z)
+    n = hu.shape[-1]
+    spline = make_interp_spline(np.arange(n) * factor, hu, k=degree, axis=3)
+    out = torch.from_numpy(spline(np.arange(factor * (n - 1) + 1))).float()
+    out[..., ::factor] = lps.as_tensor().float()                                 # the input's own slices, exactly
+    result = _back(out, lps, volume, z_scale=1.0 / factor, shift=0)
+    spacing = _slice_spacing(lps)
+    details = {"method": method, "factor": factor, "slice_spacing_mm": [spacing, spacing / factor],
+               "slices": [n, out.shape[-1]]}
     return SliceResult(result, time.perf_counter() - start, details)
 
 
@@ -154,14 +187,23 @@ def _steps(pipeline: GriDiTPipeline, steps: int | None) -> int:
     return steps or pipeline.config.sampling.stage1.num_steps
 
 
-def _model_frames(volume: CTVolume, pipeline: GriDiTPipeline, minimum: int):
-    """The scan oriented LPS, as ``(Z, 1, Y, X)`` frames in the model's window, and the LPS MetaTensor (HU)."""
-    from ctgridit.ct.transforms import Orient, volume_to_frames, volume_to_metatensor
+def _lps(volume: CTVolume, minimum: int):
+    """The scan oriented LPS (axes only, no resampling): a ``(1, X, Y, Z)`` HU MetaTensor of ``minimum`` slices
+    or more."""
+    from ctgridit.ct.transforms import Orient, volume_to_metatensor
 
-    lps = Orient()(volume_to_metatensor(volume))                                 # (1, X, Y, Z) HU, axes only
+    lps = Orient()(volume_to_metatensor(volume))
     if lps.shape[-1] < minimum:
         raise CTGridItError(f"has {lps.shape[-1]} slice(s); this needs at least {minimum}", volume.source,
                             "give a scan with more slices")
+    return lps
+
+
+def _model_frames(volume: CTVolume, pipeline: GriDiTPipeline, minimum: int):
+    """The scan oriented LPS, as ``(Z, 1, Y, X)`` frames in the model's window, and the LPS MetaTensor (HU)."""
+    from ctgridit.ct.transforms import volume_to_frames
+
+    lps = _lps(volume, minimum)
     window = pipeline.config.adapter.get("window", DEFAULT_WINDOW)
     return window_hu(volume_to_frames(lps.as_tensor().float()), window), lps
 

@@ -6,9 +6,11 @@ The data set is one moving-squares clip (``ctgridit.video.shapes``): its 16
 different 4 x 4 grids of 16 x 16 RGB frames, which a model that learns at all
 should reproduce. The same grid DiT (DiT-S/4 cut to depth 3, hidden 96: the
 ``video_shapes.yaml`` model; a 4 x 4 x 3 patch is 48 numbers) is trained
-unconditionally with the same seed, steps and batch, once predicting the noise
-(the paper's objective, plain MSE) and once predicting the clean grid (Min-SNR-5
-weights, ``diffusion: {prediction: sample, min_snr: 5}``). Printed for each:
+unconditionally with the same seed, steps and batch three times: predicting the
+noise with the paper's plain MSE; predicting the noise with Min-SNR-5 weights;
+predicting the clean grid with Min-SNR-5 weights (``diffusion: {prediction:
+sample, min_snr: 5}``). The last two weigh every level alike, so they differ only
+in what the network outputs. Printed for each:
 
 - the error of its noise estimate at several diffusion levels (for the x0 model,
   the noise its x0 implies), on training grids: what is left in a sample when
@@ -40,7 +42,7 @@ from ctgridit.core.grid import tile
 from ctgridit.video.shapes import CirclingSquare
 
 LEVELS = (10, 100, 300, 500, 700, 900)
-SETTINGS = {"epsilon": None, "sample": 5.0}   # prediction -> min_snr
+SETTINGS = [("epsilon", None), ("epsilon", 5.0), ("sample", 5.0)]   # (prediction, min_snr)
 
 
 def clip_grids() -> torch.Tensor:
@@ -91,7 +93,7 @@ def main() -> None:
     others.fill_diagonal_(float("inf"))
     print(f"one clip: {len(grids)} grids of {tuple(grids.shape[1:])}; nearest other training grid "
           f"{float(others.min(dim=1).values.mean()):.3f} on average; {args.steps} steps, batch 16, lr {args.lr}")
-    for prediction, min_snr in SETTINGS.items():
+    for prediction, min_snr in SETTINGS:
         torch.manual_seed(0)
         model = create_dit("DiT-S/4", sample_height=64, sample_width=64, in_channels=3, depth=3, hidden_size=96,
                            num_heads=4, grid_rows=4, grid_cols=4)
@@ -124,7 +126,7 @@ def main() -> None:
                 args.pictures.mkdir(parents=True, exist_ok=True)
                 image = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)   # (8, 64, 64, 3)
                 row = torch.cat(list(image), dim=1).repeat_interleave(3, 0).repeat_interleave(3, 1)
-                iio.imwrite(args.pictures / f"{prediction}_{sampler}.png", row.numpy())
+                iio.imwrite(args.pictures / f"{prediction}_{min_snr}_{sampler}.png", row.numpy())
 
 
 if __name__ == "__main__":

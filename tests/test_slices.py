@@ -93,6 +93,26 @@ def test_interpolation_keeps_every_slice_and_divides_the_spacing(scan, layout, r
     assert result.details["slices"] == [7, 19]
 
 
+@pytest.mark.parametrize("layout", ["as stored", "z flipped"])
+def test_classical_interpolation_is_exact_where_it_must_be(small_ct, layout):
+    """Linear: the midpoint of two slices is their mean; cubic (not-a-knot) reproduces a cubic along z exactly;
+    both keep the slices and the geometry of the grid model's path."""
+    volume = slab(small_ct, 6, layout)
+    half = interpolate_volume(volume, 2, method="linear").volume
+    assert np.array_equal(half.array[:, :, ::2], volume.array.astype(np.float32))
+    assert np.allclose(half.array[:, :, 1::2], (volume.array[:, :, :-1] + volume.array[:, :, 1:]) / 2, atol=1e-3)
+    assert np.allclose(half.affine[:3, 2], volume.affine[:3, 2] / 2)
+    z = np.arange(6, dtype=float) * float(np.sign(volume.affine[2, 2]))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=volume.shape[:2])[..., None], rng.normal(size=volume.shape[:2])[..., None]
+    cubic_volume = CTVolume((a * z ** 3 + b * z).astype(np.float32), volume.affine)
+    out = interpolate_volume(cubic_volume, 3, method="cubic").volume
+    fine = np.arange(16, dtype=float) / 3 * float(np.sign(volume.affine[2, 2]))
+    assert np.allclose(out.array, a * fine ** 3 + b * fine, atol=1e-3)
+    with pytest.raises(CTGridItError, match="at least 4"):
+        interpolate_volume(slab(small_ct, 3), 3, method="cubic")
+
+
 def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
     volume = slab(small_ct, 5)
     with pytest.raises(CTGridItError, match="factor of 3"):
@@ -143,6 +163,10 @@ def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, sma
     assert np.array_equal(thin.array[:, :, ::3], read_ct(thick).array)
     assert run("interpolate", thick, "--out", out, "--model", model, "-q") == 2         # exists: no overwrite
     assert "--force" in capsys.readouterr().err
+    assert run("interpolate", thick, "--method", "cubic", "--out", tmp_path / "cubic.nii.gz", "-q") == 0
+    assert read_ct(tmp_path / "cubic.nii.gz").shape[2] == 10
+    assert run("interpolate", thick, "--out", tmp_path / "none.nii.gz") == 2              # no bundled model yet
+    assert "--method cubic" in capsys.readouterr().err
     assert run("interpolate", thick, "--factor", 2, "--out", tmp_path / "x.nii.gz", "--model", model) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "factor" in err
