@@ -2,7 +2,8 @@
 
 The tasks behind ``ctgridit interpolate`` and ``ctgridit extend``, with a
 masked-conditional stage-1 model at the scan's own resolution (``adapter.resolution:
-native``, the bundled ``ctgridit/models/ct_interpolate``): 2 x 2 grids of tiles of
+native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, and ``ctgridit/models/ct_interpolate``
+will hold the bundled one once one beats cubic interpolation): 2 x 2 grids of tiles of
 consecutive slices, some cells known and the others generated
 (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.fill`).
 
@@ -10,6 +11,8 @@ consecutive slices, some cells known and the others generated
   of neighbouring slices becomes the first and last cell of a grid and the two
   cells between are filled, so the output has ``factor * (n - 1) + 1`` slices,
   slice ``factor * k`` being input slice ``k`` exactly.
+- **Interpolation by ``method="linear"`` or ``"cubic"``** instead: SciPy splines of each voxel's HU along z,
+  the classical baselines, for any factor.
 - **Extension** by ``N`` slices up (towards the head) or down: the last row of
   known slices starts a grid whose second row is generated, again and again
   (the paper's extension step with ``m = 1``). Going down, the scan is turned
@@ -23,8 +26,8 @@ output keeps the input's in-plane grid and axis order; its slice spacing is
 slice (the first input slice stays where it was; extension downwards moves the
 origin to the new lowest slice where the scan's first slice is its lowest).
 The input slices come back exactly, in HU; new voxels lie in the model's HU
-window. DDIM with ``steps`` steps: one step (the default of the bundled model,
-trained to predict the clean tiles) is the model's posterior mean, the best
+window. DDIM with ``steps`` steps: one step (the default of the
+``ct_interpolate.yaml`` model, trained to predict the clean tiles) is the model's posterior mean, the best
 estimate in the mean-squared sense and the same for every seed; more steps draw
 a sample (sharper, noisier).
 """
@@ -63,7 +66,7 @@ class SliceResult:
 
 
 def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
-    """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one."""
+    """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one (none yet)."""
     if model is None and not (BUNDLED_SLICE_MODEL / CONFIG_FILE).is_file():
         raise CTGridItError("no slice model is bundled yet: the one trained here does not beat cubic interpolation "
                             "(README, Thin slices and longer scans)", BUNDLED_SLICE_MODEL,
@@ -82,7 +85,7 @@ def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
                             "train one with stage1.conditioning.masked: true")
     if not is_native(pipeline) or grid.factor != 1:
         raise CTGridItError("does not work at the scan's own resolution (adapter.resolution native, factor 1)",
-                            where, "use a native-resolution model such as the bundled one")
+                            where, "use a native-resolution model (pipelines/configs/ct_interpolate.yaml)")
     if grid.rows < 2 or grid.cells < 3:
         raise CTGridItError(f"has {grid.rows} x {grid.cols} grids; new slices need at least two rows and three cells",
                             where, "use a model of 2 x 2 or larger grids")
