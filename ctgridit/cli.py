@@ -328,20 +328,33 @@ def derived_name(src: str, tag: str) -> str:
     return str(p.with_name(f"{name}_{tag}.nii.gz"))
 
 
+#: The options ``interpolate`` and ``extend`` share (one definition each).
+SLICE_OPTIONS = {
+    "model": typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (none is bundled yet)."),
+    "steps": typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
+    "seed": typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
+    "series": typer.Option(None, "--series", help=SERIES_HELP),
+    "device": typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    "preview": typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
+    "force": typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
+    "quiet": typer.Option(False, "--quiet", "-q", help="No progress bar."),
+}
+
+
 @app.command(epilog="Example: ctgridit interpolate thick.nii.gz --factor 3 --out thin.nii.gz --preview thin.png")
 def interpolate(
     src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (a 2 x 2 grid model: 3)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
-    model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
-    series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    model: Optional[str] = SLICE_OPTIONS["model"],
+    steps: Optional[int] = SLICE_OPTIONS["steps"],
+    seed: int = SLICE_OPTIONS["seed"],
+    series: Optional[str] = SLICE_OPTIONS["series"],
+    device: str = SLICE_OPTIONS["device"],
+    preview_png: Optional[str] = SLICE_OPTIONS["preview"],
+    force: bool = SLICE_OPTIONS["force"],
+    quiet: bool = SLICE_OPTIONS["quiet"],
 ) -> None:
     """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two.
 
@@ -362,14 +375,14 @@ def extend(
     slices: int = typer.Option(..., "--slices", min=1, max=MAX_SLICES, help="How many slices to add."),
     direction: str = typer.Option("up", "--direction", help="up (towards the head) or down (towards the feet)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
-    model: Optional[str] = typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled one)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
-    series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    model: Optional[str] = SLICE_OPTIONS["model"],
+    steps: Optional[int] = SLICE_OPTIONS["steps"],
+    seed: int = SLICE_OPTIONS["seed"],
+    series: Optional[str] = SLICE_OPTIONS["series"],
+    device: str = SLICE_OPTIONS["device"],
+    preview_png: Optional[str] = SLICE_OPTIONS["preview"],
+    force: bool = SLICE_OPTIONS["force"],
+    quiet: bool = SLICE_OPTIONS["quiet"],
 ) -> None:
     """Continue a scan by N slices up or down: every slice of IN kept exactly."""
     from ctgridit.slices import check_direction, extend_volume
