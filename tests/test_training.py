@@ -187,6 +187,16 @@ def test_a_clean_sample_model_records_what_it_predicts_and_samples(tmp_path, sma
     assert frames.shape == (1, 6, 1, 16, 16) and bool(frames.abs().le(1).all())
 
 
+def test_stages_of_one_folder_must_predict_the_same(tmp_path, small_ct):
+    """The model folder has one scheduler for both stages: a stage 2 on another prediction is refused first."""
+    write_config(tmp_path, small_ct, diffusion={"prediction": "sample"})
+    train(load_config(tmp_path / "config.yaml"), 1, steps=1, device="cpu", quiet=True)
+    write_config(tmp_path, small_ct, diffusion={"prediction": "epsilon"})
+    with pytest.raises(CTGridItError, match="predicts 'sample'") as info:
+        train(load_config(tmp_path / "config.yaml"), 2, steps=1, device="cpu", quiet=True)
+    assert "\n" not in str(info.value) and not (tmp_path / "ckpt" / "stage2").exists()
+
+
 def test_diffusion_loss_counts_only_the_cells_to_generate():
     """A prediction that is exact on the unknown cells and wrong on the known ones has weighted loss 0."""
     from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler

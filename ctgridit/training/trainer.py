@@ -297,6 +297,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     """
     optim = config.stage_optim(stage)
     total = steps or optim.steps
+    _check_prediction(config, stage)
     accelerator, ckpt_dir = _launch(config, stage, device, resume, force)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
@@ -495,6 +496,20 @@ def performance(config: TrainConfig, device: torch.device) -> dict[str, bool]:
     perf = config.performance
     return {name: (cuda if getattr(perf, name) is None else bool(getattr(perf, name)) and cuda)
             for name in ("tf32", "fused_adamw", "vae_bf16")}
+
+
+def _check_prediction(config: TrainConfig, stage: int) -> None:
+    """Both stages share the model folder's scheduler (it says what the models predict): refuse, before any
+    work, a stage whose ``diffusion.prediction`` differs from the other stage already in the folder."""
+    other = Path(config.output) / f"stage{3 - stage}"
+    saved = Path(config.output) / "scheduler" / "scheduler_config.json"
+    if not (other.is_dir() and saved.is_file()):
+        return
+    found = json.loads(saved.read_text()).get("prediction_type", "epsilon")
+    if found != config.diffusion.prediction:
+        raise CTGridItError(f"holds a stage {3 - stage} that predicts {found!r}; this config's diffusion.prediction "
+                            f"is {config.diffusion.prediction!r}", config.output,
+                            "train both stages with the same diffusion.prediction, or write to another output")
 
 
 def _check_run_folders(config: TrainConfig, ckpt_dir: Path, resume: bool, force: bool) -> None:
