@@ -111,7 +111,7 @@ def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None
     cfg = pipeline.config
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
-    run = denoiser_config()
+    run = training_config()
     text = f"""# ct_denoise: the denoiser bundled with ctgridit
 
 GriDiT's Algorithm 3 at the scan's own resolution: a stage-1 grid DiT
@@ -148,14 +148,16 @@ def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
     cfg = pipeline.config
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
-    run = denoiser_config("ct_interpolate.yaml")
+    run = training_config("ct_interpolate.yaml")
     cond = run["stage1"]["conditioning"]
+    min_snr = run.get("diffusion", {}).get("min_snr")
+    weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
     text = f"""# ct_interpolate: the slice model bundled with ctgridit
 
 The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditional
 stage-1 grid DiT ({params:.1f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of
 {tile[0]} x {tile[1]} tiles of consecutive slices at the scan's own resolution, pixel space, no
-stage 2, predicting the clean tiles (x0, Min-SNR-5 loss weights). Given the first and
+stage 2, predicting the clean tiles (x0, {weights}). Given the first and
 last cell it fills the two between (interpolation by 3); given the first row it
 makes the second (extension). MONAI's sliding window covers a scan with
 overlapping tiles (see `ctgridit/slices.py`); one DDIM step (the default) is the
@@ -183,7 +185,7 @@ python pipelines/bundle_model.py runs/ct_interpolate/model --slices
     return text
 
 
-def denoiser_config(name: str = "ct_denoise.yaml") -> dict:
+def training_config(name: str = "ct_denoise.yaml") -> dict:
     """A native-resolution model's training config as written (batch size, timesteps, tasks)."""
     import yaml
 
