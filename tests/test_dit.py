@@ -247,7 +247,50 @@ def test_masked_conditional_stage1_takes_the_known_cells_and_the_mask():
     assert not torch.allclose(given, other)
 
 
+@pytest.mark.parametrize("flags,expected", [
+    ([1, 0, 0, 1], [10, 20, 30, 40]),                       # interpolation: weighted by distance in frames
+    ([1, 1, 0, 0], [10, 20, 20, 20]),                       # extension: the last known frame held
+    ([0, 0, 1, 1], [30, 30, 30, 40]),                       # known only after: the nearest held
+    ([0, 0, 0, 0], [0, 0, 0, 0]),                           # nothing known: zeros
+    ([1, 0, 0, 0, 0, 1, 0, 0, 1], [0, 2, 4, 6, 8, 10, 20, 30, 40]),   # 3 x 3, two gaps of different length
+])
+def test_unknown_cells_are_filled_by_linear_interpolation_in_frame_order(flags, expected):
+    from ctgridit.core.conditioning import fill_unknown_cells
+    from ctgridit.core.grid import cell_mask, tile
+
+    side = int(len(flags) ** 0.5)
+    values = torch.tensor([0., 0, 0, 0, 0, 10, 0, 0, 40] if side == 3 else [10., 20, 30, 40])
+    cells = values.view(1, -1, 1, 1, 1).expand(2, -1, 3, 2, 2)           # 2 items, 3 channels, 2 x 2 cells
+    mask = cell_mask([flags, flags], side, side, 2, 2)
+    filled = fill_unknown_cells(tile(cells, side, side) * mask, mask, side, side)
+    want = tile(torch.tensor(expected, dtype=torch.float32).view(1, -1, 1, 1, 1).expand_as(cells), side, side)
+    assert torch.equal(filled, want)
+
+
+def test_a_linear_fill_model_sees_the_interpolated_cells():
+    """cond_fill="linear": the output depends on the known cells only, not on what the caller put in the others;
+    the config travels with the weights."""
+    from ctgridit.core.conditioning import condition_channels, masked_condition
+    from ctgridit.core.grid import cell_mask
+
+    model = randomized(tiny(cond_channels=condition_channels(4), cond_fill="linear"))
+    x = inputs(model, batch=2)
+    mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8)
+    known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
+    other = known + (1 - mask) * 5.0                                       # differs on the unknown cells only
+    with torch.no_grad():
+        given = model(x["sample"], x["timestep"], cond=masked_condition(known, mask))
+        unmasked = torch.cat([other, mask.expand(2, 1, 16, 16)], dim=1)   # unknown cells not zeroed
+        assert torch.equal(model(x["sample"], x["timestep"], cond=unmasked), given)
+        zeros = randomized(tiny(cond_channels=condition_channels(4)))
+        zeros.load_state_dict(model.state_dict())
+        assert not torch.allclose(zeros(x["sample"], x["timestep"], cond=masked_condition(known, mask)), given)
+    assert model.config.cond_fill == "linear"
+
+
 @pytest.mark.parametrize("overrides,match", [
+    ({"cond_fill": "nearest", "cond_channels": 5}, "cond_fill"),
+    ({"cond_fill": "linear", "cond_channels": 4}, "masked-conditional"),
     ({"sample_height": 18, "grid_rows": 4}, "whole frames"),        # 18 rows are not 4 frames
     ({"sample_height": 6, "grid_rows": 2}, "patches"),              # frames of 3 rows, patch 2
     ({"num_heads": 5}, "num_heads"),

@@ -235,6 +235,8 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     ({"data": {"stride_range": None, "strides": [1, 9]}, "sampling": {"stage1": {"levels": 2}}}, r"strides \[3\]"),
     ({"data": {"stride_range": [3, 2], "strides": None}}, "stride_range"),
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "unconditional": 0}}}, "unconditional"),
+    ({"stage1": {**MASKED, "conditioning": {"masked": True, "fill": "cubic"}}}, "fill must be one of"),
+    ({"stage1": {**MASKED, "conditioning": {"fill": "linear"}}}, "needs masked: true"),
     ({"sampling": {"stage1": {"repaint_jump": 2, "repaint_times": 3}}}, "RePaint"),
     ({"stage2": {"conditioning": {"masked": True}}}, "stage 1 only"),
     ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction"),

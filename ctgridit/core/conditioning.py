@@ -14,7 +14,11 @@ the known cells:
 - the model's condition is the clean latent of the known cells (zeros
   elsewhere) and the cell mask, stacked on channels (:func:`masked_condition`),
   which :class:`~ctgridit.core.dit.GridDiT` concatenates to its noisy input like
-  stage 2's condition (``cond_channels = latent channels + 1``);
+  stage 2's condition (``cond_channels = latent channels + 1``); a model built
+  with ``cond_fill="linear"`` first fills the unknown cells of its condition by
+  linear interpolation between the nearest known cells in frame order
+  (:func:`fill_unknown_cells`), so every token sees its cell's classical
+  estimate and the network learns the correction (docs/METHOD.md section 6);
 - training draws the task of every grid (:class:`TaskMix`) and counts the loss
   on the unknown cells only; the known cells of the noisy input are the known
   latents diffused to the level like the rest, exactly what the sampler feeds
@@ -27,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ctgridit.core.grid import tile, untile
+
 TASKS = ("unconditional", "extension", "interpolation")
+FILLS = ("zeros", "linear")
 
 
 def known_cells(task: str, rows: int, cols: int, control_rows: int | None = None, chunk: int = 1) -> list[float]:
@@ -64,6 +71,35 @@ def masked_condition(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
     return torch.cat([known * mask, mask], dim=1)
+
+
+def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``latents`` ``(B, c, H, W)`` with every unknown cell replaced by linear interpolation of the known cells.
+
+    Cells are frames in row-major order; ``mask`` ``(B, 1, H, W)`` is 1 on the
+    known cells. An unknown cell between two known ones gets their mix weighted
+    by distance in frames; one with known cells on one side only gets the
+    nearest of them (hold); with no known cell it is zero. Known cells are kept.
+    """
+    cells = untile(latents, rows, cols)                                        # (B, N, c, h, w)
+    n = cells.shape[1]
+    known = untile(mask, rows, cols).flatten(2).mean(-1) > 0.5                 # (B, N)
+    index = torch.arange(n, device=latents.device).expand_as(known)
+    before = torch.where(known, index, -1).cummax(dim=1).values               # nearest known at or before
+    after = torch.where(known, index, n).flip(1).cummin(dim=1).values.flip(1)  # nearest known at or after
+    has_before, has_after = before >= 0, after < n
+    span = (after - before).clamp(min=1).to(latents.dtype)
+    w_after = torch.where(has_before & has_after, (index - before).to(latents.dtype) / span,
+                          has_after.to(latents.dtype))
+    w_after = torch.where(known, torch.zeros_like(w_after), w_after)
+    w_before = torch.where(known | has_before, 1 - w_after, torch.zeros_like(w_after))
+
+    def gather(at: torch.Tensor) -> torch.Tensor:
+        return cells.gather(1, at.clamp(0, n - 1).view(*at.shape, 1, 1, 1).expand_as(cells))
+
+    shape = (*known.shape, 1, 1, 1)
+    filled = w_before.view(shape) * gather(before) + w_after.view(shape) * gather(after)
+    return tile(filled, rows, cols)
 
 
 @dataclass(frozen=True)

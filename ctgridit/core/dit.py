@@ -54,6 +54,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ctgridit.core.conditioning import FILLS, fill_unknown_cells
 from ctgridit.core.embeddings import grid_2d_pos_embed, grid_3d_pos_embed
 
 POS_EMBEDS = ("3d", "2d")
@@ -166,6 +167,10 @@ class GridDiT(ModelMixin, ConfigMixin):
         pos_embed: ``"3d"`` (GriDiT) or ``"2d"`` (DiT's, the ablation).
         num_strides: the largest stride label the model takes (0: none, the
             paper's model).
+        cond_fill: masked-conditional stage 1 only: ``"zeros"`` feeds the
+            condition as given (unknown cells zero); ``"linear"`` first fills the
+            unknown cells by linear interpolation between the known ones
+            (:func:`~ctgridit.core.conditioning.fill_unknown_cells`).
 
     Raises:
         ValueError: for a grid that does not split into whole frames, frames
@@ -178,10 +183,10 @@ class GridDiT(ModelMixin, ConfigMixin):
     def __init__(self, sample_height: int, sample_width: int, in_channels: int = 4, cond_channels: int = 0,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, grid_rows: int = 2, grid_cols: int = 2, pos_embed: str = "3d",
-                 num_strides: int = 0) -> None:
+                 num_strides: int = 0, cond_fill: str = "zeros") -> None:
         super().__init__()
         _check_config(sample_height, sample_width, in_channels, cond_channels, patch_size, hidden_size,
-                      num_heads, grid_rows, grid_cols, pos_embed, num_strides, depth, mlp_ratio)
+                      num_heads, grid_rows, grid_cols, pos_embed, num_strides, depth, mlp_ratio, cond_fill)
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(in_channels + cond_channels, hidden_size, patch_size)
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -279,7 +284,11 @@ class GridDiT(ModelMixin, ConfigMixin):
                              f"pass the condition latent cond of shape {expected_cond}")
         if tuple(cond.shape) != expected_cond:
             raise ValueError(f"cond must have shape {expected_cond}, got {tuple(cond.shape)}")
-        return torch.cat([sample, cond.to(sample.dtype)], dim=1)
+        cond = cond.to(sample.dtype)
+        if cfg.cond_fill == "linear":                             # masked condition: latents, then the mask
+            mask = cond[:, -1:]
+            cond = torch.cat([fill_unknown_cells(cond[:, :-1], mask, cfg.grid_rows, cfg.grid_cols), mask], dim=1)
+        return torch.cat([sample, cond], dim=1)
 
     def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:
         """``stride`` (None, a scalar or ``(N,)``) as an ``(N,)`` long tensor, checked to lie in ``0..num_strides``."""
@@ -306,7 +315,7 @@ class GridDiT(ModelMixin, ConfigMixin):
 
 def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_channels: int, patch_size: int,
                   hidden_size: int, num_heads: int, grid_rows: int, grid_cols: int, pos_embed: str,
-                  num_strides: int = 0, depth: int = 1, mlp_ratio: float = 4.0) -> None:
+                  num_strides: int = 0, depth: int = 1, mlp_ratio: float = 4.0, cond_fill: str = "zeros") -> None:
     """Raise a ValueError naming the first inconsistency of a :class:`GridDiT` config."""
     if pos_embed not in POS_EMBEDS:
         raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
@@ -324,6 +333,11 @@ def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_
                          f"{patch_size}x{patch_size} patches")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if cond_fill not in FILLS:
+        raise ValueError(f"cond_fill must be one of {FILLS}, got {cond_fill!r}")
+    if cond_fill != "zeros" and cond_channels != in_channels + 1:
+        raise ValueError(f"cond_fill {cond_fill!r} is for a masked-conditional model "
+                         f"(cond_channels = in_channels + 1 = {in_channels + 1}), got cond_channels {cond_channels}")
 
 
 #: DiT sizes of Peebles and Xie (depth, width, heads); each comes with patch 2, 4 and 8.

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from ctgridit.core.conditioning import TaskMix
+from ctgridit.core.conditioning import FILLS, TaskMix
 from ctgridit.core.diffusion import PREDICTIONS
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
@@ -123,6 +123,9 @@ class ConditioningConfig:
     (extension), the first and last ``chunk`` cells known (interpolation).
     ``strides``: the model gets the grid's stride (labels up to the largest
     training stride), dropped to "not given" with probability ``stride_dropout``.
+    ``fill``: what the model sees in the unknown cells of its condition: ``zeros``
+    or ``linear`` interpolation between the known cells (the model then learns a
+    correction to the classical estimate; :func:`~ctgridit.core.conditioning.fill_unknown_cells`).
     ``start_within``: grids with nothing known (the sampler's first grid) come
     from the first frames of a sequence, so generated sequences begin where
     training sequences begin.
@@ -135,6 +138,7 @@ class ConditioningConfig:
     interpolation: float = 0.4
     control_rows: int | None = None
     chunk: int = 1
+    fill: str = "zeros"                  # zeros | linear: the unknown cells of the condition
     strides: bool = False
     stride_dropout: float = 0.1
     start_within: int | None = None      # grids with nothing known start within this many frames of a scan's start
@@ -349,6 +353,10 @@ class TrainConfig:
                     raise ValueError(f"sampling needs the {' and '.join(missing)} task(s), trained with probability 0")
                 if s1.repaint_times > 1:
                     raise ValueError("RePaint resampling is for replacement inpainting, not a masked-conditional model")
+            if cond.fill not in FILLS:
+                raise ValueError(f"fill must be one of {FILLS}, got {cond.fill!r}")
+            if cond.fill != "zeros" and not cond.masked:
+                raise ValueError(f"fill {cond.fill!r} fills the known cells' condition: it needs masked: true")
             if not 0.0 <= cond.stride_dropout < 1.0:
                 raise ValueError(f"stride_dropout must be in [0, 1), got {cond.stride_dropout}")
             if cond.start_within is not None and cond.start_within < 1:
