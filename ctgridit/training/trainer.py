@@ -300,48 +300,98 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     total = steps or optim.steps
     _check_prediction(config, stage)
     accelerator, ckpt_dir = _launch(config, stage, device, resume, force)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
 
     codec = build_codec(config).to(accelerator.device)
     scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
                                      prediction_type=config.diffusion.prediction)
-    sequences = build_sequences(config)
-    dataset = build_dataset(config, stage, sequences, codec.image_channels, optim.seed)
-    torch.manual_seed(optim.seed)                                   # the same initial weights on every process
-    model = build_model(config, stage, codec)
-    optimizer = speed_up(config, stage, accelerator.device, model, codec)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
+    dataset = build_dataset(config, stage, build_sequences(config), codec.image_channels, optim.seed)
+    state = _TrainState.build(config, stage, accelerator, codec, ckpt_dir if resume else None)
+    if state.start > total:
+        raise CTGridItError(f"the checkpoint is at step {state.start}, beyond the requested {total} steps",
+                            state.found, "ask for at least as many steps")
 
-    if not resume and config.stage(stage).init:
-        warm_start(model, config.stage(stage).init)
-
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel(model.parameters(), decay=optim.ema_decay)
-    names = [n for n, _ in model.named_parameters()]
-    start, found = _restore(ckpt_dir, model, optimizer, lr_schedule, ema, names) if resume else (0, None)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.performance.compile:
-        model = torch.compile(model)
-    ema.to(accelerator.device)
-    if start > total:
-        raise CTGridItError(f"the checkpoint is at step {start}, beyond the requested {total} steps",
-                            found, "ask for at least as many steps")
-
-    timesteps = tuple(config.stage(stage).timesteps) if config.stage(stage).timesteps else None
-    batches = StepBatches(start, total, optim.grad_accum, world, rank, optim.batch_size)
+    batches = StepBatches(state.start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
                         persistent_workers=config.data.num_workers > 0)
-    log = _StepLog(config, stage, start, total, optim.grad_accum * world * optim.batch_size, main, quiet)
+    log = _StepLog(config, stage, state.start, total, optim.grad_accum * world * optim.batch_size,
+                   accelerator.is_main_process, quiet)
     audit: list = []
     micro_batches = iter(loader)
-    model.train()
-    for step in range(start, total):
+    state.model.train()
+    for step in range(state.start, total):
+        loss = state.step(step, micro_batches, codec, scheduler, audit if audit_dir else None)
+        done = step + 1
+        log.add(done, accelerator.reduce(loss, "mean"), state.lr_schedule.get_last_lr()[0])
+        if done % config.checkpoint.every == 0 or done == total:
+            _checkpoint(accelerator, config, stage, done, state.model, state.ema, state.optimizer,
+                        state.lr_schedule, state.names, ckpt_dir)
+            log.plot()
+    log.close()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(state.model)
+    if accelerator.is_main_process:
+        export_stage(config, stage, unwrapped, state.ema, codec, scheduler)
+    if audit_dir:
+        _write_audit(audit_dir, rank, world, audit, unwrapped)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    start = state.start
+    return TrainResult(stage, total - start, log.first_loss, log.last_loss, log.elapsed(), config.output)
+
+
+@dataclasses.dataclass
+class _TrainState:
+    """What one optimizer step changes: the (prepared) model, optimizer, learning-rate schedule and EMA, with the
+    step they start from (a restored checkpoint's, or 0) and what a step needs from the config."""
+
+    config: TrainConfig
+    stage: int
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    ema: object
+    names: list[str]
+    start: int = 0
+    found: Path | None = None
+
+    @classmethod
+    def build(cls, config: TrainConfig, stage: int, accelerator, codec: LatentCodec,
+              restore_from: Path | None) -> "_TrainState":
+        """The stage's model (the same initial weights on every process, or a warm start), its optimizer and
+        schedule (warm-up, then constant) and EMA; restored from the newest checkpoint in ``restore_from``."""
+        from diffusers.training_utils import EMAModel
+
+        optim = config.stage_optim(stage)
+        torch.manual_seed(optim.seed)
+        model = build_model(config, stage, codec)
+        optimizer = speed_up(config, stage, accelerator.device, model, codec)
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
+        if restore_from is None and config.stage(stage).init:
+            warm_start(model, config.stage(stage).init)
+        ema = EMAModel(model.parameters(), decay=optim.ema_decay)
+        names = [n for n, _ in model.named_parameters()]
+        start, found = (_restore(restore_from, model, optimizer, lr_schedule, ema, names)
+                        if restore_from is not None else (0, None))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if config.performance.compile:
+            model = torch.compile(model)
+        ema.to(accelerator.device)
+        return cls(config, stage, accelerator, model, optimizer, lr_schedule, ema, names, start, found)
+
+    def step(self, step: int, micro_batches, codec: LatentCodec, scheduler, audit: list | None) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches (gradients synchronised on the last); returns the
+        step's loss, on the device. ``audit`` collects the sample ids of every micro-batch."""
+        config, accelerator, model = self.config, self.accelerator, self.model
+        optim = config.stage_optim(self.stage)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        timesteps = tuple(config.stage(self.stage).timesteps) if config.stage(self.stage).timesteps else None
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(optim.grad_accum):
             batch = next(micro_batches)
-            if audit_dir:
+            if audit is not None:
                 audit.append([step, micro, batch["index"], [list(i) for i in batch["id"]]])
             inputs = model_inputs(batch, codec, config.grid_spec, accelerator.device)
             generator = torch.Generator(accelerator.device).manual_seed(
@@ -354,25 +404,11 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
             step_loss += loss.detach()
         if optim.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_schedule.step()
-        ema.step(accelerator.unwrap_model(model).parameters())
-        done = step + 1
-        log.add(done, accelerator.reduce(step_loss, "mean"), lr_schedule.get_last_lr()[0])
-        if done % config.checkpoint.every == 0 or done == total:
-            _checkpoint(accelerator, config, stage, done, model, ema, optimizer, lr_schedule, names, ckpt_dir)
-            log.plot()
-    log.close()
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
-    if main:
-        export_stage(config, stage, unwrapped, ema, codec, scheduler)
-    if audit_dir:
-        _write_audit(audit_dir, rank, world, audit, unwrapped)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(stage, total - start, log.first_loss, log.last_loss, log.elapsed(), config.output)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_schedule.step()
+        self.ema.step(accelerator.unwrap_model(model).parameters())
+        return step_loss
 
 
 def _launch(config: TrainConfig, stage: int, device: str, resume: bool, force: bool):
