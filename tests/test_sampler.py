@@ -601,7 +601,7 @@ def test_trained_model_extends_a_sequence_frame_by_frame(blob_models):
 
 # ------------------------------------------------ noise along sequences
 def test_sequence_noise_is_standard_and_correlates_by_distance():
-    noise = SequenceNoise(seed=3, sequence_length=60, length=2.0)
+    noise = SequenceNoise(seed=3, sequence_length=60, correlation_length=2.0)
     x = noise.frames(0, 120).draw(torch.zeros(120, 1, 32, 32)).flatten(1)          # two sequences of 60
     assert abs(float(x.mean())) < 0.02 and abs(float(x.std()) - 1) < 0.02
 
@@ -616,7 +616,7 @@ def test_sequence_noise_is_standard_and_correlates_by_distance():
 
 def test_sequence_noise_joins_up_across_batches_and_is_seeded():
     like = torch.zeros(20, 2, 4, 4)
-    whole = SequenceNoise(seed=1, sequence_length=10, length=1.5).frames(0, 20)
+    whole = SequenceNoise(seed=1, sequence_length=10, correlation_length=1.5).frames(0, 20)
     first, again = whole.draw(like), whole.draw(like)                             # draws 0 and 1
     assert not torch.allclose(first, again)
     a, b = SequenceNoise(1, 10, 1.5).frames(0, 7), SequenceNoise(1, 10, 1.5).frames(7, 13)

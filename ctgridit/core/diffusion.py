@@ -35,11 +35,11 @@ class SequenceNoise:
 
     The frames of a batch are runs of ``sequence_length`` consecutive frames,
     one run per sequence. Draw ``d`` for frame ``k`` of sequence ``s`` is the
-    moving average, with Gaussian weights of standard deviation ``length``
+    moving average, with Gaussian weights of standard deviation ``correlation_length``
     frames, of independent standard normal fields ``xi(d, s, j)`` for ``j``
     around ``k``, each seeded from ``(seed, d, s, j)``, normalised to unit
     variance. So every frame's noise is standard normal, the noise of frames
-    ``h`` apart correlates about ``exp(-h^2 / (4 length^2))`` (``length = 2``:
+    ``h`` apart correlates about ``exp(-h^2 / (4 correlation_length^2))`` (``correlation_length = 2``:
     0.94 for neighbours, 0.11 six frames apart), and sequences are independent.
     It is the middle ground between one noise draw per frame (flicker when each
     frame is sampled on its own) and one per sequence (the same texture in every
@@ -52,12 +52,15 @@ class SequenceNoise:
     step takes it as DDIM's ``variance_noise`` (:func:`scheduler_step`).
     """
 
-    def __init__(self, seed: int, sequence_length: int, length: float) -> None:
-        if sequence_length < 1 or not length > 0:
-            raise ValueError(f"need sequence_length >= 1 and length > 0, got {sequence_length} and {length}")
-        self.seed, self.sequence_length, self.length = int(seed), int(sequence_length), float(length)
-        self.reach = max(1, math.ceil(3 * self.length))
-        weights = torch.exp(-torch.arange(-self.reach, self.reach + 1, dtype=torch.float64) ** 2 / (2 * self.length ** 2))
+    def __init__(self, seed: int, sequence_length: int, correlation_length: float) -> None:
+        if sequence_length < 1 or not correlation_length > 0:
+            raise ValueError(f"need sequence_length >= 1 and correlation_length > 0, "
+                             f"got {sequence_length} and {correlation_length}")
+        self.seed, self.sequence_length = int(seed), int(sequence_length)
+        self.correlation_length = float(correlation_length)
+        self.reach = max(1, math.ceil(3 * self.correlation_length))
+        weights = torch.exp(-torch.arange(-self.reach, self.reach + 1, dtype=torch.float64) ** 2
+                            / (2 * self.correlation_length ** 2))
         self.weights = (weights / weights.square().sum().sqrt()).tolist()   # unit variance after averaging
 
     def frames(self, start: int, count: int) -> "NoiseDraws":

@@ -339,19 +339,19 @@ class GriDiTPipeline:
         if self.stage2 is None:
             return up
         cfg = self.config.sampling.stage2
-        length = sequence_length or len(up)
-        if len(up) % length:
-            raise ValueError(f"{len(up)} frames are not whole sequences of {length}")
+        per_sequence = sequence_length or len(up)
+        if len(up) % per_sequence:
+            raise ValueError(f"{len(up)} frames are not whole sequences of {per_sequence}")
         # SequenceNoise reaches the step as DDIM's variance_noise (DDIM at eta 1 is the DDPM step)
         scheduler = make_sample_scheduler(self.scheduler, "ddim" if cfg.noise == "smooth" else cfg.sampler,
                                           num_steps or cfg.num_steps)
         seeds = smooth = None
         draw = torch.Generator().manual_seed(0) if generator is None else generator
         if cfg.noise == "shared":
-            seeds = torch.randint(0, 2**62, (len(up) // length,), generator=draw, device=draw.device).tolist()
+            seeds = torch.randint(0, 2**62, (len(up) // per_sequence,), generator=draw, device=draw.device).tolist()
         elif cfg.noise == "smooth":
             seed = int(torch.randint(0, 2**62, (1,), generator=draw, device=draw.device))
-            smooth = SequenceNoise(seed, length, cfg.noise_length)
+            smooth = SequenceNoise(seed, per_sequence, cfg.noise_length)
         starts = range(0, len(up), cfg.batch)
         per_chunk = len(strength_timesteps(scheduler, cfg.strength))
         out = []
@@ -361,7 +361,7 @@ class GriDiTPipeline:
             if smooth is not None:
                 noise = smooth.frames(start, len(chunk))
             elif seeds is not None:
-                noise = [torch.Generator(device=draw.device).manual_seed(seeds[(start + j) // length])
+                noise = [torch.Generator(device=draw.device).manual_seed(seeds[(start + j) // per_sequence])
                          for j in range(len(chunk))]
             else:
                 noise = generator
