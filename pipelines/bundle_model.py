@@ -152,6 +152,9 @@ def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
     cond = run["stage1"]["conditioning"]
     min_snr = run.get("diffusion", {}).get("min_snr")
     weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
+    fill = pipeline.stage1.config.cond_fill
+    given = ("the unknown cells of its condition hold the linear interpolation of the known ones, so the\n"
+             "network learns a correction to it" if fill == "linear" else "the unknown cells of its condition are zero")
     text = f"""# ct_interpolate: the slice model bundled with ctgridit
 
 The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditional
@@ -159,7 +162,7 @@ stage-1 grid DiT ({params:.1f} M parameters, patch {pipeline.stage1.config.patch
 {tile[0]} x {tile[1]} tiles of consecutive slices at the scan's own resolution, pixel space, no
 stage 2, predicting the clean tiles (x0, {weights}). Given the first and
 last cell it fills the two between (interpolation by 3); given the first row it
-makes the second (extension). MONAI's sliding window covers a scan with
+makes the second (extension); {given}. MONAI's sliding window covers a scan with
 overlapping tiles (see `ctgridit/slices.py`); one DDIM step (the default) is the
 model's posterior mean.
 

@@ -321,20 +321,8 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     per_grid = model_forwards(len(scheduler.timesteps), repaint_jump, repaint_times)
 
     # step 1: extension
-    total = plan.iterations * per_grid
-    grid = inpaint(model, scheduler, torch.zeros(batch_size, c, rows * h, cols * w, device=device, dtype=dtype),
-                   None, stride=labels[0], **run, callback=phase_callback(callback, "extend", 0, total))
-    frames = [untile(grid, rows, cols)]                                     # (B, R*C, c, h, w)
-    known = plan.control_rows * cols
-    if plan.iterations > 1:
-        mask = cell_mask(known_cells("extension", rows, cols, plan.control_rows), rows, cols, h, w).to(device, dtype)
-    for it in range(1, plan.iterations):
-        cells = untile(grid, rows, cols)
-        cells = torch.cat([cells[:, plan.cells - known:], torch.zeros_like(cells[:, known:])], dim=1)
-        grid = inpaint(model, scheduler, tile(cells, rows, cols), mask, stride=labels[0], **run,
-                       callback=phase_callback(callback, "extend", it * per_grid, total))
-        frames.append(untile(grid, rows, cols)[:, known:])
-    sequence = torch.cat(frames, dim=1)                                     # (B, L, c, h, w)
+    zeros = torch.zeros(batch_size, c, rows * h, cols * w, device=device, dtype=dtype)
+    sequence = _extend(model, scheduler, zeros, plan, dict(run, stride=labels[0]), per_grid, callback)
 
     # step 2: interpolation, level by level
     batches = [-(-batch_size * plan.pairs(level) // max_batch) for level in range(plan.levels)]
@@ -360,6 +348,27 @@ def stride_labels(strides: list[int | None], max_stride: int) -> list[int | None
         raise ValueError(f"{len(strides) - 1} interpolation level(s) extend at stride {labels[0]}, but the model "
                          f"knows strides up to {max_stride}: use fewer levels or train with larger strides")
     return labels
+
+
+def _extend(model, scheduler, zeros: torch.Tensor, plan: SequencePlan, run: dict, per_grid: int,
+            callback: ProgressCallback | None) -> torch.Tensor:
+    """Step 1: a first grid with nothing known, then grids whose first ``m`` rows are the last ``m`` rows of the
+    grid before; ``zeros`` is one empty grid batch ``(B, c, R*h, C*w)``. Returns ``(B, L, c, h, w)``."""
+    rows, cols = plan.rows, plan.cols
+    h, w = zeros.shape[-2] // rows, zeros.shape[-1] // cols
+    total = plan.iterations * per_grid
+    grid = inpaint(model, scheduler, zeros, None, **run, callback=phase_callback(callback, "extend", 0, total))
+    frames = [untile(grid, rows, cols)]                                     # (B, R*C, c, h, w)
+    known = plan.control_rows * cols
+    mask = cell_mask(known_cells("extension", rows, cols, plan.control_rows), rows, cols, h, w).to(zeros) \
+        if plan.iterations > 1 else None
+    for it in range(1, plan.iterations):
+        cells = untile(grid, rows, cols)
+        cells = torch.cat([cells[:, plan.cells - known:], torch.zeros_like(cells[:, known:])], dim=1)
+        grid = inpaint(model, scheduler, tile(cells, rows, cols), mask, **run,
+                       callback=phase_callback(callback, "extend", it * per_grid, total))
+        frames.append(untile(grid, rows, cols)[:, known:])
+    return torch.cat(frames, dim=1)
 
 
 def _interpolate(model, scheduler, frames: torch.Tensor, plan: SequencePlan, level: int, max_batch: int,
