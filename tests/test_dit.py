@@ -288,7 +288,28 @@ def test_a_linear_fill_model_sees_the_interpolated_cells():
     assert model.config.cond_fill == "linear"
 
 
+def test_a_fill_residual_model_starts_at_the_interpolation_and_adds_its_correction():
+    """fill_residual: the output is the filled condition plus the network's output; a new model (last layer at
+    zero, DiT's init) outputs the linear interpolation of the known cells exactly."""
+    from ctgridit.core.conditioning import condition_channels, fill_unknown_cells, masked_condition
+    from ctgridit.core.grid import cell_mask
+
+    fresh = tiny(cond_channels=condition_channels(4), cond_fill="linear", fill_residual=True)
+    x = inputs(fresh, batch=2)
+    mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8).expand(2, 1, 16, 16)
+    known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
+    cond = masked_condition(known, mask)
+    filled = fill_unknown_cells(known * mask, mask, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(fresh(x["sample"], x["timestep"], cond=cond), filled)
+        trained = randomized(fresh)
+        plain = randomized(tiny(cond_channels=condition_channels(4), cond_fill="linear"))
+        assert torch.allclose(trained(x["sample"], x["timestep"], cond=cond),
+                              filled + plain(x["sample"], x["timestep"], cond=cond))
+
+
 @pytest.mark.parametrize("overrides,match", [
+    ({"fill_residual": True, "cond_channels": 5}, "fill_residual"),
     ({"cond_fill": "nearest", "cond_channels": 5}, "cond_fill"),
     ({"cond_fill": "linear", "cond_channels": 4}, "masked-conditional"),
     ({"sample_height": 18, "grid_rows": 4}, "whole frames"),        # 18 rows are not 4 frames

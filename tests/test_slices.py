@@ -31,9 +31,10 @@ from tests.test_pipeline import randomized
 
 def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPipeline:
     """A 2 x 2 model of 16 x 16 tiles at the scan's own resolution, predicting clean tiles (one DDIM step);
-    masked, it fills its condition by linear interpolation as pipelines/configs/ct_interpolate.yaml does."""
+    masked, it fills its condition by linear interpolation and adds its output to it, as
+    pipelines/configs/ct_interpolate.yaml does."""
     stage1 = randomized(create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
-                                   **(dict(cond_channels=2, cond_fill="linear") if masked else {})), 0)
+                                   **(dict(cond_channels=2, cond_fill="linear", fill_residual=True) if masked else {})), 0)
     sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1))
     config = PipelineConfig(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
                             {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})

@@ -237,6 +237,8 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "unconditional": 0}}}, "unconditional"),
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "fill": "cubic"}}}, "fill must be one of"),
     ({"stage1": {**MASKED, "conditioning": {"fill": "linear"}}}, "needs masked: true"),
+    ({"stage1": {**MASKED, "conditioning": {"masked": True, "fill": "linear", "residual": True}}},
+     "prediction: sample"),                                                        # the epsilon objective
     ({"sampling": {"stage1": {"repaint_jump": 2, "repaint_times": 3}}}, "RePaint"),
     ({"stage2": {"conditioning": {"masked": True}}}, "stage 1 only"),
     ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction"),

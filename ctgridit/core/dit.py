@@ -24,8 +24,9 @@ it. Label 0 means "stride not given" (trained by dropping labels, as DiT drops
 class labels), ``1..num_strides`` the stride. The embedding starts at
 ``N(0, 0.02)`` like DiT's label embedding.
 
-The network predicts the noise ``eps`` only, with ``in_channels`` output
-channels: there is no learned variance (DiT's ``learn_sigma=False``), so a
+The network predicts what the training scheduler's ``prediction_type`` names
+(the noise ``eps``, the paper's, or the clean sample or v; docs/METHOD.md
+section 3), with ``in_channels`` output channels: there is no learned variance (DiT's ``learn_sigma=False``), so a
 sampler uses a fixed-variance scheduler (DDPM ``variance_type="fixed_small"``,
 DDIM, ...).
 
@@ -171,6 +172,10 @@ class GridDiT(ModelMixin, ConfigMixin):
             condition as given (unknown cells zero); ``"linear"`` first fills the
             unknown cells by linear interpolation between the known ones
             (:func:`~ctgridit.core.conditioning.fill_unknown_cells`).
+        fill_residual: with a filled condition, the output is the filled
+            latents plus the network's output: a model of the clean sample
+            then starts from the interpolation and learns only a correction
+            (the network's last layer starts at zero).
 
     Raises:
         ValueError: for a grid that does not split into whole frames, frames
@@ -183,10 +188,12 @@ class GridDiT(ModelMixin, ConfigMixin):
     def __init__(self, sample_height: int, sample_width: int, in_channels: int = 4, cond_channels: int = 0,
                  patch_size: int = 2, hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
                  mlp_ratio: float = 4.0, grid_rows: int = 2, grid_cols: int = 2, pos_embed: str = "3d",
-                 num_strides: int = 0, cond_fill: str = "zeros") -> None:
+                 num_strides: int = 0, cond_fill: str = "zeros", fill_residual: bool = False) -> None:
         super().__init__()
         _check_config(sample_height, sample_width, in_channels, cond_channels, patch_size, hidden_size,
                       num_heads, grid_rows, grid_cols, pos_embed, num_strides, depth, mlp_ratio, cond_fill)
+        if fill_residual and cond_fill == "zeros":
+            raise ValueError("fill_residual adds the filled condition to the output: it needs cond_fill 'linear'")
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(in_channels + cond_channels, hidden_size, patch_size)
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -244,7 +251,8 @@ class GridDiT(ModelMixin, ConfigMixin):
         Returns:
             ``eps``, ``(N, in_channels, H, W)``.
         """
-        x = self._model_input(sample, cond)                       # (N, C_in + C_cond, H, W)
+        cond = self._condition(sample, cond)                      # (N, C_cond, H, W) or None
+        x = sample if cond is None else torch.cat([sample, cond], dim=1)   # (N, C_in + C_cond, H, W)
         t = self._timesteps(timestep, sample)                     # (N,)
         x = self.x_embedder(x) + self.pos_embedding.to(x.dtype)   # (N, T, D)
         c = self.t_embedder(self.time_proj(t).to(x.dtype))        # (N, D)
@@ -258,7 +266,8 @@ class GridDiT(ModelMixin, ConfigMixin):
             else:
                 x = block(x, c)                                   # (N, T, D)
         x = self.final_layer(x, c)                                # (N, T, p*p*C_in)
-        return self.unpatchify(x)                                 # (N, C_in, H, W)
+        out = self.unpatchify(x)                                  # (N, C_in, H, W)
+        return out + cond[:, :-1] if self.config.fill_residual else out
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, p*p*C)`` tokens in row-major patch order -> ``(N, C, H, W)``."""
@@ -268,8 +277,8 @@ class GridDiT(ModelMixin, ConfigMixin):
         x = torch.einsum("nhwpqc->nchpwq", x)                     # (N, C, H/p, p, W/p, p)
         return x.reshape(x.shape[0], x.shape[1], hp * p, wp * p)  # (N, C, H, W)
 
-    def _model_input(self, sample: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """Check the inputs and concatenate the condition (stage 2) on channels."""
+    def _condition(self, sample: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """Check the inputs; the condition as the network sees it (unknown cells filled with ``cond_fill``)."""
         cfg = self.config
         expected = (cfg.in_channels, cfg.sample_height, cfg.sample_width)
         if sample.ndim != 4 or tuple(sample.shape[1:]) != expected:
@@ -277,7 +286,7 @@ class GridDiT(ModelMixin, ConfigMixin):
         if cfg.cond_channels == 0:
             if cond is not None:
                 raise ValueError("this model is unconditional (cond_channels=0): do not pass cond")
-            return sample
+            return None
         expected_cond = (sample.shape[0], cfg.cond_channels, cfg.sample_height, cfg.sample_width)
         if cond is None:
             raise ValueError(f"this model is conditional (cond_channels={cfg.cond_channels}): "
@@ -288,7 +297,7 @@ class GridDiT(ModelMixin, ConfigMixin):
         if cfg.cond_fill == "linear":                             # masked condition: latents, then the mask
             mask = cond[:, -1:]
             cond = torch.cat([fill_unknown_cells(cond[:, :-1], mask, cfg.grid_rows, cfg.grid_cols), mask], dim=1)
-        return torch.cat([sample, cond], dim=1)
+        return cond
 
     def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:
         """``stride`` (None, a scalar or ``(N,)``) as an ``(N,)`` long tensor, checked to lie in ``0..num_strides``."""
