@@ -152,9 +152,10 @@ def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
     cond = run["stage1"]["conditioning"]
     min_snr = run.get("diffusion", {}).get("min_snr")
     weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
-    fill = pipeline.stage1.config.cond_fill
-    given = ("the unknown cells of its condition hold the linear interpolation of the known ones, so the\n"
-             "network learns a correction to it" if fill == "linear" else "the unknown cells of its condition are zero")
+    fill, residual = pipeline.stage1.config.cond_fill, pipeline.stage1.config.fill_residual
+    given = ("the unknown cells of its condition hold the linear interpolation of the known ones"
+             + (" and its output is that plus the network's correction" if residual else "")
+             if fill == "linear" else "the unknown cells of its condition are zero")
     text = f"""# ct_interpolate: the slice model bundled with ctgridit
 
 The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditional

@@ -64,6 +64,8 @@ def scores(real: np.ndarray, made: np.ndarray, filled: np.ndarray, body: np.ndar
 def extension_rows(name: str, volume: CTVolume, pipeline, extend: int, steps: int) -> list[tuple]:
     """Drop ``extend`` slices at either end of ``volume`` (RAS: the last array slices are the top) and make them
     again: gridit's extension, the last real slice held, and linear extrapolation; PSNR per group of 4 new slices."""
+    if not volume.affine[2, 2] > 0 or np.count_nonzero(volume.affine[:3, 2]) != 1:
+        raise SystemExit(f"{name}: extension_rows needs the array's third axis to run towards the head (RAS +z)")
     hu = volume.array.astype(np.float64)
     n = hu.shape[2]
     rows = []

@@ -42,6 +42,13 @@ def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPi
                           config)
 
 
+def test_a_residual_model_needs_a_clean_sample_scheduler():
+    """Adding the output to the filled condition only makes sense for a model of the clean sample."""
+    good = native_pipeline()
+    with pytest.raises(ValueError, match="fill_residual"):
+        GriDiTPipeline(good.stage1, good.codec, make_train_scheduler(clip_sample=True), good.config)
+
+
 def slab(path, slices: int, layout: str = "as stored") -> CTVolume:
     """The first ``slices`` slices; ``layout`` "z flipped" stores them head first, "z first" makes the slice axis
     the first array axis (the same voxels in the world either way)."""

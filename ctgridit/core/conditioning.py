@@ -18,7 +18,7 @@ the known cells:
   with ``cond_fill="linear"`` first fills the unknown cells of its condition by
   linear interpolation between the nearest known cells in frame order
   (:func:`fill_unknown_cells`), so every token sees its cell's classical
-  estimate and the network learns the correction (docs/METHOD.md section 6);
+  estimate and the network learns the correction (docs/METHOD.md sections 3 and 7b);
 - training draws the task of every grid (:class:`TaskMix`) and counts the loss
   on the unknown cells only; the known cells of the noisy input are the known
   latents diffused to the level like the rest, exactly what the sampler feeds
@@ -98,7 +98,9 @@ def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, col
         return cells.gather(1, at.clamp(0, n - 1).view(*at.shape, 1, 1, 1).expand_as(cells))
 
     shape = (*known.shape, 1, 1, 1)
-    filled = w_before.view(shape) * gather(before) + w_after.view(shape) * gather(after)
+    zero = torch.zeros((), dtype=latents.dtype, device=latents.device)
+    filled = (torch.where(w_before.view(shape) > 0, w_before.view(shape) * gather(before), zero)
+              + torch.where(w_after.view(shape) > 0, w_after.view(shape) * gather(after), zero))
     return tile(filled, rows, cols)
 
 

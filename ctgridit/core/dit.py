@@ -239,7 +239,7 @@ class GridDiT(ModelMixin, ConfigMixin):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 cond: torch.Tensor | None = None, stride: torch.Tensor | int | None = None) -> torch.Tensor:
-        """Predict the noise in ``sample``.
+        """Predict what the training scheduler's ``prediction_type`` names (the noise, the clean sample or v).
 
         Args:
             sample: the noisy latent ``(N, in_channels, H, W)``.
@@ -249,7 +249,7 @@ class GridDiT(ModelMixin, ConfigMixin):
                 ``(N,)`` or a scalar in ``0..num_strides`` (0 or None: not given).
 
         Returns:
-            ``eps``, ``(N, in_channels, H, W)``.
+            ``(N, in_channels, H, W)``; with ``fill_residual`` the filled condition plus the network's output.
         """
         cond = self._condition(sample, cond)                      # (N, C_cond, H, W) or None
         x = sample if cond is None else torch.cat([sample, cond], dim=1)   # (N, C_in + C_cond, H, W)

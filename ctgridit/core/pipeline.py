@@ -234,6 +234,9 @@ class GriDiTPipeline:
                     or s2.in_channels != self.codec.latent_channels):
                 raise ValueError("stage 2 does not match the full-resolution frame latent and codec")
         self.config.sampling.stage1.stride_labels(grid.cells, self.max_stride)   # labels the model knows
+        if s1.get("fill_residual", False) and self.scheduler.config.prediction_type != "sample":
+            raise ValueError("stage 1 adds its output to the filled condition (fill_residual), which only a model of "
+                             f"the clean sample does; its scheduler says {self.scheduler.config.prediction_type!r}")
 
     @property
     def masked(self) -> bool:

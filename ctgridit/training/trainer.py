@@ -337,8 +337,7 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
         _write_audit(audit_dir, rank, world, audit, unwrapped)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    start = state.start
-    return TrainResult(stage, total - start, log.first_loss, log.last_loss, log.elapsed(), config.output)
+    return TrainResult(stage, total - state.start, log.first_loss, log.last_loss, log.elapsed(), config.output)
 
 
 @dataclasses.dataclass
