@@ -334,6 +334,26 @@ def test_resuming_a_finished_run_only_exports(tmp_path, small_ct):
         train(config, 1, steps=2, resume=True, device="cpu", quiet=True)
 
 
+def test_resuming_with_another_model_or_objective_is_refused(tmp_path, small_ct):
+    """A resumed run must define the same model and objective as its checkpoint (learning rate and steps may
+    change); settings an older checkpoint did not record count as their defaults."""
+    write_config(tmp_path, small_ct)
+    train(load_config(tmp_path / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    for changes, name in [({"diffusion": {"prediction": "sample"}}, "diffusion.prediction = 'epsilon'"),
+                          ({"stage1": {"model": {"preset": "DiT-tiny/2", "overrides": {"depth": 3}}}},
+                           "stage1.model.overrides.depth = None")]:
+        write_config(tmp_path, small_ct, **changes)
+        with pytest.raises(CTGridItError, match=name) as info:
+            train(load_config(tmp_path / "config.yaml"), 1, steps=6, resume=True, device="cpu", quiet=True)
+        assert "\n" not in str(info.value)
+    stored = tmp_path / "ckpt" / "stage1" / "step_00000003" / "config.json"
+    older = json.loads(stored.read_text())
+    del older["diffusion"], older["stage1"]["conditioning"]["fill"]     # written before these settings existed
+    stored.write_text(json.dumps(older))
+    write_config(tmp_path, small_ct, optim={"lr": 5e-4})
+    assert train(load_config(tmp_path / "config.yaml"), 1, steps=4, resume=True, device="cpu", quiet=True).steps == 1
+
+
 def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path, small_ct):
     """stage.init (the bundled model's second phase): training starts from a trained stage's EMA weights."""
     from ctgridit.core.codecs import PixelCodec

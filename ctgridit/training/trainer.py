@@ -47,7 +47,7 @@ from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig, quiet_diffusers,
 from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.files import atomic_folder, atomic_output
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from ctgridit.training.config import TrainConfig
+from ctgridit.training.config import ConditioningConfig, DiffusionConfig, ModelConfig, TrainConfig
 from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
 from ctgridit.training.metrics import MetricsLog
 
@@ -373,7 +373,7 @@ class _TrainState:
             warm_start(model, config.stage(stage).init)
         ema = EMAModel(model.parameters(), decay=optim.ema_decay)
         names = [n for n, _ in model.named_parameters()]
-        start, found = (_restore(restore_from, model, optimizer, lr_schedule, ema, names)
+        start, found = (_restore(restore_from, model, optimizer, lr_schedule, ema, names, config, stage)
                         if restore_from is not None else (0, None))
         model, optimizer = accelerator.prepare(model, optimizer)
         if config.performance.compile:
@@ -443,16 +443,70 @@ def _launch(config: TrainConfig, stage: int, device: str, resume: bool, force: b
     return accelerator, ckpt_dir
 
 
-def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str]) -> tuple[int, Path]:
-    """Load the newest readable checkpoint into the model, optimizer, schedule, EMA and torch's RNG:
-    returns its step and folder."""
+def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str], config: TrainConfig,
+             stage: int) -> tuple[int, Path]:
+    """Load the newest readable checkpoint into the model, optimizer, schedule, EMA and torch's RNG (after checking
+    it was trained for the same model, :func:`_check_same_model`): returns its step and folder."""
     found, (weights, ema_weights, state) = newest_readable_checkpoint(ckpt_dir)
+    _check_same_model(found, config, stage)
     model.load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_scheduler"])
     ema.load_state_dict({**state["ema"], "shadow_params": [ema_weights[n] for n in names]})
     torch.set_rng_state(state["rng_torch"])
     return int(state["step"]), found
+
+
+#: The parts of a training config that decide what a stage's network is and what it learns: a resumed run must
+#: have the same (learning rate, steps, data and logging may change between runs).
+MODEL_DEFINING = ("frame_size", "grid", "codec", "diffusion")
+
+
+def _check_same_model(found: Path, config: TrainConfig, stage: int) -> None:
+    """Refuse to resume from checkpoint ``found`` if its config differs from this run's in what defines the model:
+    grid, frame size, codec, objective, and the stage's network and conditioning. A key an older checkpoint lacks
+    counts as its default where the default is known (settings added since); a key a free-form dict (the model's
+    ``overrides``) lacks is a difference; a part the checkpoint did not record at all is not compared."""
+    stored_file = found / "config.json"
+    if not stored_file.is_file():
+        return
+    stored, current = json.loads(stored_file.read_text()), config.to_dict()
+    defaults = {"diffusion": dataclasses.asdict(DiffusionConfig()),
+                f"stage{stage}": {"model": dataclasses.asdict(ModelConfig()),
+                                  "conditioning": dataclasses.asdict(ConditioningConfig())}}
+    for path in [(key,) for key in MODEL_DEFINING] + [(f"stage{stage}", "model"), (f"stage{stage}", "conditioning")]:
+        mine, theirs, default = current, stored, defaults
+        for key in path:
+            mine, theirs, default = mine.get(key), _get(theirs, key), _get(default, key)
+        for name, value, was in _differences(mine, theirs, default, ".".join(path)):
+            raise CTGridItError(f"the checkpoint was trained with {name} = {was!r}, this config says {value!r}",
+                                found, "resume with the config it was trained with, or start over with --force")
+
+
+_MISSING = object()
+
+
+def _get(tree, key):
+    return tree.get(key, _MISSING) if isinstance(tree, dict) else _MISSING
+
+
+def _differences(mine, theirs, default, where: str):
+    """``(dotted name, this run's value, the checkpoint's value)`` for every leaf that differs."""
+    if theirs is _MISSING:
+        theirs = default
+        if theirs is _MISSING:
+            return                                                      # not recorded and no known default
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in mine:
+            if key not in theirs and _get(default, key) is _MISSING:     # a free-form dict (overrides) without it
+                yield f"{where}.{key}", mine[key], None
+                continue
+            yield from _differences(mine[key], _get(theirs, key), _get(default, key), f"{where}.{key}")
+        for key in theirs.keys() - mine.keys():                          # an override this run no longer sets
+            yield f"{where}.{key}", None, theirs[key]
+    elif (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
+            list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+        yield where, mine, theirs
 
 
 class _StepLog:
