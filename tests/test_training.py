@@ -335,8 +335,8 @@ def test_resuming_a_finished_run_only_exports(tmp_path, small_ct):
 
 
 def test_resuming_with_another_model_or_objective_is_refused(tmp_path, small_ct):
-    """A resumed run must define the same model and objective as its checkpoint (learning rate and steps may
-    change); settings an older checkpoint did not record count as their defaults."""
+    """A resumed run must define the same model and prediction as its checkpoint (learning rate, steps and loss
+    weights may change); settings an older checkpoint did not record count as their defaults."""
     write_config(tmp_path, small_ct)
     train(load_config(tmp_path / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
     for changes, name in [({"diffusion": {"prediction": "sample"}}, "diffusion.prediction = 'epsilon'"),
@@ -350,7 +350,7 @@ def test_resuming_with_another_model_or_objective_is_refused(tmp_path, small_ct)
     older = json.loads(stored.read_text())
     del older["diffusion"], older["stage1"]["conditioning"]["fill"]     # written before these settings existed
     stored.write_text(json.dumps(older))
-    write_config(tmp_path, small_ct, optim={"lr": 5e-4})
+    write_config(tmp_path, small_ct, optim={"lr": 5e-4}, diffusion={"min_snr": 5.0})   # training choices may change
     assert train(load_config(tmp_path / "config.yaml"), 1, steps=4, resume=True, device="cpu", quiet=True).steps == 1
 
 

@@ -460,11 +460,13 @@ def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str
 #: The parts of a training config that decide what a stage's network is and what it learns: a resumed run must
 #: have the same (learning rate, steps, data and logging may change between runs).
 MODEL_DEFINING = ("frame_size", "grid", "codec", "diffusion")
+#: Within those, only these keys (loss weights and task probabilities may change between runs).
+ONLY_KEYS = {"diffusion": ("prediction",), "conditioning": ("masked", "strides", "fill", "residual")}
 
 
 def _check_same_model(found: Path, config: TrainConfig, stage: int) -> None:
     """Refuse to resume from checkpoint ``found`` if its config differs from this run's in what defines the model:
-    grid, frame size, codec, objective, and the stage's network and conditioning. A key an older checkpoint lacks
+    grid, frame size, codec, what the model predicts, the stage's network and its inputs (:data:`ONLY_KEYS`). A key an older checkpoint lacks
     counts as its default where the default is known (settings added since); a key a free-form dict (the model's
     ``overrides``) lacks is a difference; a part the checkpoint did not record at all is not compared."""
     stored_file = found / "config.json"
@@ -478,6 +480,9 @@ def _check_same_model(found: Path, config: TrainConfig, stage: int) -> None:
         mine, theirs, default = current, stored, defaults
         for key in path:
             mine, theirs, default = mine.get(key), _get(theirs, key), _get(default, key)
+        if path[-1] in ONLY_KEYS:
+            mine, theirs, default = ({key: tree[key] for key in ONLY_KEYS[path[-1]] if key in tree}
+                                     if isinstance(tree, dict) else tree for tree in (mine, theirs, default))
         for name, value, was in _differences(mine, theirs, default, ".".join(path)):
             raise CTGridItError(f"the checkpoint was trained with {name} = {was!r}, this config says {value!r}",
                                 found, "resume with the config it was trained with, or start over with --force")
