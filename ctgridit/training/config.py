@@ -483,10 +483,17 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
                             "give a training config such as pipelines/configs/ct_small.yaml") from None
     if not raw:
         raise CTGridItError("the config is empty", path, "start from one in pipelines/configs/")
-    config = _build(TrainConfig, raw, "", str(path))
-    config.source = str(path)
+    config = config_from_dict(raw, str(path))
     _resolve_paths(config, path.parent)
     return config.validate()
+
+
+def config_from_dict(data: dict, source: str | None = None) -> TrainConfig:
+    """A training config from a mapping (a YAML file's, or the one a checkpoint stores): unknown keys refused,
+    missing ones at their defaults; not validated."""
+    config = _build(TrainConfig, data, "", source)
+    config.source = source
+    return config
 
 
 def _resolve_paths(config: TrainConfig, base: Path) -> None:

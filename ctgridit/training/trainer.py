@@ -47,7 +47,7 @@ from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig, quiet_diffusers,
 from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.files import atomic_folder, atomic_output
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from ctgridit.training.config import ConditioningConfig, DiffusionConfig, ModelConfig, TrainConfig
+from ctgridit.training.config import TrainConfig, config_from_dict
 from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
 from ctgridit.training.metrics import MetricsLog
 
@@ -457,61 +457,38 @@ def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str
     return int(state["step"]), found
 
 
-#: The parts of a training config that decide what a stage's network is and what it learns: a resumed run must
-#: have the same (learning rate, steps, data and logging may change between runs).
-MODEL_DEFINING = ("frame_size", "grid", "codec", "diffusion")
-#: Within those, only these keys (loss weights and task probabilities may change between runs).
-ONLY_KEYS = {"diffusion": ("prediction",), "conditioning": ("masked", "strides", "fill", "residual")}
+#: What defines a stage's network and what it predicts: a resumed run must keep them (loss weights, task
+#: probabilities, learning rate, steps and data may change between runs).
+SAME_ON_RESUME = ("frame_size", "grid", "codec", "diffusion.prediction", "stage{stage}.model",
+                  "stage{stage}.conditioning.masked", "stage{stage}.conditioning.strides",
+                  "stage{stage}.conditioning.fill", "stage{stage}.conditioning.residual")
 
 
 def _check_same_model(found: Path, config: TrainConfig, stage: int) -> None:
-    """Refuse to resume from checkpoint ``found`` if its config differs from this run's in what defines the model:
-    grid, frame size, codec, what the model predicts, the stage's network and its inputs (:data:`ONLY_KEYS`). A key an older checkpoint lacks
-    counts as its default where the default is known (settings added since); a key a free-form dict (the model's
-    ``overrides``) lacks is a difference; a part the checkpoint did not record at all is not compared."""
+    """Refuse to resume from checkpoint ``found`` if the config it stores differs from this run's in
+    :data:`SAME_ON_RESUME` (read like a config file: settings an older checkpoint lacks are at their defaults)."""
     stored_file = found / "config.json"
     if not stored_file.is_file():
         return
-    stored, current = json.loads(stored_file.read_text()), config.to_dict()
-    defaults = {"diffusion": dataclasses.asdict(DiffusionConfig()),
-                f"stage{stage}": {"model": dataclasses.asdict(ModelConfig()),
-                                  "conditioning": dataclasses.asdict(ConditioningConfig())}}
-    for path in [(key,) for key in MODEL_DEFINING] + [(f"stage{stage}", "model"), (f"stage{stage}", "conditioning")]:
-        mine, theirs, default = current, stored, defaults
-        for key in path:
-            mine, theirs, default = mine.get(key), _get(theirs, key), _get(default, key)
-        if path[-1] in ONLY_KEYS:
-            mine, theirs, default = ({key: tree[key] for key in ONLY_KEYS[path[-1]] if key in tree}
-                                     if isinstance(tree, dict) else tree for tree in (mine, theirs, default))
-        for name, value, was in _differences(mine, theirs, default, ".".join(path)):
-            raise CTGridItError(f"the checkpoint was trained with {name} = {was!r}, this config says {value!r}",
-                                found, "resume with the config it was trained with, or start over with --force")
+    stored = config_from_dict(json.loads(stored_file.read_text()), str(stored_file))
+    mine, theirs = _leaves(config.to_dict()), _leaves(stored.to_dict())
+    for part in (p.format(stage=stage) for p in SAME_ON_RESUME):
+        for name in sorted(n for n in mine.keys() | theirs.keys() if n == part or n.startswith(part + ".")):
+            if mine.get(name) != theirs.get(name):
+                raise CTGridItError(f"the checkpoint was trained with {name} = {theirs.get(name)!r}, this config "
+                                    f"says {mine.get(name)!r}", found,
+                                    "resume with the config it was trained with, or start over with --force")
 
 
-_MISSING = object()
-
-
-def _get(tree, key):
-    return tree.get(key, _MISSING) if isinstance(tree, dict) else _MISSING
-
-
-def _differences(mine, theirs, default, where: str):
-    """``(dotted name, this run's value, the checkpoint's value)`` for every leaf that differs."""
-    if theirs is _MISSING:
-        theirs = default
-        if theirs is _MISSING:
-            return                                                      # not recorded and no known default
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        for key in mine:
-            if key not in theirs and _get(default, key) is _MISSING:     # a free-form dict (overrides) without it
-                yield f"{where}.{key}", mine[key], None
-                continue
-            yield from _differences(mine[key], _get(theirs, key), _get(default, key), f"{where}.{key}")
-        for key in theirs.keys() - mine.keys():                          # an override this run no longer sets
-            yield f"{where}.{key}", None, theirs[key]
-    elif (list(mine) if isinstance(mine, (list, tuple)) else mine) != (
-            list(theirs) if isinstance(theirs, (list, tuple)) else theirs):
-        yield where, mine, theirs
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted name: value}`` (tuples as lists; an empty mapping has no leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 class _StepLog:
