@@ -116,7 +116,7 @@ def main() -> None:
         for method, image in made.items():
             s = scores(real, image, filled, body)
             rows.append((Path(name).name, f"{real.shape[0]}x{real.shape[1]}x{n}", method, s, seconds.get(method)))
-    print(f"| scan | size | method | PSNR dB | PSNR body dB | SSIM | s |\n|---|---|---|---|---|---|---|")
+    print("| scan | size | method | PSNR dB | PSNR body dB | SSIM | s |\n|---|---|---|---|---|---|---|")
     for scan, size, method, s, sec in rows:
         print(f"| {scan} | {size} | {method} | {s['psnr']:.2f} | {s['psnr_body']:.2f} | {s['ssim']:.4f} | "
               f"{'' if sec is None else f'{sec:.1f}'} |")

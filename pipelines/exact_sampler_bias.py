@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctgridit.core.conditioning import known_cells  # noqa: E402
 from ctgridit.core.diffusion import make_sample_scheduler, make_train_scheduler  # noqa: E402
 from ctgridit.core.grid import cell_mask, tile, untile  # noqa: E402
-from ctgridit.core.sampler import inpaint, model_forwards  # noqa: E402
+from ctgridit.core.sampler import RePaint, inpaint, model_forwards  # noqa: E402
 from tests.gaussian_model import ExactModel, GaussianSequence  # noqa: E402
 
 TRAIN = make_train_scheduler()
@@ -44,7 +44,7 @@ def run(dist: GaussianSequence, context: torch.Tensor, flags: list[float], condi
     mask = cell_mask(flags, dist.rows, dist.cols, dist.h, dist.w).double()
     model = ExactModel(dist, TRAIN.alphas_cumprod, conditional=conditional)
     return inpaint(model, make_sample_scheduler(TRAIN, sampler, steps), context, mask, conditional=conditional,
-                   generator=torch.Generator().manual_seed(seed), repaint_jump=jump, repaint_times=times)
+                   generator=torch.Generator().manual_seed(seed), repaint=RePaint(jump, times))
 
 
 def main() -> None:

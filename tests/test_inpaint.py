@@ -12,7 +12,7 @@ import torch
 from ctgridit.core.diffusion import (NoiseDraws, SequenceNoise, make_sample_scheduler, make_train_scheduler,
                                      scheduler_step, strength_timesteps)
 from ctgridit.core.grid import cell_mask, untile
-from ctgridit.core.sampler import inpaint, model_forwards, repaint_schedule
+from ctgridit.core.sampler import RePaint, Start, inpaint, model_forwards, repaint_schedule
 from tests.sampler_fakes import TRAIN, Recorder, tiny_model
 
 
@@ -33,7 +33,7 @@ def test_inpaint_keeps_known_cells_exactly(sampler, jump, times):
     flags = [1, 0, 0, 1]
     mask = cell_mask(flags, 2, 2, 4, 4)
     out = inpaint(model, scheduler, known, mask, generator=torch.Generator().manual_seed(1),
-                  repaint_jump=jump, repaint_times=times)
+                  repaint=RePaint(jump, times))
     assert out.shape == known.shape
     got, ref = cells_of(out, 2, 2), cells_of(known, 2, 2)
     assert torch.equal(got[:, [0, 3]], ref[:, [0, 3]])          # bit for bit
@@ -62,7 +62,7 @@ def known_levels(sampler: str, num_steps: int, clean: torch.Tensor, mask: torch.
     model = Recorder(lambda x, t: 0.1 * x, keep=True)
     scheduler = make_sample_scheduler(TRAIN, sampler, num_steps)
     inpaint(model, scheduler, clean, mask, generator=torch.Generator().manual_seed(3),
-            repaint_jump=jump, repaint_times=times)
+            repaint=RePaint(jump, times))
     return model.inputs, [int(t[0]) for t in model.timesteps], mask.expand_as(clean).bool()
 
 
@@ -130,7 +130,7 @@ def test_inpaint_from_init_starts_at_the_level_of_its_first_step(sampler):
     init = 1e4 + torch.randn(2, 2, 8, 8, generator=g)
     model = Recorder(lambda x, t: 0.1 * x, keep=True)
     scheduler = make_sample_scheduler(TRAIN, sampler, 10)
-    inpaint(model, scheduler, torch.zeros_like(init), None, init=init, strength=0.4, generator=g)
+    inpaint(model, scheduler, torch.zeros_like(init), None, start=Start(init, 0.4), generator=g)
     labels = [int(t[0]) for t in model.timesteps]
     assert labels == [int(t) for t in scheduler.timesteps][6:]
     x = model.inputs[0].double()
@@ -138,16 +138,14 @@ def test_inpaint_from_init_starts_at_the_level_of_its_first_step(sampler):
     assert abs(sqrt_a / TRAIN.alphas_cumprod[labels[0]].double().sqrt() - 1) < 1e-3
 
 
-def test_inpaint_with_low_strength_stays_near_init_and_needs_one():
+def test_inpaint_with_low_strength_stays_near_init():
     model = tiny_model()
     init = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     scheduler = make_sample_scheduler(TRAIN, "ddpm", 50)
     g = torch.Generator().manual_seed(2)
-    near = inpaint(model, scheduler, init, None, init=init, strength=0.04, generator=g)
-    far = inpaint(model, scheduler, init, None, init=init, strength=1.0, generator=g)
+    near = inpaint(model, scheduler, init, None, start=Start(init, 0.04), generator=g)
+    far = inpaint(model, scheduler, init, None, start=Start(init, 1.0), generator=g)
     assert (near - init).abs().mean() < 0.25 * (far - init).abs().mean()
-    with pytest.raises(ValueError, match="init"):
-        inpaint(model, scheduler, init, None, strength=0.5)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -11,7 +11,7 @@ import torch
 from ctgridit.core.diffusion import diffusion_loss, make_sample_scheduler, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask, tile, untile
-from ctgridit.core.sampler import inpaint, sample_sequence
+from ctgridit.core.sampler import RePaint, inpaint, sample_sequence
 
 # ------------------------------------- it really continues a sequence
 PERIOD, SIZE = 24, 8
@@ -74,9 +74,9 @@ def test_trained_model_continues_the_sequence(blob_models):
     mask = cell_mask([1, 1, 0, 0], 2, 2, SIZE, SIZE)
     with torch.no_grad():
         out = inpaint(model, scheduler, known * mask, mask, generator=torch.Generator().manual_seed(1),
-                      repaint_jump=2, repaint_times=4)
+                      repaint=RePaint(2, 4))
         free = inpaint(model, scheduler, known, None, generator=torch.Generator().manual_seed(1),
-                       repaint_jump=2, repaint_times=4)
+                       repaint=RePaint(2, 4))
         blind = inpaint(untrained, scheduler, known * mask, mask, generator=torch.Generator().manual_seed(1))
     new = untile(out, 2, 2)[:, 2:]                                       # (B, 2, 1, 8, 8)
     assert torch.equal(untile(out, 2, 2)[:, :2], truth[:, :2])
@@ -107,7 +107,7 @@ def test_trained_model_extends_a_sequence_frame_by_frame(blob_models):
     with torch.no_grad():
         frames = sample_sequence(model, scheduler, num_frames=10, frame_shape=(1, SIZE, SIZE), rows=2, cols=2,
                                  batch_size=8, control_rows=1, levels=0,
-                                 generator=torch.Generator().manual_seed(2), repaint_jump=2, repaint_times=4)
+                                 generator=torch.Generator().manual_seed(2), repaint=RePaint(2, 4))
     assert frames.shape == (8, 10, 1, SIZE, SIZE)
     # the phase of every frame: the nearest frame of the true sequence
     dist = ((frames.unsqueeze(2) - BLOB.view(1, 1, PERIOD, 1, SIZE, SIZE)) ** 2).mean(dim=(3, 4, 5))

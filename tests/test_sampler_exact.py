@@ -23,7 +23,7 @@ import torch
 from ctgridit.core.conditioning import known_cells
 from ctgridit.core.diffusion import make_sample_scheduler, make_train_scheduler
 from ctgridit.core.grid import cell_mask, tile, untile
-from ctgridit.core.sampler import inpaint, plan_sequence, sample_sequence
+from ctgridit.core.sampler import RePaint, inpaint, plan_sequence, sample_sequence
 from tests.gaussian_model import ExactModel, GaussianSequence, GaussianVectorModel, gaussian_eps
 
 TRAIN = make_train_scheduler()                 # no clipping: the Gaussian is unbounded
@@ -143,7 +143,7 @@ def ramp_new_cells(conditional: bool, sampler: str = "ddpm", steps: int = 50, ju
     mask = cell_mask([1, 1, 0, 0], 2, 2, 2, 2).double()
     model = ExactModel(RAMP, ABAR, conditional=conditional)
     out = inpaint(model, make_sample_scheduler(TRAIN, sampler, steps), tile(cells, 2, 2), mask,
-                  conditional=conditional, generator=seeded(0), repaint_jump=jump, repaint_times=times)
+                  conditional=conditional, generator=seeded(0), repaint=RePaint(jump, times))
     return untile(out, 2, 2)[:, 2:].mean(dim=(0, 2, 3, 4)).tolist()
 
 
@@ -199,7 +199,7 @@ def grid_slope_std(rows: int, cols: int, stride: int, batch: int = 2000) -> floa
     slope a sequence inherits from its first grid (a few-step sampler makes it a little smaller than the
     distribution's, 0.88x at 50 DDPM steps)."""
     grid = inpaint(line_model(rows, cols), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
-                   torch.zeros(batch, 1, rows, cols, dtype=torch.float64), None, conditional=True, stride=stride,
+                   torch.zeros(batch, 1, rows, cols, dtype=torch.float64), None, conditional=True, inputs={"stride": stride},
                    generator=seeded(9))
     return float(line_fit(untile(grid, rows, cols))[0].std()) / stride
 

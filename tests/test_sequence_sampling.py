@@ -13,7 +13,7 @@ import torch
 import ctgridit.core.sampler as sampler_module
 from ctgridit.core.diffusion import make_sample_scheduler
 from ctgridit.core.grid import tile, untile
-from ctgridit.core.sampler import model_forwards, plan_sequence, sample_sequence
+from ctgridit.core.sampler import RePaint, model_forwards, plan_sequence, sample_sequence
 from tests.sampler_fakes import TRAIN, Recorder, tiny_model
 
 
@@ -249,7 +249,7 @@ def test_one_forward_per_step_per_grid_batch(rows, cols, m, n, batch, max_batch,
     model = Recorder(tiny_model(rows, cols, frame=2))
     out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddim", steps), num_frames=n, frame_shape=(2, 2, 2),
                           rows=rows, cols=cols, batch_size=batch, control_rows=m, max_batch=max_batch,
-                          generator=torch.Generator().manual_seed(0), repaint_jump=jump, repaint_times=times)
+                          generator=torch.Generator().manual_seed(0), repaint=RePaint(jump, times))
     assert out.shape == (batch, n, 2, 2, 2)
     plan = plan_sequence(n, rows, cols, control_rows=m)
     per_grid = model_forwards(steps, jump, times)

@@ -41,7 +41,7 @@ from diffusers import DDPMScheduler, SchedulerMixin
 from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import Generators, alpha_bar, diffuse
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
-from ctgridit.core.sampler import ProgressCallback, inpaint, phase_callback
+from ctgridit.core.sampler import ProgressCallback, Start, inpaint, phase_callback
 
 #: Default number of reverse steps of a denoising run (fewer when the level is lower).
 DENOISE_STEPS = 1
@@ -178,18 +178,20 @@ def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto
         cond = pipeline.codec.encode(up[part])
         report = phase_callback(progress, "stage2", i * per, len(chunks) * per)
         z = reverse_from(pipeline.stage2, s2, pipeline.codec.encode(frames[part]), t2, own_hr, generator,
-                         cond=cond, callback=report)
+                         inputs={"cond": cond}, callback=report)
         result.append(pipeline.codec.decode(z))
     return torch.cat(result).clamp(-1, 1), levels
 
 
 def reverse_from(model, scheduler: SchedulerMixin, z: torch.Tensor, t: int, noise_std: float,
-                 generator: Generators = None, callback=None, **inputs) -> torch.Tensor:
+                 generator: Generators = None, callback=None, conditional: bool = False,
+                 inputs: dict | None = None) -> torch.Tensor:
     """Reverse diffusion of noisy latents ``z`` from level ``t`` (:func:`~ctgridit.core.diffusion.diffuse` them there) to 0 over
-    ``scheduler``'s timesteps (:func:`reverse_scheduler`); ``inputs`` go to :func:`inpaint` (cond, stride, ...)."""
+    ``scheduler``'s timesteps (:func:`reverse_scheduler`); ``conditional`` and ``inputs`` (cond, stride) go to
+    :func:`~ctgridit.core.sampler.inpaint`."""
     start = diffuse(scheduler, z, t, noise_std=noise_std, generator=generator)
-    return inpaint(model, scheduler, z, None, init=start, init_at_level=True, generator=generator,
-                   callback=callback, **inputs)
+    return inpaint(model, scheduler, z, None, start=Start(start, at_level=True), generator=generator,
+                   callback=callback, conditional=conditional, inputs=inputs)
 
 
 def denoise_grids(pipeline, grids: torch.Tensor, t: int, noise_std: float, steps: int = DENOISE_STEPS,
@@ -203,6 +205,6 @@ def denoise_grids(pipeline, grids: torch.Tensor, t: int, noise_std: float, steps
     scheduler = reverse_scheduler(pipeline.scheduler, t, steps)
     own = noise_std if isinstance(pipeline.codec, PixelCodec) else 0.0
     z = reverse_from(pipeline.stage1, scheduler, pipeline.codec.encode(grids), t, own, generator, callback,
-                     conditional=pipeline.masked, stride=1 if pipeline.max_stride else None)
+                     conditional=pipeline.masked, inputs={"stride": 1 if pipeline.max_stride else None})
     return pipeline.codec.decode(z)
 

@@ -35,8 +35,8 @@ from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, SequenceNois
                                      strength_timesteps)
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, cell_mask, resize_frames
-from ctgridit.core.sampler import (ProgressCallback, inpaint, level_strides, phase_callback, sample_sequence,
-                                   stride_labels)
+from ctgridit.core.sampler import (ProgressCallback, RePaint, Start, inpaint, level_strides, phase_callback,
+                                   sample_sequence, stride_labels)
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
@@ -294,7 +294,7 @@ class GriDiTPipeline:
                                levels=cfg.levels if levels is None else levels, chunk=cfg.chunk,
                                max_batch=cfg.max_batch, conditional=self.masked, max_stride=self.max_stride,
                                generator=generator, device=self.device, dtype=self.dtype,
-                               repaint_jump=cfg.repaint_jump, repaint_times=cfg.repaint_times, callback=progress)
+                               repaint=RePaint(cfg.repaint_jump, cfg.repaint_times), callback=progress)
 
     @torch.no_grad()
     def fill(self, grids: torch.Tensor, known: list[float], num_steps: int | None = None,
@@ -322,7 +322,7 @@ class GriDiTPipeline:
                          z.shape[-1] // grid.cols).to(self.device, self.dtype)               # (B, 1, H, W)
         scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.config.sampling.stage1.num_steps)
         out = self.codec.decode(inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
-                                        stride=1 if self.max_stride else None, callback=callback)).clamp(-1, 1)
+                                        inputs={"stride": 1 if self.max_stride else None}, callback=callback)).clamp(-1, 1)
         if isinstance(self.codec, PixelCodec):                    # the known cells exactly (a VAE cannot promise it)
             out = torch.where(mask.bool(), grids.to(out), out)
         return out
@@ -369,8 +369,8 @@ class GriDiTPipeline:
             else:
                 noise = generator
             report = phase_callback(progress, "stage2", i * per_chunk, len(starts) * per_chunk)
-            z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, cond=cond, generator=noise,
-                        init=cond, strength=cfg.strength, callback=report)
+            z = inpaint(self.stage2, scheduler, torch.zeros_like(cond), None, inputs={"cond": cond}, generator=noise,
+                        start=Start(cond, cfg.strength), callback=report)
             out.append(self.codec.decode(z))
         return torch.cat(out)
 

@@ -109,49 +109,69 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
     return sum(1 for a, b in zip(walk, walk[1:]) if b > a)
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where an :func:`inpaint` walk starts instead of pure noise (SDEdit; docs/METHOD.md section 7).
+
+    The walk covers the last ``strength`` of the schedule
+    (:func:`~ctgridit.core.diffusion.strength_timesteps`) and starts from
+    ``latent`` forward-diffused to its first level; with ``at_level`` the caller
+    has already brought ``latent`` to that level (denoising:
+    :func:`~ctgridit.core.diffusion.diffuse` with the input's own noise) and it is used as is.
+    """
+
+    latent: torch.Tensor
+    strength: float = 1.0
+    at_level: bool = False
+
+
+@dataclass(frozen=True)
+class RePaint:
+    """RePaint resampling (replacement mode): every ``jump`` steps the walk goes back ``jump`` steps,
+    ``times - 1`` times (:func:`repaint_schedule`); ``jump = 0`` or ``times = 1``: none."""
+
+    jump: int = 0
+    times: int = 1
+
+    @property
+    def on(self) -> bool:
+        return self.jump > 0 and self.times > 1
+
+
+NO_REPAINT = RePaint()
+
+
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
-            conditional: bool = False, cond: torch.Tensor | None = None, stride: int | torch.Tensor | None = None,
-            generator: Generators = None, init: torch.Tensor | None = None, strength: float = 1.0,
-            init_at_level: bool = False, repaint_jump: int = 0, repaint_times: int = 1,
+            conditional: bool = False, inputs: dict | None = None, start: Start | None = None,
+            repaint: RePaint = NO_REPAINT, generator: Generators = None,
             callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Reverse diffusion of ``(B, C, H, W)`` latents keeping the ``mask == 1`` cells at ``known``.
 
     ``scheduler`` must have its timesteps set. With ``mask=None`` nothing is
     known and ``known`` only gives shape, device and dtype.
-    ``conditional``: the model is masked-conditional and gets
-    :func:`~ctgridit.core.conditioning.masked_condition` of ``known`` and ``mask``
-    (all cells unknown for ``mask=None``) as ``cond``. Otherwise ``cond``, if
-    given, is passed as is (stage 2). ``stride``, if given, is passed as the
-    model's stride label.
-    ``init`` and ``strength`` (SDEdit; docs/METHOD.md section 7): the walk covers the
-    last ``strength`` of the schedule (:func:`strength_timesteps`) and starts
-    from ``init`` forward-diffused to its first level instead of pure noise;
-    with ``init_at_level`` the caller has already brought ``init`` to that level
-    (denoising: :func:`ctgridit.core.diffusion.diffuse` with the input's own noise) and it is used as is.
+    What the model gets besides the noisy latents: with ``conditional`` (a
+    masked-conditional model) :func:`~ctgridit.core.conditioning.masked_condition`
+    of ``known`` and ``mask`` (all cells unknown for ``mask=None``) as ``cond``;
+    ``inputs`` as they are (stage 2's ``cond``; ``stride``, a label for the
+    whole batch or one per item: :func:`stride_input`).
+    ``start``: begin from a given latent (:class:`Start`), else from pure noise.
+    ``repaint``: :class:`RePaint` resampling.
     ``generator`` may be a list, one per batch item (see :func:`randn_like`).
     ``callback(done, total)`` is called after every model forward.
     """
-    timesteps = strength_timesteps(scheduler, strength)
-    if strength < 1.0 and init is None:
-        raise ValueError("strength < 1 needs init, the latent to start from")
+    timesteps = strength_timesteps(scheduler, start.strength if start is not None else 1.0)
+    inputs = dict(inputs or {})
     if conditional:
-        if cond is not None:
+        if "cond" in inputs:
             raise ValueError("a masked-conditional model gets its condition from known and mask: do not pass cond")
-        cond = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
-    if stride is not None:                                        # one label tensor for all steps, on the device
-        stride = torch.as_tensor(stride).expand(known.shape[0]).to(device=known.device, dtype=torch.long)
-    inputs = {name: value for name, value in (("cond", cond), ("stride", stride)) if value is not None}
+        inputs["cond"] = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
+    if inputs.get("stride") is not None:
+        inputs["stride"] = stride_input(inputs["stride"], known)
+    inputs = {name: value for name, value in inputs.items() if value is not None}
     levels = timesteps + [-1]                                     # noise level at walk index i; -1 = clean
-    if init is None:
-        x = randn_like(known, generator) * scheduler.init_noise_sigma
-    elif init_at_level:
-        x = init
-    else:
-        x = diffuse(scheduler, init, levels[0], generator=generator)
-    if mask is not None:
-        x = mask * diffuse(scheduler, known, levels[0], generator=generator) + (1 - mask) * x
-    walk = repaint_schedule(len(timesteps), repaint_jump, repaint_times)
-    forwards = model_forwards(len(timesteps), repaint_jump, repaint_times)
+    x = _first_latent(scheduler, known, mask, start, levels[0], generator)
+    walk = repaint_schedule(len(timesteps), repaint.jump, repaint.times)
+    forwards = model_forwards(len(timesteps), repaint.jump, repaint.times)
     done = 0
     for here, there in zip(walk, walk[1:]):
         if there < here:                                          # RePaint: jump back to a noisier level
@@ -159,8 +179,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             continue
         t = timesteps[here]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model(x, t_batch, **inputs)
-        unknown = scheduler_step(scheduler, eps, t, x, generator)
+        unknown = scheduler_step(scheduler, model(x, t_batch, **inputs), t, x, generator)
         if mask is None:
             x = unknown
         else:
@@ -171,6 +190,26 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             callback(done, forwards)
     if mask is not None:                                          # known cells exactly, whatever the scheduler did
         x = mask * known + (1 - mask) * x
+    return x
+
+
+def stride_input(stride: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A stride label (one for all, or one per batch item) as the model's ``(B,)`` long input on ``like``'s device."""
+    return torch.as_tensor(stride).expand(like.shape[0]).to(device=like.device, dtype=torch.long)
+
+
+def _first_latent(scheduler, known: torch.Tensor, mask: torch.Tensor | None, start: Start | None, level: int,
+                  generator: Generators) -> torch.Tensor:
+    """The walk's first sample, at noise ``level``: pure noise or the :class:`Start`, with the known cells
+    diffused to the level."""
+    if start is None:
+        x = randn_like(known, generator) * scheduler.init_noise_sigma
+    elif start.at_level:
+        x = start.latent
+    else:
+        x = diffuse(scheduler, start.latent, level, generator=generator)
+    if mask is not None:
+        x = mask * diffuse(scheduler, known, level, generator=generator) + (1 - mask) * x
     return x
 
 
@@ -303,7 +342,7 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
                     rows: int, cols: int, batch_size: int = 1, control_rows: int | None = None, levels: int = 1,
                     chunk: int | None = None, max_batch: int = 16, conditional: bool = False, max_stride: int = 0,
                     generator: Generators = None, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, repaint_jump: int = 0, repaint_times: int = 1,
+                    dtype: torch.dtype = torch.float32, repaint: RePaint = NO_REPAINT,
                     callback: ProgressCallback | None = None) -> torch.Tensor:
     """Sample ``batch_size`` sequences of exactly ``num_frames`` latent frames.
 
@@ -317,19 +356,19 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     plan = plan_sequence(num_frames, rows, cols, control_rows, levels, chunk)
     labels = stride_labels(plan.strides, max_stride)
     c, h, w = frame_shape
-    run = dict(conditional=conditional, generator=generator, repaint_jump=repaint_jump, repaint_times=repaint_times)
-    per_grid = model_forwards(len(scheduler.timesteps), repaint_jump, repaint_times)
+    run = dict(conditional=conditional, generator=generator, repaint=repaint)
+    per_grid = model_forwards(len(scheduler.timesteps), repaint.jump, repaint.times)
 
     # step 1: extension
     zeros = torch.zeros(batch_size, c, rows * h, cols * w, device=device, dtype=dtype)
-    sequence = _extend(model, scheduler, zeros, plan, dict(run, stride=labels[0]), per_grid, callback)
+    sequence = _extend(model, scheduler, zeros, plan, dict(run, inputs={"stride": labels[0]}), per_grid, callback)
 
     # step 2: interpolation, level by level
     batches = [-(-batch_size * plan.pairs(level) // max_batch) for level in range(plan.levels)]
     done, total = 0, sum(batches) * per_grid
     for level in range(plan.levels):
         sequence = _interpolate(model, scheduler, sequence[:, :plan.level_inputs[level]], plan, level, max_batch,
-                                dict(run, stride=labels[level + 1]), per_grid, callback, done, total)
+                                dict(run, inputs={"stride": labels[level + 1]}), per_grid, callback, done, total)
         done += batches[level] * per_grid
     return sequence[:, :num_frames]
 
