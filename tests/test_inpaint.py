@@ -1,6 +1,7 @@
 """Grid inpainting (docs/METHOD.md section 6): :func:`inpaint` keeps the known cells exactly and noises them,
 at every step, to the level of the *next* model input with fresh noise; SDEdit starts (strength), RePaint
-schedules, and noise that varies slowly along a sequence."""
+schedules; and the noise it draws: per-item generators, noise that varies slowly along a sequence, and DDIM at
+eta 1 with given noise equal to DDPM's step."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_inpaint_from_init_starts_at_the_level_of_its_first_step(sampler):
     assert abs(sqrt_a / TRAIN.alphas_cumprod[labels[0]].double().sqrt() - 1) < 1e-3
 
 
-def test_inpaint_with_low_strength_stays_near_init():
+def test_inpaint_with_low_strength_stays_near_init_and_needs_one():
     model = tiny_model()
     init = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     scheduler = make_sample_scheduler(TRAIN, "ddpm", 50)
@@ -146,6 +147,16 @@ def test_inpaint_with_low_strength_stays_near_init():
     near = inpaint(model, scheduler, init, None, start=Start(init, 0.04), generator=g)
     far = inpaint(model, scheduler, init, None, start=Start(init, 1.0), generator=g)
     assert (near - init).abs().mean() < 0.25 * (far - init).abs().mean()
+    with pytest.raises(ValueError, match="latent"):
+        Start(None, 0.5)
+
+
+def test_inpaint_passes_only_the_inputs_a_model_takes():
+    model, scheduler, x = tiny_model(), make_sample_scheduler(TRAIN, "ddim", 2), torch.zeros(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="strides"):
+        inpaint(model, scheduler, x, None, inputs={"strides": 3})              # a typo is not passed on silently
+    with pytest.raises(ValueError, match="do not pass cond"):
+        inpaint(model, scheduler, x, None, conditional=True, inputs={"cond": x})
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

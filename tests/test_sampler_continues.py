@@ -1,5 +1,5 @@
-"""A tiny model trained on a smooth moving-blob sequence continues it through :func:`sample_sequence`, which
-fails if the known cells were ignored or put in the wrong place."""
+"""A tiny model trained on a smooth moving-blob sequence continues it, by :func:`inpaint` of a grid and by
+:func:`sample_sequence` frame by frame, which fails if the known cells were ignored or put in the wrong place."""
 
 from __future__ import annotations
 

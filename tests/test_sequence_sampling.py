@@ -1,7 +1,8 @@
 """Grid-based autoregressive sampling (docs/METHOD.md section 6): :func:`sample_sequence` returns exactly ``N``
 frames, moves the last ``m`` rows of grid ``k-1`` into the first rows of grid ``k`` (step 1), puts chunk ``a``
 in the first and ``b`` in the last cells of an interpolation grid and weaves the new frames between them
-(step 2), with one model forward per step and grid batch."""
+(step 2), with one model forward per step and grid batch; :func:`plan_sequence` chooses the fewest grids;
+the same seed gives the same sequence; progress is reported per phase."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def model_forwards(num_steps: int, jump: int = 0, times: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Start:
-    """Where an :func:`inpaint` walk starts instead of pure noise (SDEdit; docs/METHOD.md section 7).
+    """Where an :func:`inpaint` walk starts instead of pure noise (SDEdit: docs/METHOD.md sections 4 and 7).
 
     The walk covers the last ``strength`` of the schedule
     (:func:`~ctgridit.core.diffusion.strength_timesteps`) and starts from
@@ -124,6 +124,10 @@ class Start:
     strength: float = 1.0
     at_level: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent, torch.Tensor):
+            raise ValueError("a start needs the latent to start from")
+
 
 @dataclass(frozen=True)
 class RePaint:
@@ -133,12 +137,11 @@ class RePaint:
     jump: int = 0
     times: int = 1
 
-    @property
-    def on(self) -> bool:
-        return self.jump > 0 and self.times > 1
-
 
 NO_REPAINT = RePaint()
+
+#: What :func:`inpaint` may pass to the model besides the noisy latents and the level.
+MODEL_INPUTS = {"cond", "stride"}
 
 
 def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor | None, *,
@@ -151,9 +154,10 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     known and ``known`` only gives shape, device and dtype.
     What the model gets besides the noisy latents: with ``conditional`` (a
     masked-conditional model) :func:`~ctgridit.core.conditioning.masked_condition`
-    of ``known`` and ``mask`` (all cells unknown for ``mask=None``) as ``cond``;
-    ``inputs`` as they are (stage 2's ``cond``; ``stride``, a label for the
-    whole batch or one per item: :func:`stride_input`).
+    of ``known`` and ``mask`` (all cells unknown for ``mask=None``) as ``cond``,
+    and ``inputs``: ``cond`` (stage 2's low-resolution frame; refused with
+    ``conditional``) and ``stride`` (a label for the whole batch or one per item,
+    :func:`stride_input`); entries that are None are left out.
     ``start``: begin from a given latent (:class:`Start`), else from pure noise.
     ``repaint``: :class:`RePaint` resampling.
     ``generator`` may be a list, one per batch item (see :func:`randn_like`).
@@ -161,8 +165,10 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     """
     timesteps = strength_timesteps(scheduler, start.strength if start is not None else 1.0)
     inputs = dict(inputs or {})
+    if set(inputs) - MODEL_INPUTS:
+        raise ValueError(f"inpaint passes {sorted(MODEL_INPUTS)} to the model, got {sorted(inputs)}")
     if conditional:
-        if "cond" in inputs:
+        if inputs.get("cond") is not None:
             raise ValueError("a masked-conditional model gets its condition from known and mask: do not pass cond")
         inputs["cond"] = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
     if inputs.get("stride") is not None:
