@@ -11,7 +11,7 @@ import torch
 from ctgridit.core.diffusion import diffusion_loss, make_sample_scheduler, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask, tile, untile
-from ctgridit.core.sampler import RePaint, inpaint, sample_sequence
+from ctgridit.core.sampler import RePaint, inpaint, plan_sequence, sample_sequence
 
 # ------------------------------------- it really continues a sequence
 PERIOD, SIZE = 24, 8
@@ -105,8 +105,8 @@ def test_trained_model_extends_a_sequence_frame_by_frame(blob_models):
     model, _, train_scheduler, _ = blob_models
     scheduler = make_sample_scheduler(train_scheduler, "ddpm", 20)
     with torch.no_grad():
-        frames = sample_sequence(model, scheduler, num_frames=10, frame_shape=(1, SIZE, SIZE), rows=2, cols=2,
-                                 batch_size=8, control_rows=1, levels=0,
+        frames = sample_sequence(model, scheduler, plan_sequence(10, 2, 2, control_rows=1, levels=0),
+                                 frame_shape=(1, SIZE, SIZE), batch_size=8,
                                  generator=torch.Generator().manual_seed(2), repaint=RePaint(2, 4))
     assert frames.shape == (8, 10, 1, SIZE, SIZE)
     # the phase of every frame: the nearest frame of the true sequence

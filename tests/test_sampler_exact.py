@@ -189,8 +189,8 @@ def sample_lines(rows: int, cols: int, levels: int, num_frames: int, chunk: int 
                  strides: bool = True, batch: int = 64) -> torch.Tensor:
     max_stride = 300 if strides else 0
     return sample_sequence(line_model(rows, cols), make_sample_scheduler(TRAIN, "ddpm", SLOPE_STEPS),
-                           num_frames=num_frames, frame_shape=(1, 1, 1), rows=rows, cols=cols, batch_size=batch,
-                           levels=levels, chunk=chunk, max_batch=64, conditional=True, max_stride=max_stride,
+                           plan_sequence(num_frames, rows, cols, levels=levels, chunk=chunk), frame_shape=(1, 1, 1),
+                           batch_size=batch, max_batch=64, conditional=True, max_stride=max_stride,
                            generator=seeded(levels), dtype=torch.float64)
 
 

@@ -86,8 +86,8 @@ def test_plan_refuses_bad_control_rows(bad):
 
 
 def test_a_single_row_grid_samples_without_extension():
-    out = sample_sequence(tiny_model(1, 4, frame=2), make_sample_scheduler(TRAIN, "ddim", 2), num_frames=3,
-                          frame_shape=(2, 2, 2), rows=1, cols=4, generator=torch.Generator().manual_seed(0))
+    out = sample_sequence(tiny_model(1, 4, frame=2), make_sample_scheduler(TRAIN, "ddim", 2), plan_sequence(3, 1, 4),
+                          frame_shape=(2, 2, 2), generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 2, 2, 2)
 
 
@@ -149,8 +149,8 @@ def test_sequence_layout(monkeypatch, rows, cols, m, n):
     fake = LabelInpaint(rows, cols)
     monkeypatch.setattr(sampler_module, "inpaint", fake)
     batch, max_batch = 3, 4
-    out = sample_sequence(None, make_sample_scheduler(TRAIN, "ddim", 2), num_frames=n, frame_shape=(2, 2, 3),
-                          rows=rows, cols=cols, batch_size=batch, control_rows=m, max_batch=max_batch)
+    out = sample_sequence(None, make_sample_scheduler(TRAIN, "ddim", 2), plan_sequence(n, rows, cols, control_rows=m),
+                          frame_shape=(2, 2, 3), batch_size=batch, max_batch=max_batch)
     assert out.shape == (batch, n, 2, 2, 3)
     got = frame_labels(out)
     plan = plan_sequence(n, rows, cols, control_rows=m)
@@ -219,8 +219,9 @@ def test_layout_with_the_real_inpaint(monkeypatch):
 
     monkeypatch.setattr(sampler_module, "inpaint", recording)
     model = tiny_model(rows, cols, frame=2)
-    out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddpm", 3), num_frames=48, frame_shape=(2, 2, 2),
-                          rows=rows, cols=cols, batch_size=2, control_rows=m, max_batch=3, chunk=4,
+    out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddpm", 3),
+                          plan_sequence(48, rows, cols, control_rows=m, chunk=4), frame_shape=(2, 2, 2),
+                          batch_size=2, max_batch=3,
                           generator=torch.Generator().manual_seed(0))
     plan = plan_sequence(48, rows, cols, control_rows=m, chunk=4)
     assert (plan.iterations, plan.interpolation_grids) == (2, 4) and out.shape == (2, 48, 2, 2, 2)
@@ -248,8 +249,9 @@ def test_layout_with_the_real_inpaint(monkeypatch):
 ])
 def test_one_forward_per_step_per_grid_batch(rows, cols, m, n, batch, max_batch, steps, jump, times):
     model = Recorder(tiny_model(rows, cols, frame=2))
-    out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddim", steps), num_frames=n, frame_shape=(2, 2, 2),
-                          rows=rows, cols=cols, batch_size=batch, control_rows=m, max_batch=max_batch,
+    out = sample_sequence(model, make_sample_scheduler(TRAIN, "ddim", steps),
+                          plan_sequence(n, rows, cols, control_rows=m), frame_shape=(2, 2, 2),
+                          batch_size=batch, max_batch=max_batch,
                           generator=torch.Generator().manual_seed(0), repaint=RePaint(jump, times))
     assert out.shape == (batch, n, 2, 2, 2)
     plan = plan_sequence(n, rows, cols, control_rows=m)
@@ -267,8 +269,8 @@ def test_same_seed_same_sequence_other_seed_other_sequence():
     scheduler = make_sample_scheduler(TRAIN, "ddpm", 4)
 
     def run(seed):
-        return sample_sequence(model, scheduler, num_frames=9, frame_shape=(2, 4, 4), rows=2, cols=2,
-                               batch_size=2, control_rows=1, generator=torch.Generator().manual_seed(seed))
+        return sample_sequence(model, scheduler, plan_sequence(9, 2, 2, control_rows=1), frame_shape=(2, 4, 4),
+                               batch_size=2, generator=torch.Generator().manual_seed(seed))
 
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (2, 9, 2, 4, 4)
@@ -279,8 +281,8 @@ def test_same_seed_same_sequence_other_seed_other_sequence():
 
 def test_progress_callback_counts_forwards_per_phase():
     seen: dict[str, list[tuple[int, int]]] = {}
-    sample_sequence(tiny_model(), make_sample_scheduler(TRAIN, "ddim", 3), num_frames=12, frame_shape=(2, 4, 4),
-                    rows=2, cols=2, control_rows=1, max_batch=2, callback=lambda ph, d, t: seen.setdefault(ph, []).append((d, t)))
+    sample_sequence(tiny_model(), make_sample_scheduler(TRAIN, "ddim", 3), plan_sequence(12, 2, 2, control_rows=1),
+                    frame_shape=(2, 4, 4), max_batch=2, callback=lambda ph, d, t: seen.setdefault(ph, []).append((d, t)))
     plan = plan_sequence(12, 2, 2, control_rows=1)
     assert set(seen) == {"extend", "interpolate"}
     assert seen["extend"] == [(i, plan.iterations * 3) for i in range(1, plan.iterations * 3 + 1)]

@@ -36,7 +36,7 @@ from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, SequenceNois
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, cell_mask, resize_frames
 from ctgridit.core.sampler import (ProgressCallback, RePaint, Start, inpaint, level_strides, phase_callback,
-                                   sample_sequence, stride_labels)
+                                   plan_sequence, sample_sequence, stride_labels)
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
@@ -288,12 +288,11 @@ class GriDiTPipeline:
         cfg, grid = self.config.sampling.stage1, self.config.grid
         scheduler = make_sample_scheduler(self.scheduler, cfg.sampler, num_steps or cfg.num_steps)
         lh, lw = self.codec.latent_size(*self.config.lr_frame_size)
-        return sample_sequence(self.stage1, scheduler, num_frames=num_frames,
-                               frame_shape=(self.codec.latent_channels, lh, lw), rows=grid.rows, cols=grid.cols,
-                               batch_size=batch_size, control_rows=cfg.control_rows,
-                               levels=cfg.levels if levels is None else levels, chunk=cfg.chunk,
-                               max_batch=cfg.max_batch, conditional=self.masked, max_stride=self.max_stride,
-                               generator=generator, device=self.device, dtype=self.dtype,
+        plan = plan_sequence(num_frames, grid.rows, grid.cols, cfg.control_rows,
+                             cfg.levels if levels is None else levels, cfg.chunk)
+        return sample_sequence(self.stage1, scheduler, plan, frame_shape=(self.codec.latent_channels, lh, lw),
+                               batch_size=batch_size, max_batch=cfg.max_batch, conditional=self.masked,
+                               max_stride=self.max_stride, generator=generator, device=self.device, dtype=self.dtype,
                                repaint=RePaint(cfg.repaint_jump, cfg.repaint_times), callback=progress)
 
     @torch.no_grad()

@@ -344,13 +344,13 @@ def _level_inputs(num_frames: int, chunk: int, gap: int, levels: int, cells: int
 
 
 # ----------------------------------------------------------------- sequences
-def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape: tuple[int, int, int],
-                    rows: int, cols: int, batch_size: int = 1, control_rows: int | None = None, levels: int = 1,
-                    chunk: int | None = None, max_batch: int = 16, conditional: bool = False, max_stride: int = 0,
+def sample_sequence(model: EpsModel, scheduler, plan: SequencePlan, *, frame_shape: tuple[int, int, int],
+                    batch_size: int = 1, max_batch: int = 16, conditional: bool = False, max_stride: int = 0,
                     generator: Generators = None, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, repaint: RePaint = NO_REPAINT,
                     callback: ProgressCallback | None = None) -> torch.Tensor:
-    """Sample ``batch_size`` sequences of exactly ``num_frames`` latent frames.
+    """Sample ``batch_size`` sequences of exactly ``plan.num_frames`` latent frames, grid by grid as
+    :func:`plan_sequence` planned them (grid shape, control rows, levels, chunk).
 
     ``frame_shape`` is one frame's latent ``(c, h, w)``; grids are ``(c, R*h, C*w)``.
     ``conditional``: the model is masked-conditional (module docstring), else
@@ -359,7 +359,7 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
     how many grids go through the model at once in step 2.
     Returns ``(B, N, c, h, w)``.
     """
-    plan = plan_sequence(num_frames, rows, cols, control_rows, levels, chunk)
+    rows, cols = plan.rows, plan.cols
     labels = stride_labels(plan.strides, max_stride)
     c, h, w = frame_shape
     run = dict(conditional=conditional, generator=generator, repaint=repaint)
@@ -376,7 +376,7 @@ def sample_sequence(model: EpsModel, scheduler, *, num_frames: int, frame_shape:
         sequence = _interpolate(model, scheduler, sequence[:, :plan.level_inputs[level]], plan, level, max_batch,
                                 dict(run, inputs={"stride": labels[level + 1]}), per_grid, callback, done, total)
         done += batches[level] * per_grid
-    return sequence[:, :num_frames]
+    return sequence[:, :plan.num_frames]
 
 
 def stride_labels(strides: list[int | None], max_stride: int) -> list[int | None]:
