@@ -320,8 +320,9 @@ class GriDiTPipeline:
         mask = cell_mask(torch.tensor(known).expand(len(z), -1), grid.rows, grid.cols, z.shape[-2] // grid.rows,
                          z.shape[-1] // grid.cols).to(self.device, self.dtype)               # (B, 1, H, W)
         scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.config.sampling.stage1.num_steps)
-        out = self.codec.decode(inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
-                                        inputs={"stride": 1 if self.max_stride else None}, callback=callback)).clamp(-1, 1)
+        z = inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
+                    inputs={"stride": 1 if self.max_stride else None}, callback=callback)
+        out = self.codec.decode(z).clamp(-1, 1)
         if isinstance(self.codec, PixelCodec):                    # the known cells exactly (a VAE cannot promise it)
             out = torch.where(mask.bool(), grids.to(out), out)
         return out

@@ -359,7 +359,8 @@ class TrainConfig:
             if cond.fill not in FILLS:
                 raise ValueError(f"fill must be one of {FILLS}, got {cond.fill!r}")
             if cond.fill != "zeros" and not cond.masked:
-                raise ValueError(f"fill {cond.fill!r} fills the unknown cells of the masked condition: it needs masked: true")
+                raise ValueError(f"fill {cond.fill!r} fills the unknown cells of the masked condition: "
+                                 "it needs masked: true")
             if cond.residual and (cond.fill == "zeros" or self.diffusion.prediction != "sample"):
                 raise ValueError("residual adds the filled cells to a clean-sample prediction: it needs fill: linear "
                                  "and diffusion.prediction: sample")
