@@ -7,6 +7,7 @@ result. A :class:`~ctgridit.errors.CTGridItError` becomes one line on stderr,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -328,33 +329,41 @@ def derived_name(src: str, tag: str) -> str:
     return str(p.with_name(f"{name}_{tag}.nii.gz"))
 
 
-#: The options ``interpolate`` and ``extend`` share (one definition each).
+#: The options ``interpolate`` and ``extend`` share, one definition each: name -> (type, typer option).
 SLICE_OPTIONS = {
-    "model": typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (none is bundled yet)."),
-    "steps": typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR)."),
-    "seed": typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}."),
-    "series": typer.Option(None, "--series", help=SERIES_HELP),
-    "device": typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    "preview": typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
-    "force": typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
-    "quiet": typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    "model": (Optional[str], typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (none is bundled yet).")),
+    "steps": (Optional[int], typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR).")),
+    "seed": (int, typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}.")),
+    "series": (Optional[str], typer.Option(None, "--series", help=SERIES_HELP)),
+    "device": (str, typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")),
+    "preview_png": (Optional[str], typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output.")),
+    "force": (bool, typer.Option(False, "--force", "-f", help="Overwrite existing outputs.")),
+    "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bar.")),
 }
 
 
+def with_slice_options(command):
+    """``command`` with :data:`SLICE_OPTIONS` added to its signature, after its own parameters.
+
+    typer builds the command line from the signature and passes the shared
+    options to the command's ``**options``.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in SLICE_OPTIONS.items()]
+    command.__signature__ = signature.replace(parameters=own + shared)
+    return command
+
+
 @app.command(epilog="Example: ctgridit interpolate thick.nii.gz --factor 3 --out thin.nii.gz --preview thin.png")
+@with_slice_options
 def interpolate(
     src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (a 2 x 2 grid model: 3)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
-    model: Optional[str] = SLICE_OPTIONS["model"],
-    steps: Optional[int] = SLICE_OPTIONS["steps"],
-    seed: int = SLICE_OPTIONS["seed"],
-    series: Optional[str] = SLICE_OPTIONS["series"],
-    device: str = SLICE_OPTIONS["device"],
-    preview_png: Optional[str] = SLICE_OPTIONS["preview"],
-    force: bool = SLICE_OPTIONS["force"],
-    quiet: bool = SLICE_OPTIONS["quiet"],
+    **options,
 ) -> None:
     """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two.
 
@@ -364,48 +373,46 @@ def interpolate(
 
     if method not in METHODS:
         raise CTGridItError(f"unknown --method {method!r}", hint=f"use one of {', '.join(METHODS)}")
-    _new_slices(src, out or derived_name(src, f"x{factor}"), series, preview_png, force, quiet,
-                lambda volume, progress: interpolate_volume(volume, factor, model, device, seed, steps, progress,
-                                                            method))
+    o = options
+    _new_slices(src, out or derived_name(src, f"x{factor}"), o,
+                lambda volume, progress: interpolate_volume(volume, factor, o["model"], o["device"], o["seed"],
+                                                            o["steps"], progress, method))
 
 
 @app.command(epilog="Example: ctgridit extend scan.nii.gz --slices 20 --direction up --out longer.nii.gz")
+@with_slice_options
 def extend(
     src: str = typer.Argument(..., metavar="IN", help="The CT to continue (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     slices: int = typer.Option(..., "--slices", min=1, max=MAX_SLICES, help="How many slices to add."),
     direction: str = typer.Option("up", "--direction", help="up (towards the head) or down (towards the feet)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
-    model: Optional[str] = SLICE_OPTIONS["model"],
-    steps: Optional[int] = SLICE_OPTIONS["steps"],
-    seed: int = SLICE_OPTIONS["seed"],
-    series: Optional[str] = SLICE_OPTIONS["series"],
-    device: str = SLICE_OPTIONS["device"],
-    preview_png: Optional[str] = SLICE_OPTIONS["preview"],
-    force: bool = SLICE_OPTIONS["force"],
-    quiet: bool = SLICE_OPTIONS["quiet"],
+    **options,
 ) -> None:
     """Continue a scan by N slices up or down: every slice of IN kept exactly."""
     from ctgridit.slices import check_direction, extend_volume
 
     check_direction(direction)
-    _new_slices(src, out or derived_name(src, f"{direction}{slices}"), series, preview_png, force, quiet,
-                lambda volume, progress: extend_volume(volume, slices, direction, model, device, seed, steps, progress))
+    o = options
+    _new_slices(src, out or derived_name(src, f"{direction}{slices}"), o,
+                lambda volume, progress: extend_volume(volume, slices, direction, o["model"], o["device"], o["seed"],
+                                                       o["steps"], progress))
 
 
-def _new_slices(src: str, out: str, series: str | None, preview_png: str | None, force: bool, quiet: bool, run) -> None:
+def _new_slices(src: str, out: str, options: dict, run) -> None:
     """What ``interpolate`` and ``extend`` share: check the outputs, read, run with progress, write."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
     from ctgridit.files import check_output_path
     from ctgridit.progress import PhaseProgress
 
+    preview_png, force, quiet = options["preview_png"], options["force"], options["quiet"]
     _require_nifti_name(out)
     if preview_png:
         _require_suffix(preview_png, ".png")
     _refuse_overwriting_input(src, [out, preview_png])
     for path in [out] + [p for p in (preview_png,) if p]:
         check_output_path(path, force=force)
-    volume = read_ct(src, series_uid=series)
+    volume = read_ct(src, series_uid=options["series"])
     with PhaseProgress(enabled=not quiet) as progress:
         result = run(volume, progress)
     write_nifti(result.volume, out, force=force)

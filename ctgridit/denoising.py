@@ -5,7 +5,7 @@ Three methods share one input/output path (:func:`denoise_volume`):
 - ``gridit``: the paper's Algorithm 3 with a GriDiT model. Two kinds of model:
 
   - a **native-resolution denoiser** (``adapter.resolution: native`` in its
-    ``gridit.json``; the bundled default, ``ctgridit/models/ct_denoise``): a
+    settings; the bundled default, ``ctgridit/models/ct_denoise``): a
     stage-1 grid model of 2 x 2 tiles of consecutive slices at the scan's own
     voxel size. The scan is oriented LPS (axes only, no resampling), its noise
     estimated at full resolution (:func:`~ctgridit.core.denoise.estimate_noise`)
@@ -16,8 +16,8 @@ Three methods share one input/output path (:func:`denoise_volume`):
     and the windows are blended with Gaussian weights (no seams). A scan whose
     estimated noise is below the model's first level comes back unchanged.
   - a **fixed-grid model** (the synthesis model, e.g. ``--model`` with the
-    bundled synthesis model), :func:`ctgridit.core.denoise.denoise_frames`. The model only knows its own voxel
-    grid (the bundled one: 128 x 128 slices at 3 x 3 x 1.5 mm), so the scan is brought to it
+    bundled synthesis model), :meth:`~ctgridit.core.pipeline.GriDiTPipeline.denoise`. The model only knows its
+    own voxel grid (the bundled one: 128 x 128 slices at 3 x 3 x 1.5 mm), so the scan is brought to it
   exactly as training data were (LPS orientation, resampling to the model's
   spacing, after a Gaussian anti-aliasing blur where it is coarser than the
   scan, ``sigma = (factor - 1) / 2`` voxels as scikit-image's ``rescale``;
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.denoise import DENOISE_STEPS, denoise_frames, denoise_grids, estimate_noise, start_level
+from ctgridit.core.denoise import DENOISE_STEPS, denoise_grids, estimate_noise, start_level
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
@@ -133,9 +133,9 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
     from ctgridit.errors import CTGridItError
 
     pipeline = open_model(model, BUNDLED_DENOISER, "denoising", device, kind="ct")
-    if not is_native(pipeline) and "spacing" not in pipeline.config.adapter:
+    if not is_native(pipeline) and "spacing" not in pipeline.settings.adapter:
         raise CTGridItError("the model folder records neither its voxel spacing nor that it works at the scan's "
-                            "own resolution (adapter in gridit.json)", model or BUNDLED_DENOISER,
+                            "own resolution (settings.adapter in model_index.json)", model or BUNDLED_DENOISER,
                             "export it again from the trainer")
     return pipeline
 
@@ -145,7 +145,7 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
                    progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
     from ctgridit.ct.transforms import Orient, frames_to_volume, volume_to_frames, volume_to_metatensor
 
-    cfg = pipeline.config
+    cfg = pipeline.settings
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
     low, high = window
     orient = Orient()
@@ -182,7 +182,7 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     from ctgridit.ct.transforms import (HU_AIR, Orient, ResampleToSpacing, crop_or_pad_in_plane,
                                         frames_to_volume, volume_to_frames, volume_to_metatensor)
 
-    cfg = pipeline.config
+    cfg = pipeline.settings
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
     height, width = cfg.frame_size
     to_model = Compose([Orient(), ResampleToSpacing(cfg.adapter["spacing"]),
@@ -193,7 +193,7 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     if cfg.channels == 3:
         frames = gray_to_rgb(frames)
     generator = torch.Generator().manual_seed(seed)
-    clean, levels = denoise_frames(pipeline, frames, strength, steps, generator, progress)
+    clean, levels = pipeline.denoise(frames, strength, steps, generator, progress)
     clean = clean.float().cpu()
     if cfg.channels == 3:
         clean = rgb_to_gray(clean)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline, read_model_config
+from ctgridit.core.pipeline import GriDiTPipeline, is_model_folder, read_settings
 from ctgridit.device import resolve_device
 from ctgridit.errors import CTGridItError
 
@@ -34,12 +34,12 @@ def default_model_dir() -> Path:
 
 def model_kind(folder: str | os.PathLike) -> str:
     """The adapter a model folder was trained for (``"ct"`` or ``"video"``), read without loading weights."""
-    return read_model_config(folder).adapter.get("kind", "ct")
+    return read_settings(folder).adapter.get("kind", "ct")
 
 
 def is_native(pipeline: GriDiTPipeline) -> bool:
     """Whether the model works on tiles at the scan's own voxel size (the denoiser, the slice model)."""
-    return pipeline.config.adapter.get("resolution") == "native"
+    return pipeline.settings.adapter.get("resolution") == "native"
 
 
 def open_model(model: str | os.PathLike | None, default: Path, purpose: str, device: str = "auto",
@@ -52,11 +52,11 @@ def open_model(model: str | os.PathLike | None, default: Path, purpose: str, dev
     """
     where = resolve_device(device)
     folder = Path(model) if model is not None else default
-    if model is None and not (folder / CONFIG_FILE).is_file():
+    if model is None and not is_model_folder(folder):
         raise CTGridItError(f"no {purpose} model is installed", folder,
                             "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
     found = model_kind(folder)
     if found != kind:
         raise CTGridItError(f"is a {found} model, not a {ADAPTER_NAMES.get(kind, kind)} model", folder,
                             f"give a model trained on {TRAINED_ON.get(kind, kind)}")
-    return GriDiTPipeline.from_pretrained(folder, device=where)
+    return GriDiTPipeline.from_pretrained(folder).to(where)

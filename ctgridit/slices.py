@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.pipeline import CONFIG_FILE, GriDiTPipeline
+from ctgridit.core.pipeline import GriDiTPipeline, is_model_folder
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.tiled import over_grids
 from ctgridit.ct.volume import CTVolume
@@ -67,7 +67,7 @@ class SliceResult:
 
 def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one (none yet)."""
-    if model is None and not (BUNDLED_SLICE_MODEL / CONFIG_FILE).is_file():
+    if model is None and not is_model_folder(BUNDLED_SLICE_MODEL):
         raise CTGridItError("no slice model is bundled yet: the one trained here does not beat cubic interpolation "
                             "(README, Thin slices and longer scans)", BUNDLED_SLICE_MODEL,
                             "pass --model DIR with a model trained by pipelines/configs/ct_interpolate.yaml, "
@@ -79,7 +79,7 @@ def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto
 
 def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
     """One line for a model that cannot make new slices of a real scan (see :func:`load_slice_model`)."""
-    grid = pipeline.config.grid
+    grid = pipeline.settings.grid
     if not pipeline.masked:
         raise CTGridItError("is not a masked-conditional model (it cannot be given the known slices)", where,
                             "train one with stage1.conditioning.masked: true")
@@ -108,7 +108,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     if method != "gridit":
         return _spline_interpolation(volume, factor, method, start)
     pipeline = _pipeline(model, device)
-    cells = pipeline.config.grid.cells
+    cells = pipeline.settings.grid.cells
     if factor != cells - 1:
         raise CTGridItError(f"this model interpolates by a factor of {cells - 1} only (got {factor})",
                             hint=f"use --factor {cells - 1}, or --method cubic for other factors")
@@ -154,7 +154,7 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
         raise CTGridItError(f"--slices must be at least 1, got {slices}")
     start = time.perf_counter()
     pipeline = _pipeline(model, device)
-    grid = pipeline.config.grid
+    grid = pipeline.settings.grid
     m, new = grid.cols * (grid.rows - 1), grid.cols                               # known and new cells per grid
     frames, lps = _model_frames(volume, pipeline, minimum=m)
     ordered = frames if direction == "up" else frames.flip(0)                     # continue upwards
@@ -187,7 +187,7 @@ def _pipeline(model, device: str) -> GriDiTPipeline:
 
 
 def _steps(pipeline: GriDiTPipeline, steps: int | None) -> int:
-    return steps or pipeline.config.sampling.stage1.num_steps
+    return steps or pipeline.settings.sampling.stage1.num_steps
 
 
 def _lps(volume: CTVolume, minimum: int):
@@ -207,7 +207,7 @@ def _model_frames(volume: CTVolume, pipeline: GriDiTPipeline, minimum: int):
     from ctgridit.ct.transforms import volume_to_frames
 
     lps = _lps(volume, minimum)
-    window = pipeline.config.adapter.get("window", DEFAULT_WINDOW)
+    window = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
     return window_hu(volume_to_frames(lps.as_tensor().float()), window), lps
 
 
@@ -219,13 +219,13 @@ def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[fl
                   steps: int | None, seed: int, progress: ProgressCallback | None) -> torch.Tensor:
     """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
     starting every ``z_step`` frames along z (the known frames come back blended from exact copies)."""
-    grid = pipeline.config.grid
+    grid = pipeline.settings.grid
     generator = torch.Generator().manual_seed(seed)
 
     def fill(grids: torch.Tensor) -> torch.Tensor:
         return pipeline.fill(grids, known, steps, generator)
 
-    return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.config.frame_size), z_step, fill, progress,
+    return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.settings.frame_size), z_step, fill, progress,
                       "fill").clamp(-1, 1)
 
 
@@ -233,7 +233,7 @@ def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tens
     """``(1, X, Y, Z')`` HU: the model's frames out of its window, the input's own slices (at ``keep``) exactly."""
     from ctgridit.ct.transforms import frames_to_volume
 
-    window = pipeline.config.adapter.get("window", DEFAULT_WINDOW)
+    window = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
     hu = unwindow_hu(frames_to_volume(frames), window)                           # (1, X, Y, Z')
     hu[..., keep] = lps.as_tensor().float()
     return hu

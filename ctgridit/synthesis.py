@@ -28,8 +28,8 @@ from ctgridit.seeds import check_seed
 def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A CT synthesis model folder on ``device``; ``None`` means :func:`~ctgridit.model_folders.default_model_dir`."""
     pipeline = open_model(model, default_model_dir(), "synthesis", device, kind="ct")
-    if "spacing" not in pipeline.config.adapter:
-        raise CTGridItError("the model folder does not record its voxel spacing (adapter.spacing in gridit.json)",
+    if "spacing" not in pipeline.settings.adapter:
+        raise CTGridItError("the model folder does not record its voxel spacing (settings.adapter.spacing in model_index.json)",
                             model or default_model_dir(), "add it to the training config's adapter section and "
                             "export again")
     return pipeline
@@ -50,7 +50,7 @@ def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
     check_dtype(dtype)
     check_seed(seed)
     pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
-    adapter = pipeline.config.adapter
+    adapter = pipeline.settings.adapter
     window = adapter.get("window", DEFAULT_WINDOW)
     for index, frames in generate_iter(pipeline, num_slices, indices, seed, steps, dtype, progress):
         yield index, sequence_to_volume(frames, adapter["spacing"], window,

@@ -41,7 +41,7 @@ def main() -> None:
     pipeline = load_denoiser(args.model, args.device)
     print(f"{' x '.join(map(str, clean.shape))} voxels, 50 HU Gaussian noise; model "
           f"{pipeline.stage1.config.hidden_size}x{pipeline.stage1.config.depth} patch {pipeline.stage1.config.patch_size}, "
-          f"tiles {pipeline.config.frame_size}; device {pipeline.device}; threads {torch.get_num_threads()}")
+          f"tiles {pipeline.settings.frame_size}; device {pipeline.device}; threads {torch.get_num_threads()}")
     calls = []
     forward = pipeline.stage1.forward
     pipeline.stage1.forward = lambda x, *a, **k: (calls.append(len(x)), forward(x, *a, **k))[1]

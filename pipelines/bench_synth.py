@@ -53,8 +53,8 @@ def timed(fn):
 
 def naive_baseline(pipeline, num_slices: int) -> float:
     """Seconds to generate ``num_slices`` full-resolution frames one by one with a DiT of stage 1's size."""
-    s1, cfg = pipeline.stage1.config, pipeline.config.sampling.stage1
-    h, w = pipeline.codec.latent_size(*pipeline.config.frame_size)
+    s1, cfg = pipeline.stage1.config, pipeline.settings.sampling.stage1
+    h, w = pipeline.codec.latent_size(*pipeline.settings.frame_size)
     model = GridDiT(sample_height=h, sample_width=w, in_channels=s1.in_channels, patch_size=s1.patch_size,
                     hidden_size=s1.hidden_size, depth=s1.depth, num_heads=s1.num_heads, mlp_ratio=s1.mlp_ratio,
                     grid_rows=1, grid_cols=1).to(pipeline.device).eval()
@@ -70,7 +70,7 @@ def naive_baseline(pipeline, num_slices: int) -> float:
 
 def generate(pipeline, num_slices: int, seed: int) -> tuple[CTVolume, CTVolume, dict[str, float]]:
     """One volume, the same volume's stage-1 slices upsampled (anatomy only), and the time of each phase."""
-    cfg = pipeline.config
+    cfg = pipeline.settings
     spacing, window = cfg.adapter["spacing"], cfg.adapter["window"]
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def real_chest(pipeline) -> CTVolume:
     """The real thin-slice chest prepared like training data, at the model's spacing and size."""
     from ctgridit.ct.training_data import load_ct_sequences
 
-    cfg = pipeline.config
+    cfg = pipeline.settings
     frames = load_ct_sequences([REAL_CHEST], spacing=cfg.adapter["spacing"], window=cfg.adapter["window"],
                                in_plane=tuple(cfg.frame_size))[0]
     return sequence_to_volume(frames, cfg.adapter["spacing"], cfg.adapter["window"], source=REAL_CHEST.name)
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipeline = load_model(args.model, args.device)
-    cfg, s1, s2 = pipeline.config, pipeline.config.sampling.stage1, pipeline.config.sampling.stage2
+    cfg, s1, s2 = pipeline.settings, pipeline.settings.sampling.stage1, pipeline.settings.sampling.stage2
     print(f"model: {args.model or 'bundled'}; stage 1 {pipeline.stage1.config.hidden_size}x{pipeline.stage1.config.depth}"
           f" patch {pipeline.stage1.config.patch_size} ({'masked-conditional' if pipeline.masked else 'unconditional'},"
           f" strides up to {pipeline.max_stride}); frames {cfg.frame_size} at {cfg.adapter['spacing']} mm; grid "

@@ -41,7 +41,7 @@ def codec_for(config):
     if config.codec.kind == "vae" and not Path(config.codec.path).exists():
         from diffusers import AutoencoderKL
 
-        return VAECodec(AutoencoderKL(**SD_VAE)), "SD-VAE architecture, random weights"
+        return VAECodec.from_vae(AutoencoderKL(**SD_VAE)), "SD-VAE architecture, random weights"
     return build_codec(config), config.codec.kind
 
 

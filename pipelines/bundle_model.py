@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
-from ctgridit.files import atomic_folder
+from ctgridit.files import atomic_output
 from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL
 from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "pipelines" / "configs" / "ct_bundled.yaml"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def stage_summary(log: Path) -> str:
@@ -45,16 +41,8 @@ def stage_summary(log: Path) -> str:
     return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
 
 
-def half_precision_copy(source: Path, target: Path) -> None:
-    """A stage folder with its weights stored as float16 (the config as it is)."""
-    target.mkdir(parents=True)
-    shutil.copy2(source / "config.json", target / "config.json")
-    weights = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(source / WEIGHTS)).items()}
-    save_file(weights, str(target / WEIGHTS), metadata={"format": "pt"})
-
-
 def card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
-    cfg = pipeline.config
+    cfg = pipeline.settings
     s1, s2 = cfg.sampling.stage1, cfg.sampling.stage2
     params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
     height, width = cfg.frame_size
@@ -108,7 +96,7 @@ sample is a function of the seed and its index; `--resume` continues exactly).
 
 
 def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
-    cfg = pipeline.config
+    cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
     run = training_config()
@@ -145,7 +133,7 @@ python pipelines/bundle_model.py runs/ct_denoise/model --denoiser
 
 
 def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
-    cfg = pipeline.config
+    cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
     run = training_config("ct_interpolate.yaml")
@@ -217,15 +205,10 @@ def main() -> None:
     runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"
-    with atomic_folder(target) as tmp:
-        for stage in ("stage1", "stage2"):
-            if (source / stage).is_dir():
-                half_precision_copy(source / stage, tmp / stage)
-        for item in ("codec", "scheduler"):
-            shutil.copytree(source / item, tmp / item)
-        (tmp / "gridit.json").write_text(json.dumps(pipeline.config.to_dict(), indent=2))
-        text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card}[kind](pipeline, checkpoints, bench)
-        (tmp / "MODEL.md").write_text(text)
+    text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card}[kind](pipeline, checkpoints, bench)
+    pipeline.to(torch.float16).save_pretrained(target, overwrite=True)     # float16 safetensors, atomically
+    with atomic_output(target / "MODEL.md") as tmp:
+        tmp.write_text(text)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     print(f"bundled {args.model} into {target} ({size:.1f} MB)")
 

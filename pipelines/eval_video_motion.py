@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=list(range(8)))
     args = parser.parse_args()
     pipeline = load_video_model(args.model, "cpu")
-    grid = pipeline.config.grid
+    grid = pipeline.settings.grid
     first = grid.rows * grid.cols
-    motion = CirclingSquare(size=pipeline.config.frame_size[0])
+    motion = CirclingSquare(size=pipeline.settings.frame_size[0])
     print(f"model {args.model}: {grid.rows} x {grid.cols} grids, {args.frames} frames, phase fitted on the first "
           f"{first}; median distance from the circle in pixels (radius {motion.radius:g})")
     rows = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ctgridit.core.codecs import CODEC_FILE, PixelCodec, VAECodec, load_codec
+from ctgridit.core.codecs import PixelCodec, VAECodec
+from ctgridit.core.legacy_folders import CODEC_FILE, legacy_codec
 
 SCALE = 0.37    # not SD's 0.18215, so that a hard-coded factor would show
 
@@ -46,23 +48,39 @@ def test_pixel_codec_is_the_identity():
 
 def test_pixel_codec_round_trips_through_a_folder(tmp_path):
     PixelCodec(channels=1, chunk_size=5).save_pretrained(tmp_path / "codec")
-    assert json.loads((tmp_path / "codec" / CODEC_FILE).read_text())["kind"] == "pixel"
-    codec = load_codec(tmp_path / "codec")
+    saved = json.loads((tmp_path / "codec" / "config.json").read_text())
+    assert saved["_class_name"] == "PixelCodec" and (saved["channels"], saved["chunk_size"]) == (1, 5)
+    codec = PixelCodec.from_pretrained(tmp_path / "codec", local_files_only=True, use_safetensors=True)
     assert isinstance(codec, PixelCodec)
     assert (codec.image_channels, codec.latent_channels, codec.chunk_size) == (1, 1, 5)
     x = torch.randn(3, 1, 4, 4)
     assert torch.equal(codec.decode(codec.encode(x)), x)
 
 
-def test_load_codec_refuses_an_unknown_kind(tmp_path):
+def test_pixel_codec_carries_device_and_dtype():
+    codec = PixelCodec(channels=1).to(torch.float16)
+    assert (codec.device, codec.dtype) == (torch.device("cpu"), torch.float16)
+
+
+def test_old_codec_folders_still_load(tmp_path, vae_dir):
+    """codec/codec.json (and codec/vae/) as ctgridit wrote them before a codec was a diffusers model."""
+    (tmp_path / CODEC_FILE).write_text(json.dumps({"kind": "pixel", "chunk_size": 5, "channels": 1}))
+    codec = legacy_codec(tmp_path)
+    assert isinstance(codec, PixelCodec) and (codec.image_channels, codec.chunk_size) == (1, 5)
+    shutil.copytree(vae_dir, tmp_path / "vae")
+    (tmp_path / CODEC_FILE).write_text(json.dumps({"kind": "vae", "chunk_size": 2, "scaling_factor": 0.5}))
+    codec = legacy_codec(tmp_path)
+    assert isinstance(codec, VAECodec) and (codec.scaling_factor, codec.chunk_size) == (0.5, 2)
+    x = images(2)
+    torch.testing.assert_close(codec.encode(x), VAECodec.from_vae(tiny_vae(), scaling_factor=0.5).encode(x))
     (tmp_path / CODEC_FILE).write_text(json.dumps({"kind": "jpeg", "chunk_size": 4}))
     with pytest.raises(ValueError, match="jpeg"):
-        load_codec(tmp_path)
+        legacy_codec(tmp_path)
 
 
 # -------------------------------------------------------------------- VAE
 def test_vae_codec_loads_from_a_local_folder(vae_dir):
-    codec = VAECodec.from_pretrained(vae_dir, local_files_only=True)
+    codec = VAECodec.from_autoencoder(vae_dir, local_files_only=True)
     assert (codec.image_channels, codec.latent_channels, codec.downscale) == (3, 4, 2)
     assert codec.scaling_factor == pytest.approx(SCALE)
     assert codec.latent_size(16, 24) == (8, 12)
@@ -75,7 +93,7 @@ def test_vae_codec_loads_from_a_local_folder(vae_dir):
 
 
 def test_vae_encode_is_the_scaled_posterior_mean(vae_dir):
-    codec = VAECodec.from_pretrained(vae_dir, local_files_only=True)
+    codec = VAECodec.from_autoencoder(vae_dir, local_files_only=True)
     x = images(5)
     z = codec.encode(x)
     assert z.shape == (5, 4, 8, 8)
@@ -91,8 +109,8 @@ def test_vae_encode_is_the_scaled_posterior_mean(vae_dir):
 
 def test_vae_chunked_equals_one_shot(vae_dir):
     x = images(7)
-    small = VAECodec.from_pretrained(vae_dir, chunk_size=3, local_files_only=True)
-    big = VAECodec.from_pretrained(vae_dir, chunk_size=100, local_files_only=True)
+    small = VAECodec.from_autoencoder(vae_dir, chunk_size=3, local_files_only=True)
+    big = VAECodec.from_autoencoder(vae_dir, chunk_size=100, local_files_only=True)
     calls = []
     original = small.vae.encode
     small.vae.encode = lambda t, *a, **k: (calls.append(len(t)), original(t, *a, **k))[1]
@@ -103,7 +121,7 @@ def test_vae_chunked_equals_one_shot(vae_dir):
 
 
 def test_vae_decode_of_encode_has_the_image_shape(vae_dir):
-    codec = VAECodec.from_pretrained(vae_dir, chunk_size=4, local_files_only=True)
+    codec = VAECodec.from_autoencoder(vae_dir, chunk_size=4, local_files_only=True)
     x = images(6, size=24)
     out = codec.decode(codec.encode(x))
     assert out.shape == x.shape
@@ -112,12 +130,12 @@ def test_vae_decode_of_encode_has_the_image_shape(vae_dir):
 
 
 def test_vae_codec_round_trips_through_save_and_load(vae_dir, tmp_path):
-    codec = VAECodec.from_pretrained(vae_dir, chunk_size=2, local_files_only=True)
-    codec.scaling_factor = 0.5                               # an override must survive the round trip
+    vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True)
+    codec = VAECodec.from_vae(vae, chunk_size=2, scaling_factor=0.5)     # an override must survive the round trip
     codec.save_pretrained(tmp_path / "codec")
-    saved = json.loads((tmp_path / "codec" / CODEC_FILE).read_text())
-    assert saved["kind"] == "vae" and saved["scaling_factor"] == 0.5 and saved["chunk_size"] == 2
-    loaded = load_codec(tmp_path / "codec")
+    saved = json.loads((tmp_path / "codec" / "config.json").read_text())
+    assert saved["_class_name"] == "VAECodec" and saved["scaling_factor"] == 0.5 and saved["chunk_size"] == 2
+    loaded = VAECodec.from_pretrained(tmp_path / "codec", local_files_only=True, use_safetensors=True)
     assert isinstance(loaded, VAECodec)
     assert (loaded.scaling_factor, loaded.chunk_size, loaded.latent_channels) == (0.5, 2, 4)
     x = images(3)

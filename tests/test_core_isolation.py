@@ -25,7 +25,7 @@ BLOCKED = ("monai", "nibabel", "SimpleITK", "pydicom")
 ADAPTERS = ("ctgridit.ct", "ctgridit.video", "ctgridit.cli")
 CORE_MODULES = ("ctgridit.core", "ctgridit.core.grid", "ctgridit.core.embeddings", "ctgridit.core.dit",
                 "ctgridit.core.diffusion", "ctgridit.core.sampler", "ctgridit.core.codecs",
-                "ctgridit.core.conditioning", "ctgridit.core.pipeline")
+                "ctgridit.core.conditioning", "ctgridit.core.legacy_folders", "ctgridit.core.pipeline")
 
 CHILD = textwrap.dedent("""
     import importlib, importlib.abc, json, sys
@@ -54,9 +54,10 @@ CHILD = textwrap.dedent("""
     for name in {modules!r}:
         importlib.import_module(name)
         imported.append(name)
-    from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig
+    from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, SamplingConfig
     from ctgridit.core.sampler import inpaint, sample_sequence
-    from ctgridit.core.codecs import PixelCodec, VAECodec, load_codec
+    from ctgridit.core.codecs import PixelCodec, VAECodec
+    from ctgridit.core.legacy_folders import legacy_codec
     from ctgridit.core.dit import create_dit
 
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)

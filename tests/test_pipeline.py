@@ -14,7 +14,7 @@ from ctgridit.core.codecs import PixelCodec, VAECodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import (CONFIG_FILE, GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling,
+from ctgridit.core.pipeline import (INDEX_FILE, GriDiTPipeline, PipelineSettings, SamplingConfig, Stage1Sampling,
                                     Stage2Sampling)
 from ctgridit.core.sampler import plan_sequence
 from ctgridit.errors import CTGridItError
@@ -51,18 +51,19 @@ def stage2_model(channels: int, frame: int, seed: int = 1, cond_channels: int | 
 
 def pixel_pipeline(with_stage2: bool = True, channels: int = 3) -> GriDiTPipeline:
     """2x2 grids of 8x8 frames (factor 2), super-resolved to 16x16, in pixel space."""
-    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=2), (16, 16), channels, SAMPLING,
-                            adapter={"kind": "test", "spacing": [1.0, 1.0, 1.5]})
+    config = PipelineSettings(GridSpec(rows=2, cols=2, factor=2), (16, 16), channels, SAMPLING,
+                              adapter={"kind": "test", "spacing": [1.0, 1.0, 1.5]})
     stage2 = stage2_model(channels, 16) if with_stage2 else None
     scheduler = make_train_scheduler(clip_sample=True)         # pixel space: keep x0 in [-1, 1]
-    return GriDiTPipeline(stage1_model(channels, 8), PixelCodec(channels), scheduler, config, stage2)
+    return GriDiTPipeline(stage1_model(channels, 8), PixelCodec(channels), scheduler, stage2, settings=config)
 
 
 def vae_pipeline(with_stage2: bool = True) -> GriDiTPipeline:
     """The tiny VAE: 16x16 frames -> 8x8 low resolution -> 4x4 latents; stage 2 on 8x8 latents."""
-    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=2), (16, 16), 3, SAMPLING)
+    config = PipelineSettings(GridSpec(rows=2, cols=2, factor=2), (16, 16), 3, SAMPLING)
     stage2 = stage2_model(4, 8) if with_stage2 else None
-    return GriDiTPipeline(stage1_model(4, 4), VAECodec(tiny_vae()), make_train_scheduler(), config, stage2)
+    return GriDiTPipeline(stage1_model(4, 4), VAECodec.from_vae(tiny_vae()), make_train_scheduler(), stage2,
+                          settings=config)
 
 
 def seed(n: int) -> torch.Generator:
@@ -138,8 +139,8 @@ def test_stage2_is_conditioned_on_the_upsampled_stage1_frames():
 
 def with_sampling(pipe: GriDiTPipeline, stage1: dict | None = None, **stage2) -> GriDiTPipeline:
     """``pipe`` with the sampling settings changed: ``stage1`` a dict of stage-1 changes, keywords stage 2's."""
-    old = pipe.config.sampling
-    pipe.config.sampling = SamplingConfig(dataclasses.replace(old.stage1, **(stage1 or {})),
+    old = pipe.settings.sampling
+    pipe.settings.sampling = SamplingConfig(dataclasses.replace(old.stage1, **(stage1 or {})),
                                           dataclasses.replace(old.stage2, **stage2))
     return pipe
 
@@ -216,14 +217,83 @@ def test_save_and_load_give_the_same_output(tmp_path, make):
     pipe = make()
     expected = pipe.generate(5, batch_size=2, generator=seed(7))
     folder = pipe.save_pretrained(tmp_path / "model")
-    for part in (CONFIG_FILE, "stage1", "stage2", "codec", "scheduler"):
+    for part in (INDEX_FILE, "stage1", "stage2", "codec", "scheduler"):
         assert (folder / part).exists(), part
     assert [p.name for p in tmp_path.iterdir()] == ["model"]             # no temporary folder left
     loaded = GriDiTPipeline.from_pretrained(folder)
-    assert loaded.config.to_dict() == pipe.config.to_dict()
-    assert loaded.config.adapter == pipe.config.adapter
+    assert loaded.settings.to_dict() == pipe.settings.to_dict()
+    assert loaded.settings.adapter == pipe.settings.adapter
     assert type(loaded.codec) is type(pipe.codec)
     assert torch.equal(loaded.generate(5, batch_size=2, generator=seed(7)), expected)
+
+
+def test_a_model_folder_is_a_diffusers_pipeline_folder(tmp_path):
+    """model_index.json names every module's class and holds the settings; diffusers' own loader reads it."""
+    from diffusers import DiffusionPipeline
+
+    pipe = vae_pipeline(with_stage2=False)
+    folder = pipe.save_pretrained(tmp_path / "model")
+    index = json.loads((folder / INDEX_FILE).read_text())
+    assert index["_class_name"] == "GriDiTPipeline"
+    assert index["stage1"] == ["ctgridit.core.dit", "GridDiT"] and index["stage2"] == [None, None]
+    assert index["codec"] == ["ctgridit.core.codecs", "VAECodec"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["settings"] == pipe.settings.to_dict()
+    for part in ("stage1", "codec"):
+        assert (folder / part / "diffusion_pytorch_model.safetensors").is_file(), part
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+    plain = DiffusionPipeline.from_pretrained.__func__(GriDiTPipeline, folder, local_files_only=True)  # diffusers' own
+    assert type(plain) is GriDiTPipeline and plain.stage2 is None
+    assert torch.equal(plain.generate(5, generator=seed(1)), pipe.generate(5, generator=seed(1)))
+
+
+def as_old_folder(folder):
+    """Rewrite a model folder as ctgridit wrote them before the pipeline was a diffusers pipeline."""
+    from ctgridit.core.legacy_folders import CODEC_FILE, SETTINGS_FILE
+
+    index = json.loads((folder / INDEX_FILE).read_text())
+    (folder / SETTINGS_FILE).write_text(json.dumps(index["settings"]))
+    (folder / INDEX_FILE).unlink()
+    kind = index["codec"][1]
+    config = json.loads((folder / "codec" / "config.json").read_text())
+    if kind == "VAECodec":
+        from diffusers import AutoencoderKL
+
+        vae = VAECodec.from_pretrained(folder / "codec", local_files_only=True).vae
+        shutil.rmtree(folder / "codec")
+        vae.save_pretrained(str(folder / "codec" / "vae"))
+        old = {"kind": "vae", "chunk_size": config["chunk_size"], "scaling_factor": config["scaling_factor"]}
+        assert isinstance(vae, AutoencoderKL)
+    else:
+        shutil.rmtree(folder / "codec")
+        (folder / "codec").mkdir()
+        old = {"kind": "pixel", "chunk_size": config["chunk_size"], "channels": config["channels"]}
+    (folder / "codec" / CODEC_FILE).write_text(json.dumps(old))
+    return folder
+
+
+@pytest.mark.parametrize("make", [pixel_pipeline, vae_pipeline], ids=["pixel", "vae"])
+def test_model_folders_of_earlier_versions_load_and_save_anew(tmp_path, make):
+    pipe = make()
+    expected = pipe.generate(5, generator=seed(2))
+    old = as_old_folder(pipe.save_pretrained(tmp_path / "old"))
+    loaded = GriDiTPipeline.from_pretrained(old)
+    assert loaded.settings.to_dict() == pipe.settings.to_dict() and loaded.stage2 is not None
+    assert torch.equal(loaded.generate(5, generator=seed(2)), expected)
+    new = loaded.save_pretrained(tmp_path / "new")
+    assert (new / INDEX_FILE).is_file() and not (new / "gridit.json").exists()
+    assert torch.equal(GriDiTPipeline.from_pretrained(new).generate(5, generator=seed(2)), expected)
+
+
+def test_generation_and_denoising_are_methods_of_the_pipeline():
+    from ctgridit.core.denoise import denoise_frames
+
+    pipe = pixel_pipeline()
+    assert torch.equal(pipe(5, generator=seed(4), num_steps=2), pipe.generate(5, generator=seed(4), num_steps=2))
+    noisy = (pipe.generate(5, generator=seed(5))[0] + 0.1 * torch.randn(5, 3, 16, 16, generator=seed(6))).clamp(-1, 1)
+    frames, levels = pipe.denoise(noisy, strength="auto", num_steps=2, generator=seed(7))
+    again, same = denoise_frames(pipe, noisy, "auto", 2, seed(7))
+    assert torch.equal(frames, again) and levels == same and levels.t1 > 0
 
 
 def test_save_refuses_to_overwrite_unless_asked(tmp_path):
@@ -237,9 +307,9 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert GriDiTPipeline.from_pretrained(folder).stage2 is not None
 
 
-def test_pipeline_config_round_trips():
-    config = pixel_pipeline().config
-    again = PipelineConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+def test_pipeline_settings_round_trip():
+    config = pixel_pipeline().settings
+    again = PipelineSettings.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
     assert again.lr_frame_size == (8, 8)
 
@@ -274,15 +344,15 @@ def test_bundled_model_folder_loads_with_its_settings():
 
     pipe = GriDiTPipeline.from_pretrained(BUNDLED_MODEL)
     assert not pipe.masked and pipe.max_stride == 0
-    assert pipe.config.sampling.stage1.levels == 0 and pipe.config.sampling.stage2.noise == "smooth"
+    assert pipe.settings.sampling.stage1.levels == 0 and pipe.settings.sampling.stage2.noise == "smooth"
 
 
 def masked_pipeline(levels: int, num_strides: int) -> GriDiTPipeline:
     stage1 = randomized(create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1, cond_channels=2,
                                    num_strides=num_strides), 0)
     sampling = SamplingConfig(Stage1Sampling(sampler="ddpm", num_steps=2, levels=levels), Stage2Sampling(num_steps=2))
-    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=1), (8, 8), 1, sampling)
-    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), config)
+    config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (8, 8), 1, sampling)
+    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), settings=config)
 
 
 def test_masked_stride_aware_pipeline_round_trips_and_refuses_strides_it_never_learnt(tmp_path):
@@ -329,23 +399,23 @@ def test_loading_a_damaged_folder_fails_clearly(saved, damage):
     if damage in ("codec", "scheduler"):
         shutil.rmtree(saved / damage)
     elif damage == "config":
-        config = json.loads((saved / CONFIG_FILE).read_text())
-        config["sampling"]["no_such_option"] = 1
-        (saved / CONFIG_FILE).write_text(json.dumps(config))
+        index = json.loads((saved / INDEX_FILE).read_text())
+        index["settings"]["sampling"]["no_such_option"] = 1
+        (saved / INDEX_FILE).write_text(json.dumps(index))
     else:
-        (saved / CONFIG_FILE).write_text("{not json")
+        (saved / INDEX_FILE).write_text("{not json")
     with pytest.raises(CTGridItError, match="incomplete or damaged"):
         GriDiTPipeline.from_pretrained(saved)
 
 
 def test_mismatched_stage2_is_refused(saved):
     base = pixel_pipeline()
-    codec, scheduler, config, stage1 = base.codec, base.scheduler, base.config, base.stage1
+    codec, scheduler, config, stage1 = base.codec, base.scheduler, base.settings, base.stage1
     for wrong in (stage2_model(3, 8),                       # the low-resolution size, not the full one
                   stage2_model(3, 16, cond_channels=1),     # condition channels differ from the codec's
                   stage2_model(1, 16, cond_channels=3)):    # noise channels differ from the codec's
         with pytest.raises(ValueError, match="stage 2"):
-            GriDiTPipeline(stage1, codec, scheduler, config, wrong)
+            GriDiTPipeline(stage1, codec, scheduler, wrong, settings=config)
     # a folder whose stage 2 does not fit is a damaged folder, reported as such
     shutil.rmtree(saved / "stage2")
     stage2_model(3, 8).save_pretrained(saved / "stage2")
@@ -355,9 +425,9 @@ def test_mismatched_stage2_is_refused(saved):
 
 def test_mismatched_stage1_is_refused():
     base = pixel_pipeline()
-    codec, scheduler, config = base.codec, base.scheduler, base.config
+    codec, scheduler, config = base.codec, base.scheduler, base.settings
     for wrong, words in ((stage1_model(3, 8, rows=1, cols=4), "grid"),
                          (stage1_model(3, 4), "latents"),
                          (stage1_model(1, 8), "channels")):
         with pytest.raises(ValueError, match=words):
-            GriDiTPipeline(wrong, codec, scheduler, config)
+            GriDiTPipeline(wrong, codec, scheduler, settings=config)

@@ -446,12 +446,12 @@ def model_folder(tmp_path):
     from ctgridit.core.diffusion import make_train_scheduler
     from ctgridit.core.dit import create_dit
     from ctgridit.core.grid import GridSpec
-    from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig
+    from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings
 
     torch.manual_seed(0)
     stage1 = create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1)
-    config = PipelineConfig(GridSpec(2, 2, 1, 1), (8, 8), 1, adapter={"kind": "ct", "spacing": [3.0, 3.0, 3.0]})
-    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), config).save_pretrained(tmp_path / "m")
+    config = PipelineSettings(GridSpec(2, 2, 1, 1), (8, 8), 1, adapter={"kind": "ct", "spacing": [3.0, 3.0, 3.0]})
+    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), settings=config).save_pretrained(tmp_path / "m")
 
 
 @pytest.mark.parametrize("damage,words", [
@@ -466,9 +466,9 @@ def test_5_17_27_a_damaged_model_folder_is_one_line_before_any_work(capsys, mode
         path = model_folder / "scheduler" / "scheduler_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "beta_schedule": "nonsense"}))
     elif damage == "sampler":
-        path = model_folder / "gridit.json"
+        path = model_folder / "model_index.json"
         data = json.loads(path.read_text())
-        data["sampling"]["stage1"]["sampler"] = "bogus"
+        data["settings"]["sampling"]["stage1"]["sampler"] = "bogus"
         path.write_text(json.dumps(data))
     elif damage in ("depth", "extra_layer"):
         path = stage / "config.json"

@@ -18,7 +18,7 @@ from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import (
     GriDiTPipeline,
-    PipelineConfig,
+    PipelineSettings,
     SamplingConfig,
     Stage1Sampling,
 )
@@ -36,17 +36,17 @@ def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPi
     stage1 = randomized(create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
                                    **(dict(cond_channels=2, cond_fill="linear", fill_residual=True) if masked else {})), 0)
     sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1))
-    config = PipelineConfig(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
-                            {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})
+    config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
+                              {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})
     return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True, prediction_type="sample"),
-                          config)
+                          settings=config)
 
 
 def test_a_residual_model_needs_a_clean_sample_scheduler():
     """Adding the output to the filled condition only makes sense for a model of the clean sample."""
     good = native_pipeline()
     with pytest.raises(ValueError, match="fill_residual"):
-        GriDiTPipeline(good.stage1, good.codec, make_train_scheduler(clip_sample=True), good.config)
+        GriDiTPipeline(good.stage1, good.codec, make_train_scheduler(clip_sample=True), settings=good.settings)
 
 
 def slab(path, slices: int, layout: str = "as stored") -> CTVolume:

@@ -11,7 +11,7 @@ from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import GriDiTPipeline, PipelineConfig, SamplingConfig, Stage1Sampling, Stage2Sampling
+from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, SamplingConfig, Stage1Sampling, Stage2Sampling
 from ctgridit.model_folders import BUNDLED_MODEL
 from ctgridit.synthesis import synthesize
 from tests.test_cli import assert_refused, run_cli
@@ -29,10 +29,10 @@ def tiny_model(tmp_path_factory):
     with torch.no_grad():                          # leave the zero init so that outputs depend on the seed
         for p in [*stage1.parameters(), *stage2.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
-    config = PipelineConfig(GridSpec(2, 2, 1, 2), (32, 32), 1, SamplingConfig(Stage1Sampling(num_steps=4), Stage2Sampling(num_steps=2)),
-                            {"kind": "ct", "spacing": SPACING, "window": [-1000, 1000]})
+    config = PipelineSettings(GridSpec(2, 2, 1, 2), (32, 32), 1, SamplingConfig(Stage1Sampling(num_steps=4), Stage2Sampling(num_steps=2)),
+                              {"kind": "ct", "spacing": SPACING, "window": [-1000, 1000]})
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), config, stage2).save_pretrained(folder)
+    GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), stage2, settings=config).save_pretrained(folder)
     return folder
 
 
@@ -111,7 +111,7 @@ def _real_neighbour_difference() -> float:
     return reference_neighbour_difference(data_file("lung_pet_ct_dx/A0002_8mm_B40f.nii.gz"), [3.0, 3.0, 3.0], (128, 128))
 
 
-needs_bundled_model = pytest.mark.skipif(not (BUNDLED_MODEL / "gridit.json").exists(),
+needs_bundled_model = pytest.mark.skipif(not (BUNDLED_MODEL / "model_index.json").exists(),
                                          reason="no bundled model in this checkout")
 
 

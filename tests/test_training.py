@@ -67,8 +67,8 @@ def test_small_ct_config_lowers_the_loss_on_real_ct(tmp_path):
     assert (tmp_path / "ckpt" / "stage1" / "loss.png").stat().st_size > 1000
     assert result.steps == 250
     pipeline = GriDiTPipeline.from_pretrained(tmp_path / "model")
-    assert pipeline.config.frame_size == (128, 128) and pipeline.stage2 is None
-    assert pipeline.config.adapter["spacing"] == [3.0, 3.0, 3.0]
+    assert pipeline.settings.frame_size == (128, 128) and pipeline.stage2 is None
+    assert pipeline.settings.adapter["spacing"] == [3.0, 3.0, 3.0]
 
 
 def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
@@ -165,7 +165,7 @@ def test_masked_stride_aware_stage1_trains_resumes_and_samples_hierarchically(tm
     assert a["stride_embedder.weight"].shape[0] == 10                   # labels 0 (not given) .. 9
     pipe = GriDiTPipeline.from_pretrained(straight / "model")
     assert pipe.masked and pipe.max_stride == 9 and pipe.stage1.config.cond_channels == 2
-    assert pipe.config.sampling.stage1.levels == 2
+    assert pipe.settings.sampling.stage1.levels == 2
     labels, calls = [], []
     forward = pipe.stage1.forward
     pipe.stage1.forward = lambda x, t, cond=None, stride=None: (calls.append(cond), labels.extend(stride.tolist()),

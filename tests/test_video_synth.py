@@ -78,7 +78,7 @@ def test_a_square_standing_still_is_not_on_the_circle():
 
 # ----------------------------------------------------------------- train and synth
 def test_model_folder_is_a_video_model_with_the_clips_frame_rate(video_model):
-    adapter = json.loads((video_model / "gridit.json").read_text())["adapter"]
+    adapter = json.loads((video_model / "model_index.json").read_text())["settings"]["adapter"]
     assert adapter == {"kind": "video", "fps": pytest.approx(FPS)}
 
 

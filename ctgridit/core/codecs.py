@@ -4,37 +4,37 @@ Two implementations (docs/METHOD.md section 5):
 
 - :class:`PixelCodec`, the identity, for small models and tests;
 - :class:`VAECodec`, a diffusers ``AutoencoderKL`` (the Stable Diffusion VAE)
-  loaded from a local folder or a hub id, with the scale factor of its config
-  (0.18215 for SD). ``encode`` returns the scaled posterior mean, so encoding
-  is deterministic.
+  with the scale factor of its config (0.18215 for SD). ``encode`` returns the
+  scaled posterior mean, so encoding is deterministic.
 
 Both process large batches in chunks of ``chunk_size`` images to bound memory.
-A codec saves itself into a folder (``codec.json`` plus, for the VAE, the
-diffusers weights) and :func:`load_codec` rebuilds it offline.
+A codec is a diffusers model (``config.json`` and safetensors weights), so a
+:class:`~ctgridit.core.pipeline.GriDiTPipeline` registers, moves, saves and
+loads it like its DiTs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 
-CODEC_FILE = "codec.json"
 #: Images per encoder/decoder call unless told otherwise.
 DEFAULT_CHUNK = 16
 
 
-class LatentCodec:
+class LatentCodec(ModelMixin, ConfigMixin):
     """The interface the pipeline uses; subclasses implement ``_encode``/``_decode``."""
 
-    kind: str = ""
     image_channels: int = 3
     latent_channels: int = 3
     downscale: int = 1              # image pixels per latent pixel along each side
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK):
+        super().__init__()
         self.chunk_size = chunk_size
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
@@ -58,26 +58,20 @@ class LatentCodec:
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LatentCodec":
-        return self
-
-    def config(self) -> dict:
-        return {"kind": self.kind, "chunk_size": self.chunk_size}
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CODEC_FILE).write_text(json.dumps(self.config(), indent=2))
-
 
 class PixelCodec(LatentCodec):
-    """The identity: latents are the images themselves."""
+    """The identity: latents are the images themselves.
 
-    kind = "pixel"
+    It has no weights; an empty buffer, ``anchor``, carries its device and
+    dtype (what a pipeline reports) and gives its folder the weights file that
+    diffusers loads.
+    """
 
+    @register_to_config
     def __init__(self, channels: int = 3, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(chunk_size)
         self.image_channels = self.latent_channels = channels
+        self.register_buffer("anchor", torch.zeros(0))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -85,67 +79,47 @@ class PixelCodec(LatentCodec):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
-    def config(self) -> dict:
-        return {**super().config(), "channels": self.image_channels}
-
 
 class VAECodec(LatentCodec):
-    """A diffusers ``AutoencoderKL``; latents are ``scaling_factor * posterior mean``."""
+    """A diffusers ``AutoencoderKL``; latents are ``scaling_factor * posterior mean``.
 
-    kind = "vae"
+    Built from the autoencoder's config (``vae_config``, a dict, as in the
+    codec's ``config.json``); :meth:`from_vae` wraps a loaded autoencoder and
+    :meth:`from_autoencoder` loads one from its own folder.
+    """
 
-    def __init__(self, vae, chunk_size: int = DEFAULT_CHUNK, scaling_factor: float | None = None):
+    @register_to_config
+    def __init__(self, vae_config: dict, scaling_factor: float | None = None, chunk_size: int = DEFAULT_CHUNK):
         super().__init__(chunk_size)
-        self.vae = vae.eval().requires_grad_(False)
-        cfg = vae.config
+        self.vae = AutoencoderKL.from_config(vae_config).eval().requires_grad_(False)
+        cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor if scaling_factor is None else scaling_factor)
         self.image_channels = cfg.in_channels
         self.latent_channels = cfg.latent_channels
         self.downscale = 2 ** (len(cfg.block_out_channels) - 1)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, subfolder: str | None = None,
-                        chunk_size: int = DEFAULT_CHUNK, **kwargs) -> "VAECodec":
-        """Load from a local folder (or a hub id where a network is available)."""
-        from diffusers import AutoencoderKL
+    def from_vae(cls, vae: AutoencoderKL, chunk_size: int = DEFAULT_CHUNK,
+                 scaling_factor: float | None = None) -> "VAECodec":
+        """A codec around the autoencoder ``vae`` (its weights, not a copy)."""
+        with torch.device("meta"):               # the autoencoder built from the config is replaced at once
+            codec = cls(dict(vae.config), float(vae.config.scaling_factor if scaling_factor is None
+                                                else scaling_factor), chunk_size)
+        codec.vae = vae.eval().requires_grad_(False)
+        return codec
 
-        vae = AutoencoderKL.from_pretrained(str(name_or_path), subfolder=subfolder, **kwargs)
-        return cls(vae, chunk_size)
-
-    def _param(self) -> torch.Tensor:
-        return next(self.vae.parameters())
+    @classmethod
+    def from_autoencoder(cls, name_or_path: str | os.PathLike, subfolder: str | None = None,
+                         chunk_size: int = DEFAULT_CHUNK, **kwargs) -> "VAECodec":
+        """A codec around the ``AutoencoderKL`` folder ``name_or_path`` (a hub id where a network is available)."""
+        return cls.from_vae(AutoencoderKL.from_pretrained(str(name_or_path), subfolder=subfolder, **kwargs),
+                            chunk_size)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._param()
+        p = next(self.vae.parameters())
         posterior = self.vae.encode(x.to(p.device, p.dtype)).latent_dist
         return (posterior.mean * self.scaling_factor).to(x.dtype)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        p = self._param()
+        p = next(self.vae.parameters())
         return self.vae.decode(z.to(p.device, p.dtype) / self.scaling_factor).sample.to(z.dtype)
-
-    def to(self, device=None, dtype=None) -> "VAECodec":
-        # pass only what is asked: diffusers warns about any dtype keyword, even None
-        self.vae.to(**{k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None})
-        return self
-
-    def config(self) -> dict:
-        return {**super().config(), "scaling_factor": self.scaling_factor}
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        super().save_pretrained(folder)
-        self.vae.save_pretrained(str(Path(folder) / "vae"))
-
-
-def load_codec(folder: str | os.PathLike) -> LatentCodec:
-    """Rebuild a codec saved with ``save_pretrained`` (no network access)."""
-    folder = Path(folder)
-    config = json.loads((folder / CODEC_FILE).read_text())
-    kind = config.pop("kind")
-    if kind == "pixel":
-        return PixelCodec(**config)
-    if kind == "vae":
-        codec = VAECodec.from_pretrained(folder / "vae", chunk_size=config["chunk_size"], local_files_only=True)
-        codec.scaling_factor = float(config["scaling_factor"])
-        return codec
-    raise ValueError(f"unknown codec kind {kind!r} in {folder / CODEC_FILE}")

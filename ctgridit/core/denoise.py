@@ -131,16 +131,16 @@ def reverse_scheduler(train_scheduler: SchedulerMixin, t: int, steps: int = DENO
     return scheduler
 
 
-def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto", steps: int = DENOISE_STEPS,
-            generator: Generators = None, progress: ProgressCallback | None = None
-            ) -> tuple[torch.Tensor, DenoiseLevels]:
+def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
+                   generator: Generators = None, progress: ProgressCallback | None = None
+                   ) -> tuple[torch.Tensor, DenoiseLevels]:
     """Denoise one sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size.
 
     ``strength`` is ``"auto"`` (levels from the estimated noise) or a number in
     (0, 1] (module docstring). Returns the frames (same shape, clamped to
     [-1, 1]) and the levels used.
     """
-    cfg = pipeline.config
+    cfg = pipeline.settings
     if frames.ndim != 4 or tuple(frames.shape[1:]) != (cfg.channels, *cfg.frame_size):
         raise ValueError(f"frames must be (N, {cfg.channels}, {cfg.frame_size[0]}, {cfg.frame_size[1]}), "
                          f"got {tuple(frames.shape)}")
@@ -160,8 +160,8 @@ def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto
     # stage 1 on grids of consecutive frames
     grids, layout = sequence_to_grids(frames, replace(cfg.grid, stride=1))
     batches = torch.split(grids, cfg.sampling.stage1.max_batch)
-    per = len(reverse_scheduler(pipeline.scheduler, t1, steps).timesteps)
-    out = [denoise_grids(pipeline, batch, t1, own_lr, steps, generator,
+    per = len(reverse_scheduler(pipeline.scheduler, t1, num_steps).timesteps)
+    out = [denoise_grids(pipeline, batch, t1, own_lr, num_steps, generator,
                          phase_callback(progress, "denoise", i * per, len(batches) * per))
            for i, batch in enumerate(batches)]
     up = grids_to_sequence(torch.cat(out), layout)                          # (N, C, H, W), bicubic up by r
@@ -169,7 +169,7 @@ def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto
         return up.clamp(-1, 1), levels
 
     # stage 2 per frame, from the noisy frame, conditioned on stage 1's result
-    s2 = reverse_scheduler(pipeline.scheduler, t2, steps)
+    s2 = reverse_scheduler(pipeline.scheduler, t2, num_steps)
     per = len(s2.timesteps)
     chunks = range(0, len(frames), cfg.sampling.stage2.batch)
     result = []

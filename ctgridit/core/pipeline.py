@@ -1,18 +1,21 @@
-"""A trained GriDiT model as one folder, and sequence generation with it.
+"""A trained GriDiT model as one diffusers pipeline and folder; generating and denoising sequences with it.
 
-Folder layout (all loadable offline)::
+Folder layout, a diffusers pipeline folder (all loadable offline)::
 
     model/
-      gridit.json        grid spec, frame size, sampling defaults, adapter metadata
+      model_index.json   the modules' classes, and ``settings``: grid spec, frame size,
+                         sampling defaults, adapter metadata (:class:`PipelineSettings`)
       stage1/            GridDiT (config.json + safetensors): the grid model
       stage2/            GridDiT with a condition input: per-frame super-resolution (optional)
-      codec/             latent codec (codec.json, plus vae/ for the SD VAE)
+      codec/             latent codec (config.json + safetensors; the SD VAE's weights for a VAE codec)
       scheduler/         the DDPM training scheduler config
 
-:meth:`GriDiTPipeline.generate` runs docs/METHOD.md section 6 end to end: the grid
-autoregressive sampler in latent space, decoding of the low-resolution frames,
-and stage 2 on every frame (bicubic upsampling by ``r``, encoding as the
-condition, conditional sampling), in batches.
+:meth:`GriDiTPipeline.generate` (also the pipeline's ``__call__``) runs
+docs/METHOD.md section 6 end to end: the grid autoregressive sampler in latent
+space, decoding of the low-resolution frames, and stage 2 on every frame
+(bicubic upsampling by ``r``, encoding as the condition, conditional
+sampling), in batches. :meth:`GriDiTPipeline.denoise` runs section 7
+(Algorithm 3) on a noisy sequence, with the same argument names.
 """
 
 from __future__ import annotations
@@ -27,21 +30,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiffusionPipeline
+from safetensors import safe_open
 
-from ctgridit.core.codecs import LatentCodec, PixelCodec, load_codec
+from ctgridit.core.codecs import LatentCodec, PixelCodec
 from ctgridit.core.conditioning import condition_channels
-from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, SequenceNoise, make_sample_scheduler,
+from ctgridit.core.denoise import DENOISE_STEPS, DenoiseLevels, denoise_frames
+from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, Generators, SequenceNoise, make_sample_scheduler,
                                      strength_timesteps)
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, cell_mask, resize_frames
+from ctgridit.core.legacy_folders import is_legacy_folder, legacy_components, legacy_settings
 from ctgridit.core.sampler import (ProgressCallback, RePaint, Start, inpaint, level_strides, phase_callback,
                                    plan_sequence, sample_sequence, stride_labels)
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_folder
 
-CONFIG_FILE = "gridit.json"
-#: The weights file of a stage folder (diffusers' name; safetensors only).
+#: The file that makes a folder a diffusers pipeline folder.
+INDEX_FILE = DiffusionPipeline.config_name
+#: The weights file of a module folder (diffusers' name; safetensors only).
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -129,7 +136,7 @@ LEGACY_SAMPLING = {"num_steps": ("stage1", "num_steps"), "control_rows": ("stage
 
 @dataclass
 class SamplingConfig:
-    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (``gridit.json`` ``sampling``)."""
+    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (``sampling`` of the model folder's settings)."""
 
     stage1: Stage1Sampling = field(default_factory=Stage1Sampling)
     stage2: Stage2Sampling = field(default_factory=Stage2Sampling)
@@ -181,8 +188,8 @@ class SamplingConfig:
 
 
 @dataclass
-class PipelineConfig:
-    """What ``gridit.json`` holds."""
+class PipelineSettings:
+    """What a model folder records besides its modules (``settings`` in ``model_index.json``)."""
 
     grid: GridSpec
     frame_size: tuple[int, int]           # full-resolution frame (H, W) in pixels
@@ -199,24 +206,39 @@ class PipelineConfig:
                 "sampling": self.sampling.to_dict(), "adapter": self.adapter}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PipelineConfig":
+    def from_dict(cls, data: dict) -> "PipelineSettings":
         grid = GridSpec(**data["grid"])
         return cls(grid, tuple(data["frame_size"]), int(data.get("channels", 3)),
                    SamplingConfig.from_dict(data.get("sampling", {}), grid), dict(data.get("adapter", {})))
 
 
-class GriDiTPipeline:
-    """Stage 1, stage 2, codec and scheduler, with the config that ties them together."""
+class GriDiTPipeline(DiffusionPipeline):
+    """Stage 1, stage 2, codec and scheduler, with the settings that tie them together: a diffusers pipeline.
 
-    def __init__(self, stage1: GridDiT, codec: LatentCodec, scheduler: DDPMScheduler, config: PipelineConfig,
-                 stage2: GridDiT | None = None):
-        self.stage1, self.stage2, self.codec, self.scheduler, self.config = stage1, stage2, codec, scheduler, config
+    Its folder is a diffusers folder (``model_index.json`` with the settings
+    under ``settings``); ``to``, ``device``, ``dtype``, ``components`` and the
+    loading of every module are diffusers'. ctgridit adds to saving and loading
+    only what a medical tool needs: local safetensors files only, weights that
+    match their config exactly, one-line errors, atomic writes, and the folders
+    of earlier versions (:mod:`~ctgridit.core.legacy_folders`).
+    """
+
+    _optional_components = ["stage2"]
+
+    def __init__(self, stage1: GridDiT, codec: LatentCodec, scheduler: DDPMScheduler, stage2: GridDiT | None = None,
+                 settings: PipelineSettings | dict | None = None):
+        super().__init__()
+        if settings is None:
+            raise ValueError("a GriDiTPipeline needs its settings (grid, frame size, sampling, adapter)")
+        self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
+        self.register_modules(stage1=stage1, codec=codec, scheduler=scheduler, stage2=stage2)
+        self.register_to_config(settings=self.settings.to_dict())
         self._check()
 
     # ---------------------------------------------------------------- checks
     def _check(self) -> None:
-        grid = self.config.grid
-        lh, lw = self.codec.latent_size(*self.config.lr_frame_size)
+        grid = self.settings.grid
+        lh, lw = self.codec.latent_size(*self.settings.lr_frame_size)
         s1, c = self.stage1.config, self.codec.latent_channels
         if s1.in_channels != c or s1.cond_channels not in (0, condition_channels(c)):
             raise ValueError(f"stage 1 takes {s1.in_channels} latent channels (cond_channels={s1.cond_channels}), "
@@ -226,14 +248,14 @@ class GriDiTPipeline:
             raise ValueError(f"stage 1 is a {s1.grid_rows}x{s1.grid_cols} grid model, the config says {grid.rows}x{grid.cols}")
         if (s1.sample_height, s1.sample_width) != (grid.rows * lh, grid.cols * lw):
             raise ValueError(f"stage 1 takes {s1.sample_height}x{s1.sample_width} latents, the grid of "
-                             f"{self.config.lr_frame_size} frames gives {grid.rows * lh}x{grid.cols * lw}")
+                             f"{self.settings.lr_frame_size} frames gives {grid.rows * lh}x{grid.cols * lw}")
         if self.stage2 is not None:
-            hh, hw = self.codec.latent_size(*self.config.frame_size)
+            hh, hw = self.codec.latent_size(*self.settings.frame_size)
             s2 = self.stage2.config
             if ((s2.sample_height, s2.sample_width) != (hh, hw) or s2.cond_channels != self.codec.latent_channels
                     or s2.in_channels != self.codec.latent_channels):
                 raise ValueError("stage 2 does not match the full-resolution frame latent and codec")
-        self.config.sampling.stage1.stride_labels(grid.cells, self.max_stride)   # labels the model knows
+        self.settings.sampling.stage1.stride_labels(grid.cells, self.max_stride)   # labels the model knows
         if s1.get("fill_residual", False) and self.scheduler.config.prediction_type != "sample":
             raise ValueError("stage 1 adds its output to the filled condition (fill_residual), which only a model of "
                              f"the clean sample does; its scheduler says {self.scheduler.config.prediction_type!r}")
@@ -248,22 +270,10 @@ class GriDiTPipeline:
         """The largest stride label stage 1 takes (0: none)."""
         return self.stage1.config.num_strides
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.stage1.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.stage1.parameters()).dtype
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GriDiTPipeline":
-        dtype = None if dtype == self.dtype else dtype      # diffusers warns on any dtype keyword
-        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for model in (self.stage1, self.stage2):
-            if model is not None:
-                model.to(**moves)
-        self.codec.to(device=device, dtype=dtype)
-        return self
+    def to(self, *args, **kwargs) -> "GriDiTPipeline":
+        """``DiffusionPipeline.to``, without the notice diffusers logs on every dtype cast (it names no module)."""
+        with quiet_diffusers():
+            return super().to(*args, **kwargs)
 
     # ------------------------------------------------------------ generation
     @torch.no_grad()
@@ -280,14 +290,25 @@ class GriDiTPipeline:
         hr = self.super_resolve(lr, generator, stage2_steps, progress, sequence_length=n)        # (B*N, C, H, W)
         return hr.clamp(-1, 1).reshape(b, n, *hr.shape[1:])
 
+    __call__ = generate
+
+    @torch.no_grad()
+    def denoise(self, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
+                generator: Generators = None, progress: ProgressCallback | None = None
+                ) -> tuple[torch.Tensor, DenoiseLevels]:
+        """One noisy sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size, denoised
+        (Algorithm 3, :func:`~ctgridit.core.denoise.denoise_frames`), and the levels chosen. ``strength``:
+        ``"auto"`` (levels from the estimated noise) or a number in (0, 1]; ``num_steps`` reverse steps."""
+        return denoise_frames(self, frames, strength, num_steps, generator, progress)
+
     @torch.no_grad()
     def sample_latents(self, num_frames: int, batch_size: int = 1, generator: torch.Generator | None = None,
                        num_steps: int | None = None, levels: int | None = None,
                        progress: ProgressCallback | None = None) -> torch.Tensor:
         """Stage 1 only: ``(B, N, c, h, w)`` low-resolution frame latents."""
-        cfg, grid = self.config.sampling.stage1, self.config.grid
+        cfg, grid = self.settings.sampling.stage1, self.settings.grid
         scheduler = make_sample_scheduler(self.scheduler, cfg.sampler, num_steps or cfg.num_steps)
-        lh, lw = self.codec.latent_size(*self.config.lr_frame_size)
+        lh, lw = self.codec.latent_size(*self.settings.lr_frame_size)
         plan = plan_sequence(num_frames, grid.rows, grid.cols, cfg.control_rows,
                              cfg.levels if levels is None else levels, cfg.chunk)
         return sample_sequence(self.stage1, scheduler, plan, frame_shape=(self.codec.latent_channels, lh, lw),
@@ -311,7 +332,7 @@ class GriDiTPipeline:
         """
         if not self.masked:
             raise ValueError("filling given grids needs a masked-conditional stage 1; this model is unconditional")
-        grid = self.config.grid
+        grid = self.settings.grid
         if len(known) != grid.cells:
             raise ValueError(f"known must flag the {grid.cells} cells of a {grid.rows}x{grid.cols} grid, got {len(known)}")
         if not 0 < sum(known) < grid.cells:
@@ -319,7 +340,7 @@ class GriDiTPipeline:
         z = self.codec.encode(grids.to(self.device, self.dtype))                              # (B, c, R*h', C*w')
         mask = cell_mask(torch.tensor(known).expand(len(z), -1), grid.rows, grid.cols, z.shape[-2] // grid.rows,
                          z.shape[-1] // grid.cols).to(self.device, self.dtype)               # (B, 1, H, W)
-        scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.config.sampling.stage1.num_steps)
+        scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.settings.sampling.stage1.num_steps)
         z = inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
                     inputs={"stride": 1 if self.max_stride else None}, callback=callback)
         out = self.codec.decode(z).clamp(-1, 1)
@@ -338,10 +359,10 @@ class GriDiTPipeline:
         how their noise relates (:class:`Stage2Sampling`). Without a stage-2
         model the bicubic upsampling is the result.
         """
-        up = resize_frames(lr_frames, self.config.frame_size)                                # (M, C, H, W)
+        up = resize_frames(lr_frames, self.settings.frame_size)                                # (M, C, H, W)
         if self.stage2 is None:
             return up
-        cfg = self.config.sampling.stage2
+        cfg = self.settings.sampling.stage2
         per_sequence = sequence_length or len(up)
         if len(up) % per_sequence:
             raise ValueError(f"{len(up)} frames are not whole sequences of {per_sequence}")
@@ -375,82 +396,107 @@ class GriDiTPipeline:
         return torch.cat(out)
 
     # ------------------------------------------------------------ save / load
-    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the model folder atomically (into a hidden sibling, then renamed)."""
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
+        """``DiffusionPipeline.save_pretrained`` (safetensors), atomically: into a hidden sibling, then renamed."""
         target = Path(folder)
         if target.exists() and not overwrite:
             raise CTGridItError("model folder exists", target, "pass overwrite=True or choose another folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_folder(target) as tmp:
-            self.stage1.save_pretrained(tmp / "stage1", safe_serialization=True)
-            if self.stage2 is not None:
-                self.stage2.save_pretrained(tmp / "stage2", safe_serialization=True)
-            self.codec.save_pretrained(tmp / "codec")
-            self.scheduler.save_pretrained(tmp / "scheduler")
-            (tmp / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
+        with atomic_folder(target) as tmp, quiet_diffusers():
+            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
         return target
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "GriDiTPipeline":
-        """Load a model folder offline; a clear one-line error if it is not one."""
+    def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "GriDiTPipeline":
+        """``DiffusionPipeline.from_pretrained`` of a local folder, safetensors only; a one-line error where it
+        is not a model folder, is damaged or has weights that do not match their config. Folders of earlier
+        versions load too (:mod:`~ctgridit.core.legacy_folders`). ``kwargs`` go to diffusers (e.g. ``torch_dtype``).
+        """
         folder = Path(folder)
-        config = read_model_config(folder)
+        read_settings(folder)                                      # not a model folder, or bad settings: one line
         try:
-            stage1 = load_stage(folder / "stage1")
-            stage2 = load_stage(folder / "stage2") if (folder / "stage2").is_dir() else None
-            codec = load_codec(folder / "codec")
-            scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
-            pipeline = cls(stage1, codec, scheduler, config, stage2)
+            with quiet_diffusers():
+                legacy = is_legacy_folder(folder, INDEX_FILE)
+                if legacy:
+                    pipeline = cls(**legacy_components(folder), settings=legacy_settings(folder))
+                    if kwargs.get("torch_dtype") is not None:
+                        pipeline.to(kwargs["torch_dtype"])
+                else:
+                    pipeline = super().from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                       **kwargs)
         except CTGridItError:
             raise
         except Exception as err:  # anything in a damaged folder (a bad scheduler config raises NotImplementedError)
             raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                                 "re-export it from the trainer") from None
-        return pipeline.to(device, dtype)
+        for name, module in pipeline.components.items():
+            # (an old folder's autoencoder is in codec/vae/ and was loaded whole by diffusers)
+            if isinstance(module, torch.nn.Module) and not (legacy and name == "codec"):
+                check_weights(folder / name, module)
+        return pipeline
 
 
-def read_model_config(folder: str | os.PathLike) -> PipelineConfig:
-    """A model folder's ``gridit.json`` (no weights loaded); a clear one-line error if it is not a model folder."""
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` has a model folder's settings (this layout's or an earlier one's); nothing is read."""
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / "stage1").is_dir():
-        raise CTGridItError(f"not a ctgridit model folder (no {CONFIG_FILE} or stage1/)", folder,
+    return (folder / INDEX_FILE).is_file() or is_legacy_folder(folder, INDEX_FILE)
+
+
+def read_settings(folder: str | os.PathLike) -> PipelineSettings:
+    """A model folder's settings (no weights loaded); a clear one-line error if it is not a model folder."""
+    folder = Path(folder)
+    if not is_model_folder(folder) or not (folder / "stage1").is_dir():
+        raise CTGridItError(f"not a ctgridit model folder (no {INDEX_FILE} or stage1/)", folder,
                             "give a folder written by `ctgridit train` or GriDiTPipeline.save_pretrained")
     try:
-        return PipelineConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except Exception as err:  # a damaged or hand-edited gridit.json
+        if is_legacy_folder(folder, INDEX_FILE):
+            return PipelineSettings.from_dict(legacy_settings(folder))
+        index = json.loads((folder / INDEX_FILE).read_text())
+        if index.get("_class_name") != GriDiTPipeline.__name__:
+            raise ValueError(f"{INDEX_FILE} is of a {index.get('_class_name')}, not a {GriDiTPipeline.__name__}")
+        return PipelineSettings.from_dict(index["settings"])
+    except Exception as err:  # a damaged or hand-edited model_index.json
         raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                             "re-export it from the trainer") from None
 
 
-def load_stage(folder: Path) -> GridDiT:
-    """A stage folder's GridDiT, in eval mode: safetensors weights only, matching its config.json exactly."""
+def check_weights(folder: Path, module: torch.nn.Module) -> None:
+    """The weights file of a module folder holds exactly the module's saved tensors, each of its shape.
+
+    diffusers refuses a shape that differs but leaves a missing tensor on the
+    meta device and drops an unknown one with a log line; ctgridit refuses both.
+    """
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CTGridItError(f"{folder.name}/ has no {WEIGHTS_FILE} (ctgridit loads safetensors weights only)",
                             folder.parent, "re-export the model folder from the trainer")
-    with quiet_diffusers():
-        model, info = GridDiT.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                              output_loading_info=True)
-    wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if wrong:
-        counts = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in wrong.items())
+    with safe_open(str(weights), "pt") as saved:
+        shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}
+    own = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    problems = {"missing keys": sorted(set(own) - set(shapes)), "unexpected keys": sorted(set(shapes) - set(own)),
+                "mismatched keys": sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])}
+    found = {k: v for k, v in problems.items() if v}
+    if found or any(p.is_meta for p in module.parameters()):
+        counts = ", ".join(f"{len(v)} {k}" for k, v in found.items()) or "tensors not loaded"
         raise CTGridItError(f"{folder.name}/ weights do not match its config.json ({counts})", folder.parent,
                             "re-export the model folder from the trainer")
-    return model.eval()
 
 
 @contextlib.contextmanager
 def quiet_diffusers():
-    """diffusers logs loading notices of its own; ctgridit checks what matters and says it in one line."""
+    """diffusers logs loading notices and shows loading bars of its own; ctgridit checks what matters and says it
+    in one line."""
     from diffusers.utils import logging as diffusers_logging
 
-    level = diffusers_logging.get_verbosity()
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(level)
+        if bars:
+            diffusers_logging.enable_progress_bar()
 
 
 def shorten(text: str, width: int) -> str:

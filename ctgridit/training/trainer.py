@@ -43,9 +43,9 @@ from ctgridit.core.conditioning import condition_channels, masked_condition
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask
-from ctgridit.core.pipeline import CONFIG_FILE, PipelineConfig, quiet_diffusers, shorten
+from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, quiet_diffusers, shorten
 from ctgridit.errors import CTGridItError, CTGridItWarning
-from ctgridit.files import atomic_folder, atomic_output
+from ctgridit.files import atomic_folder
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ctgridit.training.config import TrainConfig, config_from_dict
 from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
@@ -62,8 +62,8 @@ def build_codec(config: TrainConfig) -> LatentCodec:
                             "give the local folder of a diffusers AutoencoderKL, or set codec.download: true for a hub id")
     try:
         with quiet_diffusers():
-            return VAECodec.from_pretrained(codec.path, subfolder=codec.subfolder, chunk_size=codec.chunk_size,
-                                            local_files_only=not codec.download)
+            return VAECodec.from_autoencoder(codec.path, subfolder=codec.subfolder, chunk_size=codec.chunk_size,
+                                             local_files_only=not codec.download)
     except Exception as err:  # a folder that is not a VAE: diffusers raises many kinds
         raise CTGridItError(f"cannot load the VAE ({shorten(str(err), 200)})", codec.path,
                             "give the local folder of a diffusers AutoencoderKL") from None
@@ -187,8 +187,8 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
         raise CTGridItError(f"bad stage{stage}.model section ({err})", config.source) from None
 
 
-def pipeline_config(config: TrainConfig, codec: LatentCodec) -> PipelineConfig:
-    """What the model folder's ``gridit.json`` records: grid, frame size, sampling and adapter metadata."""
+def pipeline_settings(config: TrainConfig, codec: LatentCodec) -> PipelineSettings:
+    """What the model folder records besides its modules: grid, frame size, sampling and adapter metadata."""
     if config.data.kind == "video":
         adapter = {"kind": "video", "fps": training_frame_rate(config)}
     else:
@@ -196,8 +196,8 @@ def pipeline_config(config: TrainConfig, codec: LatentCodec) -> PipelineConfig:
         if config.data.spacing:
             adapter["spacing"] = list(config.data.spacing)
     adapter.update(config.adapter)
-    return PipelineConfig(config.grid_spec, tuple(config.frame_size), codec.image_channels,
-                          config.sampling_config, adapter)
+    return PipelineSettings(config.grid_spec, tuple(config.frame_size), codec.image_channels,
+                            config.sampling_config, adapter)
 
 
 def training_frame_rate(config: TrainConfig) -> float:
@@ -675,21 +675,39 @@ def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, 
 
 
 def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: LatentCodec, scheduler) -> Path:
-    """Write ``stage{N}/`` (EMA weights, safetensors + config) into the model folder, with the
-    codec, scheduler and ``gridit.json`` it needs; the other stage's folder is kept."""
+    """Write the model folder (:meth:`GriDiTPipeline.save_pretrained <ctgridit.core.pipeline.GriDiTPipeline.save_pretrained>`,
+    atomically) with ``stage{N}``'s EMA weights and the codec, scheduler and settings of this config.
+
+    The other stage of the folder is kept where it fits (a warning where it does
+    not: it is left out, its checkpoints stay where its training wrote them).
+    Stage 2 exported into a folder without stage 1 is written alone, as
+    ``stage2/``; stage 1's export then makes the folder whole.
+    """
     out = Path(config.output)
-    out.mkdir(parents=True, exist_ok=True)
     export = GridDiT.from_config(model.config)
     ema.copy_to(export.parameters())
-    with atomic_folder(out / f"stage{stage}") as tmp:
-        export.save_pretrained(str(tmp), safe_serialization=True)
-    with atomic_folder(out / "codec") as tmp:
-        codec.save_pretrained(tmp)
-    with atomic_folder(out / "scheduler") as tmp:
-        scheduler.save_pretrained(str(tmp))
-    with atomic_output(out / CONFIG_FILE, force=True) as tmp:
-        tmp.write_text(json.dumps(pipeline_config(config, codec).to_dict(), indent=2))
-    return out
+    stages = {f"stage{stage}": export}
+    other = f"stage{3 - stage}"
+    if (out / other).is_dir():
+        with quiet_diffusers():
+            stages[other] = GridDiT.from_pretrained(str(out / other), local_files_only=True, use_safetensors=True)
+    if "stage1" not in stages:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(out / "stage2") as tmp:
+            export.save_pretrained(str(tmp), safe_serialization=True)
+        return out
+    settings = pipeline_settings(config, codec)
+    try:
+        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=settings)
+    except ValueError as err:
+        if other not in stages:
+            raise CTGridItError(f"the trained stage {stage} does not fit its own settings ({err})", config.source) \
+                from None
+        warnings.warn(f"the model folder's {other}/ does not fit the new stage {stage} ({err}); it is left out of "
+                      f"{out}", CTGridItWarning)
+        del stages[other]
+        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=settings)
+    return pipeline.save_pretrained(out, overwrite=True)
 
 
 def _write_audit(folder: str, rank: int, world: int, samples: list, model: torch.nn.Module) -> None:

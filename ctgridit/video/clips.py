@@ -4,7 +4,7 @@
 (:func:`ctgridit.generation.generate_iter`) and :func:`save_clip` writes the
 frames through the video adapter: ``.mp4``, ``.gif`` or a folder of PNG
 frames, at the frame rate the model folder records (the training clips' own
-rate, ``adapter.fps`` in ``gridit.json``). :func:`save_contact_sheet` is the
+rate, ``settings.adapter.fps`` in ``model_index.json``). :func:`save_contact_sheet` is the
 picture of a clip (its frames side by side).
 """
 
@@ -40,7 +40,7 @@ def load_video_model(model: str | os.PathLike | None, device: str = "auto") -> G
 
 def clip_frame_rate(pipeline: GriDiTPipeline) -> float:
     """Frames per second of the model's training clips (the video adapter's default if it records none)."""
-    return float(pipeline.config.adapter.get("fps", DEFAULT_FPS))
+    return float(pipeline.settings.adapter.get("fps", DEFAULT_FPS))
 
 
 def synthesize_clips_iter(num_frames: int, indices=range(1), seed: int = 0,
@@ -52,8 +52,8 @@ def synthesize_clips_iter(num_frames: int, indices=range(1), seed: int = 0,
         raise CTGridItError(f"need {MIN_FRAMES} to {MAX_FRAMES} frames, got {num_frames}")
     check_dtype(dtype)
     pipeline = model if isinstance(model, GriDiTPipeline) else load_video_model(model, device)
-    if pipeline.config.channels != 3:
-        raise CTGridItError(f"a video model makes RGB frames, this one makes {pipeline.config.channels} channels",
+    if pipeline.settings.channels != 3:
+        raise CTGridItError(f"a video model makes RGB frames, this one makes {pipeline.settings.channels} channels",
                             hint="give a model trained on videos")
     yield from generate_iter(pipeline, num_frames, indices, seed, steps, dtype, progress)
 
