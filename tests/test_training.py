@@ -93,11 +93,15 @@ def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
 
 
 def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
+    """Either stage may be trained first: stage 2 alone is written as stage2/, stage 1's export keeps it."""
     write_config(tmp_path, small_ct)
     config = load_config(tmp_path / "config.yaml")
-    train(config, 1, steps=2, device="cpu", quiet=True)
     train(config, 2, steps=2, device="cpu", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["stage2"]      # not a model folder yet
+    stage2 = load_file(str(tmp_path / "model" / "stage2" / "diffusion_pytorch_model.safetensors"))
+    train(config, 1, steps=2, device="cpu", quiet=True)
     pipeline = GriDiTPipeline.from_pretrained(tmp_path / "model")
+    assert all(torch.equal(stage2[k], v) for k, v in pipeline.stage2.state_dict().items())
     assert pipeline.stage2 is not None and pipeline.stage2.config.cond_channels == 1
     frames = pipeline.generate(5, generator=torch.Generator().manual_seed(0))
     assert frames.shape == (1, 5, 1, 32, 32)
