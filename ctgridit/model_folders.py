@@ -21,6 +21,8 @@ BUNDLED_MODEL = MODELS / "ct_small"
 BUNDLED_DENOISER = MODELS / "ct_denoise"
 #: The native-resolution model of ``interpolate`` and ``extend`` shipped inside the package (see its MODEL.md).
 BUNDLED_SLICE_MODEL = MODELS / "ct_interpolate"
+#: The moving-squares video model shipped inside the package (see its MODEL.md): the video test fine-tunes it.
+BUNDLED_VIDEO_MODEL = MODELS / "video_shapes"
 #: An environment variable that points at another default synthesis model folder.
 MODEL_ENV = "CTGRIDIT_MODEL"
 ADAPTER_NAMES = {"ct": "CT", "video": "video"}
@@ -32,9 +34,20 @@ def default_model_dir() -> Path:
     return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
 
 
-def model_kind(folder: str | os.PathLike) -> str:
-    """The adapter a model folder was trained for (``"ct"`` or ``"video"``), read without loading weights."""
-    return read_settings(folder).adapter.get("kind", "ct")
+def model_folder(model: str | os.PathLike | None, default: Path = BUNDLED_MODEL) -> Path:
+    """The folder ``model`` names: ``default`` for ``None``; the bundled model of that name for a name such as
+    ``video_shapes`` that is no path here; else the path itself."""
+    if model is None:
+        return default
+    if not Path(model).exists() and is_model_folder(MODELS / str(model)):
+        return MODELS / str(model)
+    return Path(model)
+
+
+def model_kind(model: str | os.PathLike) -> str:
+    """The adapter a model folder (or bundled model name) was trained for (``"ct"`` or ``"video"``), read without
+    loading weights."""
+    return read_settings(model_folder(model)).adapter.get("kind", "ct")
 
 
 def is_native(pipeline: GriDiTPipeline) -> bool:
@@ -44,14 +57,14 @@ def is_native(pipeline: GriDiTPipeline) -> bool:
 
 def open_model(model: str | os.PathLike | None, default: Path, purpose: str, device: str = "auto",
                kind: str = "ct") -> GriDiTPipeline:
-    """The model folder ``model`` (``None``: ``default``, a bundled one) on ``device``.
+    """The model folder ``model`` (:func:`model_folder`; ``None``: ``default``, a bundled one) on ``device``.
 
     Refused with one line: a bad device (before any loading), a missing bundled
     model, a folder that is not a model, a model of another adapter than ``kind``.
     ``purpose`` names the task in the messages ("synthesis", "denoising").
     """
     where = resolve_device(device)
-    folder = Path(model) if model is not None else default
+    folder = model_folder(model, default)
     if model is None and not is_model_folder(folder):
         raise CTGridItError(f"no {purpose} model is installed", folder,
                             "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")

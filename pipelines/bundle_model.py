@@ -3,6 +3,7 @@
     python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
     python pipelines/bundle_model.py runs/ct_interpolate/model --slices --bench eval.txt
+    python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled model lives in ``ctgridit/models/ct_small/`` and is what
 ``ctgridit synth`` uses without ``--model``. Weights are stored as float16
@@ -22,7 +23,7 @@ import torch
 
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.files import atomic_output
-from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL
+from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL, BUNDLED_VIDEO_MODEL
 from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +178,40 @@ python pipelines/bundle_model.py runs/ct_interpolate/model --slices
     return text
 
 
+def video_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+    cfg = pipeline.settings
+    params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
+    run = training_config("video_shapes.yaml")
+    text = f"""# video_shapes: the moving-squares video model bundled with ctgridit
+
+A tiny video model of the moving-squares clips (`ctgridit.video.shapes`: a
+square circling the frame centre once every 16 frames, made offline and
+exactly, so a generated clip can be checked). A masked-conditional stage-1 grid
+DiT ({params:.2f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of
+{cfg.frame_size[0]} x {cfg.frame_size[1]} RGB frames, pixel space, no stage 2, predicting the clean frames;
+it generates a first grid and extends with the paper's m = {cfg.sampling.stage1.control_rows} control rows,
+{cfg.adapter["fps"]:.3g} frames per second (its training clips' rate).
+
+- **Data**: 64 clips of `python pipelines/make_moving_squares.py runs/moving_squares`.
+- **Training** (`pipelines/configs/video_shapes.yaml`, batch {run["optim"]["batch_size"]}, AdamW, EMA {run["optim"]["ema_decay"]},
+  2 CPU cores): {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+- **Use**: `ctgridit synth --model <this folder> --frames 48 --out clip.gif`; the
+  video test (`tests/test_video_synth.py`) fine-tunes it through `ctgridit train`
+  and checks that the clips it samples continue the motion.
+
+Reproduce (from the repository root):
+
+```bash
+python pipelines/make_moving_squares.py runs/moving_squares
+ctgridit train stage1 --config pipelines/configs/video_shapes.yaml
+python pipelines/bundle_model.py runs/video_shapes/model --video
+```
+"""
+    if bench:
+        text += f"\nMeasured with `python pipelines/eval_video_motion.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
+    return text
+
+
 def training_config(name: str = "ct_denoise.yaml") -> dict:
     """A native-resolution model's training config as written (batch size, timesteps, tasks)."""
     import yaml
@@ -192,20 +227,24 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
     which.add_argument("--slices", action="store_true",
-                        help="bundle as the default model of interpolate and extend (ct_interpolate)")
+                       help="bundle as the default model of interpolate and extend (ct_interpolate)")
+    which.add_argument("--video", action="store_true", help="bundle as the moving-squares video model (video_shapes)")
     args = parser.parse_args()
-    native = {"denoiser": args.denoiser, "slices": args.slices}
-    kind = next((k for k, on in native.items() if on), "synthesis")
+    other = {"denoiser": args.denoiser, "slices": args.slices, "video": args.video}
+    kind = next((k for k, on in other.items() if on), "synthesis")
     source = Path(args.model)
     pipeline = GriDiTPipeline.from_pretrained(source)                 # refuses an incomplete folder
     if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
-    target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL}[kind]
-    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate"}[kind]
+    target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL,
+              "video": BUNDLED_VIDEO_MODEL}[kind]
+    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate",
+            "video": "video_shapes"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"
-    text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card}[kind](pipeline, checkpoints, bench)
+    text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card,
+            "video": video_card}[kind](pipeline, checkpoints, bench)
     pipeline.to(torch.float16).save_pretrained(target, overwrite=True)     # float16 safetensors, atomically
     with atomic_output(target / "MODEL.md") as tmp:
         tmp.write_text(text)

@@ -20,18 +20,7 @@ import numpy as np
 
 from ctgridit.video.clips import load_video_model, synthesize_clips_iter
 from ctgridit.video.sequence import sequence_to_frames
-from ctgridit.video.shapes import CirclingSquare, fit_phase, track_square
-
-
-def motion_errors(video: np.ndarray, motion: CirclingSquare, first: int) -> dict[str, float]:
-    """Distances of the tracked square from the circle fitted on frames ``0 .. first - 1``."""
-    centres = track_square(video)
-    phase = fit_phase(motion, centres[:first])
-    rows, cols = motion.centre(np.arange(len(video)), phase)
-    error = np.hypot(centres[:, 0] - rows, centres[:, 1] - cols)
-    frozen = np.hypot(centres[first - 1, 0] - rows[first:], centres[first - 1, 1] - cols[first:])
-    return {"first grid": float(np.nanmedian(error[:first])), "added": float(np.nanmedian(error[first:])),
-            "frozen": float(np.nanmedian(frozen)), "missing": int(np.isnan(error).sum())}
+from ctgridit.video.shapes import CirclingSquare, motion_errors
 
 
 def main() -> None:

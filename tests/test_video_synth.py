@@ -1,11 +1,14 @@
 """Video through the same core, from the command line (issue 17).
 
 A tiny video model is trained through ``ctgridit train stage1`` on GIF clips of
-a square circling at a known speed (:mod:`ctgridit.video.shapes`), and clips
-are sampled through ``ctgridit synth --frames`` (4 x 4 grids, the paper's m = 3
-control rows) and read back with imageio: the frame count, size and the frame
-rate the model folder recorded from its training clips. Every mismatch between
-a model's adapter and the output is refused with one line, before any work.
+a square circling at a known speed (:mod:`ctgridit.video.shapes`): the bundled
+moving-squares model (``ctgridit/models/video_shapes``, 16 minutes of training),
+fine-tuned a few steps on new clips. Clips are sampled through ``ctgridit synth
+--frames`` (4 x 4 grids, the paper's m = 3 control rows) and read back with
+imageio: the frame count, size, the frame rate the model folder recorded from
+its training clips, and the square's motion continued in the frames the
+extension added. Every mismatch between a model's adapter and the output is
+refused with one line, before any work.
 """
 
 from __future__ import annotations
@@ -20,28 +23,30 @@ import pytest
 import yaml
 
 from ctgridit.cli import main
+from ctgridit.model_folders import BUNDLED_VIDEO_MODEL
 from ctgridit.video.io import frame_rate, read_frames, video_clips
-from ctgridit.video.shapes import CirclingSquare, fit_phase, track_square, write_moving_squares
+from ctgridit.video.shapes import CirclingSquare, fit_phase, motion_errors, track_square, write_moving_squares
 from tests.test_cli import assert_refused, run_cli
 
 MOTION = CirclingSquare()
 FPS = 10.0
-TRAIN_STEPS = 60
+TRAIN_STEPS = 30
 
 
 def tiny_config(clips, out, steps: int) -> dict:
-    """pipelines/configs/video_shapes.yaml, shortened."""
+    """pipelines/configs/video_shapes.yaml, shortened, starting from the bundled model's weights."""
     with open(os.path.join(os.path.dirname(__file__), "..", "pipelines", "configs", "video_shapes.yaml")) as f:
         config = yaml.safe_load(f)
     config.update(output=str(out / "model"), data={"kind": "video", "paths": [str(clips)]})
-    config["optim"].update(steps=steps)
+    config["optim"].update(steps=steps, warmup_steps=10, lr=2.0e-4)
+    config["stage1"]["init"] = str(BUNDLED_VIDEO_MODEL / "stage1")
     config["checkpoint"] = {"dir": str(out / "checkpoints"), "every": 10_000, "keep_last": 1}
     return config
 
 
 @pytest.fixture(scope="module")
 def video_model(tmp_path_factory):
-    """A model folder trained through the CLI (a few steps: what the commands do, not what the model learns)."""
+    """A model folder trained through the CLI: the bundled model fine-tuned on 8 new clips at another frame rate."""
     root = tmp_path_factory.mktemp("video")
     write_moving_squares(root / "clips", clips=8, frames=24, motion=MOTION, fps=FPS)
     config = root / "video.yaml"
@@ -96,6 +101,29 @@ def test_synth_writes_a_clip_imageio_reads_back(capsys, video_model, tmp_path, n
         assert sorted(p.name for p in out.iterdir())[:2] == ["frame_00000.png", "frame_00001.png"]
     sheet = iio.imread(preview)
     assert sheet.ndim == 3 and sheet.shape[1] > sheet.shape[0]    # the frames side by side
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_synth_clips_continue_the_motion(capsys, video_model, tmp_path, seed):
+    """The square of a clip from ``ctgridit synth`` keeps circling in the frames the extension added (2 grids of
+    4 new frames after the first 16): near the circle fitted on the first grid, far nearer than a square that
+    stopped there."""
+    out = tmp_path / "clip.gif"
+    code, _, err = run_cli(capsys, "synth", "--model", video_model, "--frames", 24, "--out", out, "--seed", seed,
+                           "--quiet")
+    assert code == 0, err
+    errors = motion_errors(iio.imread(out), MOTION, first=16)
+    assert errors["missing"] == 0, errors
+    assert errors["first grid"] < 2.0 and errors["added"] < 1.0, errors
+    assert errors["added"] < errors["frozen"] / 3, errors
+
+
+def test_a_bundled_model_is_named_by_its_folder_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                   # no folder of that name here
+    code, _, err = run_cli(capsys, "synth", "--model", "video_shapes", "--frames", 17, "--out", "c.gif", "--quiet")
+    assert code == 0, err
+    assert iio.imread(tmp_path / "c.gif").shape == (17, MOTION.size, MOTION.size, 3)
+    assert_refused(*run_cli(capsys, "synth", "--model", "no_such_model", "--out", "d.gif")[::2], "no_such_model")
 
 
 def test_synth_clips_are_reproducible_and_numbered(capsys, video_model, tmp_path):

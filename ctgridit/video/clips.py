@@ -24,18 +24,15 @@ from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_output
 from ctgridit.generation import check_dtype, generate_iter
 from ctgridit.limits import MAX_FRAMES, MIN_FRAMES
-from ctgridit.model_folders import open_model
+from ctgridit.model_folders import BUNDLED_VIDEO_MODEL, open_model
 from ctgridit.video.io import DEFAULT_FPS
 from ctgridit.video.sequence import VideoAdapter, sequence_to_frames
 
 
 
 def load_video_model(model: str | os.PathLike | None, device: str = "auto") -> GriDiTPipeline:
-    """A video model folder on ``device`` (no video model is bundled, so ``model`` is required)."""
-    if model is None:
-        raise CTGridItError("no video model is bundled", hint="pass --model DIR with a model folder trained on "
-                            "videos (see pipelines/configs/video_shapes.yaml)")
-    return open_model(model, Path(model), "video synthesis", device, kind="video")
+    """A video model folder on ``device``; ``None``: the bundled moving-squares model (``video_shapes``)."""
+    return open_model(model, BUNDLED_VIDEO_MODEL, "video synthesis", device, kind="video")
 
 
 def clip_frame_rate(pipeline: GriDiTPipeline) -> float:

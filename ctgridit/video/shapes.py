@@ -76,6 +76,20 @@ def fit_phase(motion: CirclingSquare, centres: np.ndarray, frames: np.ndarray | 
     return float(np.angle(np.exp(1j * angles[ok]).mean()))
 
 
+def motion_errors(video: np.ndarray, motion: CirclingSquare, first: int) -> dict[str, float]:
+    """Does a clip continue the motion of its first ``first`` frames? Median distances (pixels) of the tracked
+    square from the circle fitted on those frames: in them (``"first grid"``), in the frames after them
+    (``"added"``), and for a square that stopped at frame ``first - 1`` (``"frozen"``, the baseline); and how
+    many frames have no square (``"missing"``)."""
+    centres = track_square(video)
+    phase = fit_phase(motion, centres[:first])
+    rows, cols = motion.centre(np.arange(len(video)), phase)
+    error = np.hypot(centres[:, 0] - rows, centres[:, 1] - cols)
+    frozen = np.hypot(centres[first - 1, 0] - rows[first:], centres[first - 1, 1] - cols[first:])
+    return {"first grid": float(np.nanmedian(error[:first])), "added": float(np.nanmedian(error[first:])),
+            "frozen": float(np.nanmedian(frozen)), "missing": int(np.isnan(error).sum())}
+
+
 def write_moving_squares(folder: str | os.PathLike, clips: int, frames: int, motion: CirclingSquare = CirclingSquare(),
                          fps: float = 8.0, seed: int = 0, force: bool = False) -> list[Path]:
     """``clips`` GIFs ``square_000.gif``, ... of ``frames`` frames at random phases (lossless: few colours)."""
