@@ -30,8 +30,9 @@ TRAINED_ON = {"ct": "CT volumes", "video": "videos"}
 
 
 def default_model_dir() -> Path:
-    """``$CTGRIDIT_MODEL`` if set, else the bundled synthesis model."""
-    return Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
+    """``$CTGRIDIT_MODEL`` if set (a folder or a bundled model's name, :func:`model_folder`), else the bundled
+    synthesis model."""
+    return model_folder(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else BUNDLED_MODEL
 
 
 def model_folder(model: str | os.PathLike | None, default: Path = BUNDLED_MODEL) -> Path:

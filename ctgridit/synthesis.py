@@ -29,9 +29,9 @@ def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> 
     """A CT synthesis model folder on ``device``; ``None`` means :func:`~ctgridit.model_folders.default_model_dir`."""
     pipeline = open_model(model, default_model_dir(), "synthesis", device, kind="ct")
     if "spacing" not in pipeline.settings.adapter:
-        raise CTGridItError("the model folder does not record its voxel spacing (settings.adapter.spacing in model_index.json)",
-                            model or default_model_dir(), "add it to the training config's adapter section and "
-                            "export again")
+        raise CTGridItError("the model folder does not record its voxel spacing (settings.adapter.spacing in "
+                            "model_index.json)", model or default_model_dir(),
+                            "add it to the training config's adapter section and export again")
     return pipeline
 
 

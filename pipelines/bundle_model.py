@@ -1,4 +1,4 @@
-"""Copy a trained model folder into the package as a bundled model, with its model card.
+"""Save a trained model folder into the package as a bundled model (float16 weights), with its model card.
 
     python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
@@ -187,14 +187,14 @@ def video_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
 A tiny video model of the moving-squares clips (`ctgridit.video.shapes`: a
 square circling the frame centre once every 16 frames, made offline and
 exactly, so a generated clip can be checked). A masked-conditional stage-1 grid
-DiT ({params:.2f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of
-{cfg.frame_size[0]} x {cfg.frame_size[1]} RGB frames, pixel space, no stage 2, predicting the clean frames;
+DiT ({params:.2f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols}
+grids of {cfg.frame_size[0]} x {cfg.frame_size[1]} RGB frames, pixel space, no stage 2, predicting the clean frames;
 it generates a first grid and extends with the paper's m = {cfg.sampling.stage1.control_rows} control rows,
 {cfg.adapter["fps"]:.3g} frames per second (its training clips' rate).
 
 - **Data**: 64 clips of `python pipelines/make_moving_squares.py runs/moving_squares`.
-- **Training** (`pipelines/configs/video_shapes.yaml`, batch {run["optim"]["batch_size"]}, AdamW, EMA {run["optim"]["ema_decay"]},
-  2 CPU cores): {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+- **Training** (`pipelines/configs/video_shapes.yaml`, batch {run["optim"]["batch_size"]}, AdamW,
+  EMA {run["optim"]["ema_decay"]}, 2 CPU cores): {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 - **Use**: `ctgridit synth --model <this folder> --frames 48 --out clip.gif`; the
   video test (`tests/test_video_synth.py`) fine-tunes it through `ctgridit train`
   and checks that the clips it samples continue the motion.

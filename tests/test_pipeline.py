@@ -296,6 +296,13 @@ def test_generation_and_denoising_are_methods_of_the_pipeline():
     assert torch.equal(frames, again) and levels == same and levels.t1 > 0
 
 
+def test_settings_changed_after_construction_are_saved(tmp_path):
+    pipe = pixel_pipeline()
+    pipe.settings.sampling.stage1.num_steps = 7
+    loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"), dtype=torch.float16)
+    assert loaded.settings.sampling.stage1.num_steps == 7 and loaded.dtype == torch.float16
+
+
 def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     pipe = pixel_pipeline(with_stage2=False)
     folder = pipe.save_pretrained(tmp_path / "model")

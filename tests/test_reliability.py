@@ -451,7 +451,8 @@ def model_folder(tmp_path):
     torch.manual_seed(0)
     stage1 = create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1)
     config = PipelineSettings(GridSpec(2, 2, 1, 1), (8, 8), 1, adapter={"kind": "ct", "spacing": [3.0, 3.0, 3.0]})
-    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), settings=config).save_pretrained(tmp_path / "m")
+    pipeline = GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), settings=config)
+    return pipeline.save_pretrained(tmp_path / "m")
 
 
 @pytest.mark.parametrize("damage,words", [

@@ -29,10 +29,12 @@ def tiny_model(tmp_path_factory):
     with torch.no_grad():                          # leave the zero init so that outputs depend on the seed
         for p in [*stage1.parameters(), *stage2.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
-    config = PipelineSettings(GridSpec(2, 2, 1, 2), (32, 32), 1, SamplingConfig(Stage1Sampling(num_steps=4), Stage2Sampling(num_steps=2)),
+    sampling = SamplingConfig(Stage1Sampling(num_steps=4), Stage2Sampling(num_steps=2))
+    config = PipelineSettings(GridSpec(2, 2, 1, 2), (32, 32), 1, sampling,
                               {"kind": "ct", "spacing": SPACING, "window": [-1000, 1000]})
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), stage2, settings=config).save_pretrained(folder)
+    pipeline = GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), stage2, settings=config)
+    pipeline.save_pretrained(folder)
     return folder
 
 

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ctgridit.core.pipeline import GriDiTPipeline
-from ctgridit.errors import CTGridItError
+from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint
 from ctgridit.training.config import load_config
 from ctgridit.training.trainer import StepBatches, loss_decrease, train
@@ -93,11 +93,11 @@ def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
 
 
 def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
-    """Either stage may be trained first: stage 2 alone is written as stage2/, stage 1's export keeps it."""
+    """Either stage may be trained first: stage 2 alone is written without an index, stage 1's export keeps it."""
     write_config(tmp_path, small_ct)
     config = load_config(tmp_path / "config.yaml")
     train(config, 2, steps=2, device="cpu", quiet=True)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["stage2"]      # not a model folder yet
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["codec", "scheduler", "stage2"]  # no index yet
     stage2 = load_file(str(tmp_path / "model" / "stage2" / "diffusion_pytorch_model.safetensors"))
     train(config, 1, steps=2, device="cpu", quiet=True)
     pipeline = GriDiTPipeline.from_pretrained(tmp_path / "model")
@@ -105,6 +105,22 @@ def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
     assert pipeline.stage2 is not None and pipeline.stage2.config.cond_channels == 1
     frames = pipeline.generate(5, generator=torch.Generator().manual_seed(0))
     assert frames.shape == (1, 5, 1, 32, 32)
+
+
+def test_stages_that_do_not_fit_leave_no_model_index_and_a_warning(tmp_path, small_ct):
+    """Stage 1 retrained for another frame size: stage 2 (of the old size) is kept on disk, the folder has no index
+    (it does not load) until stage 2 is trained with the same config; then it loads whole."""
+    write_config(tmp_path, small_ct)
+    train(load_config(tmp_path / "config.yaml"), 2, steps=1, device="cpu", quiet=True)
+    write_config(tmp_path, small_ct, frame_size=[64, 64])
+    config = load_config(tmp_path / "config.yaml")
+    with pytest.warns(CTGridItWarning, match="do not make a model"):
+        train(config, 1, steps=1, device="cpu", quiet=True)
+    assert (tmp_path / "model" / "stage2").is_dir() and not (tmp_path / "model" / "model_index.json").exists()
+    with pytest.raises(CTGridItError, match="not a ctgridit model folder"):
+        GriDiTPipeline.from_pretrained(tmp_path / "model")
+    train(config, 2, steps=1, device="cpu", quiet=True, force=True)
+    assert GriDiTPipeline.from_pretrained(tmp_path / "model").stage2.config.sample_height == 64
 
 
 def test_checkpoints_keep_the_last_k_and_load_without_pickle(tmp_path, small_ct):

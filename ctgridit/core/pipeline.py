@@ -136,7 +136,7 @@ LEGACY_SAMPLING = {"num_steps": ("stage1", "num_steps"), "control_rows": ("stage
 
 @dataclass
 class SamplingConfig:
-    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (``sampling`` of the model folder's settings)."""
+    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (the settings' ``sampling``)."""
 
     stage1: Stage1Sampling = field(default_factory=Stage1Sampling)
     stage2: Stage2Sampling = field(default_factory=Stage2Sampling)
@@ -396,34 +396,35 @@ class GriDiTPipeline(DiffusionPipeline):
         return torch.cat(out)
 
     # ------------------------------------------------------------ save / load
-    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
-        """``DiffusionPipeline.save_pretrained`` (safetensors), atomically: into a hidden sibling, then renamed."""
+    def save_pretrained(self, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+        """``DiffusionPipeline.save_pretrained`` (safetensors), atomically: into a hidden sibling, then renamed.
+        The settings are written as they are now (``pipe.settings`` may have changed since the pipeline was made).
+        """
         target = Path(folder)
         if target.exists() and not overwrite:
             raise CTGridItError("model folder exists", target, "pass overwrite=True or choose another folder")
         target.parent.mkdir(parents=True, exist_ok=True)
+        self.register_to_config(settings=self.settings.to_dict())
         with atomic_folder(target) as tmp, quiet_diffusers():
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            super().save_pretrained(tmp, safe_serialization=True)
         return target
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "GriDiTPipeline":
-        """``DiffusionPipeline.from_pretrained`` of a local folder, safetensors only; a one-line error where it
-        is not a model folder, is damaged or has weights that do not match their config. Folders of earlier
-        versions load too (:mod:`~ctgridit.core.legacy_folders`). ``kwargs`` go to diffusers (e.g. ``torch_dtype``).
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> "GriDiTPipeline":
+        """``DiffusionPipeline.from_pretrained`` of a local folder, safetensors only, in ``dtype`` (default: each
+        module's own, float32 for ctgridit's); a one-line error where it is not a model folder, is damaged or has
+        weights that do not match their config. Folders of earlier versions load too
+        (:mod:`~ctgridit.core.legacy_folders`).
         """
         folder = Path(folder)
         read_settings(folder)                                      # not a model folder, or bad settings: one line
+        legacy = is_legacy_folder(folder, INDEX_FILE)
         try:
             with quiet_diffusers():
-                legacy = is_legacy_folder(folder, INDEX_FILE)
                 if legacy:
                     pipeline = cls(**legacy_components(folder), settings=legacy_settings(folder))
-                    if kwargs.get("torch_dtype") is not None:
-                        pipeline.to(kwargs["torch_dtype"])
                 else:
-                    pipeline = super().from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                       **kwargs)
+                    pipeline = super().from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         except CTGridItError:
             raise
         except Exception as err:  # anything in a damaged folder (a bad scheduler config raises NotImplementedError)
@@ -433,7 +434,7 @@ class GriDiTPipeline(DiffusionPipeline):
             # (an old folder's autoencoder is in codec/vae/ and was loaded whole by diffusers)
             if isinstance(module, torch.nn.Module) and not (legacy and name == "codec"):
                 check_weights(folder / name, module)
-        return pipeline
+        return pipeline if dtype is None else pipeline.to(dtype)
 
 
 def is_model_folder(folder: str | os.PathLike) -> bool:
@@ -458,6 +459,18 @@ def read_settings(folder: str | os.PathLike) -> PipelineSettings:
     except Exception as err:  # a damaged or hand-edited model_index.json
         raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                             "re-export it from the trainer") from None
+
+
+def load_stage(folder: Path) -> GridDiT:
+    """A stage folder's GridDiT, checked as :meth:`GriDiTPipeline.from_pretrained` checks it (one-line errors)."""
+    try:
+        with quiet_diffusers():
+            model = GridDiT.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+    except Exception as err:  # no weights file, a damaged config, a wrong shape: diffusers raises many kinds
+        raise CTGridItError(f"{folder.name}/ cannot be loaded ({shorten(str(err), 200)})", folder.parent,
+                            "re-export the model folder from the trainer") from None
+    check_weights(folder, model)
+    return model
 
 
 def check_weights(folder: Path, module: torch.nn.Module) -> None:

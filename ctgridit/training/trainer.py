@@ -43,9 +43,10 @@ from ctgridit.core.conditioning import condition_channels, masked_condition
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask
-from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, quiet_diffusers, shorten
+from ctgridit.core.pipeline import (INDEX_FILE, GriDiTPipeline, PipelineSettings, load_stage, quiet_diffusers,
+                                    shorten)
 from ctgridit.errors import CTGridItError, CTGridItWarning
-from ctgridit.files import atomic_folder
+from ctgridit.files import atomic_folder, atomic_output
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ctgridit.training.config import TrainConfig, config_from_dict
 from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
@@ -675,39 +676,40 @@ def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, 
 
 
 def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: LatentCodec, scheduler) -> Path:
-    """Write the model folder (:meth:`GriDiTPipeline.save_pretrained <ctgridit.core.pipeline.GriDiTPipeline.save_pretrained>`,
-    atomically) with ``stage{N}``'s EMA weights and the codec, scheduler and settings of this config.
+    """Write ``stage{N}/`` (EMA weights), ``codec/`` and ``scheduler/`` into the model folder, each atomically
+    (the other stage's folder and any other file are kept), then its ``model_index.json``.
 
-    The other stage of the folder is kept where it fits (a warning where it does
-    not: it is left out, its checkpoints stay where its training wrote them).
-    Stage 2 exported into a folder without stage 1 is written alone, as
-    ``stage2/``; stage 1's export then makes the folder whole.
+    The index (diffusers' own, from the pipeline these parts make) is written
+    when the folder has a stage 1 that fits with the rest; stage 2 trained first
+    waits for stage 1's export. Where the stages do not fit, a warning says so
+    and the folder has no index (it does not load) until the other stage is
+    trained with this config.
     """
     out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
     export = GridDiT.from_config(model.config)
     ema.copy_to(export.parameters())
-    stages = {f"stage{stage}": export}
+    with atomic_folder(out / f"stage{stage}") as tmp:
+        export.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_folder(out / "codec") as tmp, quiet_diffusers():
+        codec.save_pretrained(str(tmp), safe_serialization=True)
+    with atomic_folder(out / "scheduler") as tmp:
+        scheduler.save_pretrained(str(tmp))
     other = f"stage{3 - stage}"
-    if (out / other).is_dir():
-        with quiet_diffusers():
-            stages[other] = GridDiT.from_pretrained(str(out / other), local_files_only=True, use_safetensors=True)
-    if "stage1" not in stages:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_folder(out / "stage2") as tmp:
-            export.save_pretrained(str(tmp), safe_serialization=True)
-        return out
-    settings = pipeline_settings(config, codec)
     try:
-        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=settings)
-    except ValueError as err:
-        if other not in stages:
-            raise CTGridItError(f"the trained stage {stage} does not fit its own settings ({err})", config.source) \
-                from None
-        warnings.warn(f"the model folder's {other}/ does not fit the new stage {stage} ({err}); it is left out of "
-                      f"{out}", CTGridItWarning)
-        del stages[other]
-        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=settings)
-    return pipeline.save_pretrained(out, overwrite=True)
+        stages = {f"stage{stage}": export, **({other: load_stage(out / other)} if (out / other).is_dir() else {})}
+        if "stage1" not in stages:
+            return out
+        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=pipeline_settings(config, codec))
+    except (CTGridItError, ValueError) as err:
+        (out / INDEX_FILE).unlink(missing_ok=True)
+        problem = err.one_line() if isinstance(err, CTGridItError) else str(err)
+        warnings.warn(f"{out}: stage {stage} was written, but the folder's stages do not make a model ({problem}); "
+                      f"train the other stage with this config", CTGridItWarning)
+        return out
+    with atomic_output(out / INDEX_FILE, force=True) as tmp:
+        tmp.write_text(pipeline.to_json_string())
+    return out
 
 
 def _write_audit(folder: str, rank: int, world: int, samples: list, model: torch.nn.Module) -> None:
