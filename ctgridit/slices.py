@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.pipeline import GriDiTPipeline, is_model_folder
+from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.tiled import over_grids
 from ctgridit.ct.volume import CTVolume
@@ -66,12 +66,7 @@ class SliceResult:
 
 
 def load_slice_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
-    """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one (none yet)."""
-    if model is None and not is_model_folder(BUNDLED_SLICE_MODEL):
-        raise CTGridItError("no slice model is bundled yet: the one trained here does not beat cubic interpolation "
-                            "(README, Thin slices and longer scans)", BUNDLED_SLICE_MODEL,
-                            "pass --model DIR with a model trained by pipelines/configs/ct_interpolate.yaml, "
-                            "or use --method cubic")
+    """A model folder that can fill cells of grids of a scan's own tiles; ``None``: the bundled one."""
     pipeline = open_model(model, BUNDLED_SLICE_MODEL, "slice interpolation", device, kind="ct")
     check_slice_model(pipeline, model or BUNDLED_SLICE_MODEL)
     return pipeline

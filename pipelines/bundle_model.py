@@ -2,7 +2,7 @@
 
     python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
-    python pipelines/bundle_model.py runs/ct_interpolate/model --slices --bench eval.txt
+    python pipelines/bundle_model.py runs/ct_interpolate_1step/model --slices --bench eval.txt
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled model lives in ``ctgridit/models/ct_small/`` and is what
@@ -137,8 +137,8 @@ def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
     cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
-    run = training_config("ct_interpolate.yaml")
-    cond = run["stage1"]["conditioning"]
+    run, tune = training_config("ct_interpolate.yaml"), training_config("ct_interpolate_1step.yaml")
+    cond, low, high = run["stage1"]["conditioning"], *tune["stage1"]["timesteps"]
     min_snr = run.get("diffusion", {}).get("min_snr")
     weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
     fill, residual = pipeline.stage1.config.cond_fill, pipeline.stage1.config.fill_residual
@@ -154,7 +154,8 @@ stage 2, predicting the clean tiles (x0, {weights}). Given the first and
 last cell it fills the two between (interpolation by 3); given the first row it
 makes the second (extension); {given}. MONAI's sliding window covers a scan with
 overlapping tiles (see `ctgridit/slices.py`); one DDIM step (the default) is the
-model's posterior mean.
+model's posterior mean. Fine-tuned on diffusion steps {low} to {high} only, it serves
+one-step sampling only (`--steps` above 1 passes through levels it no longer knows).
 
 - **Data**: random tiles of the scans of this project's `shared/data/ct` at their own
   voxel size, HU window -1000..1000: LIDC-IDRI-0314 (1 mm slices), Lung-PET-CT-Dx
@@ -162,15 +163,19 @@ model's posterior mean.
   (2.5 and 5 mm) and 17 Soft-tissue-Sarcoma scans (3.27 mm). Held out: the
   TotalSegmentator chest crops (1.5 mm; `pipelines/eval_interpolate.py` evaluates
   on them), A0002 and STS_018 to STS_020.
-- **Tasks**: interpolation {cond["interpolation"]}, extension {cond["extension"]}, nothing known {cond["unconditional"]}.
-- **Training** (`pipelines/configs/ct_interpolate.yaml`, batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999,
-  2 CPU cores): {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+- **Tasks**: interpolation {cond["interpolation"]}, extension {cond["extension"]}, nothing known {cond["unconditional"]}
+  (fine-tuning: {tune["stage1"]["conditioning"]["interpolation"]}, {tune["stage1"]["conditioning"]["extension"]}, {tune["stage1"]["conditioning"]["unconditional"]}).
+- **Training** (batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999, 2 CPU cores): `pipelines/configs/ct_interpolate.yaml`,
+  {stage_summary(REPO / 'runs' / 'ct_interpolate' / 'checkpoints' / 'stage1' / 'train_log.csv')}; then
+  `pipelines/configs/ct_interpolate_1step.yaml` (diffusion steps {low}-{high}),
+  {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
 
 ```bash
 ctgridit train stage1 --config pipelines/configs/ct_interpolate.yaml
-python pipelines/bundle_model.py runs/ct_interpolate/model --slices
+ctgridit train stage1 --config pipelines/configs/ct_interpolate_1step.yaml
+python pipelines/bundle_model.py runs/ct_interpolate_1step/model --slices
 ```
 """
     if bench:
@@ -239,7 +244,7 @@ def main() -> None:
     bench = Path(args.bench).read_text() if args.bench else None
     target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL,
               "video": BUNDLED_VIDEO_MODEL}[kind]
-    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate",
+    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate_1step",
             "video": "video_shapes"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"

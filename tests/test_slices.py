@@ -174,8 +174,8 @@ def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, sma
     assert "--force" in capsys.readouterr().err
     assert run("interpolate", thick, "--method", "cubic", "--out", tmp_path / "cubic.nii.gz", "-q") == 0
     assert read_ct(tmp_path / "cubic.nii.gz").shape[2] == 10
-    assert run("interpolate", thick, "--out", tmp_path / "none.nii.gz") == 2              # no bundled model yet
-    assert "--method cubic" in capsys.readouterr().err
+    assert run("interpolate", thick, "--out", tmp_path / "bundled.nii.gz", "-q") == 0     # the bundled model
+    assert np.array_equal(read_ct(tmp_path / "bundled.nii.gz").array[:, :, ::3], read_ct(thick).array)
     assert run("interpolate", thick, "--factor", 2, "--out", tmp_path / "x.nii.gz", "--model", model) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "factor" in err
