@@ -332,7 +332,7 @@ def derived_name(src: str, tag: str) -> str:
 #: The options ``interpolate`` and ``extend`` share, one definition each: name -> (type, typer option).
 SLICE_OPTIONS = {
     "model": (Optional[str], typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled ct_interpolate).")),
-    "steps": (Optional[int], typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR).")),
+    "steps": (Optional[int], typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR; the bundled model: 1 only).")),
     "seed": (int, typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}.")),
     "series": (Optional[str], typer.Option(None, "--series", help=SERIES_HELP)),
     "device": (str, typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")),

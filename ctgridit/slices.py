@@ -2,8 +2,8 @@
 
 The tasks behind ``ctgridit interpolate`` and ``ctgridit extend``, with a
 masked-conditional stage-1 model at the scan's own resolution (``adapter.resolution:
-native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, and ``ctgridit/models/ct_interpolate``
-will hold the bundled one once one beats cubic interpolation): 2 x 2 grids of tiles of
+native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, ``ct_interpolate_1step.yaml`` the bundled
+``ctgridit/models/ct_interpolate``): 2 x 2 grids of tiles of
 consecutive slices, some cells known and the others generated
 (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.fill`).
 
@@ -26,10 +26,10 @@ output keeps the input's in-plane grid and axis order; its slice spacing is
 slice (the first input slice stays where it was; extension downwards moves the
 origin to the new lowest slice where the scan's first slice is its lowest).
 The input slices come back exactly, in HU; new voxels lie in the model's HU
-window. DDIM with ``steps`` steps: one step (the default of the
-``ct_interpolate.yaml`` model, trained to predict the clean tiles) is the model's posterior mean, the best
-estimate in the mean-squared sense and the same for every seed; more steps draw
-a sample (sharper, noisier).
+window. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
+model's posterior mean, the best estimate in the mean-squared sense and the same for every seed; more steps
+draw a sample (sharper, noisier) from a model trained on every noise level (the bundled one serves one step
+only: it was fine-tuned on the last levels).
 """
 
 from __future__ import annotations
