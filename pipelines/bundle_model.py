@@ -42,6 +42,14 @@ def stage_summary(log: Path) -> str:
     return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
 
 
+def measured(bench: str | None, command: str | None = None) -> str:
+    """A card's last block: the benchmark output given with ``--bench`` and the ``command`` that printed it."""
+    if not bench:
+        return ""
+    by = f" with `{command}`" if command else ""
+    return f"\nMeasured{by} (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
+
+
 def card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
     cfg = pipeline.settings
     s1, s2 = cfg.sampling.stage1, cfg.sampling.stage2
@@ -91,9 +99,7 @@ python pipelines/bundle_model.py runs/ct_bundled/model
 Training is deterministic for a given machine and library versions (every
 sample is a function of the seed and its index; `--resume` continues exactly).
 """
-    if bench:
-        text += f"\nMeasured with `python pipelines/bench_synth.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
-    return text
+    return text + measured(bench, "python pipelines/bench_synth.py")
 
 
 def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
@@ -128,9 +134,7 @@ ctgridit train stage1 --config pipelines/configs/ct_denoise.yaml
 python pipelines/bundle_model.py runs/ct_denoise/model --denoiser
 ```
 """
-    if bench:
-        text += f"\nMeasured (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
-    return text
+    return text + measured(bench)
 
 
 def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
@@ -178,9 +182,7 @@ ctgridit train stage1 --config pipelines/configs/ct_interpolate_1step.yaml
 python pipelines/bundle_model.py runs/ct_interpolate_1step/model --slices
 ```
 """
-    if bench:
-        text += f"\nMeasured with `python pipelines/eval_interpolate.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
-    return text
+    return text + measured(bench, "python pipelines/eval_interpolate.py")
 
 
 def video_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
@@ -212,9 +214,7 @@ ctgridit train stage1 --config pipelines/configs/video_shapes.yaml
 python pipelines/bundle_model.py runs/video_shapes/model --video
 ```
 """
-    if bench:
-        text += f"\nMeasured with `python pipelines/eval_video_motion.py` (2 CPU cores):\n\n```\n{bench.strip()}\n```\n"
-    return text
+    return text + measured(bench, "python pipelines/eval_video_motion.py")
 
 
 def training_config(name: str = "ct_denoise.yaml") -> dict:

@@ -17,7 +17,6 @@ from pathlib import Path
 from diffusers import AutoencoderKL, DDPMScheduler
 
 from ctgridit.core.codecs import LatentCodec, PixelCodec, VAECodec
-from ctgridit.core.dit import GridDiT
 
 SETTINGS_FILE = "gridit.json"
 CODEC_FILE = "codec.json"
@@ -45,12 +44,7 @@ def legacy_codec(folder: Path) -> LatentCodec:
     raise ValueError(f"unknown codec kind {kind!r} in {folder / CODEC_FILE}")
 
 
-def legacy_components(folder: Path) -> dict:
-    """The modules of an old folder, by the pipeline's names (``stage2`` None where it has none)."""
-    def stage(name: str) -> GridDiT | None:
-        if not (folder / name).is_dir():
-            return None
-        return GridDiT.from_pretrained(str(folder / name), local_files_only=True, use_safetensors=True)
-
-    return {"stage1": stage("stage1"), "stage2": stage("stage2"), "codec": legacy_codec(folder / "codec"),
+def legacy_parts(folder: Path) -> dict:
+    """The codec and scheduler of an old folder, by the pipeline's names (its stage folders are as now)."""
+    return {"codec": legacy_codec(folder / "codec"),
             "scheduler": DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)}

@@ -40,7 +40,7 @@ from ctgridit.core.diffusion import (NUM_TRAIN_TIMESTEPS, SAMPLERS, Generators, 
                                      strength_timesteps)
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import GridSpec, cell_mask, resize_frames
-from ctgridit.core.legacy_folders import is_legacy_folder, legacy_components, legacy_settings
+from ctgridit.core.legacy_folders import is_legacy_folder, legacy_parts, legacy_settings
 from ctgridit.core.sampler import (ProgressCallback, RePaint, Start, inpaint, level_strides, phase_callback,
                                    plan_sequence, sample_sequence, stride_labels)
 from ctgridit.errors import CTGridItError
@@ -422,7 +422,9 @@ class GriDiTPipeline(DiffusionPipeline):
         try:
             with quiet_diffusers():
                 if legacy:
-                    pipeline = cls(**legacy_components(folder), settings=legacy_settings(folder))
+                    stage2 = load_stage(folder / "stage2") if (folder / "stage2").is_dir() else None
+                    pipeline = cls(load_stage(folder / "stage1"), stage2=stage2, settings=legacy_settings(folder),
+                                   **legacy_parts(folder))
                 else:
                     pipeline = super().from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         except CTGridItError:
@@ -431,8 +433,8 @@ class GriDiTPipeline(DiffusionPipeline):
             raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
                                 "re-export it from the trainer") from None
         for name, module in pipeline.components.items():
-            # (an old folder's autoencoder is in codec/vae/ and was loaded whole by diffusers)
-            if isinstance(module, torch.nn.Module) and not (legacy and name == "codec"):
+            # (an old folder's stages were checked by load_stage; its autoencoder is in codec/vae/, loaded whole)
+            if isinstance(module, torch.nn.Module) and not legacy:
                 check_weights(folder / name, module)
         return pipeline if dtype is None else pipeline.to(dtype)
 
