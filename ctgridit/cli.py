@@ -361,7 +361,7 @@ def with_slice_options(command):
 def interpolate(
     src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (a 2 x 2 grid model: 3)."),
-    method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z."),
+    method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z, or flow (along the motion between slices)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
     **options,
 ) -> None:

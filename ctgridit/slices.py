@@ -12,7 +12,11 @@ consecutive slices, some cells known and the others generated
   cells between are filled, so the output has ``factor * (n - 1) + 1`` slices,
   slice ``factor * k`` being input slice ``k`` exactly.
 - **Interpolation by ``method="linear"`` or ``"cubic"``** instead: SciPy splines of each voxel's HU along z,
-  the classical baselines, for any factor.
+  the classical baselines, for any factor; ``"flow"``: each new slice is its two
+  neighbours moved along the motion between them (TV-L1 optical flow of whole
+  slices in the HU window -1000..1000, :mod:`ctgridit.core.motion`) and mixed
+  by distance, for any factor: what the grid model with ``fill: flow`` starts
+  from, here without a model.
 - **Extension** by ``N`` slices up (towards the head) or down: the last row of
   known slices starts a grid whose second row is generated, again and again
   (the paper's extension step with ``m = 1``). Going down, the scan is turned
@@ -51,8 +55,9 @@ from ctgridit.errors import CTGridItError
 from ctgridit.model_folders import BUNDLED_SLICE_MODEL, is_native, open_model
 
 DIRECTIONS = ("up", "down")
-#: Interpolation methods: the grid model, and the classical baselines along z (SciPy splines of degree 1 and 3).
-METHODS = ("gridit", "linear", "cubic")
+#: Interpolation methods: the grid model, and the classical baselines along z (SciPy splines of degree 1 and 3,
+#: and interpolation along the motion between neighbouring slices, TV-L1 optical flow).
+METHODS = ("gridit", "linear", "cubic", "flow")
 SPLINE_DEGREE = {"linear": 1, "cubic": 3}
 
 
@@ -100,6 +105,8 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
     start = time.perf_counter()
+    if method == "flow":
+        return _flow_interpolation(volume, factor, start)
     if method != "gridit":
         return _spline_interpolation(volume, factor, method, start)
     pipeline = _pipeline(model, device)
@@ -118,6 +125,31 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
                "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)]}
+    return SliceResult(result, time.perf_counter() - start, details)
+
+
+def _flow_interpolation(volume: CTVolume, factor: int, start: float, batch: int = 8) -> SliceResult:
+    from ctgridit.core.motion import TVL1, between
+    from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
+
+    if factor < 2:
+        raise CTGridItError(f"--factor must be at least 2, got {factor}")
+    lps = _lps(volume, minimum=2)
+    frames = volume_to_frames(lps.as_tensor().float())                           # (Z, 1, Y, X) HU
+    windowed = window_hu(frames, DEFAULT_WINDOW)
+    n = len(frames)
+    out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])
+    out[::factor] = frames                                                       # the input's own slices, exactly
+    for i in range(0, n - 1, batch):
+        j = min(i + batch, n - 1)
+        flow = TVL1().flow(windowed[i:j, 0], windowed[i + 1:j + 1, 0])
+        for k in range(1, factor):
+            out[factor * i + k:factor * j:factor] = between(frames[i:j], frames[i + 1:j + 1],
+                                                            torch.full((j - i,), k / factor), flow)
+    result = _back(frames_to_volume(out), lps, volume, z_scale=1.0 / factor, shift=0)
+    spacing = _slice_spacing(lps)
+    details = {"method": "flow", "factor": factor, "slice_spacing_mm": [spacing, spacing / factor],
+               "slices": [n, len(out)]}
     return SliceResult(result, time.perf_counter() - start, details)
 
 

@@ -12,7 +12,9 @@ whole volume, averaged over the filled slices). gridit runs with each number of
 DDIM ``--steps``: 1 is the model's posterior mean (best PSNR), more steps draw a
 sample. Linear and cubic interpolate each voxel's HU along z (``ctgridit
 interpolate --method linear|cubic``: SciPy's ``make_interp_spline``, k = 1 and
-3, not-a-knot).
+3, not-a-knot); flow moves the two neighbouring slices along the motion between
+them (``--method flow``, TV-L1 optical flow of whole slices), what a model with
+``fill: flow`` starts from.
 
 Extension (``--extend N``, default 12): the last ``N`` slices of each held-out
 scan are dropped and made again by ``ctgridit extend --direction up`` (and the
@@ -106,7 +108,7 @@ def main() -> None:
         filled = np.arange(n) % FACTOR != 0
         body = body_mask(real)
         made = {m: interpolate_volume(thick, FACTOR, method=m).volume.array.astype(np.float64)
-                for m in ("linear", "cubic")}
+                for m in ("linear", "cubic", "flow")}
         seconds = {}
         for steps in args.steps:
             start = time.perf_counter()

@@ -292,22 +292,26 @@ def test_a_linear_fill_model_sees_the_interpolated_cells(tmp_path):
         assert torch.equal(loaded(x["sample"], x["timestep"], cond=masked_condition(known, mask)), given)
 
 
-def test_a_fill_residual_model_starts_at_the_interpolation_and_adds_its_correction():
+@pytest.mark.parametrize("fill", ["linear", "flow"])
+def test_a_fill_residual_model_starts_at_the_interpolation_and_adds_its_correction(fill):
     """fill_residual: the output is the filled condition plus the network's output; a new model (last layer at
-    zero, DiT's init) outputs the linear interpolation of the known cells exactly."""
+    zero, DiT's init) outputs the interpolation of the known cells exactly (linear, or along their motion)."""
     from ctgridit.core.conditioning import condition_channels, fill_unknown_cells, masked_condition
     from ctgridit.core.grid import cell_mask
+    from ctgridit.core.motion import TVL1
 
-    fresh = tiny(cond_channels=condition_channels(4), cond_fill="linear", fill_residual=True)
+    fresh = tiny(cond_channels=condition_channels(4), cond_fill=fill, fill_residual=True)
     x = inputs(fresh, batch=2)
     mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8).expand(2, 1, 16, 16)
     known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
     cond = masked_condition(known, mask)
-    filled = fill_unknown_cells(known * mask, mask, 2, 2)
+    filled = fill_unknown_cells(known * mask, mask, 2, 2, TVL1() if fill == "flow" else None)
+    if fill == "flow":
+        assert not torch.allclose(filled, fill_unknown_cells(known * mask, mask, 2, 2))
     with torch.no_grad():
         assert torch.equal(fresh(x["sample"], x["timestep"], cond=cond), filled)
         trained = randomized(fresh)
-        plain = randomized(tiny(cond_channels=condition_channels(4), cond_fill="linear"))
+        plain = randomized(tiny(cond_channels=condition_channels(4), cond_fill=fill))
         assert torch.allclose(trained(x["sample"], x["timestep"], cond=cond),
                               filled + plain(x["sample"], x["timestep"], cond=cond))
 

@@ -122,6 +122,27 @@ def test_classical_interpolation_is_exact_where_it_must_be(small_ct, layout):
         interpolate_volume(slab(small_ct, 3), 3, method="cubic")
 
 
+@pytest.mark.parametrize("layout", ["as stored", "z flipped"])
+def test_flow_interpolation_keeps_the_slices_and_follows_a_shift(small_ct, layout):
+    """method="flow": the input slices exactly, the geometry of the other methods, and where each slice is the
+    one below shifted in-plane by 2 voxels, the new slice a third of the way is that content shifted by a
+    third of it (closer than linear interpolation, which blends two copies)."""
+    volume = slab(small_ct, 6, layout)
+    out = interpolate_volume(volume, 3, method="flow").volume
+    assert np.array_equal(out.array[:, :, ::3], volume.array.astype(np.float32))
+    assert np.allclose(out.affine, interpolate_volume(volume, 3, method="linear").volume.affine)
+    base = slab(small_ct, 1).array[:, :, 0]
+    x = np.arange(base.shape[0], dtype=float)
+    moved = lambda d: np.stack([np.interp(x - d, x, col) for col in base.T], axis=1)     # shifted along x
+    steps = np.sign(volume.affine[2, 2]) * np.arange(3)
+    shifted = CTVolume(np.stack([moved(2.0 * s) for s in steps], axis=2).astype(np.float32), volume.affine)
+    made = interpolate_volume(shifted, 3, method="flow").volume.array[:, :, 1]
+    linear = interpolate_volume(shifted, 3, method="linear").volume.array[:, :, 1]
+    want = moved(2.0 * steps[1] / 3)
+    inner = (slice(8, -8), slice(8, -8))
+    assert np.mean((made - want)[inner] ** 2) < 0.3 * np.mean((linear - want)[inner] ** 2)
+
+
 def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
     volume = slab(small_ct, 5)
     with pytest.raises(CTGridItError, match="factor of 3"):

@@ -244,17 +244,18 @@ def test_diffusion_loss_counts_only_the_cells_to_generate():
     assert abs(loss - (1 + 4 + 9) / 3) < 1e-4                   # every sample counts alike, whatever its cells
 
 
-def test_fill_and_residual_reach_the_stage1_model(tmp_path, small_ct):
+@pytest.mark.parametrize("fill", ["linear", "flow"])
+def test_fill_and_residual_reach_the_stage1_model(tmp_path, small_ct, fill):
     """stage1.conditioning.fill / residual become the model's cond_fill / fill_residual (and so its config.json)."""
     from ctgridit.training.trainer import build_codec, build_model
 
-    conditioning = {"masked": True, "strides": True, "fill": "linear", "residual": True}
+    conditioning = {"masked": True, "strides": True, "fill": fill, "residual": True}
     path = write_config(tmp_path, small_ct, stage1={**MASKED, "conditioning": conditioning},
                         diffusion={"prediction": "sample"}, data={"stride_range": None, "strides": [1, 3, 9]},
                         sampling={"stage1": {"num_steps": 3, "levels": 1}})
     config = load_config(path)
     model = build_model(config, 1, build_codec(config))
-    assert model.config.cond_fill == "linear" and model.config.fill_residual
+    assert model.config.cond_fill == fill and model.config.fill_residual
 
 
 @pytest.mark.parametrize("changes,match", [

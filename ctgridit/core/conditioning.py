@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 
 from ctgridit.core.grid import tile, untile
+from ctgridit.core.motion import TVL1, between
 
 TASKS = ("unconditional", "extension", "interpolation")
-FILLS = ("zeros", "linear")
+FILLS = ("zeros", "linear", "flow")
 
 
 def known_cells(task: str, rows: int, cols: int, control_rows: int | None = None, chunk: int = 1) -> list[float]:
@@ -73,13 +74,17 @@ def masked_condition(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([known * mask, mask], dim=1)
 
 
-def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``latents`` ``(B, c, H, W)`` with every unknown cell replaced by linear interpolation of the known cells.
+def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int,
+                       motion: TVL1 | None = None) -> torch.Tensor:
+    """``latents`` ``(B, c, H, W)`` with every unknown cell replaced by interpolation of the known cells.
 
     Cells are frames in row-major order; ``mask`` ``(B, 1, H, W)`` is 1 on the
     known cells. An unknown cell between two known ones gets their mix weighted
     by distance in frames; one with known cells on one side only gets the
     nearest of them (hold); with no known cell it is zero. Known cells are kept.
+    With ``motion``, a cell between two known ones is their mix along the motion
+    between them instead (:func:`~ctgridit.core.motion.between`, the flow of each
+    pair of known cells estimated once with ``motion``).
     """
     cells = untile(latents, rows, cols)                                        # (B, N, c, h, w)
     n = cells.shape[1]
@@ -101,6 +106,15 @@ def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, col
     zero = torch.zeros((), dtype=latents.dtype, device=latents.device)
     filled = (torch.where(w_before.view(shape) > 0, w_before.view(shape) * gather(before), zero)
               + torch.where(w_after.view(shape) > 0, w_after.view(shape) * gather(after), zero))
+    inside = has_before & has_after & ~known
+    if motion is not None and bool(inside.any()):
+        item, cell = inside.nonzero(as_tuple=True)
+        pairs, which = torch.unique(torch.stack([item, before[item, cell], after[item, cell]], dim=1), dim=0,
+                                    return_inverse=True)
+        first, last = cells[pairs[:, 0], pairs[:, 1]], cells[pairs[:, 0], pairs[:, 2]]
+        flow = motion.flow(first.mean(1), last.mean(1))[which]
+        filled = filled.clone()
+        filled[item, cell] = between(first[which], last[which], w_after[item, cell], flow)
     return tile(filled, rows, cols)
 
 

@@ -56,6 +56,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ctgridit.core.conditioning import FILLS, fill_unknown_cells
+from ctgridit.core.motion import TVL1
 from ctgridit.core.embeddings import grid_2d_pos_embed, grid_3d_pos_embed
 
 POS_EMBEDS = ("3d", "2d")
@@ -171,7 +172,9 @@ class GridDiT(ModelMixin, ConfigMixin):
         cond_fill: masked-conditional stage 1 only: ``"zeros"`` feeds the
             condition as given (unknown cells zero); ``"linear"`` first fills the
             unknown cells by linear interpolation between the known ones
-            (:func:`~ctgridit.core.conditioning.fill_unknown_cells`).
+            (:func:`~ctgridit.core.conditioning.fill_unknown_cells`); ``"flow"``
+            interpolates along the motion between them instead
+            (:mod:`ctgridit.core.motion`, TV-L1 optical flow).
         fill_residual: with a filled condition, the output is the filled
             latents plus the network's output: a model of the clean sample
             then starts from the interpolation and learns only a correction
@@ -193,7 +196,8 @@ class GridDiT(ModelMixin, ConfigMixin):
         _check_config(sample_height, sample_width, in_channels, cond_channels, patch_size, hidden_size,
                       num_heads, grid_rows, grid_cols, pos_embed, num_strides, depth, mlp_ratio, cond_fill)
         if fill_residual and cond_fill == "zeros":
-            raise ValueError("fill_residual adds the filled condition to the output: it needs cond_fill 'linear'")
+            raise ValueError("fill_residual adds the filled condition to the output: it needs cond_fill 'linear' "
+                             "or 'flow'")
         self.gradient_checkpointing = False
         self.x_embedder = PatchEmbed(in_channels + cond_channels, hidden_size, patch_size)
         self.time_proj = Timesteps(TIMESTEP_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -294,9 +298,10 @@ class GridDiT(ModelMixin, ConfigMixin):
         if tuple(cond.shape) != expected_cond:
             raise ValueError(f"cond must have shape {expected_cond}, got {tuple(cond.shape)}")
         cond = cond.to(sample.dtype)
-        if cfg.cond_fill == "linear":                             # masked condition: latents, then the mask
-            mask = cond[:, -1:]
-            cond = torch.cat([fill_unknown_cells(cond[:, :-1], mask, cfg.grid_rows, cfg.grid_cols), mask], dim=1)
+        if cfg.cond_fill != "zeros":                              # masked condition: latents, then the mask
+            mask, motion = cond[:, -1:], TVL1() if cfg.cond_fill == "flow" else None
+            cond = torch.cat([fill_unknown_cells(cond[:, :-1], mask, cfg.grid_rows, cfg.grid_cols, motion), mask],
+                             dim=1)
         return cond
 
     def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:

@@ -124,9 +124,10 @@ class ConditioningConfig:
     ``strides``: the model gets the grid's stride (labels up to the largest
     training stride), dropped to "not given" with probability ``stride_dropout``.
     ``fill``: what the model sees in the unknown cells of its condition: ``zeros``
-    or ``linear`` interpolation between the known cells (the model then learns a
+    , ``linear`` interpolation between the known cells or ``flow``, interpolation along the motion between
+    them (TV-L1 optical flow, :mod:`ctgridit.core.motion`) (the model then learns a
     correction to the classical estimate; :func:`~ctgridit.core.conditioning.fill_unknown_cells`);
-    ``residual``: with ``fill: linear`` and ``diffusion.prediction: sample``, the model's
+    ``residual``: with ``fill: linear`` or ``flow`` and ``diffusion.prediction: sample``, the model's
     output is added to the filled cells (it starts at the interpolation exactly).
     ``start_within``: grids with nothing known (the sampler's first grid) come
     from the first frames of a sequence, so generated sequences begin where
@@ -140,7 +141,7 @@ class ConditioningConfig:
     interpolation: float = 0.4
     control_rows: int | None = None
     chunk: int = 1
-    fill: str = "zeros"                  # zeros | linear: the unknown cells of the condition
+    fill: str = "zeros"                  # zeros | linear | flow: the unknown cells of the condition
     residual: bool = False               # the output is the filled condition plus the network's correction
     strides: bool = False
     stride_dropout: float = 0.1
@@ -363,7 +364,7 @@ class TrainConfig:
                                  "it needs masked: true")
             if cond.residual and (cond.fill == "zeros" or self.diffusion.prediction != "sample"):
                 raise ValueError("residual adds the filled cells to a clean-sample prediction: it needs fill: linear "
-                                 "and diffusion.prediction: sample")
+                                 "or flow and diffusion.prediction: sample")
             if not 0.0 <= cond.stride_dropout < 1.0:
                 raise ValueError(f"stride_dropout must be in [0, 1), got {cond.stride_dropout}")
             if cond.start_within is not None and cond.start_within < 1:
