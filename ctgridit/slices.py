@@ -2,8 +2,9 @@
 
 The tasks behind ``ctgridit interpolate`` and ``ctgridit extend``, with a
 masked-conditional stage-1 model at the scan's own resolution (``adapter.resolution:
-native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, ``ct_interpolate_1step.yaml`` the bundled
-``ctgridit/models/ct_interpolate``): 2 x 2 grids of tiles of
+native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, ``ct_interpolate_1step.yaml`` and
+``ct_interpolate_flow.yaml`` fine-tune it into the bundled ``ctgridit/models/ct_interpolate``, whose
+condition holds the known slices moved along their motion, ``fill: flow``): 2 x 2 grids of tiles of
 consecutive slices, some cells known and the others generated
 (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.fill`).
 

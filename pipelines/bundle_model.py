@@ -2,7 +2,7 @@
 
     python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
-    python pipelines/bundle_model.py runs/ct_interpolate_1step/model --slices --bench eval.txt
+    python pipelines/bundle_model.py runs/ct_interpolate_flow/model --slices --bench eval.txt
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled model lives in ``ctgridit/models/ct_small/`` and is what
@@ -141,14 +141,16 @@ def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -
     cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
-    run, tune = training_config("ct_interpolate.yaml"), training_config("ct_interpolate_1step.yaml")
+    run, tune, flow = (training_config(f"ct_interpolate{part}.yaml") for part in ("", "_1step", "_flow"))
     cond, low, high = run["stage1"]["conditioning"], *tune["stage1"]["timesteps"]
     min_snr = run.get("diffusion", {}).get("min_snr")
     weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
     fill, residual = pipeline.stage1.config.cond_fill, pipeline.stage1.config.fill_residual
-    given = ("the unknown cells of its condition hold the linear interpolation of the known ones"
+    how = {"linear": "the linear interpolation of the known ones",
+           "flow": "the known ones moved along the motion between them (TV-L1 optical flow, `fill: flow`)"}
+    given = (f"the unknown cells of its condition hold {how[fill]}"
              + (" and its output is that plus the network's correction" if residual else "")
-             if fill == "linear" else "the unknown cells of its condition are zero")
+             if fill in how else "the unknown cells of its condition are zero")
     text = f"""# ct_interpolate: the slice model bundled with ctgridit
 
 The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditional
@@ -172,6 +174,8 @@ one-step sampling only (`--steps` above 1 passes through levels it no longer kno
 - **Training** (batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999, 2 CPU cores): `pipelines/configs/ct_interpolate.yaml`,
   {stage_summary(REPO / 'runs' / 'ct_interpolate' / 'checkpoints' / 'stage1' / 'train_log.csv')}; then
   `pipelines/configs/ct_interpolate_1step.yaml` (diffusion steps {low}-{high}),
+  {stage_summary(REPO / 'runs' / 'ct_interpolate_1step' / 'checkpoints' / 'stage1' / 'train_log.csv')}; then
+  `pipelines/configs/ct_interpolate_flow.yaml` (the same levels, `fill: {flow["stage1"]["conditioning"]["fill"]}`),
   {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
@@ -179,7 +183,8 @@ Reproduce (from the repository root, with `../shared/data/ct` present):
 ```bash
 ctgridit train stage1 --config pipelines/configs/ct_interpolate.yaml
 ctgridit train stage1 --config pipelines/configs/ct_interpolate_1step.yaml
-python pipelines/bundle_model.py runs/ct_interpolate_1step/model --slices
+ctgridit train stage1 --config pipelines/configs/ct_interpolate_flow.yaml
+python pipelines/bundle_model.py runs/ct_interpolate_flow/model --slices
 ```
 """
     return text + measured(bench, "python pipelines/eval_interpolate.py")
@@ -244,7 +249,7 @@ def main() -> None:
     bench = Path(args.bench).read_text() if args.bench else None
     target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL,
               "video": BUNDLED_VIDEO_MODEL}[kind]
-    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate_1step",
+    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate_flow",
             "video": "video_shapes"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"

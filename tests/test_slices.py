@@ -143,6 +143,25 @@ def test_flow_interpolation_keeps_the_slices_and_follows_a_shift(small_ct, layou
     assert np.mean((made - want)[inner] ** 2) < 0.3 * np.mean((linear - want)[inner] ** 2)
 
 
+def test_the_bundled_model_beats_the_classical_interpolations_on_a_held_out_chest():
+    """The bundled slice model on a scan it did not train on (the TotalSegmentator 1.5 mm chest crop, its first
+    61 slices; every third kept): the filled slices are closer to the real ones than linear interpolation's (by
+    more than 0.8 dB; measured +1.41) and than the flow alone it starts from (measured +0.10)."""
+    from ctgridit.ct.fidelity import psnr
+    from tests.conftest import data_file
+
+    volume = read_ct(data_file("totalsegmentator/chest_crop.nii.gz"))
+    real = volume.array[:, :, :61].astype(np.float64)
+    affine = volume.affine.copy()
+    affine[:3, 2] *= 3
+    thick = CTVolume(real[:, :, ::3].copy(), affine)
+    where = np.zeros(real.shape, bool)
+    where[:, :, np.arange(61) % 3 != 0] = True
+    made = {m: psnr(real, interpolate_volume(thick, 3, method=m, device="cpu").volume.array, mask=where)
+            for m in ("gridit", "linear", "flow")}
+    assert made["gridit"] > made["linear"] + 0.8 and made["gridit"] > made["flow"], made
+
+
 def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
     volume = slab(small_ct, 5)
     with pytest.raises(CTGridItError, match="factor of 3"):

@@ -19,6 +19,9 @@ the known cells:
   linear interpolation between the nearest known cells in frame order
   (:func:`fill_unknown_cells`), so every token sees its cell's classical
   estimate and the network learns the correction (docs/METHOD.md sections 3 and 7b);
+  ``cond_fill="flow"`` interpolates along the motion between the known cells
+  instead (:mod:`ctgridit.core.motion`), which linear interpolation blurs into
+  two faint copies;
 - training draws the task of every grid (:class:`TaskMix`) and counts the loss
   on the unknown cells only; the known cells of the noisy input are the known
   latents diffused to the level like the rest, exactly what the sampler feeds
