@@ -53,16 +53,8 @@ class TVL1:
             pyramid.append(tuple(F.avg_pool2d(im[:, None], 2)[:, 0] for im in pyramid[-1]))
         flow = torch.zeros(reference.shape[0], 2, *pyramid[-1][0].shape[-2:], device=reference.device)
         for ref, mov in reversed(pyramid[min(self.finest, len(pyramid)) - 1:]):       # small frames: own size
-            if flow.shape[-2:] != ref.shape[-2:]:
-                scale = torch.tensor([ref.shape[-1] / flow.shape[-1], ref.shape[-2] / flow.shape[-2]],
-                                     device=flow.device).view(1, 2, 1, 1)
-                flow = F.interpolate(flow, size=ref.shape[-2:], mode="bilinear", align_corners=False) * scale
-            flow = self._refine(ref, mov, flow)
-        if flow.shape[-2:] != reference.shape[-2:]:
-            scale = torch.tensor([reference.shape[-1] / flow.shape[-1], reference.shape[-2] / flow.shape[-2]],
-                                 device=flow.device).view(1, 2, 1, 1)
-            flow = F.interpolate(flow, size=reference.shape[-2:], mode="bilinear", align_corners=False) * scale
-        return flow.to(reference.dtype)
+            flow = self._refine(ref, mov, _resized(flow, ref.shape[-2:]))
+        return _resized(flow, reference.shape[-2:]).to(reference.dtype)
 
     def _refine(self, ref: torch.Tensor, mov: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """One pyramid level: warps of the linearised data term, each with TV steps (Chambolle's dual projection)."""
@@ -85,6 +77,14 @@ class TVL1:
                     dual = (dual + tau_theta * g) / (1 + tau_theta * g.norm(dim=2, keepdim=True))
                     flow = target + self.tightness * _divergence(dual)
         return flow
+
+
+def _resized(flow: torch.Tensor, size) -> torch.Tensor:
+    """``flow`` ``(B, 2, h, w)`` resampled to ``size`` (bilinear), its displacements scaled to the new pixels."""
+    if tuple(flow.shape[-2:]) == tuple(size):
+        return flow
+    scale = torch.tensor([size[-1] / flow.shape[-1], size[-2] / flow.shape[-2]], device=flow.device)
+    return F.interpolate(flow, size=tuple(size), mode="bilinear", align_corners=False) * scale.view(1, 2, 1, 1)
 
 
 def _forward_gradient(u: torch.Tensor) -> torch.Tensor:
