@@ -487,7 +487,7 @@ def evaluate(
     report: Optional[str] = typer.Option(None, "--report", help="Write the figures to this JSON file."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the report if it exists."),
 ) -> None:
-    """Compare generated volumes with real ones: HU distribution, lung profile, continuity, far-slice SSIM, 2.5D FID."""
+    """Compare generated volumes with real ones: HU distribution, lung profile, continuity, far-slice SSIM, nearest real slice, 2.5D FID."""
     from ctgridit.ct.evaluate import evaluate as run_evaluation
     from ctgridit.ct.evaluate import read_folder
     from ctgridit.files import atomic_output, check_output_path

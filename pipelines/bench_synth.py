@@ -11,15 +11,19 @@ Prints
   of stage 1's width, depth and patch and the same sampler and steps, one
   after the other (timed on ``--baseline-slices`` slices and scaled). The
   median and the range of each and of their ratio;
-- **quality** for every seed (``--seeds``, default 0 to 3): HU 1st and 99th
-  percentile; mean |HU difference| of neighbouring slices against a real
-  thin-slice chest (LIDC-IDRI-0314) resampled to the model's spacing; where the
-  lungs lie (:class:`~ctgridit.ct.along_z.LungExtent`: peak lung fraction, its
-  minimum in the first and last fifth over the peak, the length where it is at
-  least half the peak); the largest SSIM between slices more than 45 mm
-  apart, of the volume and of the stage-1 slices alone upsampled (the anatomy
-  without stage 2's detail); and how much the seeds differ. The same numbers
-  for the real chest come first.
+- **geometry**: slices, spacing, in-plane size and field of view;
+- **quality** for every seed (``--seeds``, default 0 to 3), each against the
+  issue's target: HU 1st and 99th percentile; mean |HU difference| of
+  neighbouring slices against a real thin-slice chest (LIDC-IDRI-0314)
+  resampled to the model's spacing; where the lungs lie
+  (:class:`~ctgridit.ct.along_z.LungExtent`: peak lung fraction, its minimum
+  in the first and last fifth over the peak, the length where it is at least
+  half the peak); the largest SSIM between slices more than 45 mm apart, of
+  the volume and of the stage-1 slices alone upsampled (the anatomy without
+  stage 2's detail); how close each slice comes to the training scans (SSIM
+  of the nearest training slice at the same spacing, median and max:
+  :func:`~ctgridit.ct.evaluate.nearest_slice_ssim`); and how much the seeds
+  differ. The same numbers for the four real chests come first.
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ from ctgridit.core.grid import resize_frames
 from ctgridit.core.sampler import inpaint
 from ctgridit.ct.adapter import sequence_to_volume
 from ctgridit.ct.along_z import lung_extent, max_far_ssim, neighbour_difference
+from ctgridit.ct.evaluate import nearest_slice_ssim
 from ctgridit.ct.volume import CTVolume
 from ctgridit.synthesis import load_model
 
-REAL_CHEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lidc_idri" / "LIDC-IDRI-0314.nii.gz"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+#: The real chests: the thin one the neighbour differences are measured against first.
+CHESTS = [DATA / "lidc_idri" / "LIDC-IDRI-0314.nii.gz", DATA / "lidc_idri" / "LIDC-IDRI-0001.nii.gz",
+          DATA / "lung_pet_ct_dx" / "A0001_5mm_kernelB.nii.gz", DATA / "lung_pet_ct_dx" / "A0002_8mm_B40f.nii.gz"]
 FAR_MM = 45.0
 
 
@@ -84,26 +92,37 @@ def generate(pipeline, num_slices: int, seed: int) -> tuple[CTVolume, CTVolume, 
     return volume, coarse, times
 
 
-def real_chest(pipeline) -> CTVolume:
-    """The real thin-slice chest prepared like training data, at the model's spacing and size."""
+def real_chest(pipeline, path: Path) -> CTVolume:
+    """A real chest prepared like training data, at the model's spacing and size."""
     from ctgridit.ct.training_data import load_ct_sequences
 
     cfg = pipeline.settings
-    frames = load_ct_sequences([REAL_CHEST], spacing=cfg.adapter["spacing"], window=cfg.adapter["window"],
+    frames = load_ct_sequences([path], spacing=cfg.adapter["spacing"], window=cfg.adapter["window"],
                                in_plane=tuple(cfg.frame_size))[0]
-    return sequence_to_volume(frames, cfg.adapter["spacing"], cfg.adapter["window"], source=REAL_CHEST.name)
+    return sequence_to_volume(frames, cfg.adapter["spacing"], cfg.adapter["window"], source=path.name)
 
 
-def describe(name: str, volume: CTVolume, coarse: CTVolume | None, reference: float, far: int) -> None:
+def describe(name: str, volume: CTVolume, coarse: CTVolume | None, reference: float, far: int,
+             training: np.ndarray | None = None) -> dict:
+    """Print one line of the quality figures of ``volume`` against the targets; return whether each holds."""
     hu = volume.array
     p1, p99 = np.percentile(hu, [1, 99])
     lungs = lung_extent(hu, volume.spacing[2])
     ratio = neighbour_difference(hu) / reference
+    far_ssim = max_far_ssim(hu, far)
     anatomy = f", stage 1 alone {max_far_ssim(coarse.array, far):.2f}" if coarse is not None else ""
-    print(f"{name:11s} HU p1 {p1:6.0f} p99 {p99:5.0f} | neighbours {ratio:4.2f}x the real chest | lungs: peak "
+    nearest = ""
+    if training is not None:
+        values = nearest_slice_ssim(hu, training)
+        nearest = f" | nearest training slice SSIM median {np.median(values):.2f} max {values.max():.2f}"
+    held = {"HU": p1 < -800 and p99 > 100, "neighbours": 0.5 <= ratio <= 2.0, **lungs.checks(),
+            "far SSIM": far_ssim < 0.75}
+    missed = [k for k, ok in held.items() if not ok]
+    print(f"{name:15s} HU p1 {p1:6.0f} p99 {p99:5.0f} | neighbours {ratio:4.2f}x the real chest | lungs: peak "
           f"{lungs.peak:.2f}, ends {lungs.first_fifth:.2f} / {lungs.last_fifth:.2f} of the peak, "
-          f"{lungs.length_mm:3.0f} mm at half the peak, chest-like {lungs.chest_like()} | far SSIM "
-          f"{max_far_ssim(hu, far):.2f}{anatomy}")
+          f"{lungs.length_mm:3.0f} mm at half the peak | far SSIM {far_ssim:.2f}{anatomy}{nearest} | "
+          + ("all targets met" if not missed else "misses: " + ", ".join(missed)))
+    return held
 
 
 def print_times(args, ours: list[float], base: list[float], ratios: list[float], phases: list[dict]) -> None:
@@ -148,23 +167,35 @@ def main() -> None:
     if args.rounds:
         print_times(args, ours, base, ratios, phases)
 
-    real = real_chest(pipeline)
+    spacing = cfg.adapter["spacing"]
+    shape = (*cfg.frame_size[::-1], args.slices)
+    print(f"\ngeometry: {shape[0]} x {shape[1]} x {shape[2]} voxels of {spacing[0]:g} x {spacing[1]:g} x "
+          f"{spacing[2]:g} mm: {shape[0] * spacing[0]:g} x {shape[1] * spacing[1]:g} mm field of view, "
+          f"{args.slices} slices over {(args.slices - 1) * spacing[2]:g} mm")
+    reals = [real_chest(pipeline, path) for path in CHESTS]
+    real = reals[0]
     reference = neighbour_difference(real.array)
-    far = int(np.ceil(FAR_MM / cfg.adapter["spacing"][2]))
-    print(f"\nquality ({args.slices} slices; far = more than {FAR_MM:.0f} mm, i.e. {far} slices, apart):")
-    describe("real chest", real, None, reference, far)
-    volumes = []
+    training = np.concatenate([r.array for r in reals], axis=2)                 # the model's training slices
+    far = int(np.ceil(FAR_MM / spacing[2]))
+    print(f"\nquality ({args.slices} slices; far = more than {FAR_MM:.0f} mm, i.e. {far} slices, apart; neighbours "
+          f"against {real.source}; nearest training slice among the {training.shape[2]} slices of the four chests):")
+    for chest in reals:
+        describe(chest.source.split(".")[0], chest, None, reference, far)
+    volumes, held = [], []
     for seed in args.seeds:
         volume, coarse, _ = generate(pipeline, args.slices, seed)
-        describe(f"seed {seed}", volume, coarse, reference, far)
+        held.append(describe(f"seed {seed}", volume, coarse, reference, far, training))
         volumes.append(volume)
     for i in range(1, len(volumes)):
         print(f"mean |HU difference| seed {args.seeds[0]} vs {args.seeds[i]}: "
               f"{np.abs(volumes[i].array - volumes[0].array).mean():.0f}")
+    if held:
+        print("targets met on every seed: " + ", ".join(f"{k} {'yes' if all(h[k] for h in held) else 'NO'}"
+                                                       for k in held[0]))
     if args.picture and volumes:
         from ctgridit.ct.preview import save_comparison
 
-        save_comparison([(f"generated, seed {args.seeds[0]}", volumes[0]), ("real chest, LIDC-IDRI-0314", real)],
+        save_comparison([(f"generated, seed {args.seeds[0]}", volumes[0]), (f"real chest, {real.source.split('.')[0]}", real)],
                         args.picture)
         print(f"picture: {args.picture}")
 

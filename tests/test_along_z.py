@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from ctgridit.ct.along_z import far_ssim, lung_extent, lung_fraction, max_far_ssim
+from ctgridit.ct.along_z import far_ssim, lung_extent, lung_fraction, lung_regions, max_far_ssim
 from tests.conftest import data_file
 
 
@@ -43,3 +43,19 @@ def test_a_real_chest_holds_its_lungs_and_an_abdomen_does_not():
     assert not abdomen.chest_like() and abdomen.peak < 0.2
     air = np.full((16, 16, 10), -1000.0)
     assert lung_extent(air, 1.5).peak == 0 and lung_fraction(air).shape == (10,)
+
+
+def test_mid_chest_slices_show_two_lungs_and_others_fewer():
+    """lung_regions counts the lungs of a slice: two in the middle of a real chest, none below the diaphragm,
+    one where a phantom has a single dark region, and specks or an airway do not count."""
+    hu = _hu("lidc_idri/LIDC-IDRI-0314.nii.gz")
+    fraction, regions = lung_fraction(hu), lung_regions(hu)
+    mid = int(np.argmax(fraction))
+    assert regions[mid] == 2 and regions[0] == 0
+    phantom = np.full((64, 64, 3), -1000.0)
+    phantom[8:56, 12:52] = 40.0                                          # a body
+    phantom[16:48, 16:30, 0] = -850.0                                    # two lungs in slice 0
+    phantom[16:48, 34:48, 0] = -850.0
+    phantom[16:48, 16:48, 1] = -850.0                                    # one dark region in slice 1
+    phantom[30:32, 30:32, 2] = -900.0                                    # an airway-sized speck in slice 2
+    assert lung_regions(phantom).tolist() == [2, 1, 0]

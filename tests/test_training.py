@@ -273,6 +273,14 @@ def test_fill_and_residual_reach_the_stage1_model(tmp_path, small_ct, fill):
     ({"stage1": {**MASKED, "conditioning": {"fill": "linear"}}}, "needs masked: true"),
     ({"stage1": {**MASKED, "conditioning": {"masked": True, "fill": "linear", "residual": True}}},
      "prediction: sample"),                                                        # the epsilon objective
+    ({"stage1": {**MASKED, "conditioning": {**MASKED["conditioning"], "task_strides": {"extension": [1]}}}},
+     r"extension task for strides \[3\]"),                                      # step 1 extends at stride 3
+    ({"stage1": {**MASKED, "conditioning": {**MASKED["conditioning"], "task_strides": {"interpolation": [27]}}}},
+     "not training strides"),
+    ({"stage1": {**MASKED, "conditioning": {**MASKED["conditioning"], "task_strides": {"extend": [3]}}}},
+     "unknown task"),
+    ({"stage1": {"model": {"preset": "DiT-tiny/2"}, "conditioning": {"task_strides": {"extension": [3]}}}},
+     "task_strides .* needs masked: true"),
     ({"sampling": {"stage1": {"repaint_jump": 2, "repaint_times": 3}}}, "RePaint"),
     ({"stage2": {"conditioning": {"masked": True}}}, "stage 1 only"),
     ({"diffusion": {"prediction": "x0"}}, "diffusion.prediction"),
@@ -422,3 +430,35 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path, small_ct):
         warm_start(build_model(load_config(other / "config.yaml"), 1, codec), source)
     with pytest.raises(CTGridItError, match="no weights"):
         warm_start(model, tmp_path)
+
+
+def test_a_stride_aware_model_grows_out_of_one_trained_at_one_stride(tmp_path, small_ct):
+    """The bundled chest model's phases: stage 1 learnt at one stride without labels, then warm-started with
+    stride labels. The new embedding starts at zero, so the grown model is the source for every label."""
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.training.trainer import build_model, checkpoint_pipeline, warm_start
+
+    coarse, grown = tmp_path / "coarse", tmp_path / "grown"
+    for folder in (coarse, grown):
+        folder.mkdir()
+    write_config(coarse, small_ct, stage1={"model": {"preset": "DiT-tiny/2"}, "conditioning": {"masked": True}},
+                 data={"stride_range": [3, 3]}, sampling={"stage1": {"num_steps": 3, "levels": 0}})
+    train(load_config(coarse / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    source = coarse / "ckpt" / "stage1" / "step_00000003"
+    write_config(grown, small_ct, stage1={**MASKED, "init": str(source)},
+                 data={"stride_range": None, "strides": [1, 3]}, sampling={"stage1": {"num_steps": 3, "levels": 1}})
+    model = build_model(load_config(grown / "config.yaml"), 1, PixelCodec(channels=1)).eval()
+    warm_start(model, source)
+    assert model.config.num_strides == 3 and not model.stride_embedder.weight.any()
+    before = GriDiTPipeline.from_pretrained(coarse / "model").stage1
+    looked_at = checkpoint_pipeline(source)                     # what the gate samples while a run trains
+    assert looked_at.masked and looked_at.settings.sampling.stage1.levels == 0
+    assert all(torch.equal(a, b) for a, b in zip(looked_at.stage1.state_dict().values(), before.state_dict().values()))
+    x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    cond = torch.cat([x.clamp(-1, 1), torch.ones_like(x)], dim=1)
+    with torch.no_grad():
+        for label in (1, 3):
+            torch.testing.assert_close(model(x, t, cond=cond, stride=label), before(x, t, cond=cond), rtol=0, atol=0)
+    train(load_config(grown / "config.yaml"), 1, steps=2, device="cpu", quiet=True)        # and it trains on
+    assert load_file(str(grown / "ckpt" / "stage1" / "step_00000002" / "model.safetensors"))[
+        "stride_embedder.weight"].any()

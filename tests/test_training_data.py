@@ -234,6 +234,35 @@ def test_explicit_strides_and_masked_tasks_and_stride_labels(ct_sequences):
         GridSampleDataset(ct_sequences, spec, stride_dropout=1.0)
 
 
+def test_each_task_comes_at_its_own_strides(ct_sequences):
+    """task_strides: extension and first grids at the coarse stride, interpolation at the fine one (the
+    sampler's own use), tasks still in their proportions; a task no sequence can serve is refused."""
+    tasks = TaskMix(unconditional=0.2, extension=0.3, interpolation=0.5)
+    dataset = GridSampleDataset(ct_sequences, GridSpec(2, 2), strides=(1, 2), seed=5, tasks=tasks,
+                                task_strides={"unconditional": [2], "extension": [2], "interpolation": [1]})
+    by_task = {(0, 0, 0, 0): set(), (1, 1, 0, 0): set(), (1, 0, 0, 1): set()}
+    counts = dict.fromkeys(by_task, 0)
+    n = 600
+    for index in range(n):
+        item = dataset[index]
+        pattern = tuple(int(f) for f in item["known"])
+        by_task[pattern].add(item["id"][2])
+        counts[pattern] += 1
+    assert by_task == {(0, 0, 0, 0): {2}, (1, 1, 0, 0): {2}, (1, 0, 0, 1): {1}}
+    for count, p in zip(counts.values(), (0.2, 0.3, 0.5)):
+        assert abs(count / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    everywhere = GridSampleDataset(ct_sequences, GridSpec(2, 2), strides=(1, 2), seed=5, tasks=tasks,
+                                   task_strides={"interpolation": [1]})            # the others take every stride
+    items = [everywhere[i] for i in range(200)]
+    assert {it["id"][2] for it in items if it["known"][-1] == 0} == {1, 2}              # not interpolation
+    assert {it["id"][2] for it in items if it["known"][-1] == 1} == {1}
+    with pytest.raises(ValueError, match="extension"):
+        GridSampleDataset(ct_sequences, GridSpec(2, 2), strides=(1, 2), tasks=tasks, sequence_strides=[[2], [2]],
+                          task_strides={"extension": [1]})
+    with pytest.raises(ValueError, match="unknown task"):
+        GridSampleDataset(ct_sequences, GridSpec(2, 2), strides=(1, 2), tasks=tasks, task_strides={"extend": [1]})
+
+
 def test_scans_know_their_own_slice_spacing(ct_sequences):
     assert ct_sequences.slice_spacings == [3.0, 1.5]          # the slab is 3 mm thick, the chest crop 1.5 mm
 

@@ -150,8 +150,15 @@ class TaskMix:
             if weight > 0:
                 known_cells(task, rows, cols, self.control_rows, self.chunk)
 
+    def draw_task(self, generator: torch.Generator) -> str:
+        """The task of one training grid (one of :data:`TASKS`), drawn with ``generator``."""
+        weights = torch.tensor(self.weights, dtype=torch.float64)
+        return TASKS[int(torch.multinomial(weights, 1, generator=generator))]
+
+    def known(self, task: str, rows: int, cols: int) -> list[float]:
+        """The known-cell flags of ``task`` on an ``R x C`` grid with this mix's ``control_rows`` and ``chunk``."""
+        return known_cells(task, rows, cols, self.control_rows, self.chunk)
+
     def draw(self, generator: torch.Generator, rows: int, cols: int) -> list[float]:
         """The known-cell flags of one training grid, drawn with ``generator``."""
-        weights = torch.tensor(self.weights, dtype=torch.float64)
-        task = TASKS[int(torch.multinomial(weights, 1, generator=generator))]
-        return known_cells(task, rows, cols, self.control_rows, self.chunk)
+        return self.known(self.draw_task(generator), rows, cols)

@@ -8,7 +8,9 @@
   ``far`` apart (repeats when high), on the HU window scaled to [0, 1];
 - :func:`lung_fraction`, :func:`lung_extent`: where the lungs lie along z
   (a chest volume holds the whole lung field, with abdomen below and neck
-  above).
+  above);
+- :func:`lung_regions`: how many separate lungs an axial slice shows (two in
+  a mid-chest slice: dark regions inside a body outline).
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ def lung_fraction(hu: np.ndarray) -> np.ndarray:
     return lung.sum(axis=(0, 1)) / np.maximum(body.sum(axis=(0, 1)), 1)
 
 
+def lung_regions(hu: np.ndarray, min_share: float = 0.04) -> int:
+    """Per axial slice of an ``(X, Y, Z)`` HU volume: the separate regions below -500 HU inside the body that hold
+    at least ``min_share`` of the body's area each (lungs; airways and specks are smaller). A mid-chest slice
+    shows 2."""
+    from scipy import ndimage
+
+    from ctgridit.ct.fidelity import body_mask
+
+    body = body_mask(hu)
+    lung = (hu < LUNG_BELOW_HU) & body
+    counts = []
+    for k in range(hu.shape[2]):
+        labels, count = ndimage.label(lung[:, :, k])
+        sizes = ndimage.sum_labels(lung[:, :, k], labels, index=np.arange(1, count + 1)) if count else []
+        counts.append(int(np.sum(np.asarray(sizes) >= min_share * max(body[:, :, k].sum(), 1))))
+    return np.asarray(counts)
+
+
 @dataclass(frozen=True)
 class LungExtent:
     """Where the lungs lie along z (:func:`lung_extent`)."""
@@ -96,10 +116,16 @@ class LungExtent:
     last_fifth: float           # the same in the last fifth
     length_mm: float            # from the first to the last slice with at least half the peak
 
+    def checks(self) -> dict[str, bool]:
+        """The synthesis issue's rules for a chest: lungs that peak at 0.25 of the body or more, fall below a
+        third of the peak in the first and the last fifth of the slices, and stay at half the peak or more over
+        100 to 250 mm."""
+        return {"lung peak": self.peak >= 0.25, "lung ends": self.first_fifth < 1 / 3 and self.last_fifth < 1 / 3,
+                "lung length": 100 <= self.length_mm <= 250}
+
     def chest_like(self) -> bool:
-        """The whole lung field inside the volume, as in a CT-RATE chest scan (the synthesis issue's rule)."""
-        return (self.peak >= 0.25 and self.first_fifth < 1 / 3 and self.last_fifth < 1 / 3
-                and 100 <= self.length_mm <= 250)
+        """The whole lung field inside the volume, as in a CT-RATE chest scan (:meth:`checks`, all of them)."""
+        return all(self.checks().values())
 
 
 def lung_extent(hu: np.ndarray, slice_spacing: float) -> LungExtent:

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from ctgridit.core.conditioning import FILLS, TaskMix
+from ctgridit.core.conditioning import FILLS, TASKS, TaskMix
 from ctgridit.core.diffusion import PREDICTIONS
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import SamplingConfig
@@ -132,6 +132,10 @@ class ConditioningConfig:
     ``start_within``: grids with nothing known (the sampler's first grid) come
     from the first frames of a sequence, so generated sequences begin where
     training sequences begin.
+    ``task_strides``: the strides each task is trained at, e.g.
+    ``{unconditional: [9], extension: [9], interpolation: [1, 3]}`` (the sampler's
+    own: it extends at the coarsest stride and interpolates at the finer ones);
+    a task left out takes every stride; null: every task at every stride.
     Both off: the paper's unconditional model, sampled by replacement.
     """
 
@@ -146,6 +150,7 @@ class ConditioningConfig:
     strides: bool = False
     stride_dropout: float = 0.1
     start_within: int | None = None      # grids with nothing known start within this many frames of a scan's start
+    task_strides: dict[str, list[int]] | None = None   # the strides each task is trained at (null: all)
 
     @property
     def tasks(self) -> TaskMix:
@@ -371,6 +376,7 @@ class TrainConfig:
                 raise ValueError(f"start_within must be >= 1, got {cond.start_within}")
             self.jitter
             labels = s1.stride_labels(spec.cells, self.max_stride_label)
+            self._check_task_strides(labels)
             if cond.strides:
                 untrained = sorted({label for label in labels if label} - set(self.strides))
                 if untrained:
@@ -400,6 +406,32 @@ class TrainConfig:
         if self.data.tile is not None and (type(self.data.tile) is not int or list(self.frame_size) != [self.data.tile] * 2):
             raise CTGridItError(f"data.tile {self.data.tile} must be an integer equal to both sides of frame_size "
                                 f"{self.frame_size}", self.source, "frames are the tiles")
+
+    def _check_task_strides(self, labels: list[int | None]) -> None:
+        """``stage1.conditioning.task_strides``: known tasks, training strides, and the strides sampling asks of
+        each task (``labels``: step 1's, then each interpolation level's)."""
+        given = self.stage1.conditioning.task_strides
+        if given is None:
+            return
+        if not self.stage1.conditioning.masked:
+            raise ValueError("task_strides gives the strides of the masked-conditional tasks: it needs masked: true")
+        unknown = set(given) - set(TASKS)
+        if unknown:
+            raise ValueError(f"task_strides names unknown task(s) {sorted(unknown)}; tasks are {list(TASKS)}")
+        for task, strides in given.items():
+            if not (isinstance(strides, list) and strides and all(type(v) is int for v in strides)):
+                raise ValueError(f"task_strides.{task} must be a list of strides, got {strides!r}")
+            if set(strides) - set(self.strides):
+                raise ValueError(f"task_strides.{task} has strides {sorted(set(strides) - set(self.strides))} "
+                                 f"that are not training strides {self.strides}")
+        if not self.stage1.conditioning.strides:
+            return
+        asked = {"unconditional": labels[:1], "extension": labels[:1], "interpolation": labels[1:]}
+        for task, needed in asked.items():
+            missing = sorted({label for label in needed if label} - set(given.get(task, self.strides)))
+            if missing:
+                raise ValueError(f"sampling asks the {task} task for strides {missing}, which task_strides.{task} "
+                                 f"{given[task]} leaves out")
 
     def _check_strides(self) -> None:
         """``data.strides`` or ``data.stride_range``: positive integers, a range in order, not both."""

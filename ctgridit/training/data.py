@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ctgridit.core.conditioning import TaskMix
+from ctgridit.core.conditioning import TASKS, TaskMix
 from ctgridit.core.degrade import Degrade
 from ctgridit.core.grid import GridSpec, gray_to_rgb, resize_frames, rgb_to_gray, tile
 
@@ -183,6 +183,12 @@ class GridSampleDataset(_SequenceDataset):
             sequence) start within the first ``start_within`` frames of their
             sequence, so the sampler begins where sequences begin (e.g. below
             the diaphragm for chest CT) instead of anywhere.
+        task_strides: with ``tasks``, the strides each task is trained at
+            (``{"unconditional": [9], "extension": [9], "interpolation": [1, 3]}``:
+            the sampler extends at the coarse stride and interpolates at the
+            finer ones, so no grid is spent on a task at a stride it never
+            samples); a task missing from it takes every stride. The item
+            then draws its task first and its stride among the task's.
         jitter: in-plane augmentation (:class:`InPlaneJitter`).
         crop: cut a random ``crop x crop`` tile out of the frames (the same for
             all cells; sequences may then differ in size). A side shorter than
@@ -191,7 +197,8 @@ class GridSampleDataset(_SequenceDataset):
 
     Item ``index`` draws with its generator: a stride, uniformly among the
     strides some sequence can serve (serves it and is long enough:
-    ``(RC - 1) * s + 1`` frames; none is a ValueError); a sequence, uniformly
+    ``(RC - 1) * s + 1`` frames; none is a ValueError; with ``task_strides``
+    the task first, then the stride among the task's); a sequence, uniformly
     among those that can serve it; a start ``k`` uniformly with
     ``k + (RC - 1) * s < N``; then, if asked for, the known cells, the label
     dropout, the start of a grid with nothing known and the jitter. Its frames
@@ -209,7 +216,8 @@ class GridSampleDataset(_SequenceDataset):
                  channels: int = 3, strides: Sequence[int] | None = None,
                  sequence_strides: Sequence[Sequence[int]] | None = None, tasks: TaskMix | None = None,
                  stride_dropout: float | None = None, start_within: int | None = None,
-                 jitter: InPlaneJitter | None = None, crop: int | None = None) -> None:
+                 jitter: InPlaneJitter | None = None, crop: int | None = None,
+                 task_strides: dict[str, Sequence[int]] | None = None) -> None:
         if strides is not None and stride_range is not None:
             raise ValueError("give strides or stride_range, not both")
         if strides is None:
@@ -241,6 +249,19 @@ class GridSampleDataset(_SequenceDataset):
             low = min(min(a) for a in allowed if a) if any(allowed) else self.strides[0]
             raise ValueError(f"no sequence is long enough for a {spec.rows}x{spec.cols} grid at stride {low}: "
                              f"it needs {self.span(low)} frames, the longest has {max(self.num_frames)}")
+        self.task_strides = None
+        if task_strides is not None:
+            if tasks is None:
+                raise ValueError("task_strides needs tasks")
+            unknown = set(task_strides) - set(TASKS)
+            if unknown:
+                raise ValueError(f"task_strides names unknown task(s) {sorted(unknown)}; tasks are {TASKS}")
+            self.task_strides = {task: sorted(s for s in self.servers if s in task_strides.get(task, self.servers))
+                                 for task in TASKS}
+            empty = [task for task, weight in zip(TASKS, tasks.weights) if weight > 0 and not self.task_strides[task]]
+            if empty:
+                raise ValueError(f"no sequence serves the strides task_strides gives the {' and '.join(empty)} "
+                                 f"task: {[list(task_strides.get(t, [])) for t in empty]}")
 
     def span(self, stride: int) -> int:
         """Frames of the sequence covered by one grid at ``stride``: ``(RC - 1) * s + 1``."""
@@ -248,14 +269,17 @@ class GridSampleDataset(_SequenceDataset):
 
     def __getitem__(self, index: int) -> dict:
         g = self.generator(index)
-        served = sorted(self.servers)
+        task = self.tasks.draw_task(g) if self.task_strides is not None else None
+        served = self.task_strides[task] if task is not None else sorted(self.servers)
         stride = served[_randint(len(served), g)]
         i = self.servers[stride][_randint(len(self.servers[stride]), g)]
         n = self.num_frames[i]
         start = _randint(n - self.span(stride) + 1, g)
         item = {"index": index}
         if self.tasks is not None:
-            item["known"] = torch.tensor(self.tasks.draw(g, self.spec.rows, self.spec.cols))
+            flags = self.tasks.known(task, self.spec.rows, self.spec.cols) if task is not None \
+                else self.tasks.draw(g, self.spec.rows, self.spec.cols)
+            item["known"] = torch.tensor(flags)
         if self.stride_dropout is not None:
             dropped = float(torch.rand((), generator=g)) < self.stride_dropout
             item["stride_label"] = 0 if dropped else stride

@@ -151,7 +151,8 @@ def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, see
                                  sequence_strides=sequence_strides(config, sequences),
                                  tasks=cond.tasks if cond.masked else None,
                                  stride_dropout=cond.stride_dropout if cond.strides else None,
-                                 start_within=cond.start_within, jitter=config.jitter, crop=config.data.tile)
+                                 start_within=cond.start_within, jitter=config.jitter, crop=config.data.tile,
+                                 task_strides=cond.task_strides if cond.masked else None)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
 
 
@@ -622,7 +623,10 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
 
     ``source`` is a checkpoint folder (its EMA weights are taken) or an exported
     stage folder (``diffusion_pytorch_model.safetensors``); its weights must be
-    those of the same architecture, name for name and shape for shape. Or
+    those of the same architecture, name for name and shape for shape, except
+    that a model with stride labels may start from one without them (trained at
+    one stride): its stride embedding then starts at zero, so it begins as
+    exactly that model for every label and learns the strides from there. Or
     ImageNet DiT weights, DiT's own ``.pt`` or a diffusers DiT folder
     (:mod:`ctgridit.core.dit_import`), for either stage.
     """
@@ -648,12 +652,18 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     except (OSError, RuntimeError, ValueError) as err:
         raise CTGridItError(f"cannot read the weights ({' '.join(str(err).split())[:200]})", found) from None
     own = model.state_dict()
+    grown = {STRIDE_EMBEDDING} - set(weights) if STRIDE_EMBEDDING in own else set()
+    weights.update({name: torch.zeros_like(own[name]) for name in grown})
     extra, missing = sorted(set(weights) - set(own)), sorted(set(own) - set(weights))
     wrong = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
     if extra or missing or wrong:
         raise CTGridItError(f"the weights do not fit this model (unknown: {extra[:3]}, missing: {missing[:3]}, "
                             f"other shape: {wrong[:3]})", found, "start from a model of the same architecture")
     model.load_state_dict(weights)
+
+
+#: The stride labels' embedding of a GridDiT, which a warm start may add (:func:`warm_start`).
+STRIDE_EMBEDDING = "stride_embedder.weight"
 
 
 def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, ema, optimizer, lr_schedule,
@@ -710,6 +720,31 @@ def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: La
     with atomic_output(out / INDEX_FILE, force=True) as tmp:
         tmp.write_text(pipeline.to_json_string())
     return out
+
+
+def checkpoint_pipeline(checkpoint: str | os.PathLike) -> GriDiTPipeline:
+    """A stage-1 checkpoint folder (``.../stage1/step_XXXXXXXX``) as a pipeline of its EMA weights, stage 1 only:
+    what a model folder exported at that step would sample (without stage 2), to look at a run while it trains."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint)
+    try:
+        config = config_from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        weights = load_file(str(folder / "ema.safetensors"))
+    except (OSError, ValueError) as err:
+        raise CTGridItError(f"not a readable stage-1 checkpoint ({shorten(str(err), 200)})", folder,
+                            "give a folder such as runs/NAME/checkpoints/stage1/step_00001000") from None
+    codec = build_codec(config)
+    model = build_model(config, 1, codec)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CTGridItError(f"the weights do not fit the checkpoint's stage-1 config ({shorten(str(err), 200)})",
+                            folder, "give a stage-1 checkpoint") from None
+    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
+                                     prediction_type=config.diffusion.prediction)
+    return GriDiTPipeline(stage1=model.eval(), codec=codec, scheduler=scheduler,
+                          settings=pipeline_settings(config, codec))
 
 
 def _write_audit(folder: str, rank: int, world: int, samples: list, model: torch.nn.Module) -> None:
