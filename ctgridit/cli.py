@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -39,10 +40,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Set to anything but 0 to see, behind every one-line error, its full traceback and cause (as ``--debug`` does).
+DEBUG_ENV = "CTGRIDIT_DEBUG"
+_debug = {"on": False}
+
+
+def debugging() -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``$CTGRIDIT_DEBUG``."""
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help=f"Show the full traceback (and its cause) behind an "
+                                     f"error line; {DEBUG_ENV}=1 does the same.")) -> None:
     """GriDiT for CT: synthesise, denoise and inspect CT volumes with grid diffusion transformers."""
+    _debug["on"] = debug
 
 
 #: What ``synth`` makes without ``--slices`` / ``--frames``.
@@ -158,7 +172,7 @@ def synth(
     on process i mod N); output i always comes from the same seed, so the files do not depend on the number of
     processes.
     """
-    from ctgridit.generation import DTYPES
+    from ctgridit.seeded_runs import DTYPES
     from ctgridit.model_folders import model_kind
 
     if dtype not in DTYPES:
@@ -184,7 +198,7 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
     from ctgridit.device import process_device, process_rank
     from ctgridit.files import check_output_path, is_clip_file
     from ctgridit.progress import PhaseProgress
-    from ctgridit.synthesis import load_model, synthesize_iter
+    from ctgridit.ct.synthesis import load_model, synthesize_iter
 
     rank, world = process_rank()
     if is_clip_file(out):
@@ -219,7 +233,7 @@ def _synth_clips(frames: int, out: str, num: int, seed: int, model: str, steps: 
     from ctgridit.device import process_device, process_rank
     from ctgridit.files import CLIP_SUFFIXES, check_output_path, is_clip_file
     from ctgridit.progress import PhaseProgress
-    from ctgridit.video.clips import (clip_frame_rate, load_video_model, save_clip, save_contact_sheet,
+    from ctgridit.video.synthesis import (clip_frame_rate, load_video_model, save_clip, save_contact_sheet,
                                       synthesize_clips_iter)
     from ctgridit.video.io import check_frames_folder
 
@@ -285,7 +299,7 @@ def denoise(
     """Denoise a CT volume (the paper's Algorithm 3, or a classical filter); same grid and geometry as IN."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
-    from ctgridit.denoising import METHODS, denoise_summary, denoise_volume, read_reference
+    from ctgridit.ct.denoising import METHODS, denoise_summary, denoise_volume, read_reference
     from ctgridit.files import atomic_output, check_output_path
     from ctgridit.progress import PhaseProgress
 
@@ -332,7 +346,7 @@ def derived_name(src: str, tag: str) -> str:
 #: The options ``interpolate`` and ``extend`` share, one definition each: name -> (type, typer option).
 SLICE_OPTIONS = {
     "model": (Optional[str], typer.Option(None, "--model", help="A native-resolution masked-conditional model folder (default: the bundled ct_interpolate).")),
-    "steps": (Optional[int], typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the posterior mean, best PSNR; the bundled model: 1 only).")),
+    "steps": (Optional[int], typer.Option(None, "--steps", min=1, max=1000, help="DDIM steps (default the model's; 1: the model's posterior mean; the bundled model serves 1 only).")),
     "seed": (int, typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}.")),
     "series": (Optional[str], typer.Option(None, "--series", help=SERIES_HELP)),
     "device": (str, typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")),
@@ -368,9 +382,8 @@ def interpolate(
     """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two.
 
     The bundled grid model fills 2 slices between 2 (factor 3), starting from the
-    two moved along the motion between them; on held-out chest scans it beats
-    cubic interpolation by 1.4 dB and --method flow by 0.1 dB."""
-    from ctgridit.slices import METHODS, interpolate_volume
+    two moved along the motion between them (docs/slices.md has its measurements)."""
+    from ctgridit.ct.slices import METHODS, interpolate_volume
 
     if method not in METHODS:
         raise CTGridItError(f"unknown --method {method!r}", hint=f"use one of {', '.join(METHODS)}")
@@ -390,7 +403,7 @@ def extend(
     **options,
 ) -> None:
     """Continue a scan by N slices up or down: every slice of IN kept exactly."""
-    from ctgridit.slices import check_direction, extend_volume
+    from ctgridit.ct.slices import check_direction, extend_volume
 
     check_direction(direction)
     o = options
@@ -515,10 +528,17 @@ def prepare(
     from ctgridit.training.config import load_config
     from ctgridit.training.trainer import prepare as prepare_data
 
+    from ctgridit.errors import shorten
+
     cfg = load_config(config)
     report = prepare_data(cfg, workers=workers, quiet=quiet)
-    skipped = f"; {len(report.failed)} failed and skipped (see the warnings)" if report.failed else ""
-    typer.echo(f"{report.done} sequences in {cfg.data.cache} ({report.prepared} prepared now){skipped}")
+    typer.echo(f"{report.done} sequences in {cfg.data.cache} ({report.prepared} prepared now)")
+    if report.failed:
+        which = "; ".join(f"{name} ({reason})" for name, reason in report.failed)
+        raise CTGridItError(f"{len(report.failed)} of {report.done + len(report.failed)} volumes could not be "
+                            f"prepared: {shorten(which, 400)}", cfg.data.cache,
+                            "fix them or leave them out (data.hold_out) and run prepare again; the prepared ones "
+                            "are kept")
 
 
 train_app = typer.Typer(help="Train the grid model (stage 1) or the super-resolution model (stage 2).",
@@ -613,9 +633,12 @@ def main(argv: list[str] | None = None) -> None:
 
     install_handlers()
     warnings.showwarning = _show_warning
+    _debug["on"] = False                                       # set again by --debug, for this run only
     try:
         code = app(args=argv, prog_name="ctgridit", standalone_mode=False)
     except CTGridItError as err:
+        if debugging():
+            traceback.print_exception(err)
         print(f"error: {err.one_line()}", file=sys.stderr)
         sys.exit(err.exit_code)
     except typer.TyperException as err:                       # bad options and arguments (click's errors)

@@ -25,8 +25,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise CTGridItError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    except RuntimeError as err:
+        raise CTGridItError(f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CTGridItError(f"--device {name}: no CUDA GPU is visible", hint="use --device auto or cpu")

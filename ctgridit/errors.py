@@ -10,6 +10,7 @@ traceback.
 from __future__ import annotations
 
 import os
+import textwrap
 
 
 class CTGridItError(Exception):
@@ -32,3 +33,8 @@ class CTGridItError(Exception):
 
 class CTGridItWarning(UserWarning):
     """Something the user should know (a resampled DICOM series, a chosen series)."""
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, cut at a word boundary to at most ``width`` characters (an error's cause in its line)."""
+    return textwrap.shorten(" ".join(str(text).split()), width=width, placeholder=" ...")

@@ -68,7 +68,7 @@ def _check_writable_folder(parent: Path) -> None:
             pass
     except OSError as err:
         raise CTGridItError(f"output folder is not writable ({err.strerror})", parent,
-                            "choose a folder you can write to") from None
+                            "choose a folder you can write to") from err
 
 
 def _suffixes(path: Path) -> str:
@@ -96,7 +96,7 @@ def atomic_output(path: str | os.PathLike, force: bool = True) -> Iterator[Path]
     except OSError as err:  # disk full, quota, a folder removed under us: the user's to fix
         _remove(tmp)
         raise CTGridItError(f"could not write the file ({err.strerror or err})", out,
-                            "check the free space and permissions of its folder") from None
+                            "check the free space and permissions of its folder") from err
     except BaseException:
         _remove(tmp)
         raise
@@ -126,7 +126,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as err:
         raise CTGridItError(f"output folder is not writable ({err.strerror})", out.parent,
-                            "choose a folder you can write to") from None
+                            "choose a folder you can write to") from err
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700 folders; honour the umask instead
@@ -134,7 +134,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise CTGridItError(f"could not write the folder ({err.strerror or err})", out,
-                            "check the free space and permissions of its folder") from None
+                            "check the free space and permissions of its folder") from err
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ctgridit.core.pipeline import GriDiTPipeline, is_model_folder, read_settings
+from ctgridit.core.loading import is_model_folder, read_settings
+from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.device import resolve_device
 from ctgridit.errors import CTGridItError
 
@@ -46,9 +47,14 @@ def model_folder(model: str | os.PathLike | None, default: Path = BUNDLED_MODEL)
 
 
 def model_kind(model: str | os.PathLike) -> str:
-    """The adapter a model folder (or bundled model name) was trained for (``"ct"`` or ``"video"``), read without
-    loading weights."""
-    return read_settings(model_folder(model)).adapter.get("kind", "ct")
+    """The adapter a model folder (or bundled model name) writes its output with (``settings.adapter.kind``:
+    ``"ct"``, ``"video"`` or a registered one, :mod:`ctgridit.adapters`), read without loading weights."""
+    folder = model_folder(model)
+    kind = read_settings(folder).adapter.get("kind")
+    if not isinstance(kind, str):
+        raise CTGridItError("the model folder does not record its adapter (settings.adapter.kind in "
+                            "model_index.json)", folder, "export it again with ctgridit train")
+    return kind
 
 
 def is_native(pipeline: GriDiTPipeline) -> bool:

@@ -19,8 +19,8 @@ def check_seed(seed) -> int:
     """``seed`` as an int in ``0..SEED_MAX``, or a one-line error."""
     try:
         value = operator.index(seed)
-    except TypeError:
-        raise CTGridItError(f"the seed must be an integer, got {seed!r}", hint=f"use 0 .. {SEED_MAX}") from None
+    except TypeError as err:
+        raise CTGridItError(f"the seed must be an integer, got {seed!r}", hint=f"use 0 .. {SEED_MAX}") from err
     if not 0 <= value <= SEED_MAX:
         raise CTGridItError(f"the seed must lie in 0 .. {SEED_MAX}, got {value}", hint="e.g. --seed 0")
     return value

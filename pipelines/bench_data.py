@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from ctgridit.data_folder import data_folder
 from ctgridit.training.config import TrainConfig, load_config
 from ctgridit.training.trainer import build_dataset, build_sequences, prepare, source_sequences
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+DATA = data_folder()
 
 
 def rate(dataset, seconds: float, limit: int) -> float:

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ctgridit.data_folder import data_folder
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.fidelity import psnr
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.volume import CTVolume
-from ctgridit.denoising import denoise_volume, load_denoiser
+from ctgridit.ct.denoising import denoise_volume, load_denoiser
 
-SCAN = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lidc_idri" / "LIDC-IDRI-0314.nii.gz"
+SCAN = data_folder() / "lidc_idri" / "LIDC-IDRI-0314.nii.gz"
 
 
 def main() -> None:

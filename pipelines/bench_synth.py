@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctgridit.data_folder import data_folder
 from ctgridit.core.diffusion import make_sample_scheduler
 from ctgridit.core.dit import GridDiT
 from ctgridit.core.grid import resize_frames
@@ -44,9 +45,9 @@ from ctgridit.ct.adapter import sequence_to_volume
 from ctgridit.ct.along_z import lung_extent, max_far_ssim, neighbour_difference
 from ctgridit.ct.evaluate import nearest_slice_ssim
 from ctgridit.ct.volume import CTVolume
-from ctgridit.synthesis import load_model
+from ctgridit.ct.synthesis import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+DATA = data_folder()
 #: The real chests: the thin one the neighbour differences are measured against first.
 CHESTS = [DATA / "lidc_idri" / "LIDC-IDRI-0314.nii.gz", DATA / "lidc_idri" / "LIDC-IDRI-0001.nii.gz",
           DATA / "lung_pet_ct_dx" / "A0001_5mm_kernelB.nii.gz", DATA / "lung_pet_ct_dx" / "A0002_8mm_B40f.nii.gz"]
@@ -94,7 +95,7 @@ def generate(pipeline, num_slices: int, seed: int) -> tuple[CTVolume, CTVolume, 
 
 def real_chest(pipeline, path: Path) -> CTVolume:
     """A real chest prepared like training data, at the model's spacing and size."""
-    from ctgridit.ct.training_data import load_ct_sequences
+    from ctgridit.ct.sequences import load_ct_sequences
 
     cfg = pipeline.settings
     frames = load_ct_sequences([path], spacing=cfg.adapter["spacing"], window=cfg.adapter["window"],

@@ -8,12 +8,12 @@ The evaluated scans are kept out of the denoiser's training
 (``pipelines/configs/ct_denoise.yaml``): a chest at 0.65 mm (A0002, soft kernel),
 a chest crop at 1.5 mm and two extremity scans at 0.98 mm. For every scan and
 noise (``ctgridit add-noise``, seed 0) each method runs through
-``ctgridit.denoising.denoise_volume``; printed: PSNR and SSIM (3D, HU window
+``ctgridit.ct.denoising.denoise_volume``; printed: PSNR and SSIM (3D, HU window
 -1000..1000, whole volume and body mask) and seconds per volume. BM3D, if the
 ``bm3d`` package happens to be installed (it is for non-commercial use only and
 never a dependency of ctgridit), runs slice by slice as a reference.
 
-``--tune`` searches the classical filters' settings (:data:`ctgridit.denoising.CLASSICAL`)
+``--tune`` searches the classical filters' settings (:data:`ctgridit.ct.denoising.CLASSICAL`)
 on a scan no evaluation uses and prints the best (mean PSNR over 20, 50 and 100 HU).
 """
 
@@ -26,15 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ctgridit.data_folder import data_folder
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.preview import mid_planes
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, window_change
-from ctgridit.denoising import METHODS, classical_denoise, denoise_volume, load_denoiser
+from ctgridit.ct.denoising import METHODS, classical_denoise, denoise_volume, load_denoiser
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+DATA = data_folder()
 HELD_OUT = ["lung_pet_ct_dx/A0002_8mm_B40f.nii.gz", "totalsegmentator/chest_crop.nii.gz",
             "soft_tissue_sarcoma/STS_019.nii.gz", "soft_tissue_sarcoma/STS_020.nii.gz"]
 TUNING = "soft_tissue_sarcoma/STS_018.nii.gz"

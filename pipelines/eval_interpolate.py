@@ -36,12 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ctgridit.data_folder import data_folder
 from ctgridit.ct.fidelity import body_mask, psnr, ssim_map
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.volume import CTVolume
-from ctgridit.slices import extend_volume, interpolate_volume, load_slice_model
+from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
+DATA = data_folder()
 HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz"]
 TIMING_SCAN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
 FACTOR = 3

@@ -2,7 +2,7 @@
 
     python pipelines/eval_video_motion.py --model runs/video_shapes/model --frames 48 --seeds 0 1 2 3 4 5 6 7
 
-For every seed, one clip from ``ctgridit.video.clips`` (the path ``ctgridit
+For every seed, one clip from ``ctgridit.video.synthesis`` (the path ``ctgridit
 synth --frames`` takes): the square is tracked in every frame, the phase of its
 circle is fitted on the first grid's frames (generated with nothing known), and
 the frames the extension step added (the paper's m = 3 control rows, 4 new
@@ -18,8 +18,8 @@ import argparse
 
 import numpy as np
 
-from ctgridit.video.clips import load_video_model, synthesize_clips_iter
-from ctgridit.video.sequence import sequence_to_frames
+from ctgridit.video.synthesis import load_video_model, synthesize_clips_iter
+from ctgridit.video.frames import sequence_to_frames
 from ctgridit.video.shapes import CirclingSquare, motion_errors
 
 

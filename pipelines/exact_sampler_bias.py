@@ -1,10 +1,10 @@
 """How far each sampling mode is from the true conditional, with a perfect model.
 
-Uses the exact noise predictor of a Gaussian sequence (``tests/gaussian_model.py``,
-so run it from a checkout: ``python pipelines/exact_sampler_bias.py``). Two
-settings:
+Uses the exact noise predictor of a Gaussian sequence (``tests/gaussian_model.py``),
+so it runs as a module from the root of a checkout, where ``tests`` can be
+imported: ``python -m pipelines.exact_sampler_bias``. Two settings:
 
-- *ramp* (the README figure): 2 x 2 grid of 2 x 2 frames, cell ``i`` is
+- *ramp* (the figure in docs/synthesis.md): 2 x 2 grid of 2 x 2 frames, cell ``i`` is
   ``u + v * i`` plus white noise 0.02 (``u, v ~ N(0, 1)``); the known row is 0
   and 0.15, so the new cells should average 0.30 and 0.45;
 - *CT-like*: a level, a slow trend and an AR(1) part with neighbour correlation
@@ -18,19 +18,15 @@ For every mode it prints the model forwards per grid too.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ctgridit.core.conditioning import known_cells  # noqa: E402
-from ctgridit.core.diffusion import make_sample_scheduler, make_train_scheduler  # noqa: E402
-from ctgridit.core.grid import cell_mask, tile, untile  # noqa: E402
-from ctgridit.core.sampler import RePaint, inpaint, model_forwards  # noqa: E402
-from tests.gaussian_model import ExactModel, GaussianSequence  # noqa: E402
+from ctgridit.core.conditioning import known_cells
+from ctgridit.core.diffusion import make_sample_scheduler, make_train_scheduler
+from ctgridit.core.grid import cell_mask, tile, untile
+from ctgridit.core.sampler import RePaint, inpaint, model_forwards
+from tests.gaussian_model import ExactModel, GaussianSequence
 
 TRAIN = make_train_scheduler()
 MODES = [("masked-conditional", True, "ddpm", 0, 1), ("masked-conditional", True, "ddim", 0, 1),

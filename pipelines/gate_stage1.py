@@ -108,6 +108,7 @@ def sample_step1(pipeline, frames: int, generator: torch.Generator, steps: int |
     if pipeline.max_stride:                          # step 1's grids carry the coarsest stride as their label
         def model(x, t, stride=None, **inputs):
             return pipeline.stage1(x, t, stride=torch.full_like(t, label), **inputs)
+        model.config = pipeline.stage1.config        # the condition is made as the model's config says
     with torch.no_grad():
         latents = sample_sequence(model, scheduler, plan, frame_shape=(pipeline.codec.latent_channels, lh, lw),
                                   conditional=pipeline.masked, generator=generator, device=pipeline.device,

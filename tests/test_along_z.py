@@ -28,7 +28,7 @@ def test_far_ssim_is_scikit_images_ssim_for_every_far_pair():
 
 
 def _hu(relative: str, spacing=(3.0, 3.0, 1.5)) -> np.ndarray:
-    from ctgridit.ct.training_data import load_ct_sequences
+    from ctgridit.ct.sequences import load_ct_sequences
     from ctgridit.ct.transforms import unwindow_hu
 
     frames = load_ct_sequences([data_file(relative)], spacing=spacing, in_plane=(128, 128))[0]

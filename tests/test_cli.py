@@ -14,33 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctgridit.cli import main
-from tests.conftest import data_file
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``ctgridit ARGS`` in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as stop:
-        code = 0 if stop.code is None else int(stop.code)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(code: int, err: str, *phrases: str) -> None:
-    assert code == 2, f"exit code {code}, stderr: {err}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one line, got: {err!r}"
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase.lower() in lines[0].lower(), f"{phrase!r} not in {lines[0]!r}"
-
-
-def no_files_left(folder: Path, before: set[str]) -> None:
-    assert set(os.listdir(folder)) == before, f"left behind: {set(os.listdir(folder)) - before}"
+from tests.conftest import assert_refused, data_file, no_files_left, run_cli
 
 
 # ----------------------------------------------------------------- bad inputs
@@ -272,3 +246,17 @@ def test_grid_refuses_to_overwrite_without_force(capsys, small_ct, tmp_path):
     code, _, err = run_cli(capsys, "grid", small_ct, "--out", out)
     assert_refused(code, err, "--force")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_debug_shows_the_traceback_behind_the_one_line(capsys, tmp_path, monkeypatch):
+    """--debug (or CTGRIDIT_DEBUG=1) prints the traceback and its cause before the same error line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", bad)
+    assert_refused(code, err, "not a valid YAML")
+    code, _, err = run_cli(capsys, "--debug", "train", "stage1", "--config", bad)
+    assert code == 2 and "Traceback" in err and "yaml" in err and "direct cause" in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "not a valid YAML" in err.strip().splitlines()[-1]
+    monkeypatch.setenv("CTGRIDIT_DEBUG", "1")
+    code, _, err = run_cli(capsys, "train", "stage1", "--config", bad)
+    assert code == 2 and "Traceback" in err

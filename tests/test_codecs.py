@@ -11,17 +11,9 @@ from diffusers import AutoencoderKL
 
 from ctgridit.core.codecs import PixelCodec, VAECodec
 from ctgridit.core.legacy_folders import CODEC_FILE, legacy_codec
+from tests.conftest import VAE_SCALE, tiny_vae
 
-SCALE = 0.37    # not SD's 0.18215, so that a hard-coded factor would show
-
-
-def tiny_vae(seed: int = 0, scaling_factor: float = SCALE) -> AutoencoderKL:
-    """A randomly initialised two-level AutoencoderKL: images H x W -> latents 4 x H/2 x W/2."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                         norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor).eval()
+SCALE = VAE_SCALE
 
 
 @pytest.fixture(scope="module")

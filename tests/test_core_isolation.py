@@ -54,7 +54,8 @@ CHILD = textwrap.dedent("""
     for name in {modules!r}:
         importlib.import_module(name)
         imported.append(name)
-    from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, SamplingConfig
+    from ctgridit.core.pipeline import GriDiTPipeline
+    from ctgridit.core.settings import PipelineSettings, SamplingConfig
     from ctgridit.core.sampler import inpaint, sample_sequence
     from ctgridit.core.codecs import PixelCodec, VAECodec
     from ctgridit.core.legacy_folders import legacy_codec

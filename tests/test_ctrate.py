@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from ctgridit.ct.ctrate import CSV_COLUMNS, CTRateDataset
+from ctgridit.ct.ctrate import CTRateDataset
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.ctrate import CTRATE_SPACING, ctrate_preprocess
 from ctgridit.ct.transforms import volume_to_metatensor
 from ctgridit.ct.window import DEFAULT_WINDOW as HU_WINDOW
 from ctgridit.ct.volume import CTVolume
 from ctgridit.errors import CTGridItError, CTGridItWarning
+from tests.conftest import nested_path, write_csv
 
 #: A crop of the real scan, to keep the default 0.75 mm preprocessing fast.
 CROP = (slice(30, 90), slice(20, 80), slice(5, 25))
@@ -25,20 +26,6 @@ CROP = (slice(30, 90), slice(20, 80), slice(5, 25))
 RESCALES = {"train_1_a_1.nii.gz": (0.5, -1024.0), "train_2_a_2.nii.gz": (1.0, 0.0)}
 MISSING = "train_3_a_1.nii.gz"
 WRONG_HEADER_SPACING = 1.0
-
-
-def nested_path(root: Path, name: str) -> Path:
-    """Where CT-RATE puts a volume: train_1_a_1.nii.gz -> train/train_1/train_1_a/train_1_a_1.nii.gz."""
-    split, patient, scan, _ = name.split("_", 3)
-    return root / split / f"{split}_{patient}" / f"{split}_{patient}_{scan}" / name
-
-
-def write_csv(path: Path, rows: list[dict], columns=CSV_COLUMNS) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture
@@ -128,8 +115,8 @@ def test_bad_metadata_csv(ctrate, tmp_path):
 
 def test_header_depths_are_read_once_with_a_depth_cache(ctrate, tmp_path, monkeypatch):
     """50,000 headers are read on the first run only; a changed file is read again."""
-    import ctgridit.ct.training_data as training_data
-    from ctgridit.ct.training_data import CTRateSequences
+    import ctgridit.ct.sequences as training_data
+    from ctgridit.ct.sequences import CTRateSequences
 
     cache = tmp_path / "depths.json"
     with warnings.catch_warnings():

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from ctgridit.core.denoise import estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
+from ctgridit.core.frame_denoising import estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
 from ctgridit.core.diffusion import diffuse, make_train_scheduler
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.volume import CTVolume
-from ctgridit.denoising import denoise_volume, noise_hu
+from ctgridit.ct.denoising import denoise_volume, noise_hu
 from tests.conftest import data_file
-from tests.test_cli import assert_refused, no_files_left, run_cli
+from tests.conftest import assert_refused, no_files_left, run_cli
 
 TRAIN = make_train_scheduler()
 CLEAN_CHANGE_HU = 8.0     # mean |change| the denoiser may make to a clean scan

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from ctgridit.ct.io import read_ct
 from ctgridit.errors import CTGridItError, CTGridItWarning
+from tests.conftest import copy_slices
 
 PIXEL = 0.9765625  # mm, the example's PixelSpacing
 UID_A = "1.2.826.0.1.3680043.8.498.11"
@@ -43,17 +44,6 @@ def read_once(folder: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CTGridItWarning)  # the example is regular: no warning
         return read_ct(folder)
-
-
-def copy_slices(files, target: Path, edit=None, names=None) -> Path:
-    """Copy DICOM ``files`` into ``target``, editing each header with ``edit(ds, index)`` first."""
-    target.mkdir(parents=True, exist_ok=True)
-    for index, src in enumerate(files):
-        ds = pydicom.dcmread(src)
-        if edit is not None:
-            edit(ds, index)
-        ds.save_as(target / (names[index] if names else src.name))
-    return target
 
 
 # ------------------------------------------------------------------ example

@@ -268,9 +268,10 @@ def test_unknown_cells_are_filled_by_linear_interpolation_in_frame_order(flags, 
 
 
 def test_a_linear_fill_model_sees_the_interpolated_cells(tmp_path):
-    """cond_fill="linear": the output depends on the known cells only, not on what the caller put in the others;
-    the setting travels with the weights."""
-    from ctgridit.core.conditioning import condition_channels, masked_condition
+    """cond_fill="linear": the condition made for the model (model_condition, once per grid) holds the
+    interpolated cells, so the output depends on the known cells only, not on what the caller put in the others;
+    forward takes the condition as given; the setting travels with the weights."""
+    from ctgridit.core.conditioning import condition_channels, masked_condition, model_condition
     from ctgridit.core.grid import cell_mask
 
     model = randomized(tiny(cond_channels=condition_channels(4), cond_fill="linear"))
@@ -278,18 +279,39 @@ def test_a_linear_fill_model_sees_the_interpolated_cells(tmp_path):
     mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8)
     known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
     other = known + (1 - mask) * 5.0                                       # differs on the unknown cells only
+    cond = model_condition(model, known, mask)
+    torch.testing.assert_close(cond, masked_condition(known, mask, "linear", 2, 2), rtol=0, atol=0)
     with torch.no_grad():
-        given = model(x["sample"], x["timestep"], cond=masked_condition(known, mask))
-        unmasked = torch.cat([other, mask.expand(2, 1, 16, 16)], dim=1)   # unknown cells not zeroed
-        assert torch.equal(model(x["sample"], x["timestep"], cond=unmasked), given)
-        zeros = randomized(tiny(cond_channels=condition_channels(4)))
-        zeros.load_state_dict(model.state_dict())
-        assert not torch.allclose(zeros(x["sample"], x["timestep"], cond=masked_condition(known, mask)), given)
+        given = model(x["sample"], x["timestep"], cond=cond)
+        assert torch.equal(model(x["sample"], x["timestep"], cond=model_condition(model, other, mask)), given)
+        unfilled = model(x["sample"], x["timestep"], cond=masked_condition(known, mask))     # taken as given
+        assert not torch.allclose(unfilled, given)
     model.save_pretrained(tmp_path)
     loaded = GridDiT.from_pretrained(tmp_path).eval()
     assert loaded.config.cond_fill == "linear"
     with torch.no_grad():
-        assert torch.equal(loaded(x["sample"], x["timestep"], cond=masked_condition(known, mask)), given)
+        assert torch.equal(loaded(x["sample"], x["timestep"], cond=model_condition(loaded, known, mask)), given)
+
+
+def test_the_fill_runs_once_per_grid_not_at_every_step(monkeypatch):
+    """The flow fill (TV-L1 between the known cells) is made before the reverse diffusion loop: one flow
+    estimate for a 10-step walk, whatever the number of steps."""
+    from ctgridit.core.conditioning import condition_channels
+    from ctgridit.core.diffusion import make_sample_scheduler, make_train_scheduler
+    from ctgridit.core.grid import cell_mask
+    from ctgridit.core.motion import TVL1
+    from ctgridit.core.sampler import inpaint
+
+    model = randomized(tiny(cond_channels=condition_channels(4), cond_fill="flow"))
+    calls = []
+    flow = TVL1.flow
+    monkeypatch.setattr(TVL1, "flow", lambda self, a, b: (calls.append(1), flow(self, a, b))[1])
+    mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8)
+    known = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    scheduler = make_sample_scheduler(make_train_scheduler(), "ddim", 10)
+    with torch.no_grad():
+        inpaint(model, scheduler, known, mask, conditional=True, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("fill", ["linear", "flow"])
@@ -304,7 +326,7 @@ def test_a_fill_residual_model_starts_at_the_interpolation_and_adds_its_correcti
     x = inputs(fresh, batch=2)
     mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8).expand(2, 1, 16, 16)
     known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3))
-    cond = masked_condition(known, mask)
+    cond = masked_condition(known, mask, fill, 2, 2)
     filled = fill_unknown_cells(known * mask, mask, 2, 2, TVL1() if fill == "flow" else None)
     if fill == "flow":
         assert not torch.allclose(filled, fill_unknown_cells(known * mask, mask, 2, 2))

@@ -17,9 +17,14 @@ import torch.nn.functional as F
 
 from ctgridit.core.conditioning import fill_unknown_cells
 from ctgridit.core.grid import cell_mask, tile, untile
-from ctgridit.core.motion import TVL1, between, motion_interpolate, warp
+from ctgridit.core.motion import TVL1, between, warp
 
 from tests.conftest import data_file
+
+
+def motion_interpolate(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`between` with the flow estimated by TV-L1 on the frames' channel mean."""
+    return between(before, after, weight, TVL1().flow(before.mean(1), after.mean(1)))
 
 
 def texture(size: int = 64, seed: int = 0, batch: int = 1) -> torch.Tensor:

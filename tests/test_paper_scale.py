@@ -21,8 +21,8 @@ import yaml
 from ctgridit.ct.evaluate import frechet_distance
 from ctgridit.ct.io import read_ct
 from tests.conftest import REPO
-from tests.test_cli import run_cli
-from tests.test_ctrate import nested_path, write_csv
+from tests.conftest import run_cli
+from tests.conftest import nested_path, write_csv
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 NAMES = ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_3_a_1.nii.gz"]
@@ -73,14 +73,15 @@ def ctrate_folder(tmp_path_factory):
 
 def test_the_whole_chain_on_cpu_processes(capsys, ctrate_folder, tmp_path):
     config = ctrate_folder / "config.yaml"
-    # 1. prepare: the damaged volume is reported and skipped; a second run prepares nothing again
+    # 1. prepare: the damaged volume is named and the run fails (exit 2), the others are kept; a second run
+    #    prepares nothing again and still fails; training reads the volumes that are there
     code, out, err = run_cli(capsys, "prepare", config, "--quiet")
-    assert code == 0, err
-    assert "3 sequences" in out and "1 failed" in out and "warning: skipped train_4_a_1.nii.gz" in err
+    assert code == 2 and "3 sequences" in out
+    assert "error:" in err and "1 of 4 volumes could not be prepared: train_4_a_1.nii.gz" in err
     index = json.loads((ctrate_folder / "cache" / "cache.json").read_text())
     assert [e["name"] for e in index["sequences"]] == NAMES and index["failed"][0]["name"] == "train_4_a_1.nii.gz"
     code, out, _ = run_cli(capsys, "prepare", config, "--quiet")
-    assert code == 0 and "(0 prepared now)" in out
+    assert code == 2 and "(0 prepared now)" in out
 
     # 2. train from the cache with 2 processes
     audit = ctrate_folder / "audit"
@@ -139,7 +140,7 @@ def test_frechet_distance_is_exact_for_gaussians():
 
 
 def test_the_volume_seed_does_not_depend_on_the_split():
-    from ctgridit.generation import sample_seed
+    from ctgridit.seeded_runs import sample_seed
 
     assert sample_seed(7, 0) == 7
     assert len({sample_seed(7, i) for i in range(1000)}) == 1000

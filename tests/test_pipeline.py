@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +15,12 @@ from ctgridit.core.codecs import PixelCodec, VAECodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import (INDEX_FILE, GriDiTPipeline, PipelineSettings, SamplingConfig, Stage1Sampling,
-                                    Stage2Sampling)
+from ctgridit.core.loading import INDEX_FILE
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.settings import PipelineSettings, SamplingConfig, Stage1Sampling, Stage2Sampling
 from ctgridit.core.sampler import plan_sequence
 from ctgridit.errors import CTGridItError
-from tests.test_codecs import tiny_vae
+from tests.conftest import interpolation_grids, randomized, tiny_vae
 
 def bicubic(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bicubic upsampling as the grid module does it (antialiased: PIL's kernel, a = -0.5)."""
@@ -27,15 +29,6 @@ def bicubic(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 SAMPLING = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=3, max_batch=4),
                           Stage2Sampling(sampler="ddim", num_steps=2, batch=5))
-
-
-def randomized(model: GridDiT, seed: int) -> GridDiT:
-    """Non-zero weights everywhere (DiT's init zeroes the output, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def stage1_model(channels: int, frame: int, rows: int = 2, cols: int = 2, seed: int = 0) -> GridDiT:
@@ -199,7 +192,7 @@ def test_progress_reports_every_phase_up_to_its_total():
     pipe.generate(9, batch_size=2, generator=seed(0), progress=lambda ph, d, t: events.setdefault(ph, []).append((d, t)))
     plan = plan_sequence(9, 2, 2, control_rows=1)
     steps, s2 = SAMPLING.stage1.num_steps, SAMPLING.stage2.num_steps
-    interp_batches = -(-2 * plan.interpolation_grids // SAMPLING.stage1.max_batch)
+    interp_batches = -(-2 * interpolation_grids(plan) // SAMPLING.stage1.max_batch)
     expected_totals = {"extend": plan.iterations * steps, "interpolate": interp_batches * steps,
                        "stage2": -(-2 * 9 // SAMPLING.stage2.batch) * s2}
     assert set(events) == set(expected_totals)
@@ -237,7 +230,7 @@ def test_a_model_folder_is_a_diffusers_pipeline_folder(tmp_path):
     assert index["_class_name"] == "GriDiTPipeline"
     assert index["stage1"] == ["ctgridit.core.dit", "GridDiT"] and index["stage2"] == [None, None]
     assert index["codec"] == ["ctgridit.core.codecs", "VAECodec"]
-    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]                # what stage 1 samples with
     assert index["settings"] == pipe.settings.to_dict()
     for part in ("stage1", "codec"):
         assert (folder / part / "diffusion_pytorch_model.safetensors").is_file(), part
@@ -278,7 +271,9 @@ def test_model_folders_of_earlier_versions_load_and_save_anew(tmp_path, make):
     expected = pipe.generate(5, generator=seed(2))
     old = as_old_folder(pipe.save_pretrained(tmp_path / "old"))
     loaded = GriDiTPipeline.from_pretrained(old)
-    assert loaded.settings.to_dict() == pipe.settings.to_dict() and loaded.stage2 is not None
+    settings = pipe.settings.to_dict()
+    settings["adapter"].setdefault("kind", "ct")                 # folders of that layout were all CT models
+    assert loaded.settings.to_dict() == settings and loaded.stage2 is not None
     assert torch.equal(loaded.generate(5, generator=seed(2)), expected)
     new = loaded.save_pretrained(tmp_path / "new")
     assert (new / INDEX_FILE).is_file() and not (new / "gridit.json").exists()
@@ -286,10 +281,19 @@ def test_model_folders_of_earlier_versions_load_and_save_anew(tmp_path, make):
 
 
 def test_generation_and_denoising_are_methods_of_the_pipeline():
-    from ctgridit.core.denoise import denoise_frames
+    from ctgridit.core.frame_denoising import denoise_frames
 
     pipe = pixel_pipeline()
-    assert torch.equal(pipe(5, generator=seed(4), num_steps=2), pipe.generate(5, generator=seed(4), num_steps=2))
+    frames = pipe.generate(5, generator=seed(4), num_steps=2)                       # (1, 5, 3, 16, 16) in [-1, 1]
+    out = pipe(5, generator=seed(4), num_inference_steps=2)                         # diffusers' call and output
+    assert torch.equal(out.frames, (frames + 1) / 2) and torch.equal(out[0], out.frames)
+    as_np = pipe(5, generator=seed(4), num_inference_steps=2, output_type="np", return_dict=False)
+    assert isinstance(as_np, tuple) and as_np[0].shape == (1, 5, 16, 16, 3)
+    np.testing.assert_allclose(as_np[0], out.frames.permute(0, 1, 3, 4, 2).numpy())
+    latents = pipe(5, generator=seed(4), num_inference_steps=2, output_type="latent").frames
+    assert latents.shape == (1, 5, 3, 8, 8)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(5, output_type="pil")
     noisy = (pipe.generate(5, generator=seed(5))[0] + 0.1 * torch.randn(5, 3, 16, 16, generator=seed(6))).clamp(-1, 1)
     frames, levels = pipe.denoise(noisy, strength="auto", num_steps=2, generator=seed(7))
     again, same = denoise_frames(pipe, noisy, "auto", 2, seed(7))
@@ -299,19 +303,52 @@ def test_generation_and_denoising_are_methods_of_the_pipeline():
 def test_settings_changed_after_construction_are_saved(tmp_path):
     pipe = pixel_pipeline()
     pipe.settings.sampling.stage1.num_steps = 7
-    loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"), dtype=torch.float16)
+    loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"), torch_dtype=torch.float16)
     assert loaded.settings.sampling.stage1.num_steps == 7 and loaded.dtype == torch.float16
 
 
-def test_save_refuses_to_overwrite_unless_asked(tmp_path):
+def test_save_replaces_a_model_folder_but_nothing_else(tmp_path):
+    """As diffusers, saving over a model folder replaces it (atomically: nothing of the old one is mixed in); a
+    folder that holds anything else is refused, and so are pickles and the hub."""
     pipe = pixel_pipeline(with_stage2=False)
     folder = pipe.save_pretrained(tmp_path / "model")
     assert not (folder / "stage2").exists()
-    with pytest.raises(CTGridItError, match="exists"):
-        pipe.save_pretrained(folder)
-    pixel_pipeline().save_pretrained(folder, overwrite=True)
-    assert (folder / "stage2").is_dir()
-    assert GriDiTPipeline.from_pretrained(folder).stage2 is not None
+    pixel_pipeline().save_pretrained(folder)
+    assert (folder / "stage2").is_dir() and GriDiTPipeline.from_pretrained(folder).stage2 is not None
+    pipe.save_pretrained(folder)
+    assert not (folder / "stage2").exists()                                   # replaced, not merged
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(CTGridItError, match="not a model folder"):
+        pipe.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+    with pytest.raises(ValueError, match="safetensors"):
+        pipe.save_pretrained(tmp_path / "other", safe_serialization=False)
+    with pytest.raises(ValueError, match="local"):
+        pipe.save_pretrained(tmp_path / "other", push_to_hub=True)
+    with pytest.raises(CTGridItError, match="local safetensors"):
+        GriDiTPipeline.from_pretrained(folder, use_safetensors=False)
+
+
+def test_assigning_a_scheduler_changes_how_stage_1_samples(tmp_path):
+    """pipe.scheduler is what stage 1 samples with: a DDPM scheduler made from its config samples as the DDPM
+    settings do (and not as DDIM), and saving records it, so the folder loads with it."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    pipe = pixel_pipeline()
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.timestep_spacing == "trailing"
+    ddim = pipe.sample_latents(5, generator=seed(3))
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    ddpm = pipe.sample_latents(5, generator=seed(3))
+    assert not torch.allclose(ddpm, ddim)
+    as_set = pixel_pipeline()
+    as_set.settings.sampling.stage1.sampler = "ddpm"
+    as_set = GriDiTPipeline(as_set.stage1, as_set.codec, as_set.scheduler, as_set.stage2, settings=as_set.settings)
+    assert isinstance(as_set.scheduler, DDPMScheduler)
+    assert torch.equal(as_set.sample_latents(5, generator=seed(3)), ddpm)
+    loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
+    assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.settings.sampling.stage1.sampler == "ddpm"
+    assert torch.equal(loaded.sample_latents(5, generator=seed(3)), ddpm)
 
 
 def test_pipeline_settings_round_trip():
@@ -438,3 +475,18 @@ def test_mismatched_stage1_is_refused():
                          (stage1_model(1, 8), "channels")):
         with pytest.raises(ValueError, match=words):
             GriDiTPipeline(wrong, codec, scheduler, settings=config)
+
+
+@pytest.mark.parametrize("noise", ["independent", "shared", "smooth"])
+def test_stage_2_without_a_generator_draws_from_the_global_generator(noise):
+    """One seeding rule for every stage-2 noise setting: no generator means torch's global generator (as in
+    diffusers), so torch.manual_seed decides the noise; no hidden fixed seed."""
+    pipe = pixel_pipeline()
+    pipe.settings.sampling.stage2.noise = noise
+    lr = torch.rand(4, 3, 8, 8, generator=seed(0)) * 2 - 1
+    torch.manual_seed(11)
+    first = pipe.super_resolve(lr, sequence_length=4)
+    torch.manual_seed(11)
+    assert torch.equal(pipe.super_resolve(lr, sequence_length=4), first)
+    torch.manual_seed(12)
+    assert not torch.equal(pipe.super_resolve(lr, sequence_length=4), first)

@@ -1,8 +1,8 @@
-"""The reliability issue: ways to break ctgridit found by trying, each reproduced here.
+"""Ways to break ctgridit found by trying it as a hostile user would, each reproduced here.
 
 Every case must end in one line ``error: ...``, exit code 2 (130/143/129 for
 signals), no traceback, no output or temporary file left, nothing of the
-user's lost. Test names carry the number of the case in the issue.
+user's lost. Test names say what each case checks.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, data_file
-from tests.test_cli import assert_refused, run_cli
+from tests.conftest import assert_refused, run_cli
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-# ------------------------------------------------------------ 23: option errors
+# ------------------------------------------------------------ option errors
 @pytest.mark.parametrize("args,words", [
     (["synth", "--slices", "0"], "--slices"),
     (["synth", "--num", "0"], "--num"),
@@ -39,21 +39,21 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     (["synth", "--bogus"], "--bogus"),
     (["nosuchcommand"], "nosuchcommand"),
 ])
-def test_23_option_errors_are_one_line(capsys, args, words):
+def test_option_errors_are_one_line(capsys, args, words):
     code, out, err = run_cli(capsys, *args)
     assert_refused(code, err, words, "--help")
 
 
-# -------------------------------------------------------------- 3: one seed rule
+# -------------------------------------------------------------- one seed rule
 @pytest.mark.parametrize("command", [["synth", "--out", "v.nii.gz"], ["denoise", "IN"],
                                      ["add-noise", "IN", "--sigma", "5", "--out", "n.nii.gz"]])
 @pytest.mark.parametrize("seed", ["18446744073709551616", "1e30", "-1", "4294967296"])
-def test_3_seeds_are_checked_alike_everywhere(capsys, command, seed):
+def test_seeds_are_checked_alike_everywhere(capsys, command, seed):
     code, _, err = run_cli(capsys, *command, "--seed", seed)
     assert_refused(code, err, "--seed")
 
 
-def test_3_the_largest_seed_is_accepted_and_the_api_checks_too():
+def test_the_largest_seed_is_accepted_and_the_api_checks_too():
     from ctgridit.errors import CTGridItError
     from ctgridit.seeds import SEED_MAX, check_seed
 
@@ -63,26 +63,26 @@ def test_3_the_largest_seed_is_accepted_and_the_api_checks_too():
             check_seed(bad)
 
 
-# --------------------------------------------------------- 4, 28: noise settings
+# --------------------------------------------------------- noise settings
 @pytest.mark.parametrize("args,words", [
     (["--sigma", "1e300"], "--sigma"), (["--sigma", "inf"], "--sigma"), (["--sigma", "nan"], "--sigma"),
     (["--sigma", "0"], "--sigma"), (["--model", "lowdose", "--sigma", "1e-6"], "gaussian"),
     (["--model", "pink", "--sigma", "5"], "noise model"),
 ])
-def test_4_28_bad_noise_is_refused_up_front(capsys, small_ct, tmp_path, args, words):
+def test_bad_noise_is_refused_up_front(capsys, small_ct, tmp_path, args, words):
     code, _, err = run_cli(capsys, "add-noise", small_ct, "--out", tmp_path / "n.nii.gz", *args)
     assert_refused(code, err, words)
     assert not any(tmp_path.iterdir())
 
 
-# ------------------------------------------------------- 20, 33: synth lengths
+# ------------------------------------------------------- synth lengths
 @pytest.mark.parametrize("slices", ["1", "100000"])
-def test_20_33_synth_refuses_volumes_readers_reject_or_that_never_end(capsys, tmp_path, slices):
+def test_synth_refuses_volumes_readers_reject_or_that_never_end(capsys, tmp_path, slices):
     code, _, err = run_cli(capsys, "synth", "--slices", slices, "--out", tmp_path / "v.nii.gz")
     assert_refused(code, err, "--slices")
 
 
-def test_20_readers_take_what_synth_may_write(tmp_path):
+def test_readers_take_what_synth_may_write(tmp_path):
     """The smallest volume synth writes (MIN_SLICES slices) is one every reader takes; one slice fewer is not."""
     import nibabel as nib
 
@@ -100,8 +100,8 @@ def test_20_readers_take_what_synth_may_write(tmp_path):
                 read_ct(path)
 
 
-# ---------------------------------------------------------- 38: one device rule
-def test_38_an_explicit_gpu_that_is_missing_is_refused_by_every_command(capsys, monkeypatch, tmp_path, small_ct):
+# ---------------------------------------------------------- one device rule
+def test_an_explicit_gpu_that_is_missing_is_refused_by_every_command(capsys, monkeypatch, tmp_path, small_ct):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -112,8 +112,8 @@ def test_38_an_explicit_gpu_that_is_missing_is_refused_by_every_command(capsys, 
     assert not any(tmp_path.iterdir())
 
 
-# ------------------------------------------------------- 13: never over an input
-def test_13_denoise_and_convert_never_write_over_their_input(capsys, small_ct, tmp_path):
+# ------------------------------------------------------- never over an input
+def test_denoise_and_convert_never_write_over_their_input(capsys, small_ct, tmp_path):
     scan, reference = tmp_path / "scan.nii.gz", tmp_path / "ref.nii.gz"
     scan.write_bytes(small_ct.read_bytes())
     reference.write_bytes(small_ct.read_bytes())
@@ -127,8 +127,8 @@ def test_13_denoise_and_convert_never_write_over_their_input(capsys, small_ct, t
     assert scan.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["ref.nii.gz", "scan.nii.gz"]
 
 
-# ------------------------------------------------------ 22, 32: output names
-def test_22_upper_case_nifti_names_are_written(capsys, small_ct, tmp_path):
+# ------------------------------------------------------ output names
+def test_upper_case_nifti_names_are_written(capsys, small_ct, tmp_path):
     out = tmp_path / "C_UP.NII.GZ"
     code, _, err = run_cli(capsys, "convert", small_ct, out)
     assert code == 0, err
@@ -137,22 +137,22 @@ def test_22_upper_case_nifti_names_are_written(capsys, small_ct, tmp_path):
     assert read_ct(out).shape == read_ct(small_ct).shape
 
 
-def test_32_an_output_under_a_file_names_the_file(capsys, small_ct, tmp_path):
+def test_an_output_under_a_file_names_the_file(capsys, small_ct, tmp_path):
     blocker = tmp_path / "c1.nii.gz"
     blocker.write_bytes(b"x")
     code, _, err = run_cli(capsys, "convert", small_ct, blocker / "sub.nii.gz")
     assert_refused(code, err, "c1.nii.gz", "is a file, not a folder")
 
 
-# ------------------------------------------------------------- 2, 10, 34: grid
+# ------------------------------------------------------------- grid
 @pytest.mark.parametrize("where", ["under_file", "proc"])
-def test_2_grid_into_an_impossible_folder_is_one_line(capsys, small_ct, tmp_path, where):
+def test_grid_into_an_impossible_folder_is_one_line(capsys, small_ct, tmp_path, where):
     out = (small_ct / "sub") if where == "under_file" else Path("/proc/ctgridit-test")
     code, _, err = run_cli(capsys, "grid", small_ct, "--out", out)
     assert_refused(code, err)
 
 
-def test_10_grid_force_replaces_the_whole_folder(capsys, small_ct, tmp_path):
+def test_grid_force_replaces_the_whole_folder(capsys, small_ct, tmp_path):
     out = tmp_path / "g1"
     assert run_cli(capsys, "grid", small_ct, "--out", out)[0] == 0
     first = sorted(os.listdir(out))
@@ -169,13 +169,13 @@ def test_10_grid_force_replaces_the_whole_folder(capsys, small_ct, tmp_path):
 
 @pytest.mark.parametrize("args,words", [(["--stride", "1000"], "3001 slices"), (["--rows", "100", "--cols", "100"], "slices"),
                                         (["--factor", "1000"], "--factor")])
-def test_34_grid_settings_that_show_nothing_are_refused(capsys, small_ct, tmp_path, args, words):
+def test_grid_settings_that_show_nothing_are_refused(capsys, small_ct, tmp_path, args, words):
     code, _, err = run_cli(capsys, "grid", small_ct, "--out", tmp_path / "g", *args)
     assert_refused(code, err, words)
     assert not (tmp_path / "g").exists()
 
 
-# ------------------------------------------------- 9, 21: signals and Ctrl-C
+# ------------------------------------------------- signals and Ctrl-C
 def _start(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ctgridit", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
@@ -191,7 +191,7 @@ def _handles_sigterm(pid: int) -> bool:
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
-def test_21_ctrl_c_during_startup_is_one_line_and_130(tmp_path):
+def test_ctrl_c_during_startup_is_one_line_and_130(tmp_path):
     proc = _start(["info", tmp_path / "missing.nii.gz"])
     _wait_for(lambda: _handles_sigterm(proc.pid) or proc.poll() is not None)   # the first thing ctgridit does
     proc.send_signal(signal.SIGINT)                                      # ... then the heavy imports run
@@ -211,7 +211,7 @@ def _wait_for(predicate, timeout: float = 60.0) -> None:
 
 @pytest.mark.parametrize("signum,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up"),
                                              (signal.SIGINT, 130, "interrupted")])
-def test_9_a_signal_while_writing_leaves_no_temporary_file(tmp_path, signum, code, word):
+def test_a_signal_while_writing_leaves_no_temporary_file(tmp_path, signum, code, word):
     """The signal arrives while the hidden temporary NIfTI exists; it must be gone after."""
     scan = data_file("lidc_idri/LIDC-IDRI-0314.nii.gz")                 # large enough to write for a while
     out = tmp_path / "out"
@@ -226,7 +226,7 @@ def test_9_a_signal_while_writing_leaves_no_temporary_file(tmp_path, signum, cod
     assert list(out.iterdir()) == []
 
 
-def test_9_a_signal_while_a_zip_is_extracted_leaves_no_folder(tmp_path):
+def test_a_signal_while_a_zip_is_extracted_leaves_no_folder(tmp_path):
     import zipfile
 
     source = data_file("totalsegmentator/example_ct_dicom")
@@ -247,9 +247,9 @@ def test_9_a_signal_while_a_zip_is_extracted_leaves_no_folder(tmp_path):
     assert list(temp.iterdir()) == []
 
 
-# ------------------------------------------------------------ 1, 29: DICOM headers
-def test_29_two_series_of_equal_length_are_not_chosen_by_uid_order(capsys, tmp_path):
-    from tests.test_dicom import copy_slices
+# ------------------------------------------------------------ DICOM headers
+def test_two_series_of_equal_length_are_not_chosen_by_uid_order(capsys, tmp_path):
+    from tests.conftest import copy_slices
 
     files = sorted(data_file("totalsegmentator/example_ct_dicom").iterdir())
     root = tmp_path / "philips"
@@ -265,8 +265,8 @@ def test_29_two_series_of_equal_length_are_not_chosen_by_uid_order(capsys, tmp_p
     assert code == 0, err
 
 
-def test_1_a_dicom_header_claiming_huge_slices_is_refused_without_allocating(capsys, tmp_path):
-    from tests.test_dicom import copy_slices
+def test_a_dicom_header_claiming_huge_slices_is_refused_without_allocating(capsys, tmp_path):
+    from tests.conftest import copy_slices
 
     files = sorted(data_file("totalsegmentator/example_ct_dicom").iterdir())
     root = tmp_path / "huge"
@@ -278,7 +278,7 @@ def test_1_a_dicom_header_claiming_huge_slices_is_refused_without_allocating(cap
     assert sorted(os.listdir(tmp_path)) == ["huge"]
 
 
-def test_1_memory_is_checked_before_decoding(monkeypatch, tmp_path):
+def test_memory_is_checked_before_decoding(monkeypatch, tmp_path):
     from ctgridit import limits
     from ctgridit.ct.io import read_ct
     from ctgridit.errors import CTGridItError
@@ -288,8 +288,8 @@ def test_1_memory_is_checked_before_decoding(monkeypatch, tmp_path):
         read_ct(data_file("totalsegmentator/example_ct_dicom"))
 
 
-# --------------------------------------------------------------- 18: zip bombs
-def test_18_a_zip_that_would_extract_to_far_more_is_refused_before_extracting(capsys, tmp_path):
+# --------------------------------------------------------------- zip bombs
+def test_a_zip_that_would_extract_to_far_more_is_refused_before_extracting(capsys, tmp_path):
     import zipfile
 
     bomb = tmp_path / "bomb.zip"
@@ -306,7 +306,7 @@ def test_18_a_zip_that_would_extract_to_far_more_is_refused_before_extracting(ca
     assert proc.stderr.count("\n") == 1 and list(temp.iterdir()) == []
 
 
-# ------------------------------------------------ 1, 12, 14, 15, 24-26, 31, 35: reading
+# ------------------------------------------------ reading
 def raw_nifti(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0), qform: int = 1, sform: int = 1,
               dims: tuple | None = None) -> Path:
     """A NIfTI-1 file written byte by byte, so that its header says exactly what the test wants."""
@@ -325,7 +325,7 @@ def raw_nifti(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0), qform: int =
     return path
 
 
-def test_1_24_a_nifti_header_that_promises_more_than_the_file_holds(capsys, tmp_path):
+def test_a_nifti_header_that_promises_more_than_the_file_holds(capsys, tmp_path):
     import gzip
 
     small = raw_nifti(tmp_path / "s.nii", np.zeros((8, 8, 4), np.int16))
@@ -349,7 +349,7 @@ def test_1_24_a_nifti_header_that_promises_more_than_the_file_holds(capsys, tmp_
     ("complex", "complex-valued"), ("rgb", "colour (RGB)"), ("negative_dim", "impossible dimensions"),
     ("zero_spacing", "zero or invalid voxel size"),
 ])
-def test_31_15_odd_voxel_types_and_headers_are_named(capsys, tmp_path, case, words):
+def test_odd_voxel_types_and_headers_are_named(capsys, tmp_path, case, words):
     path = tmp_path / f"{case}.nii"
     if case == "complex":
         raw_nifti(path, np.zeros((8, 8, 4), np.complex64))
@@ -363,7 +363,7 @@ def test_31_15_odd_voxel_types_and_headers_are_named(capsys, tmp_path, case, wor
     assert_refused(code, err, words)
 
 
-def test_15_26_missing_orientation_and_negative_sizes_are_warnings(capsys, tmp_path):
+def test_missing_orientation_and_negative_sizes_are_warnings(capsys, tmp_path):
     path = raw_nifti(tmp_path / "n.nii", np.zeros((8, 8, 4), np.int16), pixdim=(1.0, -2.0, 1.0), qform=0, sform=0)
     code, out, err = run_cli(capsys, "info", path)
     assert code == 0, err
@@ -372,7 +372,7 @@ def test_15_26_missing_orientation_and_negative_sizes_are_warnings(capsys, tmp_p
     assert any("no orientation" in line for line in lines) and any("negative voxel sizes" in line for line in lines)
 
 
-def test_14_a_sheared_affine_is_read_and_written_as_one_geometry(capsys, tmp_path):
+def test_a_sheared_affine_is_read_and_written_as_one_geometry(capsys, tmp_path):
     import nibabel as nib
     import SimpleITK as sitk
 
@@ -390,7 +390,7 @@ def test_14_a_sheared_affine_is_read_and_written_as_one_geometry(capsys, tmp_pat
     np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-5)
 
 
-def test_12_values_int16_cannot_hold_are_not_lost_silently(capsys, tmp_path):
+def test_values_int16_cannot_hold_are_not_lost_silently(capsys, tmp_path):
     import nibabel as nib
 
     probabilities = tmp_path / "p.nii.gz"
@@ -406,14 +406,14 @@ def test_12_values_int16_cannot_hold_are_not_lost_silently(capsys, tmp_path):
     assert code == 0 and "1 voxels beyond the int16 range" in err, err
 
 
-def test_35_a_fifo_is_refused_at_once(capsys, tmp_path):
+def test_a_fifo_is_refused_at_once(capsys, tmp_path):
     fifo = tmp_path / "x.nii.gz"
     os.mkfifo(fifo)
     code, _, err = run_cli(capsys, "info", fifo)
     assert_refused(code, err, "not a regular file")
 
 
-def test_25_a_truncated_metaimage_says_what_is_missing(capsys, tmp_path):
+def test_a_truncated_metaimage_says_what_is_missing(capsys, tmp_path):
     import SimpleITK as sitk
 
     whole = tmp_path / "t.mha"
@@ -425,8 +425,8 @@ def test_25_a_truncated_metaimage_says_what_is_missing(capsys, tmp_path):
     assert "No such file" not in err
 
 
-# ------------------------------------------------------- 36: extreme voxels
-def test_36_a_preview_of_extreme_voxels_is_readable(capsys, tmp_path):
+# ------------------------------------------------------- extreme voxels
+def test_a_preview_of_extreme_voxels_is_readable(capsys, tmp_path):
     from PIL import Image
 
     path = raw_nifti(tmp_path / "thin.nii", np.zeros((32, 32, 8), np.int16), pixdim=(0.01, 0.01, 500.0))
@@ -437,7 +437,7 @@ def test_36_a_preview_of_extreme_voxels_is_readable(capsys, tmp_path):
     assert min(width, height) >= 96, (width, height)
 
 
-# ---------------------------------------- 5, 17, 27: model folders that lie
+# ---------------------------------------- model folders that lie
 @pytest.fixture
 def model_folder(tmp_path):
     import torch
@@ -446,7 +446,8 @@ def model_folder(tmp_path):
     from ctgridit.core.diffusion import make_train_scheduler
     from ctgridit.core.dit import create_dit
     from ctgridit.core.grid import GridSpec
-    from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings
+    from ctgridit.core.pipeline import GriDiTPipeline
+    from ctgridit.core.settings import PipelineSettings
 
     torch.manual_seed(0)
     stage1 = create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1)
@@ -459,7 +460,7 @@ def model_folder(tmp_path):
     ("scheduler", "damaged"), ("sampler", "sampler"), ("depth", "depth"), ("extra_layer", "do not match"),
     ("bin_weights", "safetensors"), ("no_weights", "safetensors"),
 ])
-def test_5_17_27_a_damaged_model_folder_is_one_line_before_any_work(capsys, model_folder, tmp_path, damage, words):
+def test_a_damaged_model_folder_is_one_line_before_any_work(capsys, model_folder, tmp_path, damage, words):
     import json
 
     stage = model_folder / "stage1"
@@ -484,9 +485,9 @@ def test_5_17_27_a_damaged_model_folder_is_one_line_before_any_work(capsys, mode
     assert not out.exists() and "Defaulting" not in err
 
 
-# ------------------------------------------------------------ 6, 30: configs
+# ------------------------------------------------------------ configs
 def _config(tmp_path: Path, **changes) -> Path:
-    from tests.test_training import write_config
+    from tests.conftest import write_config
 
     return write_config(tmp_path, data_file("totalsegmentator/example_ct_sm.nii.gz"), **changes)
 
@@ -498,7 +499,7 @@ def _config(tmp_path: Path, **changes) -> Path:
     ({"data": {"paths": "scans"}}, "data.paths must be a list"), ({"optim": {"ema_decay": 1.5}}, "ema_decay"),
     ({"stage1": {"optim": {"batch_size": 0}}}, "batch_size"),
 ])
-def test_6_30_bad_configs_are_refused_before_any_work(capsys, tmp_path, changes, words):
+def test_bad_configs_are_refused_before_any_work(capsys, tmp_path, changes, words):
     path = _config(tmp_path, **changes)
     code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet")
     assert_refused(code, err, words)
@@ -506,21 +507,21 @@ def test_6_30_bad_configs_are_refused_before_any_work(capsys, tmp_path, changes,
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe binary \x89PNG", b"- a\n- list\n"])
-def test_6_30_empty_binary_or_odd_config_files(capsys, tmp_path, content):
+def test_empty_binary_or_odd_config_files(capsys, tmp_path, content):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
     code, _, err = run_cli(capsys, "train", "stage1", "--config", path)
     assert_refused(code, err, str(path))
 
 
-def test_19_a_missing_vae_folder_is_not_downloaded(capsys, tmp_path):
+def test_a_missing_vae_folder_is_not_downloaded(capsys, tmp_path):
     path = _config(tmp_path, codec={"kind": "vae", "path": "no/such/vae"})
     code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet")
     assert_refused(code, err, "no such VAE folder", "codec.download")
 
 
-# ------------------------------------------------- 7, 8, 11: training runs
-def test_11_a_run_does_not_land_on_an_earlier_one(capsys, tmp_path):
+# ------------------------------------------------- training runs
+def test_a_run_does_not_land_on_an_earlier_one(capsys, tmp_path):
     path = _config(tmp_path, sampling={"stage1": {"levels": 0}})
     assert run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "3")[0] == 0
     code, _, err = run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "3")
@@ -533,7 +534,7 @@ def test_11_a_run_does_not_land_on_an_earlier_one(capsys, tmp_path):
     assert [s for s, _ in after] == [2] and [s for s, _ in before] == [3]   # no mixing of the two runs
 
 
-def test_8_resume_skips_a_damaged_newest_checkpoint(capsys, tmp_path):
+def test_resume_skips_a_damaged_newest_checkpoint(capsys, tmp_path):
     path = _config(tmp_path, sampling={"stage1": {"levels": 0}})
     assert run_cli(capsys, "train", "stage1", "--config", path, "--quiet", "--steps", "6")[0] == 0
     newest = tmp_path / "ckpt" / "stage1" / "step_00000006" / "model.safetensors"
@@ -543,7 +544,7 @@ def test_8_resume_skips_a_damaged_newest_checkpoint(capsys, tmp_path):
     assert "warning: skipped a damaged checkpoint" in err and "step_00000006" in err
 
 
-def test_7_an_output_that_cannot_be_written_is_refused_before_training(capsys, tmp_path):
+def test_an_output_that_cannot_be_written_is_refused_before_training(capsys, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
     path = _config(tmp_path, output=str(blocker / "model"), sampling={"stage1": {"levels": 0}})
@@ -552,7 +553,7 @@ def test_7_an_output_that_cannot_be_written_is_refused_before_training(capsys, t
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_7_a_failed_checkpoint_write_warns_and_keeps_training(monkeypatch, capsys, tmp_path):
+def test_a_failed_checkpoint_write_warns_and_keeps_training(monkeypatch, capsys, tmp_path):
     from ctgridit.errors import CTGridItError
     from ctgridit.training import trainer
 
@@ -573,7 +574,7 @@ def test_7_a_failed_checkpoint_write_warns_and_keeps_training(monkeypatch, capsy
     assert (tmp_path / "model" / "stage1").is_dir()
 
 
-def test_26_odd_metaimage_headers_give_warning_lines_not_library_output(capsys, tmp_path):
+def test_odd_metaimage_headers_give_warning_lines_not_library_output(capsys, tmp_path):
     """A MetaImage with a negative spacing: whatever ITK says comes out as 'warning:' lines (or one error)."""
     import SimpleITK as sitk
 

@@ -9,7 +9,7 @@ cells given the known ones. These tests check
   sampling that conditional distribution directly with the same scheduler (the
   variance a few-step sampler loses is the scheduler's, not the inpainting's),
   which with all 1000 steps is the true variance;
-- that the paper's replacement inpainting does not (the bias the README states);
+- that the paper's replacement inpainting does not (the bias docs/synthesis.md states);
 - that hierarchical sampling puts frames in order, evenly spaced, moving at the
   right speed, at every level, for 2 x 2 and 4 x 4 grids, and that the paper's
   4 x 4 chunks of a row do not.

@@ -16,6 +16,7 @@ from ctgridit.core.diffusion import make_sample_scheduler
 from ctgridit.core.grid import tile, untile
 from ctgridit.core.sampler import RePaint, model_forwards, plan_sequence, sample_sequence
 from tests.sampler_fakes import TRAIN, Recorder, tiny_model
+from tests.conftest import interpolation_grids, total_frames
 
 
 # ------------------------------------------------------------- planning
@@ -24,10 +25,10 @@ def test_plan_for_201_frames_on_2x2():
     assert (plan.control_rows, plan.chunk, plan.interpolate) == (1, 1, True)
     assert plan.iterations == 33
     assert plan.step1_frames == 4 + 32 * 2 == 68
-    assert plan.interpolation_grids == 67
-    assert plan.total_frames == 68 + 67 * 2 == 202 >= 201
+    assert interpolation_grids(plan) == 67
+    assert total_frames(plan) == 68 + 67 * 2 == 202 >= 201
     fewer = plan_sequence(3 * 66 - 2, 2, 2, control_rows=1)       # 196 frames: one grid less
-    assert fewer.iterations == 32 and fewer.total_frames == 196
+    assert fewer.iterations == 32 and total_frames(fewer) == 196
 
 
 @pytest.mark.parametrize("n,iterations,grids", [(1, 1, 0), (16, 1, 0), (17, 1, 2), (40, 1, 3), (41, 2, 4),
@@ -35,11 +36,11 @@ def test_plan_for_201_frames_on_2x2():
 def test_plan_on_4x4_with_the_papers_chunk_of_a_row(n, iterations, grids):
     plan = plan_sequence(n, 4, 4, chunk=4)
     assert plan.control_rows == 3
-    assert (plan.iterations, plan.interpolation_grids) == (iterations, grids)
-    assert plan.total_frames >= n
+    assert (plan.iterations, interpolation_grids(plan)) == (iterations, grids)
+    assert total_frames(plan) >= n
     if grids:
         assert plan.level_inputs[0] <= plan.step1_frames and plan.level_inputs[0] % 4 == 0   # whole chunks
-        assert plan.total_frames == plan.level_inputs[0] + grids * 8
+        assert total_frames(plan) == plan.level_inputs[0] + grids * 8
     if iterations > 1:                                              # the fewest grids
         fewer = sampler_module.SequencePlan(n, 4, 4, 3, 4, iterations - 1)
         assert fewer.step1_frames < plan.level_inputs[0]
@@ -58,25 +59,25 @@ def test_hierarchical_plan_on_2x2(n, levels, iterations, inputs):
     outputs = [plan.level_output(level) for level in range(plan.levels)]
     assert outputs == [3 * (f - 1) + 1 for f in inputs]                  # 2 new frames between neighbours
     assert all(out >= nxt for out, nxt in zip(outputs, [*inputs[1:], n]))
-    assert plan.total_frames >= n
+    assert total_frames(plan) >= n
     assert plan.strides == [3 ** (plan.levels - level) for level in range(plan.levels + 1)]
 
 
 def test_plan_on_4x4_defaults_to_single_frame_chunks():
     plan = plan_sequence(201, 4, 4)
     assert (plan.control_rows, plan.chunk, plan.level_inputs) == (3, 1, (15,))
-    assert plan.iterations == 1 and plan.total_frames == 15 + 14 * 14 == 211
+    assert plan.iterations == 1 and total_frames(plan) == 15 + 14 * 14 == 211
     assert plan.strides == [15, 1]
     assert plan_sequence(201, 4, 4, chunk=4).strides == [None, None]      # a row of 4: not evenly spaced
 
 
 def test_plan_without_room_between_chunks_does_not_interpolate():
     plan = plan_sequence(9, 2, 2, control_rows=1, chunk=2)          # 2 + 2 chunks fill the 2x2 grid
-    assert not plan.interpolate and plan.interpolation_grids == 0
-    assert plan.step1_frames == plan.total_frames >= 9 and plan.iterations == 4
+    assert not plan.interpolate and interpolation_grids(plan) == 0
+    assert plan.step1_frames == total_frames(plan) >= 9 and plan.iterations == 4
     assert plan.strides == [1]
     plan = plan_sequence(9, 2, 2, levels=0)
-    assert plan.iterations == 4 and plan.total_frames == 10
+    assert plan.iterations == 4 and total_frames(plan) == 10
 
 
 @pytest.mark.parametrize("bad", [0, 2, 3, -1])
@@ -173,7 +174,7 @@ def test_sequence_layout(monkeypatch, rows, cols, m, n):
         step1 = step1[:, :plan.level_inputs[0]]                         # what interpolation takes
 
     # step 2: chunk a in the first k cells, chunk b (the next one) in the last k cells
-    assert sum(c[0].shape[0] for c in step2_calls) == batch * plan.interpolation_grids
+    assert sum(c[0].shape[0] for c in step2_calls) == batch * interpolation_grids(plan)
     assert all(c[0].shape[0] <= max_batch for c in step2_calls)
     new_between: dict[tuple[int, int], torch.Tensor] = {}
     for known, flags, out_grid in step2_calls:
@@ -181,26 +182,26 @@ def test_sequence_layout(monkeypatch, rows, cols, m, n):
         known_labels = fake.labels(known)
         for row_known, row_out in zip(known_labels, fake.labels(out_grid)):
             a = row_known[:k]
-            hits = [(b, p) for b in range(batch) for p in range(plan.interpolation_grids)
+            hits = [(b, p) for b in range(batch) for p in range(interpolation_grids(plan))
                     if torch.equal(step1[b, p * k:(p + 1) * k], a)]
             assert len(hits) == 1, "chunk a is not a chunk of the step-1 sequence"
             b, p = hits[0]
             assert torch.equal(row_known[cells - k:], step1[b, (p + 1) * k:(p + 2) * k])   # b = the next chunk
             assert (b, p) not in new_between
             new_between[(b, p)] = row_out[k:k + gap]
-    assert len(new_between) == batch * plan.interpolation_grids
+    assert len(new_between) == batch * interpolation_grids(plan)
 
     # the output: a_0, new_0, a_1, new_1, ..., then the rest of step 1; exactly n frames
     for b in range(batch):
         if plan.interpolate:
             parts = []
-            for p in range(plan.interpolation_grids):
+            for p in range(interpolation_grids(plan)):
                 parts += [step1[b, p * k:(p + 1) * k], new_between[(b, p)]]
-            parts.append(step1[b, plan.interpolation_grids * k:])
+            parts.append(step1[b, interpolation_grids(plan) * k:])
             expected = torch.cat(parts)
         else:
             expected = step1[b]
-        assert len(expected) == plan.total_frames
+        assert len(expected) == total_frames(plan)
         assert torch.equal(got[b], expected[:n])
     assert len(set(got.flatten().tolist())) == batch * n              # no frame twice, sequences distinct
 
@@ -224,7 +225,7 @@ def test_layout_with_the_real_inpaint(monkeypatch):
                           batch_size=2, max_batch=3,
                           generator=torch.Generator().manual_seed(0))
     plan = plan_sequence(48, rows, cols, control_rows=m, chunk=4)
-    assert (plan.iterations, plan.interpolation_grids) == (2, 4) and out.shape == (2, 48, 2, 2, 2)
+    assert (plan.iterations, interpolation_grids(plan)) == (2, 4) and out.shape == (2, 48, 2, 2, 2)
     g0, g1 = calls[0][2], calls[1][2]
     assert torch.equal(untile(calls[1][0], rows, cols)[:, :12], untile(g0, rows, cols)[:, 4:])
     assert torch.equal(untile(g1, rows, cols)[:, :12], untile(g0, rows, cols)[:, 4:])    # pasted exactly
@@ -236,7 +237,7 @@ def test_layout_with_the_real_inpaint(monkeypatch):
         assert torch.equal(out[:, base + 4:base + 12], interp[:, p, 4:12])
         assert torch.equal(interp[:, p, :4], step1[:, 4 * p:4 * p + 4])
         assert torch.equal(interp[:, p, 12:], step1[:, 4 * p + 4:4 * p + 8])
-    assert plan.total_frames == 52                                          # a_4 is dropped: exactly 48
+    assert total_frames(plan) == 52                                          # a_4 is dropped: exactly 48
 
 
 # ------------------------------------------------- counts and determinism
@@ -256,7 +257,7 @@ def test_one_forward_per_step_per_grid_batch(rows, cols, m, n, batch, max_batch,
     assert out.shape == (batch, n, 2, 2, 2)
     plan = plan_sequence(n, rows, cols, control_rows=m)
     per_grid = model_forwards(steps, jump, times)
-    grids2 = batch * plan.interpolation_grids
+    grids2 = batch * interpolation_grids(plan)
     assert len(model.batches) == (plan.iterations + math.ceil(grids2 / max_batch)) * per_grid
     expected = [batch] * (plan.iterations * per_grid)
     for start in range(0, grids2, max_batch):
@@ -286,7 +287,7 @@ def test_progress_callback_counts_forwards_per_phase():
     plan = plan_sequence(12, 2, 2, control_rows=1)
     assert set(seen) == {"extend", "interpolate"}
     assert seen["extend"] == [(i, plan.iterations * 3) for i in range(1, plan.iterations * 3 + 1)]
-    total = math.ceil(plan.interpolation_grids / 2) * 3
+    total = math.ceil(interpolation_grids(plan) / 2) * 3
     assert seen["interpolate"] == [(i, total) for i in range(1, total + 1)]
 
 

@@ -1,4 +1,4 @@
-"""New slices for real scans (``ctgridit.slices``, ``ctgridit interpolate`` and ``ctgridit extend``).
+"""New slices for real scans (``ctgridit.ct.slices``, ``ctgridit interpolate`` and ``ctgridit extend``).
 
 Geometry and exactness are checked with a tiny untrained native-resolution
 masked-conditional model (what it generates does not matter for them) on real
@@ -16,17 +16,13 @@ from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import (
-    GriDiTPipeline,
-    PipelineSettings,
-    SamplingConfig,
-    Stage1Sampling,
-)
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.settings import PipelineSettings, SamplingConfig, Stage1Sampling
 from ctgridit.ct.io import read_ct, write_nifti
 from ctgridit.ct.volume import CTVolume
 from ctgridit.errors import CTGridItError
-from ctgridit.slices import extend_volume, interpolate_volume
-from tests.test_pipeline import randomized
+from ctgridit.ct.slices import extend_volume, interpolate_volume
+from tests.conftest import randomized
 
 
 def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPipeline:

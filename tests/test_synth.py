@@ -11,10 +11,11 @@ from ctgridit.core.codecs import PixelCodec
 from ctgridit.core.diffusion import make_train_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import GriDiTPipeline, PipelineSettings, SamplingConfig, Stage1Sampling, Stage2Sampling
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.settings import PipelineSettings, SamplingConfig, Stage1Sampling, Stage2Sampling
 from ctgridit.model_folders import BUNDLED_MODEL
-from ctgridit.synthesis import synthesize
-from tests.test_cli import assert_refused, run_cli
+from ctgridit.ct.synthesis import synthesize
+from tests.conftest import assert_refused, run_cli
 
 SPACING = [2.5, 2.5, 3.0]
 
@@ -158,7 +159,7 @@ def test_adapter_inverts_the_training_frames(chest_ct):
     """Frames made by the training data path come back as the same HU volume in the canonical layout."""
     from ctgridit.ct.adapter import sequence_to_volume
     from ctgridit.ct.io import read_ct
-    from ctgridit.ct.training_data import load_ct_sequences
+    from ctgridit.ct.sequences import load_ct_sequences
 
     frames = load_ct_sequences([chest_ct])[0]                      # (Z, 1, Y, X), no resampling
     volume = sequence_to_volume(frames, spacing=(1.5, 1.5, 1.5))

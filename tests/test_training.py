@@ -20,29 +20,10 @@ from ctgridit.errors import CTGridItError, CTGridItWarning
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint
 from ctgridit.training.config import load_config
 from ctgridit.training.trainer import StepBatches, loss_decrease, train
-from tests.conftest import REPO, data_file
+from tests.conftest import REPO, data_file, write_config
 
 #: A model small enough to train a few hundred steps in a test on 2 CPU cores.
 SMALL_MODEL = {"preset": "DiT-S/8", "overrides": {"depth": 2, "hidden_size": 96, "num_heads": 4}}
-
-
-def write_config(folder: Path, scan: Path, **changes) -> Path:
-    """A tiny CT training config in ``folder`` (32 x 32 frames, 2 x 2 grids, pixel codec)."""
-    config = {
-        "name": "tiny", "output": "model", "frame_size": [32, 32],
-        "grid": {"rows": 2, "cols": 2, "stride": 1, "factor": 2},
-        "data": {"kind": "ct", "paths": [str(scan)], "spacing": [12.0, 12.0, 3.0], "stride_range": [1, 2]},
-        "codec": {"kind": "pixel", "channels": 1},
-        "stage1": {"model": {"preset": "DiT-tiny/2"}}, "stage2": {"model": {"preset": "DiT-tiny/2"}},
-        "optim": {"steps": 6, "batch_size": 2, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9},
-        "checkpoint": {"dir": "ckpt", "every": 3, "keep_last": 5},
-        "sampling": {"stage1": {"num_steps": 3}, "stage2": {"num_steps": 2}},
-    }
-    for key, value in changes.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_small_ct_config_lowers_the_loss_on_real_ct(tmp_path):
@@ -462,3 +443,18 @@ def test_a_stride_aware_model_grows_out_of_one_trained_at_one_stride(tmp_path, s
     train(load_config(grown / "config.yaml"), 1, steps=2, device="cpu", quiet=True)        # and it trains on
     assert load_file(str(grown / "ckpt" / "stage1" / "step_00000002" / "model.safetensors"))[
         "stride_embedder.weight"].any()
+
+
+def test_configs_name_the_shared_data_through_one_setting(tmp_path, monkeypatch, small_ct):
+    """$CTGRIDIT_DATA in a config's paths is the shared data folder (ctgridit/data_folder.py), its default beside
+    the checkout; every bundled model's config names its scans that way, so moving the data is one variable."""
+    from ctgridit.data_folder import DEFAULT_DATA
+
+    path = write_config(tmp_path, small_ct, data={"paths": ["$CTGRIDIT_DATA/totalsegmentator/example_ct_sm.nii.gz"]})
+    monkeypatch.delenv("CTGRIDIT_DATA", raising=False)
+    assert load_config(path).data.paths == [str(DEFAULT_DATA / "totalsegmentator" / "example_ct_sm.nii.gz")]
+    monkeypatch.setenv("CTGRIDIT_DATA", str(small_ct.parent.parent))
+    assert load_config(path).data.paths == [str(small_ct.resolve())]
+    for config in (REPO / "pipelines" / "configs").glob("*.yaml"):
+        paths = (yaml.safe_load(config.read_text()).get("data") or {}).get("paths") or []
+        assert all("shared/data" not in p for p in paths), config.name

@@ -1,4 +1,4 @@
-"""Training data of both stages on real CT and tiny videos (ctgridit/training/data.py, ctgridit/ct/training_data.py)."""
+"""Training data of both stages on real CT and tiny videos (ctgridit/training/datasets.py, ctgridit/ct/sequences.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from ctgridit.core.degrade import Degrade
 from ctgridit.core.grid import GridSpec, resize_frames, untile
 from ctgridit.ct.ctrate import CSV_COLUMNS
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.training_data import CTRateSequences, load_ct_sequences
+from ctgridit.ct.sequences import CTRateSequences, load_ct_sequences
 from ctgridit.ct.transforms import window_hu
 from ctgridit.errors import CTGridItError
-from ctgridit.training.data import GridSampleDataset, InPlaneJitter, SRPairDataset, VideoSequences, sample_seed
+from ctgridit.training.datasets import GridSampleDataset, InPlaneJitter, SRPairDataset, sample_seed
+from ctgridit.video.adapter import VideoSequences
 from ctgridit.video import frames_to_sequence, write_frames, write_video
 from tests.conftest import data_file
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import ctgridit.video.io as video_io
 from ctgridit.errors import CTGridItError, CTGridItWarning
-from ctgridit.video import (VideoAdapter, frames_to_sequence, read_frames, sequence_to_frames, write_frames,
+from ctgridit.video import (VideoFiles, frames_to_sequence, read_frames, sequence_to_frames, write_frames,
                             write_video)
 
 SQUARE = 8
@@ -135,7 +135,7 @@ def test_sequence_to_frames_clamps_and_rounds():
 def test_video_adapter_load_and_save(tmp_path):
     video = moving_square()
     write_frames(tmp_path / "frames", video)
-    adapter = VideoAdapter(every=2, max_frames=5, fps=12)
+    adapter = VideoFiles(every=2, max_frames=5, fps=12)
     sequence = adapter.load(tmp_path / "frames")
     assert sequence.shape == (5, 3, 48, 64)
     np.testing.assert_array_equal(sequence_to_frames(sequence), video[0:10:2])
@@ -292,7 +292,7 @@ def test_bad_frames_and_fps_are_value_errors(tmp_path):
 
 
 def test_import_pulls_in_no_medical_library():
-    code = ("import sys, ctgridit.video, ctgridit.video.clips, ctgridit.video.shapes; "
+    code = ("import sys, ctgridit.video, ctgridit.video.synthesis, ctgridit.video.shapes; "
             "print([m for m in ('monai', 'nibabel', 'SimpleITK', 'pydicom', 'ctgridit.ct') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -26,7 +26,7 @@ from ctgridit.cli import main
 from ctgridit.model_folders import BUNDLED_VIDEO_MODEL
 from ctgridit.video.io import frame_rate, read_frames, video_clips
 from ctgridit.video.shapes import CirclingSquare, fit_phase, motion_errors, track_square, write_moving_squares
-from tests.test_cli import assert_refused, run_cli
+from tests.conftest import assert_refused, run_cli
 
 MOTION = CirclingSquare()
 FPS = 10.0

@@ -14,14 +14,15 @@ the known cells:
 - the model's condition is the clean latent of the known cells (zeros
   elsewhere) and the cell mask, stacked on channels (:func:`masked_condition`),
   which :class:`~ctgridit.core.dit.GridDiT` concatenates to its noisy input like
-  stage 2's condition (``cond_channels = latent channels + 1``); a model built
-  with ``cond_fill="linear"`` first fills the unknown cells of its condition by
-  linear interpolation between the nearest known cells in frame order
+  stage 2's condition (``cond_channels = latent channels + 1``); for a model
+  built with ``cond_fill="linear"`` the unknown cells of its condition hold the
+  linear interpolation between the nearest known cells in frame order instead
   (:func:`fill_unknown_cells`), so every token sees its cell's classical
   estimate and the network learns the correction (docs/METHOD.md sections 3 and 7b);
-  ``cond_fill="flow"`` interpolates along the motion between the known cells
-  instead (:mod:`ctgridit.core.motion`), which linear interpolation blurs into
-  two faint copies;
+  with ``cond_fill="flow"`` the interpolation along the motion between the known
+  cells (:mod:`ctgridit.core.motion`), which linear interpolation blurs into
+  two faint copies. The condition is made once per grid, before the reverse
+  diffusion loop (:func:`model_condition`), not at every model call;
 - training draws the task of every grid (:class:`TaskMix`) and counts the loss
   on the unknown cells only; the known cells of the noisy input are the known
   latents diffused to the level like the rest, exactly what the sampler feeds
@@ -67,14 +68,33 @@ def condition_channels(latent_channels: int) -> int:
     return latent_channels + 1
 
 
-def masked_condition(known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The model's condition: ``(B, c + 1, H, W)``, the known latents (zeros elsewhere) and the mask.
+def masked_condition(known: torch.Tensor, mask: torch.Tensor, fill: str = "zeros", rows: int = 1,
+                     cols: int = 1) -> torch.Tensor:
+    """The model's condition: ``(B, c + 1, H, W)``, the known latents and the mask.
 
     ``known`` is ``(B, c, H, W)``; ``mask`` (``(B or 1, 1, H, W)`` or ``(1, H, W)``,
     as :func:`~ctgridit.core.grid.cell_mask` makes it) is 1 on the known cells.
+    The unknown cells hold ``fill`` (:data:`FILLS`) of the known ones: zeros, or
+    their interpolation in the frame order of an ``rows x cols`` grid
+    (:func:`fill_unknown_cells`; ``"flow"`` along their motion, TV-L1).
     """
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
-    return torch.cat([known * mask, mask], dim=1)
+    latents = known * mask
+    if fill != "zeros":
+        latents = fill_unknown_cells(latents, mask, rows, cols, TVL1() if fill == "flow" else None)
+    return torch.cat([latents, mask], dim=1)
+
+
+def model_condition(model, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_condition` as ``model`` takes it: filled as its config says (``cond_fill``, grid shape) for a
+    :class:`~ctgridit.core.dit.GridDiT`, zeros for a model without such a config."""
+    config = getattr(model, "config", None)
+    fill = getattr(config, "cond_fill", "zeros") if config is not None else "zeros"
+    if fill == "zeros":
+        return masked_condition(known, mask)
+    return masked_condition(known, mask, fill, config.grid_rows, config.grid_cols)
 
 
 def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int,

@@ -129,6 +129,24 @@ def make_sample_scheduler(train_scheduler: SchedulerMixin, sampler: str = "ddim"
     return scheduler
 
 
+def sampling_scheduler(scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
+    """What a model folder's stage 1 samples with: a DDPM or DDIM ``scheduler`` (the trainer's, or one saved) as
+    the ``sampler`` its settings name, with trailing timestep spacing; any other scheduler as it is."""
+    if type(scheduler) not in (DDPMScheduler, DDIMScheduler):
+        return scheduler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    if type(scheduler) is cls and scheduler.config.timestep_spacing == "trailing":
+        return scheduler
+    return cls.from_config(scheduler.config, timestep_spacing="trailing")
+
+
+def sampler_name(scheduler: SchedulerMixin) -> str | None:
+    """``"ddpm"`` or ``"ddim"`` for those schedulers (:data:`SAMPLERS`), None for any other."""
+    return {DDPMScheduler: "ddpm", DDIMScheduler: "ddim"}.get(type(scheduler))
+
+
 def previous_timestep(scheduler: SchedulerMixin, timestep: int) -> int:
     """The timestep a scheduler step goes to from ``timestep`` (``-1``: the clean sample).
 

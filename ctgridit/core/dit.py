@@ -55,8 +55,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ctgridit.core.conditioning import FILLS, fill_unknown_cells
-from ctgridit.core.motion import TVL1
+from ctgridit.core.conditioning import FILLS
 from ctgridit.core.embeddings import grid_2d_pos_embed, grid_3d_pos_embed
 
 POS_EMBEDS = ("3d", "2d")
@@ -169,12 +168,14 @@ class GridDiT(ModelMixin, ConfigMixin):
         pos_embed: ``"3d"`` (GriDiT) or ``"2d"`` (DiT's, the ablation).
         num_strides: the largest stride label the model takes (0: none, the
             paper's model).
-        cond_fill: masked-conditional stage 1 only: ``"zeros"`` feeds the
-            condition as given (unknown cells zero); ``"linear"`` first fills the
-            unknown cells by linear interpolation between the known ones
-            (:func:`~ctgridit.core.conditioning.fill_unknown_cells`); ``"flow"``
-            interpolates along the motion between them instead
-            (:mod:`ctgridit.core.motion`, TV-L1 optical flow).
+        cond_fill: masked-conditional stage 1 only, what the unknown cells of
+            the condition it is trained and sampled with hold: ``"zeros"``,
+            ``"linear"`` (linear interpolation between the known ones,
+            :func:`~ctgridit.core.conditioning.fill_unknown_cells`) or ``"flow"``
+            (interpolation along the motion between them, :mod:`ctgridit.core.motion`).
+            The caller fills the condition once per grid
+            (:func:`~ctgridit.core.conditioning.model_condition`); ``forward``
+            takes it as given.
         fill_residual: with a filled condition, the output is the filled
             latents plus the network's output: a model of the clean sample
             then starts from the interpolation and learns only a correction
@@ -282,7 +283,7 @@ class GridDiT(ModelMixin, ConfigMixin):
         return x.reshape(x.shape[0], x.shape[1], hp * p, wp * p)  # (N, C, H, W)
 
     def _condition(self, sample: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor | None:
-        """Check the inputs; the condition as the network sees it (unknown cells filled with ``cond_fill``)."""
+        """Check the inputs; the condition in the sample's dtype (filled by the caller, as ``cond_fill`` says)."""
         cfg = self.config
         expected = (cfg.in_channels, cfg.sample_height, cfg.sample_width)
         if sample.ndim != 4 or tuple(sample.shape[1:]) != expected:
@@ -297,12 +298,7 @@ class GridDiT(ModelMixin, ConfigMixin):
                              f"pass the condition latent cond of shape {expected_cond}")
         if tuple(cond.shape) != expected_cond:
             raise ValueError(f"cond must have shape {expected_cond}, got {tuple(cond.shape)}")
-        cond = cond.to(sample.dtype)
-        if cfg.cond_fill != "zeros":                              # masked condition: latents, then the mask
-            mask, motion = cond[:, -1:], TVL1() if cfg.cond_fill == "flow" else None
-            cond = torch.cat([fill_unknown_cells(cond[:, :-1], mask, cfg.grid_rows, cfg.grid_cols, motion), mask],
-                             dim=1)
-        return cond
+        return cond.to(sample.dtype)
 
     def _strides(self, stride: torch.Tensor | int | None, sample: torch.Tensor) -> torch.Tensor:
         """``stride`` (None, a scalar or ``(N,)``) as an ``(N,)`` long tensor, checked to lie in ``0..num_strides``."""

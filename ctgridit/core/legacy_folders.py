@@ -28,8 +28,12 @@ def is_legacy_folder(folder: Path, index_file: str) -> bool:
 
 
 def legacy_settings(folder: Path) -> dict:
-    """The settings of an old folder, as written (a ValueError if its file is not JSON)."""
-    return json.loads((folder / SETTINGS_FILE).read_text())
+    """The settings of an old folder (a ValueError if its file is not JSON). Folders of that layout were all CT
+    models and may not record it: their ``adapter.kind`` is ``"ct"`` unless they say otherwise."""
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    if isinstance(settings, dict):
+        settings.setdefault("adapter", {}).setdefault("kind", "ct")
+    return settings
 
 
 def legacy_codec(folder: Path) -> LatentCodec:

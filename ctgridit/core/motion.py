@@ -119,9 +119,3 @@ def between(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor, flo
     ``before`` moved by ``weight · flow`` and ``after`` moved back by ``(1 - weight) · flow``, mixed by distance."""
     w = weight.to(flow.dtype).view(-1, 1, 1, 1)
     return ((1 - w) * warp(before, -w * flow) + w * warp(after, (1 - w) * flow)).to(before.dtype)
-
-
-def motion_interpolate(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor,
-                       tvl1: TVL1 = TVL1()) -> torch.Tensor:
-    """:func:`between` with the flow estimated by ``tvl1`` on the frames' channel mean."""
-    return between(before, after, weight, tvl1.flow(before.mean(1), after.mean(1)))

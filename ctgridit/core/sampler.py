@@ -63,7 +63,7 @@ from typing import Callable
 
 import torch
 
-from ctgridit.core.conditioning import known_cells, masked_condition
+from ctgridit.core.conditioning import known_cells, model_condition
 from ctgridit.core.diffusion import (EpsModel, Generators, diffuse, previous_timestep, randn_like,
                                      scheduler_step, strength_timesteps)
 from ctgridit.core.grid import cell_mask, tile, untile
@@ -153,8 +153,8 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     ``scheduler`` must have its timesteps set. With ``mask=None`` nothing is
     known and ``known`` only gives shape, device and dtype.
     What the model gets besides the noisy latents: with ``conditional`` (a
-    masked-conditional model) :func:`~ctgridit.core.conditioning.masked_condition`
-    of ``known`` and ``mask`` (all cells unknown for ``mask=None``) as ``cond``,
+    masked-conditional model) :func:`~ctgridit.core.conditioning.model_condition`
+    of ``known`` and ``mask`` (filled as the model's config says, once before the loop) (all cells unknown for ``mask=None``) as ``cond``,
     and ``inputs``: ``cond`` (stage 2's low-resolution frame; refused with
     ``conditional``) and ``stride`` (a label for the whole batch or one per item,
     :func:`stride_input`); entries that are None are left out.
@@ -170,7 +170,8 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     if conditional:
         if inputs.get("cond") is not None:
             raise ValueError("a masked-conditional model gets its condition from known and mask: do not pass cond")
-        inputs["cond"] = masked_condition(known, mask if mask is not None else torch.zeros_like(known[:, :1]))
+        # once per walk: the condition does not change between steps (a flow fill costs more than a forward)
+        inputs["cond"] = model_condition(model, known, mask if mask is not None else torch.zeros_like(known[:, :1]))
     if inputs.get("stride") is not None:
         inputs["stride"] = stride_input(inputs["stride"], known)
     inputs = {name: value for name, value in inputs.items() if value is not None}
@@ -265,15 +266,6 @@ class SequencePlan:
     def level_output(self, level: int) -> int:
         """Frames after interpolation level ``level``, before the surplus is dropped."""
         return self.level_inputs[level] + self.pairs(level) * self.gap
-
-    @property
-    def interpolation_grids(self) -> int:
-        return sum(self.pairs(level) for level in range(self.levels))
-
-    @property
-    def total_frames(self) -> int:
-        """Frames of the last phase before the surplus is dropped (at least ``num_frames``)."""
-        return self.level_output(self.levels - 1) if self.levels else self.step1_frames
 
     @property
     def strides(self) -> list[int | None]:

@@ -35,7 +35,7 @@ def neighbour_difference(hu: np.ndarray) -> float:
 def reference_neighbour_difference(path: str | os.PathLike, spacing: Sequence[float],
                                    in_plane: Sequence[int], window: Sequence[float] = DEFAULT_WINDOW) -> float:
     """:func:`neighbour_difference` of a real scan resampled to ``spacing`` and windowed like training data."""
-    from ctgridit.ct.training_data import load_ct_sequences
+    from ctgridit.ct.sequences import load_ct_sequences
 
     frames = load_ct_sequences([path], spacing=spacing, window=window, in_plane=tuple(in_plane))[0]  # (Z, 1, Y, X)
     hu = unwindow_hu(frames, window)

@@ -107,7 +107,7 @@ def parse_record(row: dict[str, str], path: Path) -> CTRateRecord:
                             (x, y, float(row["ZSpacing"])))
     except (ValueError, TypeError, SyntaxError) as err:
         raise CTGridItError(f"bad metadata for {name}: {err}", hint="XYSpacing is like \"[0.75, 0.75]\"; "
-                            "RescaleSlope, RescaleIntercept and ZSpacing are numbers") from None
+                            "RescaleSlope, RescaleIntercept and ZSpacing are numbers") from err
 
 
 def find_files(root: Path, names: set[str]) -> dict[str, Path]:

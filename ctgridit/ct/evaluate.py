@@ -131,7 +131,7 @@ def load_feature_network(path: str | os.PathLike) -> torch.nn.Module:
         return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # not a TorchScript archive
         raise CTGridItError(f"not a TorchScript feature network ({type(err).__name__})", path,
-                            "save one with torch.jit.save(torch.jit.script(net), path)") from None
+                            "save one with torch.jit.save(torch.jit.script(net), path)") from err
 
 
 def _slices(volume: CTVolume, plane: str, window) -> torch.Tensor:

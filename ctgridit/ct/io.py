@@ -164,8 +164,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
         with _quiet_nibabel():
             data = img.get_fdata(dtype=np.float32)
             affine = img.affine
-    except MemoryError:
-        raise _too_large(path, int(np.prod(shape))) from None
+    except MemoryError as err:
+        raise _too_large(path, int(np.prod(shape))) from err
     except Exception as exc:  # EOFError, OSError, ValueError, zlib.error... for damaged data
         raise _damaged(path, exc) from exc
     return data.reshape(shape), affine, str(dtype)
@@ -262,15 +262,15 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     try:
         with _captured_stderr() as said:
             img = reader.Execute()
-    except RuntimeError:
+    except RuntimeError as err:
         detail = next((s for s in said if "ideal" in s or "not read completely" in s), None)
         numbers = re.findall(r"ideal = (\d+) : actual = (\d+)", " ".join(said))
         if numbers:
             ideal, actual = map(int, numbers[0])
             raise CTGridItError(f"truncated image data: the file holds {actual:,} of the {ideal:,} bytes its "
-                                "header promises", path, "copy or export the file again") from None
+                                "header promises", path, "copy or export the file again") from err
         raise CTGridItError("truncated or corrupt image data" + (f" ({detail})" if detail else ""), path,
-                            "copy or export the file again") from None
+                            "copy or export the file again") from err
     _itk_warnings(path, said)
     stored = sitk.GetArrayViewFromImage(img)  # (..., z, y, x)
     data = stored.reshape(shape[::-1]).transpose(2, 1, 0).astype(np.float32)

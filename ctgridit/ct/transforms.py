@@ -317,7 +317,7 @@ class Orientd(Orientationd):
 class ResampleToSpacing(Spacing):
     """MONAI's invertible :class:`~monai.transforms.Spacing` with ctgridit's defaults.
 
-    Resamples to ``spacing`` mm (default CT-RATE's 0.75 x 0.75 x 1.5) keeping
+    Resamples to ``spacing`` mm (``(x, y, z)`` along the volume's axes; CT-RATE's is 0.75 x 0.75 x 1.5) keeping
     the axis directions; ``mode="bilinear"`` is trilinear on a 3D volume. The
     output covers the input's voxel-centre extent (MONAI's convention: ``n``
     voxels at ``s`` mm become ``round((n - 1) * s / t) + 1`` at ``t`` mm, the

@@ -69,9 +69,9 @@ def parse_window(text: str) -> tuple[float, float]:
         return WINDOW_PRESETS[key]
     try:
         low, high = (float(v) for v in key.split(":"))
-    except ValueError:
+    except ValueError as err:
         raise CTGridItError(f"window {text!r} is not understood",
-                            hint=f"use MIN:MAX in HU (e.g. -1000:400) or one of {', '.join(WINDOW_PRESETS)}") from None
+                            hint=f"use MIN:MAX in HU (e.g. -1000:400) or one of {', '.join(WINDOW_PRESETS)}") from err
     if not high > low:
         raise CTGridItError(f"window {text!r} is empty", hint="MAX must be larger than MIN")
     return low, high

@@ -128,7 +128,7 @@ def _read_index(folder: Path) -> dict | None:
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CTGridItError(f"the cache index cannot be read ({err})", path, "prepare the cache again") from None
+        raise CTGridItError(f"the cache index cannot be read ({err})", path, "prepare the cache again") from err
     if index.get("version") != VERSION:
         raise CTGridItError(f"cache version {index.get('version')}, this ctgridit reads {VERSION}", folder,
                             "prepare the cache again")
@@ -143,7 +143,7 @@ def _write_index(folder: Path, settings: dict, entries: list[dict], failed: list
 
 
 class CachedSequences:
-    """A prepared cache as a lazy :class:`~ctgridit.training.data.FrameSequences` loader.
+    """A prepared cache as a lazy :class:`~ctgridit.training.datasets.FrameSequences` loader.
 
     ``settings``, if given, must equal those the cache was prepared with.
     Items and :meth:`frames` are float32 ``(N, C, H, W)`` in [-1, 1];

@@ -69,5 +69,5 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # missing, truncated (SafetensorError), not plain data: the user's file, not a bug
         raise CTGridItError(f"cannot load the checkpoint ({' '.join(str(err).split())[:200]})", path,
-                            "delete it to resume from the one before") from None
+                            "delete it to resume from the one before") from err
     return model, ema, state

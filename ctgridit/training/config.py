@@ -8,7 +8,7 @@ unknown keys are refused, so a typo never passes silently)::
     frame_size: [128, 128]             # full-resolution frame (H, W) in pixels
     grid: {rows: 2, cols: 2, stride: 1, factor: 2}
     data:
-      kind: ct                         # ct | ctrate | video
+      kind: ct                         # the adapter: ct | ctrate | video | one registered (ctgridit.adapters)
       paths: [../shared/data/ct]       # files or folders (relative to the config file)
       spacing: [3.0, 3.0, 3.0]         # resample CT to this spacing (mm); null keeps it
       stride_range: [1, 3]             # random z/time stride per grid; null: grid.stride
@@ -30,7 +30,8 @@ unknown keys are refused, so a typo never passes silently)::
       stage1: {sampler: ddpm, num_steps: 50, levels: 2}
       stage2: {sampler: ddim, num_steps: 25, noise: smooth, noise_length: 8}
 
-Relative paths are taken relative to the config file's folder.
+Relative paths are taken relative to the config file's folder; ``$CTGRIDIT_DATA`` in a path is the shared
+data folder (:mod:`ctgridit.data_folder`).
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ from typing import Any
 
 import yaml
 
+from ctgridit.adapters import get_adapter
 from ctgridit.core.conditioning import FILLS, TASKS, TaskMix
 from ctgridit.core.diffusion import PREDICTIONS
 from ctgridit.core.grid import GridSpec
-from ctgridit.core.pipeline import SamplingConfig
-from ctgridit.ct.window import DEFAULT_WINDOW
+from ctgridit.core.settings import SamplingConfig
+from ctgridit.data_folder import expand as expand_data
 from ctgridit.errors import CTGridItError
-from ctgridit.training.data import InPlaneJitter
+from ctgridit.training.datasets import InPlaneJitter
 
-DATA_KINDS = ("ct", "ctrate", "video")
 CODEC_KINDS = ("pixel", "vae")
 PRECISIONS = ("no", "fp16", "bf16")
 STAGES = (1, 2)
@@ -67,7 +68,7 @@ class DataConfig:
     ctrate_root: str | None = None                          # ctrate: the folder of volumes ...
     ctrate_csv: str | None = None                           # ... and its metadata CSV
     spacing: list[float] | None = None                      # ct/ctrate: resample to (x, y, z) mm
-    window: list[float] = field(default_factory=lambda: list(DEFAULT_WINDOW))   # HU window to [-1, 1]
+    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # ct, ctrate: the HU window to [-1, 1]
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
     strides: list[int] | None = None                        # or the strides to draw from, e.g. [1, 3, 9]
@@ -253,7 +254,7 @@ class TrainConfig:
         try:
             return InPlaneJitter(**self.data.jitter)
         except TypeError as err:
-            raise ValueError(f"data.jitter takes scale and shift ({err})") from None
+            raise ValueError(f"data.jitter takes scale and shift ({err})") from err
 
     @property
     def max_stride_label(self) -> int:
@@ -279,8 +280,7 @@ class TrainConfig:
         return data
 
     def validate(self) -> "TrainConfig":
-        if self.data.kind not in DATA_KINDS:
-            raise CTGridItError(f"data.kind must be one of {DATA_KINDS}, got {self.data.kind!r}", self.source)
+        get_adapter(self.data.kind, self.source).check_data(self)      # an unknown kind is one clear error
         if self.codec.kind not in CODEC_KINDS:
             raise CTGridItError(f"codec.kind must be one of {CODEC_KINDS}, got {self.codec.kind!r}", self.source)
         if self.diffusion.prediction not in PREDICTIONS:
@@ -298,14 +298,14 @@ class TrainConfig:
         if self.logging.tensorboard:
             try:
                 import tensorboard  # noqa: F401
-            except ImportError:
+            except ImportError as err:
                 raise CTGridItError("logging.tensorboard is on but the tensorboard package is not installed",
-                                    self.source, "pip install tensorboard, or set logging.tensorboard: false") from None
+                                    self.source, "pip install tensorboard, or set logging.tensorboard: false") from err
         try:
             spec = self.grid_spec
             sampling = SamplingConfig.from_dict(self.sampling, spec)
         except (TypeError, ValueError) as err:
-            raise CTGridItError(f"bad grid or sampling section ({err})", self.source) from None
+            raise CTGridItError(f"bad grid or sampling section ({err})", self.source) from err
         self._validate_conditioning(spec, sampling)
         for stage in STAGES:
             optim = self.stage_optim(stage)
@@ -323,10 +323,6 @@ class TrainConfig:
         data = self.data
         if len(data.window) != 2 or not data.window[0] < data.window[1]:
             refuse(f"data.window must be [low, high] HU with low < high, got {data.window}")
-        if data.kind in ("ct", "video") and not data.paths:
-            refuse(f"data.paths is empty: a {data.kind} config needs the files or folders to train on")
-        if data.kind == "ctrate" and not (data.ctrate_root and data.ctrate_csv):
-            refuse("data.ctrate_root and data.ctrate_csv are needed for CT-RATE")
         if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
             refuse(f"data.spacing must be three positive sizes in mm, got {data.spacing}")
         if data.every < 1 or data.num_workers < 0:
@@ -386,7 +382,7 @@ class TrainConfig:
                     raise ValueError("sampling gives some grids no stride (chunk > 1), which needs stride_dropout > 0")
         except ValueError as err:
             raise CTGridItError(f"bad stage1.conditioning, data strides or sampling section ({err})",
-                                self.source) from None
+                                self.source) from err
         if cond.masked and s1.levels and s1.k != cond.chunk:
             raise CTGridItError(f"sampling.stage1.chunk is {s1.k} but stage 1 is trained to interpolate "
                                 f"with chunk {cond.chunk}", self.source, "make them equal")
@@ -514,7 +510,7 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, ValueError) as err:
         raise CTGridItError(f"not a valid YAML text file ({' '.join(str(err).split())[:200]})", path,
-                            "give a training config such as pipelines/configs/ct_small.yaml") from None
+                            "give a training config such as pipelines/configs/ct_small.yaml") from err
     if not raw:
         raise CTGridItError("the config is empty", path, "start from one in pipelines/configs/")
     config = config_from_dict(raw, str(path))
@@ -534,7 +530,7 @@ def _resolve_paths(config: TrainConfig, base: Path) -> None:
     def resolve(value: str | None) -> str | None:
         if value is None:
             return None
-        p = Path(os.path.expanduser(value))
+        p = Path(os.path.expanduser(expand_data(value)))
         return str(p if p.is_absolute() else (base / p).resolve())
 
     config.output = resolve(config.output)

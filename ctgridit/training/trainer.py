@@ -11,7 +11,7 @@ paper. Launch it the same way everywhere::
     accelerate launch -m ctgridit train stage1 --config cfg.yaml
 
 Determinism and exact resume: every training sample is a pure function of
-``(seed, index)`` (:mod:`ctgridit.training.data`), and the batch of optimizer
+``(seed, index)`` (:mod:`ctgridit.training.datasets`), and the batch of optimizer
 step ``s`` is fixed: micro-step ``a`` of process ``r`` takes the indices
 ``((s * A + a) * W + r) * B + j`` for ``j < B`` (``A`` accumulation steps,
 ``W`` processes, ``B`` per-process batch), so the global batch is split between
@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import warnings
@@ -38,18 +37,20 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from ctgridit.adapters import get_adapter
 from ctgridit.core.codecs import LatentCodec, PixelCodec, VAECodec
 from ctgridit.core.conditioning import condition_channels, masked_condition
 from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask
-from ctgridit.core.pipeline import (INDEX_FILE, GriDiTPipeline, PipelineSettings, load_stage, quiet_diffusers,
-                                    shorten)
-from ctgridit.errors import CTGridItError, CTGridItWarning
+from ctgridit.core.loading import INDEX_FILE, load_stage, quiet_diffusers
+from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.settings import PipelineSettings
+from ctgridit.errors import CTGridItError, CTGridItWarning, shorten
 from ctgridit.files import atomic_folder, atomic_output
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from ctgridit.training.config import TrainConfig, config_from_dict
-from ctgridit.training.data import GridSampleDataset, SRPairDataset, sample_seed
+from ctgridit.training.datasets import GridSampleDataset, SRPairDataset, sample_seed
 from ctgridit.training.metrics import MetricsLog
 
 
@@ -67,7 +68,7 @@ def build_codec(config: TrainConfig) -> LatentCodec:
                                              local_files_only=not codec.download)
     except Exception as err:  # a folder that is not a VAE: diffusers raises many kinds
         raise CTGridItError(f"cannot load the VAE ({shorten(str(err), 200)})", codec.path,
-                            "give the local folder of a diffusers AutoencoderKL") from None
+                            "give the local folder of a diffusers AutoencoderKL") from err
 
 
 def data_settings(config: TrainConfig) -> dict:
@@ -80,17 +81,9 @@ def data_settings(config: TrainConfig) -> dict:
 
 
 def source_sequences(config: TrainConfig):
-    """The configured CT data as a lazy loader with ``name(i)`` and ``load(i)`` (what ``prepare`` caches)."""
-    data = config.data
-    from ctgridit.ct.training_data import CTFileSequences, CTRateSequences
-
-    if data.kind == "ctrate":
-        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window, in_plane=config.frame_size[0],
-                               hold_out=data.hold_out, **({"spacing": data.spacing} if data.spacing else {}))
-    if data.kind == "ct":
-        return CTFileSequences(data.paths, spacing=data.spacing, window=data.window,
-                               in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
-    raise CTGridItError(f"prepare caches CT data (kind ct or ctrate), not {data.kind}", config.source)
+    """The configured data as a lazy loader with ``name(i)`` and ``load(i)`` (what ``prepare`` caches), from the
+    data kind's adapter (:meth:`~ctgridit.adapters.Adapter.prepare_sequences`)."""
+    return get_adapter(config.data.kind, config.source).prepare_sequences(config)
 
 
 def prepare(config: TrainConfig, workers: int = 1, quiet: bool = False):
@@ -122,25 +115,13 @@ def prepare(config: TrainConfig, workers: int = 1, quiet: bool = False):
 
 
 def build_sequences(config: TrainConfig):
-    """The training sequences ``(N, C, H, W)`` in [-1, 1] of the configured data (a list or a lazy loader)."""
-    data = config.data
-    if data.cache:
+    """The training sequences ``(N, C, H, W)`` in [-1, 1] of the configured data (a list or a lazy loader): the
+    prepared cache where the config names one, else the data kind's adapter reads them."""
+    if config.data.cache:
         from ctgridit.training.cache import CachedSequences
 
-        return CachedSequences(data.cache, data_settings(config))
-    if data.kind == "video":
-        from ctgridit.training.data import VideoSequences
-
-        return VideoSequences(data.paths, size=tuple(config.frame_size), every=data.every)
-    from ctgridit.ct.training_data import CTRateSequences, load_ct_sequences
-
-    if data.kind == "ctrate":
-        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window,
-                               in_plane=config.frame_size[0], hold_out=data.hold_out,
-                               depth_cache=Path(config.checkpoint.dir) / "ctrate_depths.json",
-                               **({"spacing": data.spacing} if data.spacing else {}))
-    return load_ct_sequences(data.paths, spacing=data.spacing, window=data.window,
-                             in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
+        return CachedSequences(config.data.cache, data_settings(config))
+    return get_adapter(config.data.kind, config.source).training_sequences(config)
 
 
 def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, seed: int):
@@ -186,30 +167,17 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
         return create_dit(model.preset, in_channels=codec.latent_channels, pos_embed=model.pos_embed,
                           **shape, **model.overrides)
     except (TypeError, ValueError) as err:
-        raise CTGridItError(f"bad stage{stage}.model section ({err})", config.source) from None
+        raise CTGridItError(f"bad stage{stage}.model section ({err})", config.source) from err
 
 
 def pipeline_settings(config: TrainConfig, codec: LatentCodec) -> PipelineSettings:
-    """What the model folder records besides its modules: grid, frame size, sampling and adapter metadata."""
-    if config.data.kind == "video":
-        adapter = {"kind": "video", "fps": training_frame_rate(config)}
-    else:
-        adapter = {"kind": "ct", "window": list(config.data.window)}
-        if config.data.spacing:
-            adapter["spacing"] = list(config.data.spacing)
+    """What the model folder records besides its modules: grid, frame size, sampling, and what the data kind's
+    adapter records about the data (:meth:`~ctgridit.adapters.Adapter.model_settings`; the config's ``adapter``
+    section added over it)."""
+    adapter = get_adapter(config.data.kind, config.source).model_settings(config)
     adapter.update(config.adapter)
     return PipelineSettings(config.grid_spec, tuple(config.frame_size), codec.image_channels,
                             config.sampling_config, adapter)
-
-
-def training_frame_rate(config: TrainConfig) -> float:
-    """The frame rate generated clips play at: the median of the training clips' own rates after ``data.every``
-    (the video adapter's default where no clip records one); ``adapter.fps`` in the config overrides it."""
-    from ctgridit.training.data import VideoSequences
-    from ctgridit.video.io import DEFAULT_FPS
-
-    rates = [r for r in VideoSequences(config.data.paths, every=config.data.every).frame_rates if r is not None]
-    return float(statistics.median(rates)) if rates else DEFAULT_FPS
 
 
 # ------------------------------------------------------------------- batches
@@ -243,12 +211,12 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-def model_inputs(batch: dict, codec: LatentCodec, spec, device: torch.device) -> dict:
+def model_inputs(batch: dict, codec: LatentCodec, spec, device: torch.device, fill: str = "zeros") -> dict:
     """The clean latents of a batch and what goes with them into :func:`diffusion_loss`.
 
     Stage 2: the degraded frame's latent as ``cond``. Stage 1 with masked
     conditioning: the known cells' latents and the mask as ``cond``
-    (:func:`~ctgridit.core.conditioning.masked_condition`) and the loss on the
+    (:func:`~ctgridit.core.conditioning.masked_condition`, the unknown cells filled with ``fill``) and the loss on the
     other cells; with stride labels, the labels.
     """
     x = codec.encode(batch["x"].to(device))
@@ -258,7 +226,7 @@ def model_inputs(batch: dict, codec: LatentCodec, spec, device: torch.device) ->
     if "known" in batch:
         mask = cell_mask(batch["known"], spec.rows, spec.cols, x.shape[-2] // spec.rows,
                          x.shape[-1] // spec.cols).to(device=device, dtype=x.dtype)      # (B, 1, H, W)
-        inputs.update(cond=masked_condition(x, mask), weight=1 - mask)
+        inputs.update(cond=masked_condition(x, mask, fill, spec.rows, spec.cols), weight=1 - mask)
     if "stride_label" in batch:
         inputs["stride"] = batch["stride_label"].to(device)
     return inputs
@@ -395,7 +363,8 @@ class _TrainState:
             batch = next(micro_batches)
             if audit is not None:
                 audit.append([step, micro, batch["index"], [list(i) for i in batch["id"]]])
-            inputs = model_inputs(batch, codec, config.grid_spec, accelerator.device)
+            inputs = model_inputs(batch, codec, config.grid_spec, accelerator.device,
+                                  config.stage1.conditioning.fill if self.stage == 1 else "zeros")
             generator = torch.Generator(accelerator.device).manual_seed(
                 sample_seed(optim.seed + 1, (step * optim.grad_accum + micro) * world + rank))
             sync = micro == optim.grad_accum - 1
@@ -598,7 +567,7 @@ def _check_run_folders(config: TrainConfig, ckpt_dir: Path, resume: bool, force:
                 pass
         except OSError as err:
             raise CTGridItError(f"cannot be written ({err.strerror})", existing,
-                                "fix output or checkpoint.dir in the config, or its permissions") from None
+                                "fix output or checkpoint.dir in the config, or its permissions") from err
     if not resume and not force and list_checkpoints(ckpt_dir):
         raise CTGridItError("holds the checkpoints of an earlier run", ckpt_dir,
                             "pass --resume to continue it, or --force to start over (they are deleted)")
@@ -639,7 +608,7 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
             load_dit_weights(model, source)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise CTGridItError(f"cannot start from these DiT weights ({shorten(str(err), 240)})", source,
-                                "give DiT weights of the model's size and patch") from None
+                                "give DiT weights of the model's size and patch") from err
         return
     folder = Path(source)
     files = [folder / "ema.safetensors", folder / "diffusion_pytorch_model.safetensors"]
@@ -650,7 +619,7 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     try:
         weights = load_file(str(found))
     except (OSError, RuntimeError, ValueError) as err:
-        raise CTGridItError(f"cannot read the weights ({' '.join(str(err).split())[:200]})", found) from None
+        raise CTGridItError(f"cannot read the weights ({' '.join(str(err).split())[:200]})", found) from err
     own = model.state_dict()
     grown = {STRIDE_EMBEDDING} - set(weights) if STRIDE_EMBEDDING in own else set()
     weights.update({name: torch.zeros_like(own[name]) for name in grown})
@@ -717,6 +686,8 @@ def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: La
         warnings.warn(f"{out}: stage {stage} was written, but the folder's stages do not make a model ({problem}); "
                       f"train the other stage with this config", CTGridItWarning)
         return out
+    with atomic_folder(out / "scheduler") as tmp:                 # what stage 1 samples with, as the index says
+        pipeline.scheduler.save_pretrained(str(tmp))
     with atomic_output(out / INDEX_FILE, force=True) as tmp:
         tmp.write_text(pipeline.to_json_string())
     return out
@@ -733,14 +704,14 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike) -> GriDiTPipeline:
         weights = load_file(str(folder / "ema.safetensors"))
     except (OSError, ValueError) as err:
         raise CTGridItError(f"not a readable stage-1 checkpoint ({shorten(str(err), 200)})", folder,
-                            "give a folder such as runs/NAME/checkpoints/stage1/step_00001000") from None
+                            "give a folder such as runs/NAME/checkpoints/stage1/step_00001000") from err
     codec = build_codec(config)
     model = build_model(config, 1, codec)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CTGridItError(f"the weights do not fit the checkpoint's stage-1 config ({shorten(str(err), 200)})",
-                            folder, "give a stage-1 checkpoint") from None
+                            folder, "give a stage-1 checkpoint") from err
     scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
                                      prediction_type=config.diffusion.prediction)
     return GriDiTPipeline(stage1=model.eval(), codec=codec, scheduler=scheduler,

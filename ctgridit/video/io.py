@@ -160,7 +160,7 @@ def _folder_files(folder: Path) -> list[Path]:
         return [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
     except OSError as err:
         raise CTGridItError(f"cannot list the folder ({err.strerror or err})", folder,
-                            "check its permissions") from None
+                            "check its permissions") from err
 
 
 def natural_key(path: Path) -> tuple[list[str | int], str]:

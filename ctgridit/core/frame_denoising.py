@@ -34,14 +34,31 @@ last grid is padded by repeating the last frame.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
-from ctgridit.core.codecs import PixelCodec
+from ctgridit.core.codecs import LatentCodec, PixelCodec
 from ctgridit.core.diffusion import Generators, alpha_bar, diffuse
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
 from ctgridit.core.sampler import ProgressCallback, Start, inpaint, phase_callback
+from ctgridit.core.settings import PipelineSettings
+
+class DenoisingModel(Protocol):
+    """What denoising reads of a model: a :class:`~ctgridit.core.pipeline.GriDiTPipeline` has it all (the
+    pipeline calls this module, this module never imports the pipeline)."""
+
+    settings: PipelineSettings
+    stage1: torch.nn.Module
+    stage2: torch.nn.Module | None
+    codec: LatentCodec
+    scheduler: SchedulerMixin
+    device: torch.device
+    dtype: torch.dtype
+    masked: bool                    # stage 1 is masked-conditional
+    max_stride: int                 # the largest stride label stage 1 takes (0: none)
+
 
 #: Default number of reverse steps of a denoising run (fewer when the level is lower).
 DENOISE_STEPS = 1
@@ -131,7 +148,7 @@ def reverse_scheduler(train_scheduler: SchedulerMixin, t: int, steps: int = DENO
     return scheduler
 
 
-def denoise_frames(pipeline, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
+def denoise_frames(pipeline: DenoisingModel, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
                    generator: Generators = None, progress: ProgressCallback | None = None
                    ) -> tuple[torch.Tensor, DenoiseLevels]:
     """Denoise one sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size.
@@ -194,7 +211,7 @@ def reverse_from(model, scheduler: SchedulerMixin, z: torch.Tensor, t: int, nois
                    callback=callback, conditional=conditional, inputs=inputs)
 
 
-def denoise_grids(pipeline, grids: torch.Tensor, t: int, noise_std: float, steps: int = DENOISE_STEPS,
+def denoise_grids(pipeline: DenoisingModel, grids: torch.Tensor, t: int, noise_std: float, steps: int = DENOISE_STEPS,
                   generator: Generators = None, callback=None) -> torch.Tensor:
     """Stage 1 of Algorithm 3 on ``(B, C, R*h, C*w)`` grids of consecutive noisy frames in [-1, 1].
 

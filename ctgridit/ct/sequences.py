@@ -1,4 +1,4 @@
-"""CT scans as the frame sequences of the training datasets (:mod:`ctgridit.training.data`).
+"""CT scans as the frame sequences of the training datasets (:mod:`ctgridit.training.datasets`).
 
 A scan becomes a float32 sequence ``(N, 1, H, W)`` in ``[-1, 1]`` with the
 transforms of :mod:`ctgridit.ct.transforms`: read in HU
@@ -139,7 +139,7 @@ def load_ct_sequences(paths: Sequence[str | os.PathLike], spacing: SpacingMM | N
 
 
 class CTFileSequences:
-    """CT files and DICOM folders as a lazy loader (the protocol of :mod:`ctgridit.training.data`): item ``i``
+    """CT files and DICOM folders as a lazy loader (the protocol of :mod:`ctgridit.training.datasets`): item ``i``
     is read and prepared like :func:`load_ct_sequences` does, when asked for (``ctgridit prepare`` caches them)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], spacing: SpacingMM | None = None,
@@ -178,7 +178,7 @@ def resampled_depth(record: CTRateRecord, spacing: Sequence[float]) -> int:
 
 
 class CTRateSequences:
-    """A CT-RATE folder as a lazy loader of ``(N, 1, H, W)`` sequences (the protocol of :mod:`ctgridit.training.data`).
+    """A CT-RATE folder as a lazy loader of ``(N, 1, H, W)`` sequences (the protocol of :mod:`ctgridit.training.datasets`).
 
     Item ``i`` reads one volume through :class:`~ctgridit.ct.ctrate.CTRateDataset`
     with :func:`~ctgridit.ct.ctrate.ctrate_preprocess` (CSV rescale and

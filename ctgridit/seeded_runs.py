@@ -1,8 +1,8 @@
 """Sampling sequences from a model folder, whatever its adapter: what ``synth`` shares between CT and video.
 
 :func:`generate_iter` gives the frames of sequences ``indices`` of a run with a
-seed, one sequence at a time; the CT task (:mod:`ctgridit.synthesis`) turns
-them into HU volumes, the video task (:mod:`ctgridit.video.clips`) into clips.
+seed, one sequence at a time; the CT task (:mod:`ctgridit.ct.synthesis`) turns
+them into HU volumes, the video task (:mod:`ctgridit.video.synthesis`) into clips.
 Sequence ``i`` comes from its own CPU generator (:func:`sample_seed`), so a run
 split over processes writes the same files as one process, and the same seed
 gives the same output on any device (up to floating-point differences).

@@ -8,16 +8,16 @@ Three methods share one input/output path (:func:`denoise_volume`):
     settings; the bundled default, ``ctgridit/models/ct_denoise``): a
     stage-1 grid model of 2 x 2 tiles of consecutive slices at the scan's own
     voxel size. The scan is oriented LPS (axes only, no resampling), its noise
-    estimated at full resolution (:func:`~ctgridit.core.denoise.estimate_noise`)
+    estimated at full resolution (:func:`~ctgridit.core.frame_denoising.estimate_noise`)
     and the matching level ``t*`` chosen as below; then MONAI's sliding window
     covers it with tiles overlapping by a quarter in-plane and grids
     overlapping by half along z (:func:`ctgridit.ct.tiled.over_grids`), every window is denoised by the one-step
-    posterior mean from ``t*`` (:func:`~ctgridit.core.denoise.denoise_grids`)
+    posterior mean from ``t*`` (:func:`~ctgridit.core.frame_denoising.denoise_grids`)
     and the windows are blended with Gaussian weights (no seams). A scan whose
     estimated noise is below the model's first level comes back unchanged.
   - a **fixed-grid model** (the synthesis model, e.g. ``--model`` with the
     bundled synthesis model), :meth:`~ctgridit.core.pipeline.GriDiTPipeline.denoise`. The model only knows its
-    own voxel grid (the bundled one: 128 x 128 slices at 3 x 3 x 1.5 mm), so the scan is brought to it
+    own voxel grid (its frame size at the spacing its settings record), so the scan is brought to it
   exactly as training data were (LPS orientation, resampling to the model's
   spacing, after a Gaussian anti-aliasing blur where it is coarser than the
   scan, ``sigma = (factor - 1) / 2`` voxels as scikit-image's ``rescale``;
@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.denoise import DENOISE_STEPS, denoise_grids, estimate_noise, start_level
+from ctgridit.core.frame_denoising import DENOISE_STEPS, denoise_grids, estimate_noise, start_level
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
@@ -260,7 +260,7 @@ def classical_filter(scaled: np.ndarray, method: str, sigma: float, params: dict
 
 def noise_hu(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> float:
     """The noise standard deviation of an ``(X, Y, Z)`` HU array in HU, estimated slice by slice at full
-    resolution (:func:`~ctgridit.core.denoise.estimate_noise`, blocks clipped by the window left out)."""
+    resolution (:func:`~ctgridit.core.frame_denoising.estimate_noise`, blocks clipped by the window left out)."""
     low, high = window
     slices = torch.from_numpy(np.moveaxis(window_hu(np.asarray(hu, np.float32), window), 2, 0)[:, None].copy())
     return estimate_noise(slices) * (high - low) / 2

@@ -3,8 +3,8 @@
 Sequences
 ---------
 A *sequence* is a float tensor ``(N_i, C, H, W)`` in ``[-1, 1]``: the slices of
-a CT volume (``C = 1``, from :mod:`ctgridit.ct.training_data`), the frames of a
-video (``C = 3``, :class:`VideoSequences`), ... All sequences of one dataset
+a CT volume (``C = 1``, from :mod:`ctgridit.ct.sequences`), the frames of a
+video (``C = 3``, :class:`~ctgridit.video.adapter.VideoSequences`), ... All sequences of one dataset
 share ``C, H, W``. A dataset takes either a list of such tensors or a *lazy
 loader* (:class:`FrameSequences`): any object with ``__len__`` and
 ``__getitem__(i) -> (N_i, C, H, W) tensor`` that reads sequence ``i`` on demand,
@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +47,6 @@ from torch.utils.data import Dataset
 from ctgridit.core.conditioning import TASKS, TaskMix
 from ctgridit.core.degrade import Degrade
 from ctgridit.core.grid import GridSpec, gray_to_rgb, resize_frames, rgb_to_gray, tile
-
-if TYPE_CHECKING:  # the video adapter (and its PyAV) is imported only when videos are used
-    from ctgridit.video.io import Size
 
 #: The default virtual length of the datasets (see the module docstring).
 VIRTUAL_LENGTH = 10**9
@@ -339,37 +335,3 @@ class SRPairDataset(_SequenceDataset):
         return {"x": to_channels(frame, self.channels).contiguous(),
                 "cond": to_channels(cond, self.channels).contiguous(),
                 "id": (i, frame_index), "index": index}
-
-
-class VideoSequences:
-    """Videos as a lazy :class:`FrameSequences`: item ``i`` is ``paths[i]`` read as ``(T, 3, H, W)`` in [-1, 1].
-
-    Each path is a video file, a GIF, a folder of frame images or a folder of
-    clips (:func:`~ctgridit.video.io.video_clips`), read with
-    :class:`~ctgridit.video.sequence.VideoAdapter` (``size``: ``(H, W)``, or an
-    int for the short side, which then must give one size for all videos;
-    ``every``: temporal subsampling; ``max_frames``: a cap after subsampling).
-    It has no ``num_frames``, so a dataset decodes each video once when built.
-    ``list(VideoSequences(...))`` loads them all into memory.
-    """
-
-    def __init__(self, paths: Sequence[str | os.PathLike], size: Size | None = None, every: int = 1,
-                 max_frames: int | None = None) -> None:
-        from ctgridit.video.io import video_clips
-        from ctgridit.video.sequence import VideoAdapter
-
-        self.paths = video_clips(paths)
-        self.adapter = VideoAdapter(size=size, max_frames=max_frames, every=every)
-
-    @property
-    def frame_rates(self) -> list[float | None]:
-        """Frames per second of each clip after the subsampling (None where the file records none)."""
-        from ctgridit.video.io import frame_rate
-
-        return [None if (fps := frame_rate(p)) is None else fps / self.adapter.every for p in self.paths]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.adapter.load(self.paths[i])                                    # (T, 3, H, W)

@@ -1,7 +1,7 @@
 """Video synthesis: the task behind ``ctgridit synth --frames N`` for a model folder trained on videos.
 
 :func:`synthesize_clips_iter` runs the same sampler as CT synthesis
-(:func:`ctgridit.generation.generate_iter`) and :func:`save_clip` writes the
+(:func:`ctgridit.seeded_runs.generate_iter`) and :func:`save_clip` writes the
 frames through the video adapter: ``.mp4``, ``.gif`` or a folder of PNG
 frames, at the frame rate the model folder records (the training clips' own
 rate, ``settings.adapter.fps`` in ``model_index.json``). :func:`save_contact_sheet` is the
@@ -22,11 +22,11 @@ from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.errors import CTGridItError
 from ctgridit.files import atomic_output
-from ctgridit.generation import check_dtype, generate_iter
+from ctgridit.seeded_runs import check_dtype, generate_iter
 from ctgridit.limits import MAX_FRAMES, MIN_FRAMES
 from ctgridit.model_folders import BUNDLED_VIDEO_MODEL, open_model
 from ctgridit.video.io import DEFAULT_FPS
-from ctgridit.video.sequence import VideoAdapter, sequence_to_frames
+from ctgridit.video.frames import VideoFiles, sequence_to_frames
 
 
 
@@ -57,7 +57,7 @@ def synthesize_clips_iter(num_frames: int, indices=range(1), seed: int = 0,
 
 def save_clip(frames: torch.Tensor, path: str | os.PathLike, fps: float, force: bool = False) -> Path:
     """Write ``(T, 3, H, W)`` frames as ``.mp4`` / ``.gif``, or, for a name without suffix, a folder of PNGs."""
-    return VideoAdapter(fps=fps).save(frames, Path(path), force=force)
+    return VideoFiles(fps=fps).save(frames, Path(path), force=force)
 
 
 def save_contact_sheet(frames: torch.Tensor, path: str | os.PathLike, columns: int = 8, scale: int = 0,

@@ -1,4 +1,4 @@
-"""uint8 video frames <-> the frame sequences of the generic core, and the video adapter.
+"""uint8 video frames <-> the frame sequences of the generic core, and video files <-> sequences (:class:`VideoFiles`).
 
 Conventions
 -----------
@@ -43,11 +43,8 @@ def sequence_to_frames(sequence: torch.Tensor) -> np.ndarray:
 
 
 @dataclass
-class VideoAdapter:
-    """Videos on disk <-> core sequences ``(T, 3, H, W)`` in ``[-1, 1]``.
-
-    The CT adapter has the same two methods, ``load(path) -> sequence`` and
-    ``save(sequence, path) -> path``, so callers treat both alike.
+class VideoFiles:
+    """Videos on disk <-> core sequences ``(T, 3, H, W)`` in ``[-1, 1]``: ``load(path)`` and ``save(sequence, path)``.
 
     Attributes:
         size: resize on load, ``(H, W)`` or the short side (see

@@ -15,23 +15,19 @@ from typing import Iterator
 
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
-from ctgridit.ct.adapter import sequence_to_volume
+from ctgridit.ct.adapter import CTAdapter, volume_spacing
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.window import DEFAULT_WINDOW
 from ctgridit.errors import CTGridItError
-from ctgridit.generation import check_dtype, generate_iter
 from ctgridit.limits import MAX_SLICES, MIN_SLICES
 from ctgridit.model_folders import default_model_dir, open_model
+from ctgridit.seeded_runs import check_dtype, generate_iter
 from ctgridit.seeds import check_seed
 
 
 def load_model(model: str | os.PathLike | None = None, device: str = "auto") -> GriDiTPipeline:
     """A CT synthesis model folder on ``device``; ``None`` means :func:`~ctgridit.model_folders.default_model_dir`."""
     pipeline = open_model(model, default_model_dir(), "synthesis", device, kind="ct")
-    if "spacing" not in pipeline.settings.adapter:
-        raise CTGridItError("the model folder does not record its voxel spacing (settings.adapter.spacing in "
-                            "model_index.json)", model or default_model_dir(),
-                            "add it to the training config's adapter section and export again")
+    volume_spacing(pipeline.settings.adapter, model or default_model_dir())          # refused before any sampling
     return pipeline
 
 
@@ -41,7 +37,7 @@ def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
                     progress: ProgressCallback | None = None) -> Iterator[tuple[int, CTVolume]]:
     """``(index, volume)`` for the volumes ``indices`` of a run with ``seed``, one at a time, as each is done.
 
-    Volume ``i`` comes from its own generator (:func:`~ctgridit.generation.sample_seed`), so a run
+    Volume ``i`` comes from its own generator (:func:`~ctgridit.seeded_runs.sample_seed`), so a run
     split over processes (each taking some indices) writes the same volumes
     as one process, and the same seed gives the same volumes.
     """
@@ -50,11 +46,10 @@ def synthesize_iter(num_slices: int = 201, indices=range(1), seed: int = 0,
     check_dtype(dtype)
     check_seed(seed)
     pipeline = model if isinstance(model, GriDiTPipeline) else load_model(model, device)
-    adapter = pipeline.settings.adapter
-    window = adapter.get("window", DEFAULT_WINDOW)
+    adapter = CTAdapter()
     for index, frames in generate_iter(pipeline, num_slices, indices, seed, steps, dtype, progress):
-        yield index, sequence_to_volume(frames, adapter["spacing"], window,
-                                        source=f"ctgridit synth, seed {seed}, volume {index}")
+        yield index, adapter.to_output(frames, pipeline.settings.adapter,
+                                       source=f"ctgridit synth, seed {seed}, volume {index}")
 
 
 def synthesize(num_slices: int = 201, num: int = 1, seed: int = 0, model: str | os.PathLike | GriDiTPipeline | None = None,
