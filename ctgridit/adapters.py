@@ -41,6 +41,9 @@ class Adapter:
 
     #: The adapter's name: ``data.kind`` in configs, ``settings.adapter.kind`` in model folders.
     name: ClassVar[str] = ""
+    #: How messages name its models ("a CT model") and their training data ("trained on CT volumes").
+    title: ClassVar[str] = ""
+    trained_on: ClassVar[str] = ""
 
     def check_data(self, config: TrainConfig) -> None:
         """Raise :class:`~ctgridit.errors.CTGridItError` (naming ``config.source``) when the data section

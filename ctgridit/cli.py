@@ -47,7 +47,7 @@ _debug = {"on": False}
 
 def debugging() -> bool:
     """Whether errors show their traceback: ``--debug`` or ``$CTGRIDIT_DEBUG``."""
-    return _debug["on"] or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @app.callback()
@@ -172,12 +172,17 @@ def synth(
     on process i mod N); output i always comes from the same seed, so the files do not depend on the number of
     processes.
     """
+    from ctgridit.core.loading import is_model_folder
+    from ctgridit.model_folders import default_model_dir, model_kind
     from ctgridit.seeded_runs import DTYPES
-    from ctgridit.model_folders import model_kind
 
     if dtype not in DTYPES:
         raise CTGridItError(f"unknown --dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
-    kind = model_kind(model) if model is not None else "ct"
+    folder = model if model is not None else default_model_dir()
+    kind = model_kind(folder) if model is not None or is_model_folder(folder) else "ct"   # none: said when opened
+    if kind not in ("ct", "video"):
+        raise CTGridItError(f"is a model of the {kind!r} adapter; synth writes CT volumes and video clips", folder,
+                            f"turn its frames into output with ctgridit.adapters.get_adapter({kind!r}).to_output")
     if kind == "video":
         if slices is not None:
             raise CTGridItError("is a video model; --slices is for CT models", model, "give --frames N")
@@ -288,7 +293,7 @@ def denoise(
     strength: str = typer.Option("auto", "--strength", help="auto (from the estimated noise) or a number in (0, 1]: the diffusion level t*/T (gridit)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid diffusion model), bilateral, nlm or nlm3d (classical baselines: per slice, 3D)."),
     model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled denoiser)."),
-    steps: int = typer.Option(1, "--steps", min=1, help="Reverse diffusion steps from t* (1: the posterior mean, best PSNR)."),
+    steps: int = typer.Option(1, "--steps", min=1, help="Reverse diffusion steps from t* (1: the posterior mean; more draw a sample)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed of the fresh noise (gridit), 0 .. {SEED_MAX}."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),

@@ -10,11 +10,13 @@ data skip when the folder is absent.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 #: The environment variable that names the shared data folder.
 DATA_ENV = "CTGRIDIT_DATA"
-#: The default: the workspace's shared CT data, beside the repository.
+#: The default: the workspace's shared CT data, beside the repository (meaningful in a checkout, not in an
+#: installed package: there set the variable).
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 
 
@@ -26,5 +28,4 @@ def data_folder() -> Path:
 
 def expand(path: str) -> str:
     """``path`` with ``$CTGRIDIT_DATA`` (or ``${CTGRIDIT_DATA}``) replaced by :func:`data_folder`."""
-    folder = str(data_folder())
-    return path.replace("${" + DATA_ENV + "}", folder).replace("$" + DATA_ENV, folder)
+    return re.sub(r"\$(\{" + DATA_ENV + r"\}|" + DATA_ENV + r"(?![A-Za-z0-9_]))", lambda _: str(data_folder()), path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ctgridit.adapters import get_adapter
 from ctgridit.core.loading import is_model_folder, read_settings
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.device import resolve_device
@@ -26,8 +27,6 @@ BUNDLED_SLICE_MODEL = MODELS / "ct_interpolate"
 BUNDLED_VIDEO_MODEL = MODELS / "video_shapes"
 #: An environment variable that points at another default synthesis model folder.
 MODEL_ENV = "CTGRIDIT_MODEL"
-ADAPTER_NAMES = {"ct": "CT", "video": "video"}
-TRAINED_ON = {"ct": "CT volumes", "video": "videos"}
 
 
 def default_model_dir() -> Path:
@@ -77,6 +76,7 @@ def open_model(model: str | os.PathLike | None, default: Path, purpose: str, dev
                             "reinstall ctgridit (it ships one) or pass --model DIR with a trained model folder")
     found = model_kind(folder)
     if found != kind:
-        raise CTGridItError(f"is a {found} model, not a {ADAPTER_NAMES.get(kind, kind)} model", folder,
-                            f"give a model trained on {TRAINED_ON.get(kind, kind)}")
+        wanted, have = get_adapter(kind), get_adapter(found, str(folder))
+        raise CTGridItError(f"is a {have.title or have.name} model, not a {wanted.title or wanted.name} model", folder,
+                            f"give a model trained on {wanted.trained_on or wanted.name + ' data'}")
     return GriDiTPipeline.from_pretrained(folder).to(where)

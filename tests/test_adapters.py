@@ -99,3 +99,15 @@ def test_registering_checks_the_adapter(toy):
     with pytest.raises(ValueError, match="subclass"):
         register_adapter(dict, "dict")
     assert register_adapter(ToyAdapter) is ToyAdapter                 # the same one again is fine
+
+
+def test_synth_follows_the_model_folder_s_adapter(tmp_path, toy, capsys, monkeypatch):
+    """synth asks the model folder (also the default one, $CTGRIDIT_MODEL) which adapter it writes with: a video
+    model writes clips, a model of an adapter synth has no writer for is one line naming its adapter."""
+    monkeypatch.setenv("CTGRIDIT_MODEL", "video_shapes")
+    code, _, err = run_cli(capsys, "synth", "--frames", "8", "--out", tmp_path / "clip.gif", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "clip.gif").stat().st_size > 0
+    train(load_config(toy_config(tmp_path)), 1, device="cpu", quiet=True)
+    code, _, err = run_cli(capsys, "synth", "--model", tmp_path / "model", "--out", tmp_path / "v.nii.gz")
+    assert code == 2 and "the 'toy' adapter" in err and "to_output" in err and not (tmp_path / "v.nii.gz").exists()

@@ -115,7 +115,7 @@ def test_bad_metadata_csv(ctrate, tmp_path):
 
 def test_header_depths_are_read_once_with_a_depth_cache(ctrate, tmp_path, monkeypatch):
     """50,000 headers are read on the first run only; a changed file is read again."""
-    import ctgridit.ct.sequences as training_data
+    import ctgridit.ct.sequences as ct_sequences
     from ctgridit.ct.sequences import CTRateSequences
 
     cache = tmp_path / "depths.json"
@@ -124,8 +124,8 @@ def test_header_depths_are_read_once_with_a_depth_cache(ctrate, tmp_path, monkey
         first = CTRateSequences(*ctrate, spacing=(6.0, 6.0, 3.0), in_plane=32, depth_cache=cache).lengths()
         assert cache.is_file() and len(first) == len(RESCALES)
         calls = []
-        real = training_data.resampled_depth
-        monkeypatch.setattr(training_data, "resampled_depth", lambda *a: (calls.append(a), real(*a))[1])
+        real = ct_sequences.resampled_depth
+        monkeypatch.setattr(ct_sequences, "resampled_depth", lambda *a: (calls.append(a), real(*a))[1])
         again = CTRateSequences(*ctrate, spacing=(6.0, 6.0, 3.0), in_plane=32, depth_cache=cache)
         assert again.lengths() == first and calls == []
         touched = next(ctrate[0].rglob("train_1_a_1.nii.gz"))

@@ -204,7 +204,7 @@ def test_a_flat_volume_stays_flat_across_tile_borders():
 
 @pytest.mark.parametrize("hu", [0.0, 40.0, -1000.0])
 def test_a_noise_free_constant_volume_comes_back_unchanged(hu):
-    """Nothing to take out (the noise estimate is 0): the output is the input (issue 14, item 16)."""
+    """Nothing to take out (the noise estimate is 0): the output is the input."""
     clean = flat_volume(hu, 0.0, shape=(70, 66, 6))
     result = denoise_volume(clean, "gridit", device="cpu")
     assert result.details["noise_sigma_hu"] == 0 and result.details["t"] == 0

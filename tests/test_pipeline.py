@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ctgridit.core.codecs import PixelCodec, VAECodec
-from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.diffusion import make_train_scheduler, sampling_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.loading import INDEX_FILE
@@ -47,7 +47,7 @@ def pixel_pipeline(with_stage2: bool = True, channels: int = 3) -> GriDiTPipelin
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=2), (16, 16), channels, SAMPLING,
                               adapter={"kind": "test", "spacing": [1.0, 1.0, 1.5]})
     stage2 = stage2_model(channels, 16) if with_stage2 else None
-    scheduler = make_train_scheduler(clip_sample=True)         # pixel space: keep x0 in [-1, 1]
+    scheduler = sampling_scheduler(make_train_scheduler(clip_sample=True), SAMPLING.stage1.sampler)  # x0 in [-1, 1]
     return GriDiTPipeline(stage1_model(channels, 8), PixelCodec(channels), scheduler, stage2, settings=config)
 
 
@@ -55,7 +55,7 @@ def vae_pipeline(with_stage2: bool = True) -> GriDiTPipeline:
     """The tiny VAE: 16x16 frames -> 8x8 low resolution -> 4x4 latents; stage 2 on 8x8 latents."""
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=2), (16, 16), 3, SAMPLING)
     stage2 = stage2_model(4, 8) if with_stage2 else None
-    return GriDiTPipeline(stage1_model(4, 4), VAECodec.from_vae(tiny_vae()), make_train_scheduler(), stage2,
+    return GriDiTPipeline(stage1_model(4, 4), VAECodec.from_vae(tiny_vae()), sampling_scheduler(make_train_scheduler(), "ddim"), stage2,
                           settings=config)
 
 
@@ -244,9 +244,16 @@ def as_old_folder(folder):
     """Rewrite a model folder as ctgridit wrote them before the pipeline was a diffusers pipeline."""
     from ctgridit.core.legacy_folders import CODEC_FILE, SETTINGS_FILE
 
+    from diffusers import DDPMScheduler
+
     index = json.loads((folder / INDEX_FILE).read_text())
-    (folder / SETTINGS_FILE).write_text(json.dumps(index["settings"]))
+    settings = index["settings"]
+    del settings["layout"]                                     # then: no layout, the training scheduler saved
+    (folder / SETTINGS_FILE).write_text(json.dumps(settings))
     (folder / INDEX_FILE).unlink()
+    training = DDPMScheduler.from_config(DDPMScheduler.load_config(folder / "scheduler"), timestep_spacing="leading")
+    shutil.rmtree(folder / "scheduler")
+    training.save_pretrained(folder / "scheduler")
     kind = index["codec"][1]
     config = json.loads((folder / "codec" / "config.json").read_text())
     if kind == "VAECodec":
@@ -315,8 +322,10 @@ def test_save_replaces_a_model_folder_but_nothing_else(tmp_path):
     assert not (folder / "stage2").exists()
     pixel_pipeline().save_pretrained(folder)
     assert (folder / "stage2").is_dir() and GriDiTPipeline.from_pretrained(folder).stage2 is not None
+    (folder / "MODEL.md").write_text("the card")
     pipe.save_pretrained(folder)
     assert not (folder / "stage2").exists()                                   # replaced, not merged
+    assert (folder / "MODEL.md").read_text() == "the card"                    # other files kept, as diffusers does
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's")
     with pytest.raises(CTGridItError, match="not a model folder"):
@@ -324,8 +333,12 @@ def test_save_replaces_a_model_folder_but_nothing_else(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
     with pytest.raises(ValueError, match="safetensors"):
         pipe.save_pretrained(tmp_path / "other", safe_serialization=False)
+    with pytest.raises(ValueError, match="variant"):
+        pipe.save_pretrained(tmp_path / "other", variant="fp16")
     with pytest.raises(ValueError, match="local"):
         pipe.save_pretrained(tmp_path / "other", push_to_hub=True)
+    with pytest.raises(TypeError):
+        pipe.save_pretrained(tmp_path / "other", overwrite=True)
     with pytest.raises(CTGridItError, match="local safetensors"):
         GriDiTPipeline.from_pretrained(folder, use_safetensors=False)
 
@@ -341,10 +354,10 @@ def test_assigning_a_scheduler_changes_how_stage_1_samples(tmp_path):
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ddpm = pipe.sample_latents(5, generator=seed(3))
     assert not torch.allclose(ddpm, ddim)
-    as_set = pixel_pipeline()
-    as_set.settings.sampling.stage1.sampler = "ddpm"
-    as_set = GriDiTPipeline(as_set.stage1, as_set.codec, as_set.scheduler, as_set.stage2, settings=as_set.settings)
-    assert isinstance(as_set.scheduler, DDPMScheduler)
+    base = pixel_pipeline()
+    as_set = GriDiTPipeline(base.stage1, base.codec, sampling_scheduler(make_train_scheduler(clip_sample=True), "ddpm"),
+                            base.stage2, settings=base.settings)
+    assert isinstance(as_set.scheduler, DDPMScheduler) and as_set.settings.sampling.stage1.sampler == "ddpm"
     assert torch.equal(as_set.sample_latents(5, generator=seed(3)), ddpm)
     loaded = GriDiTPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
     assert isinstance(loaded.scheduler, DDPMScheduler) and loaded.settings.sampling.stage1.sampler == "ddpm"
@@ -396,7 +409,8 @@ def masked_pipeline(levels: int, num_strides: int) -> GriDiTPipeline:
                                    num_strides=num_strides), 0)
     sampling = SamplingConfig(Stage1Sampling(sampler="ddpm", num_steps=2, levels=levels), Stage2Sampling(num_steps=2))
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (8, 8), 1, sampling)
-    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), settings=config)
+    return GriDiTPipeline(stage1, PixelCodec(1), sampling_scheduler(make_train_scheduler(clip_sample=True), "ddpm"),
+                          settings=config)
 
 
 def test_masked_stride_aware_pipeline_round_trips_and_refuses_strides_it_never_learnt(tmp_path):

@@ -443,7 +443,7 @@ def model_folder(tmp_path):
     import torch
 
     from ctgridit.core.codecs import PixelCodec
-    from ctgridit.core.diffusion import make_train_scheduler
+    from ctgridit.core.diffusion import make_train_scheduler, sampling_scheduler
     from ctgridit.core.dit import create_dit
     from ctgridit.core.grid import GridSpec
     from ctgridit.core.pipeline import GriDiTPipeline
@@ -452,7 +452,7 @@ def model_folder(tmp_path):
     torch.manual_seed(0)
     stage1 = create_dit("DiT-tiny/2", sample_height=16, sample_width=16, in_channels=1)
     config = PipelineSettings(GridSpec(2, 2, 1, 1), (8, 8), 1, adapter={"kind": "ct", "spacing": [3.0, 3.0, 3.0]})
-    pipeline = GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(), settings=config)
+    pipeline = GriDiTPipeline(stage1, PixelCodec(1), sampling_scheduler(make_train_scheduler(), "ddim"), settings=config)
     return pipeline.save_pretrained(tmp_path / "m")
 
 

@@ -147,10 +147,10 @@ def ramp_new_cells(conditional: bool, sampler: str = "ddpm", steps: int = 50, ju
     return untile(out, 2, 2)[:, 2:].mean(dim=(0, 2, 3, 4)).tolist()
 
 
-def test_the_ramp_figure_of_the_readme():
+def test_a_ramp_continues_with_masked_conditioning_and_not_with_replacement():
     """A ramp continues: the masked-conditional sampler gives 0.30 and 0.45, replacement loses the trend.
 
-    ``python pipelines/exact_sampler_bias.py`` prints the whole table.
+    ``python -m pipelines.exact_sampler_bias`` prints the whole table (docs/synthesis.md).
     """
     known = [c for c in range(4) if c < 2]
     truth, _ = RAMP.conditional(known, torch.tensor([[0.0] * 4 + [0.15] * 4], dtype=torch.float64))

@@ -13,7 +13,7 @@ import pytest
 
 from ctgridit.cli import main
 from ctgridit.core.codecs import PixelCodec
-from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.diffusion import make_train_scheduler, sampling_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import GriDiTPipeline
@@ -34,7 +34,7 @@ def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPi
     sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1))
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
                               {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})
-    return GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True, prediction_type="sample"),
+    return GriDiTPipeline(stage1, PixelCodec(1), sampling_scheduler(make_train_scheduler(clip_sample=True, prediction_type="sample"), "ddim"),
                           settings=config)
 
 

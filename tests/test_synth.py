@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctgridit.core.codecs import PixelCodec
-from ctgridit.core.diffusion import make_train_scheduler
+from ctgridit.core.diffusion import make_train_scheduler, sampling_scheduler
 from ctgridit.core.dit import create_dit
 from ctgridit.core.grid import GridSpec
 from ctgridit.core.pipeline import GriDiTPipeline
@@ -34,7 +34,8 @@ def tiny_model(tmp_path_factory):
     config = PipelineSettings(GridSpec(2, 2, 1, 2), (32, 32), 1, sampling,
                               {"kind": "ct", "spacing": SPACING, "window": [-1000, 1000]})
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    pipeline = GriDiTPipeline(stage1, PixelCodec(1), make_train_scheduler(clip_sample=True), stage2, settings=config)
+    pipeline = GriDiTPipeline(stage1, PixelCodec(1), sampling_scheduler(make_train_scheduler(clip_sample=True), "ddim"),
+                              stage2, settings=config)
     pipeline.save_pretrained(folder)
     return folder
 

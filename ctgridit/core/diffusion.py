@@ -129,22 +129,22 @@ def make_sample_scheduler(train_scheduler: SchedulerMixin, sampler: str = "ddim"
     return scheduler
 
 
-def sampling_scheduler(scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
-    """What a model folder's stage 1 samples with: a DDPM or DDIM ``scheduler`` (the trainer's, or one saved) as
-    the ``sampler`` its settings name, with trailing timestep spacing; any other scheduler as it is."""
-    if type(scheduler) not in (DDPMScheduler, DDIMScheduler):
-        return scheduler
+def sampling_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
+    """The scheduler a model samples with, made from its training scheduler's noise schedule: ``"ddpm"`` or
+    ``"ddim"`` (:data:`SAMPLERS`) with trailing timestep spacing (the last step starts at pure noise)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    if type(scheduler) is cls and scheduler.config.timestep_spacing == "trailing":
-        return scheduler
-    return cls.from_config(scheduler.config, timestep_spacing="trailing")
+    return cls.from_config(train_scheduler.config, timestep_spacing="trailing")
 
 
-def sampler_name(scheduler: SchedulerMixin) -> str | None:
-    """``"ddpm"`` or ``"ddim"`` for those schedulers (:data:`SAMPLERS`), None for any other."""
-    return {DDPMScheduler: "ddpm", DDIMScheduler: "ddim"}.get(type(scheduler))
+def sampler_name(scheduler: SchedulerMixin) -> str:
+    """``"ddpm"`` or ``"ddim"`` for those schedulers (:data:`SAMPLERS`); a ValueError for any other (the samplers
+    step them as DDPM steps: other schedulers scale their inputs or sigmas differently)."""
+    name = {DDPMScheduler: "ddpm", DDIMScheduler: "ddim"}.get(type(scheduler))
+    if name is None:
+        raise ValueError(f"stage 1 samples with a DDPMScheduler or a DDIMScheduler, got a {type(scheduler).__name__}")
+    return name
 
 
 def previous_timestep(scheduler: SchedulerMixin, timestep: int) -> int:

@@ -26,6 +26,7 @@ sequence, with the same argument names. Reading folders safely is
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from ctgridit.core.grid import cell_mask, resize_frames
 from ctgridit.core.legacy_folders import is_legacy_folder, legacy_parts, legacy_settings
 from ctgridit.core.loading import INDEX_FILE, check_weights, is_model_folder, load_stage, quiet_diffusers, read_settings
 from ctgridit.core.sampler import ProgressCallback, RePaint, Start, inpaint, phase_callback, plan_sequence, sample_sequence
-from ctgridit.core.settings import PipelineSettings
+from ctgridit.core.settings import SCHEDULER_LAYOUT, PipelineSettings
 from ctgridit.errors import CTGridItError, shorten
 from ctgridit.files import atomic_folder
 
@@ -71,12 +72,12 @@ class GriDiTPipeline(DiffusionPipeline):
     match their config exactly, one-line errors, atomic writes, and the folders
     of earlier versions (:mod:`~ctgridit.core.legacy_folders`).
 
-    ``scheduler`` is what stage 1 samples with. Made from a folder (or from the
-    trainer's DDPM scheduler), a DDPM or DDIM scheduler becomes the sampler the
-    settings name (``sampling.stage1.sampler``, trailing timestep spacing);
-    assigned afterwards, it is used as given, and saving records its name in the
-    settings. Stage 2 samples with the sampler its own settings name, over the
-    same noise schedule.
+    ``scheduler`` is what stage 1 samples with, as given (a DDPMScheduler or a
+    DDIMScheduler; ``sampling.stage1.sampler`` in the settings follows it), also
+    when assigned later; saving writes it as the folder's ``scheduler/``. Stage 2
+    samples with the sampler its own settings name, over the same noise
+    schedule. Folders written before that layout held the training scheduler
+    there: :meth:`from_pretrained` makes their sampler from it as their settings say.
     """
 
     _optional_components = ["stage2"]
@@ -87,7 +88,7 @@ class GriDiTPipeline(DiffusionPipeline):
         if settings is None:
             raise ValueError("a GriDiTPipeline needs its settings (grid, frame size, sampling, adapter)")
         self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
-        scheduler = sampling_scheduler(scheduler, self.settings.sampling.stage1.sampler)
+        self.settings.sampling.stage1.sampler = sampler_name(scheduler)           # the scheduler decides
         self.register_modules(stage1=stage1, codec=codec, scheduler=scheduler, stage2=stage2)
         self.register_to_config(settings=self.settings.to_dict())
         self._check()
@@ -192,6 +193,7 @@ class GriDiTPipeline(DiffusionPipeline):
 
     def stage1_scheduler(self, num_steps: int) -> SchedulerMixin:
         """A fresh copy of ``self.scheduler`` (what stage 1 samples with) with ``num_steps`` timesteps set."""
+        sampler_name(self.scheduler)                                              # one kind we can step
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_steps)
         return scheduler
@@ -278,27 +280,35 @@ class GriDiTPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        **kwargs) -> Path:
-        """``DiffusionPipeline.save_pretrained`` (its arguments), atomically: into a hidden sibling, then renamed
-        over the folder (an existing model folder is replaced, as diffusers overwrites; any other non-empty
-        folder is refused). safetensors only, local folders only. The settings are written as they are now
-        (``pipe.settings`` may have changed since the pipeline was made), with the name of the scheduler stage 1
-        now samples with. Returns the folder."""
+                        variant: str | None = None, max_shard_size: int | str | None = None,
+                        push_to_hub: bool = False) -> Path:
+        """``DiffusionPipeline.save_pretrained`` with the arguments a model folder ctgridit reads can have: one
+        safetensors file per module (no ``variant``, no shards), a local folder (no ``push_to_hub``).
+
+        Written atomically: into a hidden sibling, then renamed over the folder. Over a model folder it
+        replaces the modules and the index (a module the pipeline no longer has goes) and keeps any other file
+        (a model card, notes), as diffusers leaves them; any other non-empty folder is refused. The settings are
+        written as they are now (``pipe.settings`` may have changed since the pipeline was made), with the
+        scheduler stage 1 samples with. Returns the folder."""
         target = Path(save_directory)
-        if not safe_serialization:
-            raise ValueError("ctgridit saves safetensors weights only (safe_serialization=True)")
-        if kwargs.get("push_to_hub"):
+        if not safe_serialization or variant is not None or max_shard_size is not None:
+            raise ValueError("ctgridit saves one safetensors file per module (safe_serialization=True, no variant, "
+                             "no max_shard_size)")
+        if push_to_hub:
             raise ValueError("ctgridit saves to local folders only (push_to_hub)")
         if target.exists() and not (target.is_dir() and (is_model_folder(target) or not any(target.iterdir()))):
             raise CTGridItError("exists and is not a model folder: saving would replace it", target,
                                 "choose another folder")
         target.parent.mkdir(parents=True, exist_ok=True)
-        name = sampler_name(self.scheduler)
-        if name is not None:
-            self.settings.sampling.stage1.sampler = name
+        self.settings.sampling.stage1.sampler = sampler_name(self.scheduler)
+        self.settings.layout = SCHEDULER_LAYOUT
         self.register_to_config(settings=self.settings.to_dict())
+        ours = {INDEX_FILE, *self.components}
         with atomic_folder(target) as tmp, quiet_diffusers():
-            super().save_pretrained(tmp, safe_serialization=True, **kwargs)
+            super().save_pretrained(tmp, safe_serialization=True)
+            for other in (target.iterdir() if target.is_dir() else []):        # a card, notes: kept
+                if other.name not in ours and not (tmp / other.name).exists():
+                    (shutil.copytree if other.is_dir() else shutil.copy2)(other, tmp / other.name)
         return target
 
     @classmethod
@@ -315,7 +325,7 @@ class GriDiTPipeline(DiffusionPipeline):
                                     f"leave {key} out")
             kwargs[key] = True
         dtype = kwargs.pop("torch_dtype", None)
-        read_settings(folder)                                      # not a model folder, or bad settings: one line
+        settings = read_settings(folder)                           # not a model folder, or bad settings: one line
         legacy = is_legacy_folder(folder, INDEX_FILE)
         try:
             with quiet_diffusers():
@@ -334,4 +344,9 @@ class GriDiTPipeline(DiffusionPipeline):
             # (an old folder's stages were checked by load_stage; its autoencoder is in codec/vae/, loaded whole)
             if isinstance(module, torch.nn.Module) and not legacy:
                 check_weights(folder / name, module)
+        if settings.layout < SCHEDULER_LAYOUT and "scheduler" not in kwargs:  # scheduler/ holds the training one
+            pipeline.scheduler = sampling_scheduler(pipeline.scheduler, settings.sampling.stage1.sampler)
+            pipeline.settings.sampling.stage1.sampler = settings.sampling.stage1.sampler
+            pipeline.settings.layout = SCHEDULER_LAYOUT
+            pipeline.register_to_config(settings=pipeline.settings.to_dict())
         return pipeline if dtype is None else pipeline.to(dtype)

@@ -15,6 +15,8 @@ from ctgridit.core.grid import GridSpec
 from ctgridit.core.sampler import level_strides, stride_labels
 
 STAGE2_NOISE = ("independent", "shared", "smooth")
+#: The folder layout from which ``scheduler/`` holds stage 1's sampler, not the training scheduler.
+SCHEDULER_LAYOUT = 2
 
 
 @dataclass
@@ -53,12 +55,12 @@ class Stage1Sampling:
 
 @dataclass
 class Stage2Sampling:
-    """How stage 2 super-resolves every frame (:meth:`GriDiTPipeline.super_resolve`).
+    """How stage 2 super-resolves every frame (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.super_resolve`).
 
     ``noise`` is one of :data:`STAGE2_NOISE`: ``"independent"`` draws per frame
     (the paper's; the detail flickers from slice to slice), ``"shared"`` one draw
     per sequence (the same detail in every slice: streaks along z), ``"smooth"``
-    noise that changes over about ``noise_length`` frames (:class:`SequenceNoise`;
+    noise that changes over about ``noise_length`` frames (:class:`~ctgridit.core.diffusion.SequenceNoise`;
     stage 2 then runs as DDIM at eta 1, which is the DDPM step, whatever
     ``sampler`` says).
     """
@@ -98,7 +100,7 @@ LEGACY_SAMPLING = {"num_steps": ("stage1", "num_steps"), "control_rows": ("stage
 
 @dataclass
 class SamplingConfig:
-    """Defaults for :meth:`GriDiTPipeline.generate`, one part per stage (the settings' ``sampling``)."""
+    """Defaults for :meth:`~ctgridit.core.pipeline.GriDiTPipeline.generate`, one part per stage (the settings' ``sampling``)."""
 
     stage1: Stage1Sampling = field(default_factory=Stage1Sampling)
     stage2: Stage2Sampling = field(default_factory=Stage2Sampling)
@@ -151,13 +153,19 @@ class SamplingConfig:
 
 @dataclass
 class PipelineSettings:
-    """What a model folder records besides its modules (``settings`` in ``model_index.json``)."""
+    """What a model folder records besides its modules (``settings`` in ``model_index.json``).
+
+    ``layout`` is the folder layout's version: from :data:`SCHEDULER_LAYOUT` on, the folder's ``scheduler/`` is the
+    scheduler stage 1 samples with; folders written before hold the training scheduler there, and their sampler is
+    the one ``sampling.stage1.sampler`` names (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.from_pretrained`).
+    """
 
     grid: GridSpec
     frame_size: tuple[int, int]           # full-resolution frame (H, W) in pixels
     channels: int = 3                     # image channels the codec sees
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapter: dict[str, Any] = field(default_factory=dict)   # e.g. CT spacing and HU window; opaque here
+    layout: int = 1
 
     @property
     def lr_frame_size(self) -> tuple[int, int]:
@@ -165,10 +173,11 @@ class PipelineSettings:
 
     def to_dict(self) -> dict:
         return {"grid": self.grid.to_dict(), "frame_size": list(self.frame_size), "channels": self.channels,
-                "sampling": self.sampling.to_dict(), "adapter": self.adapter}
+                "sampling": self.sampling.to_dict(), "adapter": self.adapter, "layout": self.layout}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineSettings":
         grid = GridSpec(**data["grid"])
         return cls(grid, tuple(data["frame_size"]), int(data.get("channels", 3)),
-                   SamplingConfig.from_dict(data.get("sampling", {}), grid), dict(data.get("adapter", {})))
+                   SamplingConfig.from_dict(data.get("sampling", {}), grid), dict(data.get("adapter", {})),
+                   int(data.get("layout", 1)))

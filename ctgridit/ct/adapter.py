@@ -58,18 +58,36 @@ class CTAdapter(Adapter):
     """CT files (NIfTI, NRRD/MHA, DICOM folders and zips) as training data; CT volumes in HU as output."""
 
     name = "ct"
+    title = "CT"
+    trained_on = "CT volumes"
 
     def check_data(self, config) -> None:
-        if not config.data.paths:
+        """The CT data settings: scans to read, an HU window, a spacing in mm."""
+        data = config.data
+        if not data.paths:
             raise CTGridItError("data.paths is empty: a ct config needs the CT files or folders to train on",
                                 config.source)
+        self._check_geometry(config)
+
+    @staticmethod
+    def _check_geometry(config) -> None:
+        data = config.data
+        if data.window is not None and (len(data.window) != 2 or not data.window[0] < data.window[1]):
+            raise CTGridItError(f"data.window must be [low, high] HU with low < high, got {data.window}", config.source)
+        if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
+            raise CTGridItError(f"data.spacing must be three positive sizes in mm, got {data.spacing}", config.source)
+
+    @staticmethod
+    def window(config) -> list[float]:
+        """The HU window mapped to [-1, 1]: ``data.window``, or -1000..1000 (:data:`~ctgridit.ct.window.DEFAULT_WINDOW`)."""
+        return list(config.data.window or DEFAULT_WINDOW)
 
     def training_sequences(self, config):
         """All scans in memory, prepared (:func:`~ctgridit.ct.sequences.load_ct_sequences`)."""
         from ctgridit.ct.sequences import load_ct_sequences
 
         data = config.data
-        return load_ct_sequences(data.paths, spacing=data.spacing, window=data.window,
+        return load_ct_sequences(data.paths, spacing=data.spacing, window=self.window(config),
                                  in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
 
     def prepare_sequences(self, config):
@@ -77,12 +95,12 @@ class CTAdapter(Adapter):
         from ctgridit.ct.sequences import CTFileSequences
 
         data = config.data
-        return CTFileSequences(data.paths, spacing=data.spacing, window=data.window,
+        return CTFileSequences(data.paths, spacing=data.spacing, window=self.window(config),
                                in_plane=None if data.tile else tuple(config.frame_size), hold_out=data.hold_out)
 
     def model_settings(self, config) -> dict[str, Any]:
         """The HU window and, where the data were resampled, the voxel spacing (mm) of generated volumes."""
-        settings: dict[str, Any] = {"kind": "ct", "window": list(config.data.window)}
+        settings: dict[str, Any] = {"kind": "ct", "window": self.window(config)}
         if config.data.spacing:
             settings["spacing"] = list(config.data.spacing)
         return settings
@@ -101,6 +119,7 @@ class CTRateAdapter(CTAdapter):
     def check_data(self, config) -> None:
         if not (config.data.ctrate_root and config.data.ctrate_csv):
             raise CTGridItError("data.ctrate_root and data.ctrate_csv are needed for CT-RATE", config.source)
+        self._check_geometry(config)
 
     def training_sequences(self, config):
         """A lazy loader (:class:`~ctgridit.ct.sequences.CTRateSequences`): every volume read when a grid needs it,
@@ -110,11 +129,10 @@ class CTRateAdapter(CTAdapter):
     def prepare_sequences(self, config):
         return self._sequences(config)
 
-    @staticmethod
-    def _sequences(config, depth_cache: Path | None = None):
+    def _sequences(self, config, depth_cache: Path | None = None):
         from ctgridit.ct.sequences import CTRateSequences
 
         data = config.data
-        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=data.window, in_plane=config.frame_size[0],
+        return CTRateSequences(data.ctrate_root, data.ctrate_csv, window=self.window(config), in_plane=config.frame_size[0],
                                hold_out=data.hold_out, depth_cache=depth_cache,
                                **({"spacing": data.spacing} if data.spacing else {}))

@@ -9,7 +9,7 @@ unknown keys are refused, so a typo never passes silently)::
     grid: {rows: 2, cols: 2, stride: 1, factor: 2}
     data:
       kind: ct                         # the adapter: ct | ctrate | video | one registered (ctgridit.adapters)
-      paths: [../shared/data/ct]       # files or folders (relative to the config file)
+      paths: [$CTGRIDIT_DATA/lidc_idri] # files or folders (relative to the config file; ctgridit.data_folder)
       spacing: [3.0, 3.0, 3.0]         # resample CT to this spacing (mm); null keeps it
       stride_range: [1, 3]             # random z/time stride per grid; null: grid.stride
       hold_out: [A0002_8mm_B40f.nii.gz]
@@ -68,7 +68,7 @@ class DataConfig:
     ctrate_root: str | None = None                          # ctrate: the folder of volumes ...
     ctrate_csv: str | None = None                           # ... and its metadata CSV
     spacing: list[float] | None = None                      # ct/ctrate: resample to (x, y, z) mm
-    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])   # ct, ctrate: the HU window to [-1, 1]
+    window: list[float] | None = None    # ct, ctrate: the HU window mapped to [-1, 1] (null: the CT adapter's)
     hold_out: list[str] = field(default_factory=list)       # scan names kept out of training
     stride_range: list[int] | None = None                   # [min, max] stride per grid
     strides: list[int] | None = None                        # or the strides to draw from, e.g. [1, 3, 9]
@@ -76,6 +76,7 @@ class DataConfig:
     # teach the coarse strides, never the fine ones from slices made by interpolation
     strides_from_thickness: bool = False
     jitter: dict[str, float] | None = None                  # stage-1 in-plane augmentation {scale, shift}
+    options: dict[str, Any] = field(default_factory=dict)   # a registered adapter's own settings
     tile: int | None = None      # keep scans at their own in-plane size and train on random tiles of this size
     cache: str | None = None     # a folder of frames prepared by `ctgridit prepare CONFIG`; training reads it
     every: int = 1                                          # video: keep every n-th frame
@@ -321,10 +322,6 @@ class TrainConfig:
             raise CTGridItError(problem, self.source)
 
         data = self.data
-        if len(data.window) != 2 or not data.window[0] < data.window[1]:
-            refuse(f"data.window must be [low, high] HU with low < high, got {data.window}")
-        if data.spacing is not None and (len(data.spacing) != 3 or min(data.spacing) <= 0):
-            refuse(f"data.spacing must be three positive sizes in mm, got {data.spacing}")
         if data.every < 1 or data.num_workers < 0:
             refuse("data.every must be >= 1 and data.num_workers >= 0")
         if self.checkpoint.every < 1 or self.checkpoint.keep_last < 1 or self.logging.every < 1:

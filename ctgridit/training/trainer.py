@@ -40,12 +40,12 @@ from torch.utils.data import DataLoader
 from ctgridit.adapters import get_adapter
 from ctgridit.core.codecs import LatentCodec, PixelCodec, VAECodec
 from ctgridit.core.conditioning import condition_channels, masked_condition
-from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler
+from ctgridit.core.diffusion import diffusion_loss, make_train_scheduler, sampling_scheduler
 from ctgridit.core.dit import GridDiT, create_dit
 from ctgridit.core.grid import cell_mask
 from ctgridit.core.loading import INDEX_FILE, load_stage, quiet_diffusers
 from ctgridit.core.pipeline import GriDiTPipeline
-from ctgridit.core.settings import PipelineSettings
+from ctgridit.core.settings import SCHEDULER_LAYOUT, PipelineSettings
 from ctgridit.errors import CTGridItError, CTGridItWarning, shorten
 from ctgridit.files import atomic_folder, atomic_output
 from ctgridit.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -75,7 +75,7 @@ def data_settings(config: TrainConfig) -> dict:
     """The data settings that decide the prepared frames (recorded in, and checked against, a cache)."""
     data = config.data
     return {"kind": data.kind, "paths": list(data.paths), "ctrate_root": data.ctrate_root,
-            "ctrate_csv": data.ctrate_csv, "spacing": data.spacing, "window": list(data.window),
+            "ctrate_csv": data.ctrate_csv, "spacing": data.spacing, "window": data.window and list(data.window),
             "hold_out": sorted(data.hold_out), "in_plane": None if data.tile else list(config.frame_size),
             "every": data.every}
 
@@ -177,7 +177,7 @@ def pipeline_settings(config: TrainConfig, codec: LatentCodec) -> PipelineSettin
     adapter = get_adapter(config.data.kind, config.source).model_settings(config)
     adapter.update(config.adapter)
     return PipelineSettings(config.grid_spec, tuple(config.frame_size), codec.image_channels,
-                            config.sampling_config, adapter)
+                            config.sampling_config, adapter, SCHEDULER_LAYOUT)
 
 
 # ------------------------------------------------------------------- batches
@@ -672,22 +672,21 @@ def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: La
         export.save_pretrained(str(tmp), safe_serialization=True)
     with atomic_folder(out / "codec") as tmp, quiet_diffusers():
         codec.save_pretrained(str(tmp), safe_serialization=True)
+    sampler = sampling_scheduler(scheduler, config.sampling_config.stage1.sampler)   # what stage 1 samples with
     with atomic_folder(out / "scheduler") as tmp:
-        scheduler.save_pretrained(str(tmp))
+        sampler.save_pretrained(str(tmp))
     other = f"stage{3 - stage}"
     try:
         stages = {f"stage{stage}": export, **({other: load_stage(out / other)} if (out / other).is_dir() else {})}
         if "stage1" not in stages:
             return out
-        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=scheduler, settings=pipeline_settings(config, codec))
+        pipeline = GriDiTPipeline(**stages, codec=codec, scheduler=sampler, settings=pipeline_settings(config, codec))
     except (CTGridItError, ValueError) as err:
         (out / INDEX_FILE).unlink(missing_ok=True)
         problem = err.one_line() if isinstance(err, CTGridItError) else str(err)
         warnings.warn(f"{out}: stage {stage} was written, but the folder's stages do not make a model ({problem}); "
                       f"train the other stage with this config", CTGridItWarning)
         return out
-    with atomic_folder(out / "scheduler") as tmp:                 # what stage 1 samples with, as the index says
-        pipeline.scheduler.save_pretrained(str(tmp))
     with atomic_output(out / INDEX_FILE, force=True) as tmp:
         tmp.write_text(pipeline.to_json_string())
     return out
@@ -714,7 +713,8 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike) -> GriDiTPipeline:
                             folder, "give a stage-1 checkpoint") from err
     scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
                                      prediction_type=config.diffusion.prediction)
-    return GriDiTPipeline(stage1=model.eval(), codec=codec, scheduler=scheduler,
+    return GriDiTPipeline(stage1=model.eval(), codec=codec,
+                          scheduler=sampling_scheduler(scheduler, config.sampling_config.stage1.sampler),
                           settings=pipeline_settings(config, codec))
 
 

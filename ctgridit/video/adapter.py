@@ -51,6 +51,8 @@ class VideoAdapter(Adapter):
     """Videos (files, GIFs, frame folders, folders of clips) as training data; uint8 RGB frames as output."""
 
     name = "video"
+    title = "video"
+    trained_on = "videos"
 
     def check_data(self, config) -> None:
         if not config.data.paths:
