@@ -201,7 +201,7 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
     from ctgridit.ct.io import write_nifti
     from ctgridit.ct.preview import save_preview
     from ctgridit.device import process_device, process_rank
-    from ctgridit.files import check_output_path, is_clip_file
+    from ctgridit.files import check_output_path, is_clip_file, output_group
     from ctgridit.progress import PhaseProgress
     from ctgridit.ct.synthesis import load_model, synthesize_iter
 
@@ -224,9 +224,10 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
     pipeline = load_model(model, process_device(device))
     with PhaseProgress(enabled=not quiet and rank == 0) as progress:
         for i, volume in synthesize_iter(slices, mine, seed, pipeline, steps, dtype=dtype, progress=progress):
-            write_nifti(volume, outputs[i], force=force)              # each volume as soon as it is done
-            if previews:
-                save_preview(volume, previews[i], title=f"{Path(outputs[i]).name} (seed {seed})", force=force)
+            with output_group():                                      # each volume (and its preview) when done
+                write_nifti(volume, outputs[i], force=force)
+                if previews:
+                    save_preview(volume, previews[i], title=f"{Path(outputs[i]).name} (seed {seed})", force=force)
             if not quiet:
                 progress.close()
                 typer.echo(f"wrote {outputs[i]} ({' x '.join(map(str, volume.shape))} voxels of "
@@ -236,7 +237,7 @@ def _synth_volumes(slices: int, out: str, num: int, seed: int, model: str | None
 def _synth_clips(frames: int, out: str, num: int, seed: int, model: str, steps: int | None, device: str,
                  dtype: str, preview_png: str | None, force: bool, quiet: bool) -> None:
     from ctgridit.device import process_device, process_rank
-    from ctgridit.files import CLIP_SUFFIXES, check_output_path, is_clip_file
+    from ctgridit.files import CLIP_SUFFIXES, check_output_path, is_clip_file, output_group
     from ctgridit.progress import PhaseProgress
     from ctgridit.video.synthesis import (clip_frame_rate, load_video_model, save_clip, save_contact_sheet,
                                       synthesize_clips_iter)
@@ -266,9 +267,10 @@ def _synth_clips(frames: int, out: str, num: int, seed: int, model: str, steps: 
     fps = clip_frame_rate(pipeline)
     with PhaseProgress(enabled=not quiet and rank == 0) as progress:
         for i, clip in synthesize_clips_iter(frames, mine, seed, pipeline, steps, dtype=dtype, progress=progress):
-            save_clip(clip, outputs[i], fps, force=force)
-            if previews:
-                save_contact_sheet(clip, previews[i], force=force)
+            with output_group():
+                save_clip(clip, outputs[i], fps, force=force)
+                if previews:
+                    save_contact_sheet(clip, previews[i], force=force)
             if not quiet:
                 progress.close()
                 h, w = clip.shape[-2:]
@@ -305,12 +307,16 @@ def denoise(
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
     from ctgridit.ct.denoising import METHODS, denoise_summary, denoise_volume, read_reference
-    from ctgridit.files import atomic_output, check_output_path
+    from ctgridit.ct.fidelity import QUALITY_REASONS
+    from ctgridit.files import atomic_output, check_output_path, output_group, report_json
     from ctgridit.progress import PhaseProgress
 
     if method not in METHODS:
-        raise CTGridItError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+        raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     level = _strength(strength)
+    if method != "gridit" and level != "auto":
+        warnings.warn(f"--strength {strength} applies to --method gridit; {method} follows the estimated noise",
+                      CTGridItWarning)
     out = out or derived_name(src, "denoised")
     _require_nifti_name(out)
     if preview_png:
@@ -324,13 +330,14 @@ def denoise(
     clean = read_reference(reference, volume) if reference is not None else None
     with PhaseProgress(enabled=not quiet) as progress:
         result = denoise_volume(volume, method, level, model, device, seed, steps, progress)
-    write_nifti(result.volume, out, force=force)
     summary = {"input": str(src), "output": str(out), "reference": reference, **denoise_summary(volume, result, clean)}
-    if preview_png:
-        save_preview(result.volume, preview_png, title=f"{Path(out).name} ({method})", force=force)
-    if report:
-        with atomic_output(report, force=force) as tmp:
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    with output_group():                                      # the volume, its preview and report: together
+        write_nifti(result.volume, out, force=force)
+        if preview_png:
+            save_preview(result.volume, preview_png, title=f"{Path(out).name} ({method})", force=force)
+        if report:
+            with atomic_output(report, force=force) as tmp:
+                tmp.write_text(report_json(summary, QUALITY_REASONS))
     if not quiet:
         typer.echo(f"wrote {out} ({method}, {result.seconds:.1f} s)")
         if clean is not None:
@@ -386,16 +393,20 @@ def interpolate(
 ) -> None:
     """Thin slices from thick ones: every slice of IN kept exactly, FACTOR - 1 new ones between each two.
 
+    It thins the scan's slice axis: its thickest voxel axis (where the voxels are about as thick along two or
+    three axes: the head-feet axis if it is one of them, else the stored slice direction).
+
     The bundled grid model fills 2 slices between 2 (factor 3), starting from the
     two moved along the motion between them (docs/slices.md has its measurements)."""
-    from ctgridit.ct.slices import METHODS, interpolate_volume
+    from ctgridit.ct.slices import METHODS, interpolate_volume, interpolation_plan
 
     if method not in METHODS:
-        raise CTGridItError(f"unknown --method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+        raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     o = options
     _new_slices(src, out or derived_name(src, f"x{factor}"), o,
                 lambda volume, progress: interpolate_volume(volume, factor, o["model"], o["device"], o["seed"],
-                                                            o["steps"], progress, method))
+                                                            o["steps"], progress, method),
+                interpolation_plan(factor))
 
 
 @app.command(epilog="Example: ctgridit extend scan.nii.gz --slices 20 --direction up --out longer.nii.gz")
@@ -403,25 +414,31 @@ def interpolate(
 def extend(
     src: str = typer.Argument(..., metavar="IN", help="The CT to continue (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     slices: int = typer.Option(..., "--slices", min=1, max=MAX_SLICES, help="How many slices to add."),
-    direction: str = typer.Option("up", "--direction", help="up (towards the head) or down (towards the feet)."),
+    direction: str = typer.Option("up", "--direction", help="up (towards the head; a sagittal or coronal stack: its left or back end) or down."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
     **options,
 ) -> None:
-    """Continue a scan by N slices up or down: every slice of IN kept exactly."""
-    from ctgridit.ct.slices import check_direction, extend_volume
+    """Continue a scan by N slices up or down: every slice of IN kept exactly.
+
+    It continues the scan's slice axis (its thickest voxel axis, as interpolate): up is towards the head for an
+    axial scan, towards the patient's left or back for a sagittal or coronal stack."""
+    from ctgridit.ct.slices import check_direction, extend_volume, extension_plan
 
     check_direction(direction)
     o = options
     _new_slices(src, out or derived_name(src, f"{direction}{slices}"), o,
                 lambda volume, progress: extend_volume(volume, slices, direction, o["model"], o["device"], o["seed"],
-                                                       o["steps"], progress))
+                                                       o["steps"], progress),
+                extension_plan(slices))
 
 
-def _new_slices(src: str, out: str, options: dict, run) -> None:
-    """What ``interpolate`` and ``extend`` share: check the outputs, read, run with progress, write."""
+def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
+    """What ``interpolate`` and ``extend`` share: check the outputs, read (refused from the header when the result,
+    ``plan``, would not fit in memory), run with progress, write."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
-    from ctgridit.files import check_output_path
+    from ctgridit.files import check_output_path, output_group
+    from ctgridit.limits import planned_output
     from ctgridit.progress import PhaseProgress
 
     preview_png, force, quiet = options["preview_png"], options["force"], options["quiet"]
@@ -431,12 +448,14 @@ def _new_slices(src: str, out: str, options: dict, run) -> None:
     _refuse_overwriting_input(src, [out, preview_png])
     for path in [out] + [p for p in (preview_png,) if p]:
         check_output_path(path, force=force)
-    volume = read_ct(src, series_uid=options["series"])
+    with planned_output(plan):
+        volume = read_ct(src, series_uid=options["series"])
     with PhaseProgress(enabled=not quiet) as progress:
         result = run(volume, progress)
-    write_nifti(result.volume, out, force=force)
-    if preview_png:
-        save_preview(result.volume, preview_png, title=Path(out).name, force=force)
+    with output_group():
+        write_nifti(result.volume, out, force=force)
+        if preview_png:
+            save_preview(result.volume, preview_png, title=Path(out).name, force=force)
     if not quiet:
         before, after = result.details["slices"]
         spacing = result.details["slice_spacing_mm"]
@@ -451,8 +470,8 @@ def _strength(value: str) -> float | str:
     except ValueError:
         number = float("nan")
     if not 0.0 < number <= 1.0:
-        raise CTGridItError(f"--strength must be auto or a number in (0, 1], got {value!r}",
-                            hint="try --strength auto, or e.g. --strength 0.05")
+        raise CTGridItError(f"must be auto or a number in (0, 1], got {value!r}", "--strength",
+                            "try --strength auto, or e.g. --strength 0.05")
     return number
 
 
@@ -506,9 +525,9 @@ def evaluate(
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the report if it exists."),
 ) -> None:
     """Compare generated volumes with real ones: HU distribution, lung profile, continuity, far-slice SSIM, nearest real slice, 2.5D FID."""
+    from ctgridit.ct.evaluate import REASONS, read_folder
     from ctgridit.ct.evaluate import evaluate as run_evaluation
-    from ctgridit.ct.evaluate import read_folder
-    from ctgridit.files import atomic_output, check_output_path
+    from ctgridit.files import atomic_output, check_output_path, report_json
 
     if report:
         _require_suffix(report, ".json")
@@ -520,7 +539,7 @@ def evaluate(
         typer.echo(f"{key:22}{value:>12.4f}" if isinstance(value, float) else f"{key:22}{value:>12}")
     if report:
         with atomic_output(report, force=force) as tmp:
-            tmp.write_text(json.dumps(figures, indent=2) + "\n")
+            tmp.write_text(report_json(figures, REASONS))
 
 
 @app.command(epilog="Example: ctgridit prepare pipelines/configs/ctrate_xl.yaml --workers 16")
@@ -560,7 +579,7 @@ def _train(stage: int, config: str, resume: bool, steps: Optional[int], device: 
     from ctgridit.training.trainer import train
 
     if resume and force:
-        raise CTGridItError("--resume continues a run and --force starts it over", hint="give one of them")
+        raise CTGridItError("--resume continues a run and --force starts it over", config, "give one of them")
     result = train(load_config(config), stage, resume=resume, steps=steps, device=device, quiet=quiet,
                    audit_dir=audit, force=force)
     if result.first_loss is None:
@@ -613,10 +632,19 @@ def _require_nifti_name(path: str) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Every warning as one ``warning:`` line: ctgridit's own as they are, a library's with its kind (and, with
+    ``--debug``, where it came from)."""
+    text = " ".join(str(message).split())
     if issubclass(category, CTGridItWarning):
-        print(f"warning: {message}", file=sys.stderr)
+        print(f"warning: {text}", file=sys.stderr)
     else:
-        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+        where = f" ({filename}:{lineno})" if debugging() else ""
+        print(f"warning: {category.__name__}: {text}{where}", file=sys.stderr)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: numpy's MemoryError, or torch's allocator error."""
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err) or "not enough memory" in str(err)
 
 
 def usage_error(err: typer.TyperException) -> str:
@@ -639,6 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     install_handlers()
     warnings.showwarning = _show_warning
     _debug["on"] = False                                       # set again by --debug, for this run only
+    signals.received = None                                    # a stop of this run, not of an earlier one
     try:
         code = app(args=argv, prog_name="ctgridit", standalone_mode=False)
     except CTGridItError as err:
@@ -651,6 +680,14 @@ def main(argv: list[str] | None = None) -> None:
             print(err.format_message(), file=sys.stderr)
             sys.exit(2)
         print(f"error: {usage_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as err:                 # what an estimate missed: one line, not a traceback
+        if not out_of_memory(err):
+            raise
+        if debugging():
+            traceback.print_exception(err)
+        print("error: ran out of memory; ask for less (fewer slices or volumes, a smaller factor), crop the input, "
+              "or use a machine with more memory", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt) as err:
         stop = stop_of(err)

@@ -1,4 +1,8 @@
-"""Sizes ctgridit refuses, because the result would be no CT or the work would never end."""
+"""Sizes ctgridit refuses, because the result would be no CT, the work would never end, or memory would run out."""
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 #: A volume needs at least two slices to be 3D (readers refuse fewer), and ``synth`` makes at most this many
 #: (3 m of 1.5 mm slices; longer runs are scripts, not a command).
@@ -40,13 +44,38 @@ def gigabytes(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def check_memory(voxels: int, path, what: str = "the volume") -> None:
-    """Refuse to read ``voxels`` voxels when their float32 copies (about 3 of them while reading and
-    converting) would not fit in the available memory."""
+#: What the running command will make from the volume it reads: ``(shape) -> (bytes, what)`` (:func:`planned_output`).
+_OUTPUT: contextvars.ContextVar[Callable[[tuple[int, ...]], tuple[int, str]] | None] = \
+    contextvars.ContextVar("ctgridit_planned_output", default=None)
+
+
+@contextlib.contextmanager
+def planned_output(plan: Callable[[tuple[int, ...]], tuple[int, str]]) -> Iterator[None]:
+    """While reading an input inside this block, :func:`check_memory` also counts what the command will make of
+    it: ``plan(shape)`` gives the bytes and a few words for the message (e.g. 16 times as many slices), so a
+    result that cannot fit is refused from the header, before a voxel is read."""
+    token = _OUTPUT.set(plan)
+    try:
+        yield
+    finally:
+        _OUTPUT.reset(token)
+
+
+def check_memory(voxels: int, path, what: str = "the volume", shape: tuple[int, ...] | None = None) -> None:
+    """Refuse to read ``voxels`` voxels (of ``shape``) when their float32 copies (about 3 of them while reading
+    and converting), with what the command will make of them (:func:`planned_output`), would not fit in the
+    available memory."""
     from ctgridit.errors import CTGridItError
 
     needed = 12 * int(voxels)
+    plan = _OUTPUT.get()
+    made, made_what = plan(tuple(shape)) if plan is not None and shape is not None else (0, "")
     free = available_memory()
-    if free is not None and needed > free:
+    if free is not None and needed + made > free:
+        if made:
+            raise CTGridItError(f"{what} is too large for this: {voxels:,} voxels, and {made_what}, need about "
+                                f"{gigabytes(needed + made)} of memory, {gigabytes(free)} are available", path,
+                                "ask for less (fewer slices, a smaller factor), crop the scan, or use a machine "
+                                "with more memory")
         raise CTGridItError(f"{what} is too large: {voxels:,} voxels need about {gigabytes(needed)} of memory, "
                             f"{gigabytes(free)} are available", path, "read it on a machine with more memory, or crop it")

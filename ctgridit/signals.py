@@ -10,7 +10,9 @@ alike: the same clean-up, one ``error:`` line, exit code ``128 + signal``.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 #: The signals turned into :class:`Stopped`, with the word the error line uses.
 HANDLED = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
@@ -38,10 +40,33 @@ class Stopped(KeyboardInterrupt):
 received: Stopped | None = None
 
 
+#: Inside :func:`deferred`: how deep, and the stop that arrived meanwhile.
+_deferring = 0
+_pending: Stopped | None = None
+
+
 def _raise(signum, frame) -> None:
-    global received
+    global received, _pending
     received = Stopped(signum)
+    if _deferring:                       # a few renames that must all happen: stop right after them
+        _pending = received
+        return
     raise received
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block a signal does not interrupt: a stop that arrives inside is raised when it ends (Python runs signal
+    handlers in the main thread, so this holds whichever thread the signal reached)."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending is not None:
+            stop, _pending = _pending, None
+            raise stop
 
 
 def install_handlers() -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,54 @@ def assert_refused(code: int, err: str, *phrases: str) -> None:
     assert "Traceback" not in err
     for phrase in phrases:
         assert phrase.lower() in lines[0].lower(), f"{phrase!r} not in {lines[0]!r}"
+
+
+#: The environment of a ctgridit started as a subprocess by a test: this checkout, one thread.
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def start_cli(args: list, **kwargs) -> subprocess.Popen:
+    """``python -m ctgridit ARGS`` as a subprocess (stdout and stderr as text pipes)."""
+    return subprocess.Popen([sys.executable, "-m", "ctgridit", *map(str, args)], env=kwargs.pop("env", CLI_ENV),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process catches SIGTERM yet (ctgridit's handlers are in place), from /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.005)
+    pytest.fail("the condition never came true")
+
+
+def raw_nifti(path: Path, data, pixdim=(1.0, 1.0, 1.0), qform: int = 1, sform: int = 1,
+              dims: tuple | None = None) -> Path:
+    """A NIfTI-1 file written byte by byte, so that its header says exactly what the test wants."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    header.set_data_shape(data.shape)
+    header["pixdim"][1:4] = pixdim
+    header["vox_offset"] = 352
+    header["qform_code"], header["sform_code"] = qform, sform
+    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]
+    if dims is not None:
+        header["dim"][1:1 + len(dims)] = dims
+    path.write_bytes(header.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
+    return path
 
 
 def no_files_left(folder: Path, before: set[str]) -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, data_file
-from tests.conftest import assert_refused, run_cli
+from tests.conftest import (assert_refused, data_file, handles_sigterm, raw_nifti, run_cli, start_cli,
+                            wait_for)
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+from tests.conftest import CLI_ENV as ENV
 
 
 # ------------------------------------------------------------ option errors
@@ -176,37 +176,13 @@ def test_grid_settings_that_show_nothing_are_refused(capsys, small_ct, tmp_path,
 
 
 # ------------------------------------------------- signals and Ctrl-C
-def _start(args: list[str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ctgridit", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def _handles_sigterm(pid: int) -> bool:
-    """Whether the process catches SIGTERM yet (ctgridit's handlers are in place), from /proc."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return bool(caught & (1 << (signal.SIGTERM - 1)))
-
-
 def test_ctrl_c_during_startup_is_one_line_and_130(tmp_path):
-    proc = _start(["info", tmp_path / "missing.nii.gz"])
-    _wait_for(lambda: _handles_sigterm(proc.pid) or proc.poll() is not None)   # the first thing ctgridit does
+    proc = start_cli(["info", tmp_path / "missing.nii.gz"])
+    wait_for(lambda: handles_sigterm(proc.pid) or proc.poll() is not None)   # the first thing ctgridit does
     proc.send_signal(signal.SIGINT)                                      # ... then the heavy imports run
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip() == "error: interrupted"
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.005)
-    pytest.fail("the condition never came true")
 
 
 @pytest.mark.parametrize("signum,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGHUP, 129, "hung up"),
@@ -216,8 +192,8 @@ def test_a_signal_while_writing_leaves_no_temporary_file(tmp_path, signum, code,
     scan = data_file("lidc_idri/LIDC-IDRI-0314.nii.gz")                 # large enough to write for a while
     out = tmp_path / "out"
     out.mkdir()
-    proc = _start(["convert", scan, out / "c.nii.gz"])
-    _wait_for(lambda: any(p.name.startswith(".c.nii.gz.") for p in out.iterdir()) or proc.poll() is not None)
+    proc = start_cli(["convert", scan, out / "c.nii.gz"])
+    wait_for(lambda: any(p.name.startswith(".c.nii.gz.") for p in out.iterdir()) or proc.poll() is not None)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
@@ -238,7 +214,7 @@ def test_a_signal_while_a_zip_is_extracted_leaves_no_folder(tmp_path):
     temp.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "ctgridit", "info", str(archive)], env={**ENV, "TMPDIR": str(temp)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(temp.iterdir()) or proc.poll() is not None)
+    wait_for(lambda: any(temp.iterdir()) or proc.poll() is not None)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:
@@ -307,24 +283,6 @@ def test_a_zip_that_would_extract_to_far_more_is_refused_before_extracting(capsy
 
 
 # ------------------------------------------------ reading
-def raw_nifti(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0), qform: int = 1, sform: int = 1,
-              dims: tuple | None = None) -> Path:
-    """A NIfTI-1 file written byte by byte, so that its header says exactly what the test wants."""
-    import nibabel as nib
-
-    header = nib.Nifti1Header()
-    header.set_data_dtype(data.dtype)
-    header.set_data_shape(data.shape)
-    header["pixdim"][1:4] = pixdim
-    header["vox_offset"] = 352
-    header["qform_code"], header["sform_code"] = qform, sform
-    header["srow_x"], header["srow_y"], header["srow_z"] = [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]
-    if dims is not None:
-        header["dim"][1:1 + len(dims)] = dims
-    path.write_bytes(header.binaryblock + b"\0" * 4 + data.tobytes(order="F"))
-    return path
-
-
 def test_a_nifti_header_that_promises_more_than_the_file_holds(capsys, tmp_path):
     import gzip
 

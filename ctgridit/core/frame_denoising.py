@@ -33,6 +33,7 @@ last grid is padded by repeating the last frame.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -44,6 +45,7 @@ from ctgridit.core.diffusion import Generators, alpha_bar, diffuse
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
 from ctgridit.core.sampler import ProgressCallback, Start, inpaint, phase_callback
 from ctgridit.core.settings import PipelineSettings
+from ctgridit.errors import CTGridItError, CTGridItWarning
 
 class DenoisingModel(Protocol):
     """What denoising reads of a model: a :class:`~ctgridit.core.pipeline.GriDiTPipeline` has it all (the
@@ -133,6 +135,25 @@ def start_level(scheduler: SchedulerMixin, strength: float | str, sigma: float) 
     return round(s * (len(scheduler.alphas_cumprod) - 1)), 0.0
 
 
+def trained_level(scheduler: SchedulerMixin, t: int, strength: float | str, trained: list[int] | None,
+                  where: str | None = None) -> int:
+    """``t`` where a model trained on diffusion steps ``trained`` (``[low, high]``; None: all) can start from.
+
+    A given strength beyond the last trained step is refused (the model has never seen that much noise and
+    would destroy the scan); the level ``"auto"`` chose from the estimated noise is lowered to it, with a
+    warning that some noise stays."""
+    if trained is None or t <= trained[1]:
+        return t
+    top = trained[1]
+    if strength != "auto":
+        raise CTGridItError(f"strength {strength} starts at diffusion step {t}, beyond step {top}, the last this model "
+                            f"was trained on", where, f"use at most --strength {top / (len(scheduler.alphas_cumprod) - 1):.3f}, or auto")
+    warnings.warn(f"the noise is more than this model was trained to remove (noise-to-signal "
+                  f"{timestep_noise(scheduler, t):.3f} against {timestep_noise(scheduler, top):.3f}); it removes "
+                  "what it can and some noise stays", CTGridItWarning, stacklevel=3)
+    return top
+
+
 def timestep_noise(scheduler: SchedulerMixin, t: int) -> float:
     """The noise-to-signal ratio ``sqrt((1 - abar_t) / abar_t)`` of level ``t``."""
     a = alpha_bar(scheduler, t)
@@ -166,12 +187,14 @@ def denoise_frames(pipeline: DenoisingModel, frames: torch.Tensor, strength: flo
     pixel = isinstance(pipeline.codec, PixelCodec)
     sigma_lr, sigma_hr = estimate_noise(lr), estimate_noise(frames)
     t1, own_lr = start_level(pipeline.scheduler, strength, sigma_lr)
+    t1 = trained_level(pipeline.scheduler, t1, strength, cfg.timesteps.get("stage1"))
     if strength == "auto":
         t2, own_hr = start_level(pipeline.scheduler, strength, sigma_hr)
         own_hr = own_hr if pixel else 0.0
     else:
         ratio = sigma_hr / sigma_lr if sigma_lr > 0 else 1.0
         t2, own_hr = noise_timestep(pipeline.scheduler, timestep_noise(pipeline.scheduler, t1) * ratio), 0.0
+    t2 = trained_level(pipeline.scheduler, t2, strength, cfg.timesteps.get("stage2")) if pipeline.stage2 is not None else t2
     levels = DenoiseLevels(sigma_lr, sigma_hr, t1, t2)
 
     # stage 1 on grids of consecutive frames

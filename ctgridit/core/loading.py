@@ -9,6 +9,7 @@ one-line error naming the folder for anything wrong.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -26,8 +27,9 @@ from ctgridit.errors import CTGridItError, shorten
 INDEX_FILE = DiffusionPipeline.config_name
 #: The weights file of a module folder (diffusers' name; safetensors only).
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-#: The class a ctgridit model folder's ``model_index.json`` names.
+#: The class a ctgridit model folder's ``model_index.json`` names, and the entries it may have besides ``_`` ones.
 PIPELINE_CLASS = "GriDiTPipeline"
+INDEX_ENTRIES = {"stage1", "stage2", "codec", "scheduler", "settings"}
 
 
 def is_model_folder(folder: str | os.PathLike) -> bool:
@@ -48,6 +50,9 @@ def read_settings(folder: str | os.PathLike) -> PipelineSettings:
         index = json.loads((folder / INDEX_FILE).read_text())
         if index.get("_class_name") != PIPELINE_CLASS:
             raise ValueError(f"{INDEX_FILE} is of a {index.get('_class_name')}, not a {PIPELINE_CLASS}")
+        unknown = sorted(k for k in index if not k.startswith("_") and k not in INDEX_ENTRIES)
+        if unknown:
+            raise ValueError(f"{INDEX_FILE} names unknown part(s) {unknown}")
         return PipelineSettings.from_dict(index["settings"])
     except Exception as err:  # a damaged or hand-edited model_index.json
         raise CTGridItError(f"model folder is incomplete or damaged ({shorten(str(err), 240)})", folder,
@@ -72,6 +77,7 @@ def check_weights(folder: Path, module: torch.nn.Module) -> None:
     diffusers refuses a shape that differs but leaves a missing tensor on the
     meta device and drops an unknown one with a log line; ctgridit refuses both.
     """
+    _check_config_keys(folder, module)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CTGridItError(f"{folder.name}/ has no {WEIGHTS_FILE} (ctgridit loads safetensors weights only)",
@@ -103,3 +109,20 @@ def quiet_diffusers():
         diffusers_logging.set_verbosity(level)
         if bars:
             diffusers_logging.enable_progress_bar()
+
+
+def _check_config_keys(folder: Path, module: torch.nn.Module) -> None:
+    """A module folder's ``config.json`` holds only settings the module has (diffusers ignores others quietly)."""
+    config = folder / "config.json"
+    if not config.is_file() or not hasattr(module, "config"):
+        return
+    try:
+        saved = json.loads(config.read_text())
+    except ValueError as err:
+        raise CTGridItError(f"{folder.name}/config.json is not JSON ({shorten(str(err), 120)})", folder.parent,
+                            "re-export the model folder from the trainer") from err
+    known = set(inspect.signature(type(module).__init__).parameters) - {"self"}
+    unknown = sorted(k for k in saved if not k.startswith("_") and k not in known)
+    if unknown:
+        raise CTGridItError(f"{folder.name}/config.json has unknown setting(s) {unknown}", folder.parent,
+                            "re-export the model folder from the trainer")

@@ -17,6 +17,28 @@ from ctgridit.core.sampler import level_strides, stride_labels
 STAGE2_NOISE = ("independent", "shared", "smooth")
 #: The folder layout from which ``scheduler/`` holds stage 1's sampler, not the training scheduler.
 SCHEDULER_LAYOUT = 2
+def _whole(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_types(data: dict) -> None:
+    """The settings' values of the right kinds, said plainly (rather than a constructor's complaint)."""
+    grid, size = data.get("grid"), data.get("frame_size")
+    if not (isinstance(grid, dict) and set(grid) <= {"rows", "cols", "stride", "factor"}
+            and all(_whole(v) for v in grid.values())):
+        raise ValueError(f"settings.grid must hold rows, cols, stride and factor as positive integers, got {grid!r}")
+    if not (isinstance(size, list) and len(size) == 2 and all(_whole(v) for v in size)):
+        raise ValueError(f"settings.frame_size must be [height, width] in pixels, got {size!r}")
+    if not _whole(data.get("channels", 3)):
+        raise ValueError(f"settings.channels must be a positive integer, got {data.get('channels')!r}")
+    for key, kind in (("sampling", dict), ("adapter", dict), ("timesteps", dict), ("layout", int)):
+        if key in data and not isinstance(data[key], kind):
+            raise ValueError(f"settings.{key} must be a{'n integer' if kind is int else ' JSON object'}, "
+                             f"got {data[key]!r}")
+
+
+#: The keys of a model folder's settings.
+SETTINGS_KEYS = {"grid", "frame_size", "channels", "sampling", "adapter", "layout", "timesteps"}
 
 
 @dataclass
@@ -166,6 +188,8 @@ class PipelineSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     adapter: dict[str, Any] = field(default_factory=dict)   # e.g. CT spacing and HU window; opaque here
     layout: int = 1
+    # the diffusion steps a stage was trained on, [low, high], where not all (a denoiser: its low levels only)
+    timesteps: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def lr_frame_size(self) -> tuple[int, int]:
@@ -173,11 +197,19 @@ class PipelineSettings:
 
     def to_dict(self) -> dict:
         return {"grid": self.grid.to_dict(), "frame_size": list(self.frame_size), "channels": self.channels,
-                "sampling": self.sampling.to_dict(), "adapter": self.adapter, "layout": self.layout}
+                "sampling": self.sampling.to_dict(), "adapter": self.adapter, "layout": self.layout,
+                "timesteps": self.timesteps}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineSettings":
+        """Read ``settings``; a key it does not know is a ValueError (a typo or a foreign folder, not ignored)."""
+        if not isinstance(data, dict):
+            raise ValueError("settings must be a JSON object")
+        unknown = set(data) - SETTINGS_KEYS
+        if unknown:
+            raise ValueError(f"unknown settings key(s) {sorted(unknown)}")
+        _check_types(data)
         grid = GridSpec(**data["grid"])
         return cls(grid, tuple(data["frame_size"]), int(data.get("channels", 3)),
                    SamplingConfig.from_dict(data.get("sampling", {}), grid), dict(data.get("adapter", {})),
-                   int(data.get("layout", 1)))
+                   int(data.get("layout", 1)), {k: list(v) for k, v in dict(data.get("timesteps", {})).items()})

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.frame_denoising import DENOISE_STEPS, denoise_grids, estimate_noise, start_level
+from ctgridit.core.frame_denoising import DENOISE_STEPS, denoise_grids, estimate_noise, start_level, trained_level
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
@@ -154,6 +154,7 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     frames = window_hu(volume_to_frames(hu), window)                          # (Z, 1, Y, X) in [-1, 1]
     sigma = estimate_noise(frames)
     t, own = start_level(pipeline.scheduler, strength, sigma)
+    t = trained_level(pipeline.scheduler, t, strength, cfg.timesteps.get("stage1"), volume.source)
     rows, cols = cfg.grid.rows, cfg.grid.cols
     z_step = max(1, cfg.grid.cells // 2)                                       # grids overlap by half along z
     generator = torch.Generator().manual_seed(seed)

@@ -267,7 +267,8 @@ def _choose_series(
             CTGridItWarning,
             stacklevel=3,
         )
-    check_memory(sum(s.size[0] * s.size[1] for s in slices), shown, "the series")
+    check_memory(sum(s.size[0] * s.size[1] for s in slices), shown, "the series",
+                 shape=(*slices[0].size, len(slices)))
     return uid, slices
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,10 @@ from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, to_unit
 from ctgridit.errors import CTGridItError
 
+#: Why a figure may not be a number (``ctgridit evaluate --report`` writes ``null`` with the reason).
+REASONS = {"far_ssim_real": "none: the real volumes are all shorter than the far distance (45 mm)",
+           "far_ssim_generated": "none: the generated volumes are all shorter than the far distance (45 mm)",
+           "continuity_ratio": "none: the real volumes do not change from slice to slice"}
 PROFILE_POINTS = 100
 FAR_MM = 45.0
 SAMPLED_VOXELS = 1_000_000
@@ -71,8 +76,9 @@ def evaluate(real: list[CTVolume], generated: list[CTVolume], features: str | os
     out.update(continuity_real=continuity[0], continuity_generated=continuity[1],
                continuity_ratio=continuity[1] / continuity[0] if continuity[0] > 0 else float("nan"))
     for name, vols in (("real", real), ("generated", generated)):
-        out[f"far_ssim_{name}"] = float(np.nanmean([max_far_ssim(v.array, math.ceil(FAR_MM / v.spacing[2]), window)
-                                                    for v in vols]))
+        far = [max_far_ssim(v.array, math.ceil(FAR_MM / v.spacing[2]), window) for v in vols]
+        far = [f for f in far if np.isfinite(f)]
+        out[f"far_ssim_{name}"] = float(np.mean(far)) if far else float("nan")
     sized = [v.array for v in real if v.shape[:2] == generated[0].shape[:2]]
     if sized:
         nearest = np.concatenate([nearest_slice_ssim(v.array, np.concatenate(sized, axis=2), window)
@@ -81,7 +87,7 @@ def evaluate(real: list[CTVolume], generated: list[CTVolume], features: str | os
     if features is not None:
         net = load_feature_network(features)
         for plane in ("axial", "coronal", "sagittal"):
-            a, b = (_features(net, vols, plane, window) for vols in (real, generated))
+            a, b = (_features(net, vols, plane, window, features) for vols in (real, generated))
             out[f"fid_{plane}"] = frechet_distance(a, b)
         out["fid_25d"] = float(np.mean([out[f"fid_{p}"] for p in ("axial", "coronal", "sagittal")]))
     return out
@@ -128,7 +134,9 @@ def _profile(volume: CTVolume) -> np.ndarray:
 def load_feature_network(path: str | os.PathLike) -> torch.nn.Module:
     """The user's TorchScript feature network, on the CPU, in eval mode."""
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():                      # torch's notice about TorchScript's future, not the user's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # not a TorchScript archive
         raise CTGridItError(f"not a TorchScript feature network ({type(err).__name__})", path,
                             "save one with torch.jit.save(torch.jit.script(net), path)") from err
@@ -146,8 +154,24 @@ def _slices(volume: CTVolume, plane: str, window) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(net, volumes: list[CTVolume], plane: str, window) -> np.ndarray:
-    chunks = [net(_slices(v, plane, window)).flatten(1).double() for v in volumes]
+def _features(net, volumes: list[CTVolume], plane: str, window, path=None) -> np.ndarray:
+    """``(n, F)`` finite features of the slices of every volume; a network that gives anything else is refused."""
+    chunks = []
+    for v in volumes:
+        images = _slices(v, plane, window)
+        try:
+            out = net(images)
+        except Exception as err:  # the user's TorchScript: any error of its own
+            raise CTGridItError(f"the feature network fails on {FID_SIZE} x {FID_SIZE} slices ({type(err).__name__})",
+                                path, "give a network taking (N, 3, S, S) images in [0, 1]") from err
+        if not torch.is_tensor(out) or out.ndim < 2 or out.shape[0] != len(images):
+            raise CTGridItError(f"the feature network returns {tuple(getattr(out, 'shape', ()))} for a batch of slices, "
+                                "not one feature vector per slice", path, "return (N, F) features")
+        out = out.flatten(1).double()
+        if not torch.isfinite(out).all():
+            raise CTGridItError("the feature network returns NaN or infinite features", path,
+                                "check the network on images in [0, 1]")
+        chunks.append(out)
     return torch.cat(chunks).numpy()
 
 
@@ -157,8 +181,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(root).all():                         # near-singular: FID's usual regularisation
-        eye = np.eye(len(s1)) * 1e-6
-        root = linalg.sqrtm((s1 + eye) @ (s2 + eye))
+    with warnings.catch_warnings():                          # sqrtm's accuracy notes: handled below
+        warnings.simplefilter("ignore")
+        try:
+            root = linalg.sqrtm(s1 @ s2)
+            if not np.isfinite(root).all():                  # near-singular: FID's usual regularisation
+                eye = np.eye(len(s1)) * 1e-6
+                root = linalg.sqrtm((s1 + eye) @ (s2 + eye))
+        except (linalg.LinAlgError, ValueError) as err:
+            raise CTGridItError(f"the Frechet distance cannot be computed from these features ({err})",
+                                hint="check the feature network: its features must vary between slices") from err
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(root)))

@@ -35,9 +35,13 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
 
 def psnr(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = DEFAULT_WINDOW,
          mask: np.ndarray | None = None) -> float:
-    """PSNR in dB with data range the window width, over ``mask`` (default all voxels)."""
+    """PSNR in dB with data range the window width, over ``mask`` (default all voxels): infinite where the images
+    are equal, NaN where the mask holds no voxel."""
     err = (to_unit(reference.astype(np.float64), window) - to_unit(image.astype(np.float64), window)) ** 2
-    mse = float(err[mask].mean() if mask is not None else err.mean())
+    chosen = err[mask] if mask is not None else err
+    if chosen.size == 0:
+        return float("nan")
+    mse = float(chosen.mean())
     return float("inf") if mse == 0 else -10.0 * np.log10(mse)
 
 
@@ -59,4 +63,10 @@ def quality(reference: np.ndarray, image: np.ndarray, window: Sequence[float] = 
     mask = body_mask(reference) if mask is None else mask
     smap = ssim_map(reference, image, window)
     return {"psnr": psnr(reference, image, window), "ssim": float(smap.mean()),
-            "psnr_body": psnr(reference, image, window, mask), "ssim_body": float(smap[mask].mean())}
+            "psnr_body": psnr(reference, image, window, mask),
+            "ssim_body": float(smap[mask].mean()) if mask.any() else float("nan")}
+
+#: Why a quality figure may not be a number (reports write ``null`` with the reason).
+QUALITY_REASONS = {"psnr": "infinite: the image equals the reference", "psnr_body":
+                   "none: the reference has no body voxels (or the body equals the reference: infinite)",
+                   "ssim_body": "none: the reference has no body voxels"}

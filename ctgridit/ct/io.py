@@ -60,13 +60,13 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
     p = Path(path)
     if not p.exists():
         raise CTGridItError("no such file or folder", p, "check the path")
-    if p.is_dir():
-        return read_dicom_series(p, series_uid)
+    if p.is_dir() or p.name.lower().endswith(".zip") and p.is_file():
+        volume = read_dicom_series(p, series_uid) if p.is_dir() else read_dicom_zip(p, series_uid)
+        _warn_not_hu(volume.array, p)
+        return volume
     if not p.is_file():
         raise CTGridItError("is not a regular file (a pipe, socket or device)", p, "give a file on disk")
     name = p.name.lower()
-    if name.endswith(".zip"):
-        return read_dicom_zip(p, series_uid)
     if series_uid is not None:
         raise CTGridItError("a series UID only applies to a DICOM folder or zip", p, "leave out the series UID")
     if name.endswith(NIFTI_SUFFIXES):
@@ -76,6 +76,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> CTVolume:
     else:
         raise _unreadable(p)
     _check_values(array, affine, p)
+    _warn_not_hu(array, p)
     return CTVolume(array, _straightened(affine, p), source=str(p), source_dtype=dtype)
 
 
@@ -123,7 +124,8 @@ def _warn_int16_losses(volume: CTVolume, out: Path) -> None:
                       "its ends", CTGridItWarning, stacklevel=3)
     sample = a.ravel()[:: max(1, a.size // 1_000_000)]
     low, high = np.percentile(sample, [1, 99])
-    if high - low < NOT_HU_RANGE and np.any(sample != np.rint(sample)):
+    # small fractional values near 0 (probabilities, [0, 1] images); not a narrow range of real HU (air, water)
+    if high - low < NOT_HU_RANGE and max(abs(low), abs(high)) < NOT_HU_RANGE and np.any(sample != np.rint(sample)):
         kept = len(np.unique(np.rint(sample)))
         warnings.warn(f"{out}: the values ({float(low):.3g} to {float(high):.3g} for 98 % of the voxels) do not "
                       f"look like HU; written as whole HU they keep only {kept} distinct values", CTGridItWarning,
@@ -191,7 +193,9 @@ def _check_nifti_size(path: Path, header, dtype: np.dtype) -> None:
     shape = tuple(int(d) for d in header["dim"][1:1 + int(header["dim"][0])])
     voxels = int(np.prod(shape))
     promised = voxels * dtype.itemsize
-    offset = int(header["vox_offset"]) if "vox_offset" in header else 352
+    # the data follow the header and its 4-byte extension flag: at 352 (NIfTI-1) or 544 (NIfTI-2) at least
+    first = 352 if int(header["sizeof_hdr"]) == 348 else 544
+    offset = max(int(header["vox_offset"]) if "vox_offset" in header else first, first)
     if path.name.lower().endswith(".gz"):
         with open(path, "rb") as f:                      # gzip's last 4 bytes: the data size modulo 2**32
             f.seek(-4, os.SEEK_END)
@@ -201,9 +205,10 @@ def _check_nifti_size(path: Path, header, dtype: np.dtype) -> None:
         holds = path.stat().st_size - offset
     if holds is not None and holds < promised:
         raise CTGridItError(f"the header promises {' x '.join(map(str, shape))} {dtype} voxels "
-                            f"({gigabytes(promised)}) but the file holds {max(holds, 0):,} bytes of them", path,
+                            f"({gigabytes(promised)}) but the file holds only {max(holds, 0):,} bytes of voxel data "
+                            f"after its {offset}-byte header", path,
                             "the file is truncated or its header damaged: export it again")
-    check_memory(voxels, path)
+    check_memory(voxels, path, shape=shape)
 
 
 @contextlib.contextmanager
@@ -258,7 +263,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if min(reader.GetSpacing()) <= 0:
         warnings.warn(f"{path}: non-positive voxel sizes in the header ({list(reader.GetSpacing())})",
                       CTGridItWarning, stacklevel=3)
-    check_memory(int(np.prod(shape)), path)
+    check_memory(int(np.prod(shape)), path, shape=shape)
     try:
         with _captured_stderr() as said:
             img = reader.Execute()
@@ -299,6 +304,15 @@ def _volume_shape(shape, path: Path) -> tuple[int, int, int]:
     if len(shape) < 3 or min(shape) < 2:
         raise CTGridItError(f"is a 2D image (shape {shape}), not a CT volume", path, "give a 3D scan")
     return shape  # type: ignore[return-value]
+
+
+def _warn_not_hu(array: np.ndarray, path: Path) -> None:
+    """Say so when a scan holds no value below 0 HU: CT in HU has air (-1000) or at least fat (-100); values of 0
+    and up look like a picture's grey levels or stored values without their rescale."""
+    if array.size and float(array.min()) >= 0:
+        warnings.warn(f"{path}: no voxel is below 0 (values {float(array.min()):.4g} to {float(array.max()):.4g}): "
+                      "this does not look like CT in HU (air is -1000, fat -100); it is read as HU", CTGridItWarning,
+                      stacklevel=3)
 
 
 def _check_values(array: np.ndarray, affine: np.ndarray, path: Path) -> None:

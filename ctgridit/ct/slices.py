@@ -23,9 +23,19 @@ consecutive slices, some cells known and the others generated
   (the paper's extension step with ``m = 1``). Going down, the scan is turned
   over along z first, so the model continues it as it continues upwards.
 
+Both work along the scan's **slice axis** (:func:`slice_axis`): its thickest
+voxel axis, or, where voxels are about as thick along two or three axes, the
+head-feet axis if it is one of them, else the third voxel axis as stored (the
+DICOM slice direction); where neither is, the scan is refused.
+For an axial scan that is the head-feet axis; a sagittal or coronal stack is
+thinned (or continued) along its own slice axis, and "up" is then towards the
+patient's left or back (the LPS direction of the axis, as "up" is towards the
+head for an axial scan).
+
 In-plane, MONAI's sliding window covers the slices with tiles of the model's
 size overlapping by a quarter, blended with Gaussian weights; the scan is
-oriented LPS for the model (axes only, no resampling) and turned back. The
+oriented with its slice axis last for the model (LPS for an axial scan; axes
+only, no resampling) and turned back. The
 output keeps the input's in-plane grid and axis order; its slice spacing is
 ``spacing / factor`` (interpolation) and its origin that of the same physical
 slice (the first input slice stays where it was; extension downwards moves the
@@ -92,9 +102,31 @@ def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
                             where, "use a model of 2 x 2 or larger grids")
 
 
+#: Bytes a new-slices task holds per voxel of its result (the frames, the filled copy, HU, the volume turned back;
+#: float64 for the splines), for the memory check before reading (:func:`interpolation_plan`).
+WORK_BYTES = 24
+
+
+def interpolation_plan(factor: int):
+    """What interpolating by ``factor`` makes of a scan of a given shape: for
+    :func:`~ctgridit.limits.planned_output`."""
+    def plan(shape: tuple[int, ...]) -> tuple[int, str]:
+        return WORK_BYTES * factor * int(np.prod(shape)), f"{factor} times as many slices out"
+    return plan
+
+
+def extension_plan(slices: int):
+    """What extending by ``slices`` makes of a scan of a given shape (its thinnest axis taken as the slice axis:
+    the most it can be)."""
+    def plan(shape: tuple[int, ...]) -> tuple[int, str]:
+        per_slice = int(np.prod(shape)) // max(1, min(shape))
+        return WORK_BYTES * per_slice * (min(shape) + slices), f"{slices} more slices out"
+    return plan
+
+
 def check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
-        raise CTGridItError(f"unknown direction {direction!r}", hint=f"use one of {', '.join(DIRECTIONS)}")
+        raise CTGridItError(f"unknown direction {direction!r}", "--direction", f"use one of {', '.join(DIRECTIONS)}")
 
 
 def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLike | GriDiTPipeline | None = None,
@@ -104,7 +136,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     ``"linear"`` or ``"cubic"`` interpolates each voxel's HU along z instead (any ``factor`` >= 2; not-a-knot
     cubic spline, which needs 4 slices)."""
     if method not in METHODS:
-        raise CTGridItError(f"unknown method {method!r}", hint=f"use one of {', '.join(METHODS)}")
+        raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     start = time.perf_counter()
     if method == "flow":
         return _flow_interpolation(volume, factor, start)
@@ -114,7 +146,8 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     cells = pipeline.settings.grid.cells
     if factor != cells - 1:
         raise CTGridItError(f"this model interpolates by a factor of {cells - 1} only (got {factor})",
-                            hint=f"use --factor {cells - 1}, or --method cubic for other factors")
+                            model if model is not None and not isinstance(model, GriDiTPipeline) else "the slice model",
+                            f"use --factor {cells - 1}, or --method flow or cubic for other factors")
     frames, lps = _model_frames(volume, pipeline, minimum=2)
     n = len(frames)
     out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])                   # (Z', 1, Y, X)
@@ -218,12 +251,38 @@ def _steps(pipeline: GriDiTPipeline, steps: int | None) -> int:
     return steps or pipeline.settings.sampling.stage1.num_steps
 
 
+#: Axis codes that put each world axis (LPS: 0 left, 1 posterior, 2 superior) last, where the tasks work along it.
+SLICE_LAST = {0: "PSL", 1: "LSP", 2: "LPS"}
+#: Axes whose voxels are within this factor of the thickest count as equally thick.
+SAME_THICKNESS = 0.9
+
+
+def slice_axis(volume: CTVolume) -> int:
+    """The world axis (0 left-right, 1 front-back, 2 head-feet) ``interpolate`` and ``extend`` work along: the scan's
+    thickest voxel axis; where two or three are about as thick (within 10 %), the head-feet axis if it is one of
+    them (axial slices), else the third voxel axis as stored (the DICOM slice direction). Refused where neither
+    is among the thickest: which slices to work on is not clear."""
+    affine = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+    sizes = np.linalg.norm(affine, axis=0)                                        # voxel size along each array axis
+    worlds = [int(np.argmax(np.abs(affine[:, a]))) for a in range(3)]             # their world axes (RAS = LPS order)
+    thick = [a for a in range(3) if sizes[a] >= SAME_THICKNESS * sizes.max()]
+    if len(thick) == 1:
+        return worlds[thick[0]]
+    if 2 in (worlds[a] for a in thick):
+        return 2
+    if 2 in thick:
+        return worlds[2]
+    raise CTGridItError(f"has voxels of {sizes.round(3).tolist()} mm: two axes are the thickest and neither is the "
+                        "head-feet axis nor the stored slice axis, so which slices to work on is not clear",
+                        volume.source, "resample it so that one axis is the thickest")
+
+
 def _lps(volume: CTVolume, minimum: int):
-    """The scan oriented LPS (axes only, no resampling): a ``(1, X, Y, Z)`` HU MetaTensor of ``minimum`` slices
-    or more."""
+    """The scan with its slice axis (:func:`slice_axis`) last, axes only, no resampling (LPS for an axial scan):
+    a ``(1, A, B, Z)`` HU MetaTensor of ``minimum`` slices or more."""
     from ctgridit.ct.transforms import Orient, volume_to_metatensor
 
-    lps = Orient()(volume_to_metatensor(volume))
+    lps = Orient(SLICE_LAST[slice_axis(volume)])(volume_to_metatensor(volume))
     if lps.shape[-1] < minimum:
         raise CTGridItError(f"has {lps.shape[-1]} slice(s); this needs at least {minimum}", volume.source,
                             "give a scan with more slices")

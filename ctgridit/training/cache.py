@@ -63,7 +63,9 @@ def prepare_cache(sequences, folder: str | os.PathLike, settings: dict, workers:
     sequences). ``settings`` (the data settings that made the frames) is
     recorded; a cache made with other settings is refused. Sequences already
     in the cache are skipped, so an interrupted run continues where it
-    stopped; a sequence that fails is reported and skipped, never the run.
+    stopped, unless their file is damaged (:func:`intact`: truncated, or not the
+    recorded shape), which is prepared again; a sequence that fails is reported
+    and skipped, never the run.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,9 @@ def prepare_cache(sequences, folder: str | os.PathLike, settings: dict, workers:
                             "prepare into another folder (or delete this one)")
     entries = {e["name"]: e for e in (index or {}).get("sequences", [])}
     names = [sequences.name(i) for i in range(len(sequences))]
-    todo = [i for i, name in enumerate(names) if name not in entries or not (folder / entries[name]["file"]).is_file()]
+    todo = [i for i, name in enumerate(names) if name not in entries or not intact(folder, entries[name])]
+    for i in todo:
+        entries.pop(names[i], None)                              # a damaged entry counts as not prepared
     failed: list[tuple[str, str]] = []
     done = len(names) - len(todo)
 
@@ -100,6 +104,16 @@ def prepare_cache(sequences, folder: str | os.PathLike, settings: dict, workers:
                 record(futures[future], future.result())
     _write_index(folder, settings, [entries[n] for n in names if n in entries], failed)
     return PrepareReport(len(names) - len(failed), len(todo) - len(failed), failed)
+
+
+def intact(folder: Path, entry: dict) -> bool:
+    """Whether a cache entry's file is there whole: an int16 ``.npy`` of the recorded frame count and shape, its
+    data all in the file (a truncated file cannot be memory-mapped)."""
+    try:
+        data = np.load(folder / entry["file"], mmap_mode="r")
+    except (OSError, ValueError, KeyError):
+        return False
+    return data.dtype == np.int16 and list(data.shape) == [int(entry["num_frames"]), *map(int, entry["shape"])]
 
 
 def _prepare_one(sequences, i: int, folder: Path):
@@ -162,6 +176,11 @@ class CachedSequences:
         self.entries = index["sequences"]
         if not self.entries:
             raise CTGridItError("holds no prepared sequence", self.folder, "check `ctgridit prepare`'s report")
+        damaged = [e["file"] for e in self.entries if not intact(self.folder, e)]
+        if damaged:
+            raise CTGridItError(f"holds {len(damaged)} damaged file(s) ({', '.join(damaged[:3])}"
+                                f"{', ...' if len(damaged) > 3 else ''}): truncated or not the recorded shape",
+                                self.folder, "run `ctgridit prepare CONFIG` again: it prepares them anew")
         self.scale = float(index["scale"])
         self._maps: dict[int, np.ndarray] = {}
 

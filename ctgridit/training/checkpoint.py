@@ -61,12 +61,15 @@ def save_checkpoint(folder: str | Path, step: int, model: dict[str, torch.Tensor
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(model weights, EMA weights, state)`` of one checkpoint folder, without unpickling objects."""
+    """``(model weights, EMA weights, state)`` of one checkpoint folder, without unpickling objects; its
+    ``config.json``, where there is one, must be a JSON object (it is what a resumed run is checked against)."""
     path = Path(path)
     try:
         model = load_file(str(path / "model.safetensors"))
         ema = load_file(str(path / "ema.safetensors"))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        if (path / "config.json").exists() and not isinstance(json.loads((path / "config.json").read_text()), dict):
+            raise ValueError("config.json is not a JSON object")
     except Exception as err:  # missing, truncated (SafetensorError), not plain data: the user's file, not a bug
         raise CTGridItError(f"cannot load the checkpoint ({' '.join(str(err).split())[:200]})", path,
                             "delete it to resume from the one before") from err

@@ -176,8 +176,9 @@ def pipeline_settings(config: TrainConfig, codec: LatentCodec) -> PipelineSettin
     section added over it)."""
     adapter = get_adapter(config.data.kind, config.source).model_settings(config)
     adapter.update(config.adapter)
+    trained = {f"stage{s}": list(config.stage(s).timesteps) for s in (1, 2) if config.stage(s).timesteps}
     return PipelineSettings(config.grid_spec, tuple(config.frame_size), codec.image_channels,
-                            config.sampling_config, adapter, SCHEDULER_LAYOUT)
+                            config.sampling_config, adapter, SCHEDULER_LAYOUT, trained)
 
 
 # ------------------------------------------------------------------- batches
@@ -290,15 +291,17 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     audit: list = []
     micro_batches = iter(loader)
     state.model.train()
-    for step in range(state.start, total):
-        loss = state.step(step, micro_batches, codec, scheduler, audit if audit_dir else None)
-        done = step + 1
-        log.add(done, accelerator.reduce(loss, "mean"), state.lr_schedule.get_last_lr()[0])
-        if done % config.checkpoint.every == 0 or done == total:
-            _checkpoint(accelerator, config, stage, done, state.model, state.ema, state.optimizer,
-                        state.lr_schedule, state.names, ckpt_dir)
-            log.plot()
-    log.close()
+    try:
+        for step in range(state.start, total):
+            loss = state.step(step, micro_batches, codec, scheduler, audit if audit_dir else None)
+            done = step + 1
+            log.add(done, accelerator.reduce(loss, "mean"), state.lr_schedule.get_last_lr()[0])
+            if done % config.checkpoint.every == 0 or done == total:
+                _checkpoint(accelerator, config, stage, done, state.model, state.ema, state.optimizer,
+                            state.lr_schedule, state.names, ckpt_dir)
+                log.plot()
+    finally:                                      # also when stopped: the bar ends before the error line
+        log.close()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:
