@@ -655,6 +655,19 @@ def usage_error(err: typer.TyperException) -> str:
     return f"{command}: {message}; see {command} --help"
 
 
+def _error_line(message: str) -> None:
+    """Print ``error: message`` as the last line: progress bars still open (a stop that came before the code that
+    owns one could close it) are closed first, so none redraws itself below the error."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+    except Exception:  # noqa: BLE001 - the error line matters more than a bar
+        pass
+    print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line: one ``error:`` line and exit 2 for user errors, 128 + signal when stopped.
 
@@ -673,27 +686,27 @@ def main(argv: list[str] | None = None) -> None:
     except CTGridItError as err:
         if debugging():
             traceback.print_exception(err)
-        print(f"error: {err.one_line()}", file=sys.stderr)
+        _error_line(err.one_line())
         sys.exit(err.exit_code)
     except typer.TyperException as err:                       # bad options and arguments (click's errors)
         if type(err).__name__ == "NoArgsIsHelpError":          # `ctgridit` alone: the help
             print(err.format_message(), file=sys.stderr)
             sys.exit(2)
-        print(f"error: {usage_error(err)}", file=sys.stderr)
+        _error_line(usage_error(err))
         sys.exit(2)
     except (MemoryError, RuntimeError) as err:                 # what an estimate missed: one line, not a traceback
         if not out_of_memory(err):
             raise
         if debugging():
             traceback.print_exception(err)
-        print("error: ran out of memory; ask for less (fewer slices or volumes, a smaller factor), crop the input, "
-              "or use a machine with more memory", file=sys.stderr)
+        _error_line("ran out of memory; ask for less (fewer slices or volumes, a smaller factor), crop the input, "
+                    "or use a machine with more memory")
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt) as err:
         stop = stop_of(err)
-        print(f"error: {stop.reason}", file=sys.stderr)
+        _error_line(stop.reason)
         sys.exit(stop.exit_code)
     if signals.received is not None:                          # typer turned the interrupt into exit 130
-        print(f"error: {signals.received.reason}", file=sys.stderr)
+        _error_line(signals.received.reason)
         sys.exit(signals.received.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

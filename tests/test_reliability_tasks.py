@@ -442,3 +442,17 @@ def test_no_warning_leaks_from_reading(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CTGridItWarning)
         read_ct(_volume(tmp_path / "v.nii.gz", _smooth((8, 8, 4)), np.eye(4)))
+
+
+def test_a_progress_bar_left_open_never_draws_below_the_error_line(capsys):
+    """A stop that lands before the code owning a bar can close it (CI saw one): the error line still comes last."""
+    from tqdm.auto import tqdm
+
+    from ctgridit.cli import _error_line
+
+    bar = tqdm(total=10, desc="train stage 1")
+    bar.update(1)
+    _error_line("terminated")
+    del bar                                                   # what the garbage collector would do at exit
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "error: terminated", err

@@ -286,12 +286,13 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     batches = StepBatches(state.start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
                         persistent_workers=config.data.num_workers > 0)
-    log = _StepLog(config, stage, state.start, total, optim.grad_accum * world * optim.batch_size,
-                   accelerator.is_main_process, quiet)
     audit: list = []
-    micro_batches = iter(loader)
-    state.model.train()
+    log = None
     try:
+        log = _StepLog(config, stage, state.start, total, optim.grad_accum * world * optim.batch_size,
+                       accelerator.is_main_process, quiet)
+        micro_batches = iter(loader)
+        state.model.train()
         for step in range(state.start, total):
             loss = state.step(step, micro_batches, codec, scheduler, audit if audit_dir else None)
             done = step + 1
@@ -301,7 +302,8 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
                             state.lr_schedule, state.names, ckpt_dir)
                 log.plot()
     finally:                                      # also when stopped: the bar ends before the error line
-        log.close()
+        if log is not None:
+            log.close()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(state.model)
     if accelerator.is_main_process:
@@ -475,15 +477,15 @@ class _StepLog:
         self.samples_per_step, self.main = samples_per_step, main
         self.metrics = MetricsLog(Path(config.checkpoint.dir) / f"stage{stage}", start,
                                   config.logging.tensorboard) if main else None
+        self.first_loss = self.last_loss = None
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
+        self.began = time.perf_counter()
         self.progress = None
-        if main and not quiet:
+        if main and not quiet:                    # last: a stop while the rest is made leaves no bar open
             from tqdm.auto import tqdm
 
             self.progress = tqdm(total=total, initial=start, desc=f"train stage {stage}", unit="step",
                                  dynamic_ncols=True)
-        self.first_loss = self.last_loss = None
-        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
-        self.began = time.perf_counter()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.began
