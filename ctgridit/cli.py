@@ -157,7 +157,7 @@ def synth(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="CT: the NIfTI file to write (default vol.nii.gz), or a folder (ending in /) for vol_00000.nii.gz, ...; video: an .mp4 or .gif file (default clip.mp4), or a name without suffix for a folder of PNG frames."),
     num: int = typer.Option(1, "--num", "-n", min=1, help="How many volumes or clips (OUT_000.nii.gz, ... or the folder's vol_NNNNN.nii.gz); under torchrun write -n (torchrun reads --num as its own --numa-binding)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed, 0 .. {SEED_MAX}: the same seed gives the same output."),
-    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer, or a bundled model by name (ct_small, the default; video_shapes, moving squares); a video model writes clips."),
+    model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer, or a bundled model by name (ct_chest, the default; video_shapes, moving squares); a video model writes clips."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps per grid (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps (under torchrun: one GPU per process)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, bf16 or fp16 (half precision on GPUs)."),

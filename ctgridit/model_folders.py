@@ -18,7 +18,7 @@ from ctgridit.errors import CTGridItError
 
 MODELS = Path(__file__).resolve().parent / "models"
 #: The demonstration synthesis model shipped inside the package (see its MODEL.md).
-BUNDLED_MODEL = MODELS / "ct_small"
+BUNDLED_MODEL = MODELS / "ct_chest"
 #: The native-resolution denoiser shipped inside the package (see its MODEL.md).
 BUNDLED_DENOISER = MODELS / "ct_denoise"
 #: The native-resolution model of ``interpolate`` and ``extend`` shipped inside the package (see its MODEL.md).

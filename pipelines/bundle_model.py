@@ -1,11 +1,11 @@
 """Save a trained model folder into the package as a bundled model (float16 weights), with its model card.
 
-    python pipelines/bundle_model.py runs/ct_bundled/model --bench bench.txt      # the synthesis model
+    python pipelines/bundle_model.py runs/ct_chest/model --bench bench.txt        # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise/model --denoiser --bench eval.txt
     python pipelines/bundle_model.py runs/ct_interpolate_flow/model --slices --bench eval.txt
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
-The bundled model lives in ``ctgridit/models/ct_small/`` and is what
+The bundled synthesis model lives in ``ctgridit/models/ct_chest/`` and is what
 ``ctgridit synth`` uses without ``--model``. Weights are stored as float16
 safetensors (half the size; they load as float32). The model card ``MODEL.md``
 records the data, the training config and steps of each stage (from the
@@ -27,11 +27,14 @@ from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLIC
 from ctgridit.training.trainer import loss_decrease
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "pipelines" / "configs" / "ct_bundled.yaml"
 
 
-def stage_summary(log: Path) -> str:
+def stage_summary(log: Path, until: int | None = None) -> str:
+    """Steps, first and last loss and hours of a training log (up to step ``until`` where a later phase started
+    from that step)."""
     rows = list(csv.DictReader(log.open())) if log.exists() else []
+    if until is not None:
+        rows = [r for r in rows if int(r["step"]) <= until]
     if not rows:
         return "no log"
     first, last = loss_decrease(rows, window=50)
@@ -51,55 +54,91 @@ def measured(bench: str | None, command: str | None = None) -> str:
 
 
 def card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+    """The card of the bundled chest model (``ct_chest``): phase 1 in ``runs/ct_chest_coarse``, phase 2 and stage 2
+    in ``checkpoints`` (``runs/ct_chest/checkpoints``)."""
     cfg = pipeline.settings
     s1, s2 = cfg.sampling.stage1, cfg.sampling.stage2
     params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pipeline.stage1, pipeline.stage2)]
     height, width = cfg.frame_size
     spacing = cfg.adapter["spacing"]
     cells = cfg.lr_frame_size
-    text = f"""# ct_small: the model bundled with ctgridit
+    coarse, grown = training_config("ct_chest_coarse.yaml"), training_config("ct_chest.yaml")
+    phase1_steps = int(grown["stage1"]["init"].rsplit("_", 1)[1])
+    phase1_log = REPO / "runs" / "ct_chest_coarse" / "checkpoints" / "stage1" / "train_log.csv"
+    cond = grown["stage1"]["conditioning"]
+    text = f"""# ct_chest: the chest CT model bundled with ctgridit
 
-A demonstration chest CT model, small enough to run on a laptop CPU: it
-generates axial slices of {height} x {width} voxels of {spacing[0]:g} x {spacing[1]:g} mm
-(a {width * spacing[0]:g} mm field of view), {spacing[2]:g} mm apart; 201 slices are
-{201 * spacing[2]:g} mm, the extent of a CT-RATE chest volume.
+A demonstration chest CT model, small enough to run on a laptop CPU: 201 axial
+slices of {height} x {width} voxels of {spacing[0]:g} x {spacing[1]:g} mm (a {width * spacing[0]:g} mm field of view),
+{spacing[2]:g} mm apart ({200 * spacing[2]:g} mm, the extent of a CT-RATE chest volume), from the
+upper abdomen through the lungs to the lower neck. `ctgridit synth` uses it by default.
 
-- **Stage 1** ({params[0]:.1f} M parameters): a masked-conditional, stride-aware
-  DiT over {cfg.grid.rows} x {cfg.grid.cols} grids of {cells[0]} x {cells[1]} slices
-  (factor {cfg.grid.factor}), pixel space, patch {pipeline.stage1.config.patch_size}. It extends a volume upwards
-  from its lower end at a stride of {pipeline.max_stride} slices, then {s1.levels} levels of
-  interpolation fill the slices between ({s1.sampler.upper()}, {s1.num_steps} steps).
-- **Stage 2** ({params[1]:.1f} M parameters): a DiT that super-resolves each slice
-  to {height} x {width}, starting from the upsampled stage-1 slice at strength
-  {s2.strength} ({s2.sampler.upper()} {s2.num_steps} steps, noise that changes smoothly over
-  about {s2.noise_length:g} slices).
-- **Data**: real chest scans of this project's `shared/data/ct`, resampled to
-  {spacing[0]:g} x {spacing[1]:g} x {spacing[2]:g} mm, HU window -1000..1000: TCIA LIDC-IDRI-0314 (1 mm slices,
-  neck to upper abdomen) and Lung-PET-CT-Dx A0001 (5 mm) and A0002 (8 mm), each in two
-  reconstruction kernels. A scan serves only strides at least as long as its
-  own slice spacing: the thick scans teach extension at {pipeline.max_stride * spacing[2]:g} mm, the
-  thin one all levels. In-plane zoom and shift augmentation.
-- **Training** (`pipelines/configs/ct_bundled.yaml`, batch 16, AdamW, EMA 0.999,
-  2 CPU cores):
-  - stage 1: {stage_summary(checkpoints / 'stage1' / 'train_log.csv')};
-  - stage 2: {stage_summary(checkpoints / 'stage2' / 'train_log.csv')}.
-- **What it is not**: a research-grade model. Three patients cannot teach the
-  variability of chest CT; expect the anatomy of the training patients, with
-  variations. Train `pipelines/configs/ctrate_xl.yaml` on CT-RATE with GPUs for a
+- **Stage 1** ({params[0]:.1f} M parameters): a masked-conditional, stride-aware DiT
+  (width {pipeline.stage1.config.hidden_size}, depth {pipeline.stage1.config.depth}, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of {cells[0]} x {cells[1]} cells
+  (slices downsampled {cfg.grid.factor} times: 12 mm pixels), pixel space, predicting the clean grid.
+  It draws a first grid of slices {pipeline.max_stride * spacing[2]:g} mm apart at the lower end of a chest,
+  extends it upwards two slices at a time, then {s1.levels} levels of interpolation fill the
+  slices between ({s1.sampler.upper()}, {s1.num_steps} steps).
+- **Stage 2** ({params[1]:.1f} M parameters): a DiT (patch {pipeline.stage2.config.patch_size}) that super-resolves each slice
+  to {height} x {width}, starting from the upsampled stage-1 slice at strength {s2.strength}
+  ({s2.sampler.upper()} {s2.num_steps} steps, noise that changes smoothly over about {s2.noise_length:g} slices),
+  trained on diffusion steps {grown["stage2"]["timesteps"][0]} to {grown["stage2"]["timesteps"][1]} only.
+- **Data**: the four chest patients of this project's `shared/data/ct`, resampled to
+  {spacing[0]:g} x {spacing[1]:g} x {spacing[2]:g} mm, HU window -1000..1000, one reconstruction kernel each:
+  LIDC-IDRI-0314 (1 mm slices), LIDC-IDRI-0001 (2.5 mm), Lung-PET-CT-Dx A0001 (5 mm) and
+  A0002 (8 mm). A scan serves only strides at least as long as its own slice
+  spacing: all four teach the first grid and extension at {pipeline.max_stride * spacing[2]:g} mm, the
+  thinner ones the interpolation levels. No chest is held out (there are four);
+  how close the slices stay to the training scans is measured below.
+- **Training** (batch {grown["optim"]["batch_size"]}, AdamW, learning rate {grown["optim"]["lr"]:g} after {grown["optim"]["warmup_steps"]} warm-up steps,
+  EMA {grown["optim"]["ema_decay"]}, clean-sample prediction with Min-SNR-{grown["diffusion"]["min_snr"]:g} weights, 2 CPU cores):
+  - stage 1, phase 1 (`pipelines/configs/ct_chest_coarse.yaml`): only the first grid
+    and extension at stride {coarse["data"]["strides"][0]} ({coarse["stage1"]["conditioning"]["unconditional"]:g} / {coarse["stage1"]["conditioning"]["extension"]:g}), no in-plane
+    augmentation: {stage_summary(phase1_log, phase1_steps)};
+  - stage 1, phase 2 (`pipelines/configs/ct_chest.yaml`, from phase 1): interpolation at
+    strides {cond["task_strides"]["interpolation"]} beside the first grid and extension at {cond["task_strides"]["extension"]}
+    ({cond["unconditional"]:g} / {cond["extension"]:g} / {cond["interpolation"]:g}):
+    {stage_summary(checkpoints / 'stage1' / 'train_log.csv')};
+  - stage 2 (`pipelines/configs/ct_chest.yaml`): {stage_summary(checkpoints / 'stage2' / 'train_log.csv')}.
+- **What it is not**: a research-grade model. Four patients cannot teach the
+  variability of chest CT: expect the anatomy of the training patients, mixed
+  and varied. Train `pipelines/configs/ctrate_xl.yaml` on CT-RATE with GPUs for a
   real model.
 
-Reproduce (from the repository root, with `../shared/data/ct` present):
+Reproduce (from the repository root, with the shared data at `$CTGRIDIT_DATA`, default
+`../shared/data/ct`):
 
 ```bash
-ctgridit train stage1 --config pipelines/configs/ct_bundled.yaml
-ctgridit train stage2 --config pipelines/configs/ct_bundled.yaml
-python pipelines/bundle_model.py runs/ct_bundled/model
+ctgridit prepare pipelines/configs/ct_chest_coarse.yaml
+ctgridit train stage1 --config pipelines/configs/ct_chest_coarse.yaml --steps {phase1_steps}
+ctgridit train stage1 --config pipelines/configs/ct_chest.yaml
+ctgridit train stage2 --config pipelines/configs/ct_chest.yaml
+python pipelines/bundle_model.py runs/ct_chest/model
 ```
 
 Training is deterministic for a given machine and library versions (every
 sample is a function of the seed and its index; `--resume` continues exactly).
+""" + TRIED
+    return text + measured(bench, "python pipelines/bench_synth.py --picture docs/synth_chest.png")
+
+
+#: What was tried on the way to the bundled chest model (issue 27), for its card.
+TRIED = """
+## What was tried
+
+Each route trained on 2 CPU cores; "lung peak" is the largest share of the body
+below -500 HU in one slice (real chests here: 0.31 to 0.39).
+
+| route | training | what it gave |
+|---|---|---|
+| `ct_small` (the model bundled before) | 3 mm slices, 2 x 2 grids of 64 x 64, noise prediction, three scans | a volume of 603 mm, lungs over 276 mm running into an end slice |
+| 1.5 mm, strides 1, 3, 9 at once, noise prediction (`ct_bundled.yaml`) | 5,000 + 1,500 steps of batch 16, in-plane jitter | lung peak 0.06 to 0.11; stage-1 cells a patchwork of 4 x 4-pixel tokens |
+| the same fine-tuned to predict the clean grid (`ct_bundled_x0.yaml`) | + 2,500 + 800 steps | lung peak 0.14 to 0.20; still a patchwork; at t = 600 no better than the average grid |
+| the same + Min-SNR-5 | + 1,000 steps | sharper cells (error at t = 300 0.040 -> 0.035), stage-1 lung peak 0.21 / 0.14 |
+| **one problem at a time**: the first grid and extension at stride 9 only, clean grid + Min-SNR-5, batch 32, four patients, no jitter (`ct_chest_coarse.yaml`) | 500 steps (13 min alone on the machine) | passes the gate (`pipelines/gate_stage1.py`): two dark lungs in a body on every seed, still patchy |
+| the same | 1,000 steps | whole chests along 24 frames at 13.5 mm on seeds 0-3: abdomen, lung bases, lungs with the heart, apex, shoulders; peak 0.33 to 0.44 |
+| then interpolation at strides 3 and 1 beside it (`ct_chest.yaml`), stage 2 | see Training above | this model |
 """
-    return text + measured(bench, "python pipelines/bench_synth.py")
 
 
 def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
@@ -263,8 +302,11 @@ def training_config(name: str = "ct_denoise.yaml") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="the trained model folder (output of the ct_bundled config)")
-    parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_bundled" / "checkpoints"))
+    parser.add_argument("model", nargs="?", help="the trained model folder (runs/ct_chest/model for the synthesis model)")
+    parser.add_argument("--stages", nargs=2, metavar=("STAGE1", "STAGE2"),
+                        help="build the model from a stage-1 and a stage-2 checkpoint folder instead (config.json and "
+                             "ema.safetensors each: what pipelines/train_chest_gpu.sh brings back)")
+    parser.add_argument("--checkpoints", default=str(REPO / "runs" / "ct_chest" / "checkpoints"))
     parser.add_argument("--bench", default=None, help="a file with the output of the benchmark to quote")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--denoiser", action="store_true", help="bundle as the default denoiser (ct_denoise)")
@@ -274,24 +316,30 @@ def main() -> None:
     args = parser.parse_args()
     other = {"denoiser": args.denoiser, "slices": args.slices, "video": args.video}
     kind = next((k for k, on in other.items() if on), "synthesis")
-    source = Path(args.model)
-    pipeline = GriDiTPipeline.from_pretrained(source)                 # refuses an incomplete folder
+    if (args.model is None) == (args.stages is None):
+        parser.error("give a model folder or --stages STAGE1 STAGE2")
+    if args.stages:
+        from ctgridit.training.trainer import checkpoint_pipeline
+
+        pipeline = checkpoint_pipeline(*args.stages)
+    else:
+        pipeline = GriDiTPipeline.from_pretrained(Path(args.model))   # refuses an incomplete folder
     if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
     target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL,
               "video": BUNDLED_VIDEO_MODEL}[kind]
-    runs = {"synthesis": "ct_bundled", "denoiser": "ct_denoise", "slices": "ct_interpolate_flow",
+    runs = {"synthesis": "ct_chest", "denoiser": "ct_denoise", "slices": "ct_interpolate_flow",
             "video": "video_shapes"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"
     text = {"synthesis": card, "denoiser": denoiser_card, "slices": slice_card,
             "video": video_card}[kind](pipeline, checkpoints, bench)
-    pipeline.to(torch.float16).save_pretrained(target, overwrite=True)     # float16 safetensors, atomically
+    pipeline.to(torch.float16).save_pretrained(target)           # float16 safetensors, replaced atomically
     with atomic_output(target / "MODEL.md") as tmp:
         tmp.write_text(text)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
-    print(f"bundled {args.model} into {target} ({size:.1f} MB)")
+    print(f"bundled {args.model or ' and '.join(args.stages)} into {target} ({size:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,18 @@ def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
     assert pipeline.stage2 is not None and pipeline.stage2.config.cond_channels == 1
     frames = pipeline.generate(5, generator=torch.Generator().manual_seed(0))
     assert frames.shape == (1, 5, 1, 32, 32)
+    # the same model from the two checkpoints alone (weights trained elsewhere come back as checkpoints), float16 too
+    from safetensors.torch import save_file
+
+    from ctgridit.training.trainer import checkpoint_pipeline
+
+    s1, s2 = (tmp_path / "ckpt" / f"stage{s}" / "step_00000002" for s in (1, 2))
+    save_file({k: v.half() for k, v in load_file(str(s2 / "ema.safetensors")).items()}, str(s2 / "ema.safetensors"))
+    again = checkpoint_pipeline(s1, s2)
+    for ours, theirs in ((again.stage1, pipeline.stage1), (again.stage2, pipeline.stage2)):
+        for (k, v), w in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert v.dtype == torch.float32
+            torch.testing.assert_close(v, w, rtol=1e-3, atol=1e-3, msg=k)
 
 
 def test_stages_that_do_not_fit_leave_no_model_index_and_a_warning(tmp_path, small_ct):

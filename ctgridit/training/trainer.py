@@ -697,9 +697,23 @@ def export_stage(config: TrainConfig, stage: int, model: GridDiT, ema, codec: La
     return out
 
 
-def checkpoint_pipeline(checkpoint: str | os.PathLike) -> GriDiTPipeline:
-    """A stage-1 checkpoint folder (``.../stage1/step_XXXXXXXX``) as a pipeline of its EMA weights, stage 1 only:
-    what a model folder exported at that step would sample (without stage 2), to look at a run while it trains."""
+def checkpoint_pipeline(checkpoint: str | os.PathLike, stage2: str | os.PathLike | None = None) -> GriDiTPipeline:
+    """A stage-1 checkpoint folder (``.../stage1/step_XXXXXXXX``) as a pipeline of its EMA weights: what a model
+    folder exported at that step would sample, to look at a run while it trains; with ``stage2`` (a stage-2
+    checkpoint folder of the same config) the whole model, e.g. from checkpoints trained elsewhere. A folder needs
+    only ``config.json`` and ``ema.safetensors``."""
+    config, stage1 = _checkpoint_model(checkpoint, 1)
+    codec = build_codec(config)
+    second = _checkpoint_model(stage2, 2)[1] if stage2 is not None else None
+    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
+                                     prediction_type=config.diffusion.prediction)
+    return GriDiTPipeline(stage1=stage1, codec=codec, stage2=second,
+                          scheduler=sampling_scheduler(scheduler, config.sampling_config.stage1.sampler),
+                          settings=pipeline_settings(config, codec))
+
+
+def _checkpoint_model(checkpoint: str | os.PathLike, stage: int) -> tuple[TrainConfig, torch.nn.Module]:
+    """The config and the EMA model (float32, eval mode) of a stage-``stage`` checkpoint folder."""
     from safetensors.torch import load_file
 
     folder = Path(checkpoint)
@@ -707,20 +721,15 @@ def checkpoint_pipeline(checkpoint: str | os.PathLike) -> GriDiTPipeline:
         config = config_from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
         weights = load_file(str(folder / "ema.safetensors"))
     except (OSError, ValueError) as err:
-        raise CTGridItError(f"not a readable stage-1 checkpoint ({shorten(str(err), 200)})", folder,
-                            "give a folder such as runs/NAME/checkpoints/stage1/step_00001000") from err
-    codec = build_codec(config)
-    model = build_model(config, 1, codec)
+        raise CTGridItError(f"not a readable stage-{stage} checkpoint ({shorten(str(err), 200)})", folder,
+                            f"give a folder such as runs/NAME/checkpoints/stage{stage}/step_00001000") from err
+    model = build_model(config, stage, build_codec(config))
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
     except RuntimeError as err:
-        raise CTGridItError(f"the weights do not fit the checkpoint's stage-1 config ({shorten(str(err), 200)})",
-                            folder, "give a stage-1 checkpoint") from err
-    scheduler = make_train_scheduler(clip_sample=config.codec.kind == "pixel",
-                                     prediction_type=config.diffusion.prediction)
-    return GriDiTPipeline(stage1=model.eval(), codec=codec,
-                          scheduler=sampling_scheduler(scheduler, config.sampling_config.stage1.sampler),
-                          settings=pipeline_settings(config, codec))
+        raise CTGridItError(f"the weights do not fit the checkpoint's stage-{stage} config ({shorten(str(err), 200)})",
+                            folder, f"give a stage-{stage} checkpoint") from err
+    return config, model.eval()
 
 
 def _write_audit(folder: str, rank: int, world: int, samples: list, model: torch.nn.Module) -> None:
