@@ -45,6 +45,13 @@ def stage_summary(log: Path, until: int | None = None) -> str:
     return f"{rows[-1]['step']} steps, loss {first:.3f} (first 50) -> {last:.3f} (last 50), {hours:.1f} h"
 
 
+def steps_option(log: Path, configured: int) -> str:
+    """`` --steps N`` where the log of a run went on past the ``configured`` steps (a resumed, longer run)."""
+    rows = list(csv.DictReader(log.open())) if log.exists() else []
+    last = int(rows[-1]["step"]) if rows else configured
+    return f" --steps {last}" if last != configured else ""
+
+
 def measured(bench: str | None, command: str | None = None) -> str:
     """A card's last block: the benchmark output given with ``--bench`` and the ``command`` that printed it."""
     if not bench:
@@ -112,7 +119,7 @@ Reproduce (from the repository root, with the shared data at `$CTGRIDIT_DATA`, d
 ctgridit prepare pipelines/configs/ct_chest_coarse.yaml
 ctgridit train stage1 --config pipelines/configs/ct_chest_coarse.yaml --steps {phase1_steps}
 ctgridit train stage1 --config pipelines/configs/ct_chest.yaml
-ctgridit train stage2 --config pipelines/configs/ct_chest.yaml
+ctgridit train stage2 --config pipelines/configs/ct_chest.yaml{steps_option(checkpoints / 'stage2' / 'train_log.csv', grown["stage2"]["optim"]["steps"])}
 python pipelines/bundle_model.py runs/ct_chest/model
 ```
 

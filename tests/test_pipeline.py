@@ -399,9 +399,9 @@ def test_model_folders_with_the_old_flat_sampling_settings_still_load():
 def test_bundled_model_folder_loads_with_its_settings():
     from ctgridit.model_folders import BUNDLED_MODEL
 
-    pipe = GriDiTPipeline.from_pretrained(BUNDLED_MODEL)
-    assert not pipe.masked and pipe.max_stride == 0
-    assert pipe.settings.sampling.stage1.levels == 0 and pipe.settings.sampling.stage2.noise == "smooth"
+    pipe = GriDiTPipeline.from_pretrained(BUNDLED_MODEL)                     # ct_chest: masked, strides 1, 3, 9
+    assert pipe.masked and pipe.max_stride == 9
+    assert pipe.settings.sampling.stage1.levels == 2 and pipe.settings.sampling.stage2.noise == "smooth"
 
 
 def masked_pipeline(levels: int, num_strides: int) -> GriDiTPipeline:
