@@ -292,7 +292,9 @@ def denoise(
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_denoised.nii.gz next to IN)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="A clean scan of the same grid: report PSNR and SSIM."),
     report: Optional[str] = typer.Option(None, "--report", help="Write the run and the PSNR/SSIM figures to this JSON file."),
-    strength: str = typer.Option("auto", "--strength", help="auto (from the estimated noise) or a number in (0, 1]: the diffusion level t*/T (gridit)."),
+    noise: str = typer.Option("auto", "--noise", help="The noise to remove, its standard deviation in HU (read off a flat region, or known from the protocol), or auto (estimated)."),
+    strength: str = typer.Option("auto", "--strength", help="For experiments, instead of --noise: the diffusion level t*/T in (0, 1] (gridit)."),
+    no_guard: bool = typer.Option(False, "--no-guard", help="Keep gridit's output as it is, not blended with the input by its estimated error (SURE)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid diffusion model), bilateral, nlm or nlm3d (classical baselines: per slice, 3D)."),
     model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled denoiser)."),
     steps: int = typer.Option(1, "--steps", min=1, help="Reverse diffusion steps from t* (1: the posterior mean; more draw a sample)."),
@@ -314,6 +316,10 @@ def denoise(
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     level = _strength(strength)
+    told = _noise(noise)
+    if told != "auto" and level != "auto":
+        raise CTGridItError("give the noise in HU or the strength, not both", "--strength",
+                            "leave --strength out: --noise says how much to remove")
     if method != "gridit" and level != "auto":
         warnings.warn(f"--strength {strength} applies to --method gridit; {method} follows the estimated noise",
                       CTGridItWarning)
@@ -329,7 +335,7 @@ def denoise(
     volume = read_ct(src, series_uid=series)
     clean = read_reference(reference, volume) if reference is not None else None
     with PhaseProgress(enabled=not quiet) as progress:
-        result = denoise_volume(volume, method, level, model, device, seed, steps, progress)
+        result = denoise_volume(volume, method, level, model, device, seed, steps, progress, told, not no_guard)
     summary = {"input": str(src), "output": str(out), "reference": reference, **denoise_summary(volume, result, clean)}
     with output_group():                                      # the volume, its preview and report: together
         write_nifti(result.volume, out, force=force)
@@ -339,7 +345,10 @@ def denoise(
             with atomic_output(report, force=force) as tmp:
                 tmp.write_text(report_json(summary, QUALITY_REASONS))
     if not quiet:
-        typer.echo(f"wrote {out} ({method}, {result.seconds:.1f} s)")
+        d = result.details
+        guard = f", kept {d['sure']['weight']:.2f} of it (SURE)" if "sure" in d else ""
+        typer.echo(f"wrote {out} ({method}, {result.seconds:.1f} s): noise estimated {d['noise_estimated_hu']:.1f} HU, "
+                   f"removed {d.get('noise_removed_hu', 0.0):.1f} HU{guard}")
         if clean is not None:
             typer.echo(_quality_table(summary["input_quality"], summary["output_quality"]))
 
@@ -472,6 +481,19 @@ def _strength(value: str) -> float | str:
     if not 0.0 < number <= 1.0:
         raise CTGridItError(f"must be auto or a number in (0, 1], got {value!r}", "--strength",
                             "try --strength auto, or e.g. --strength 0.05")
+    return number
+
+
+def _noise(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 < number < 10_000:
+        raise CTGridItError(f"must be auto or a standard deviation in HU above 0, got {value!r}", "--noise",
+                            "try --noise auto, or e.g. --noise 30")
     return number
 
 

@@ -55,7 +55,7 @@ def main() -> None:
     print(f"denoise: median {median:.1f} s (range {min(seconds):.1f} .. {max(seconds):.1f}), "
           f"{1000 * median / max(1, sum(calls)):.1f} ms per window; target 120 s: {median <= 120}")
     print(f"PSNR {psnr(clean.array, noisy.array):.2f} dB -> {psnr(clean.array, result.volume.array):.2f} dB "
-          f"(t* {result.details['t']}, noise estimate {result.details['noise_sigma_hu']:.1f} HU)")
+          f"(t* {result.details['t']}, noise estimate {result.details['noise_estimated_hu']:.1f} HU)")
 
 
 if __name__ == "__main__":

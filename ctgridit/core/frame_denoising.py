@@ -169,14 +169,30 @@ def reverse_scheduler(train_scheduler: SchedulerMixin, t: int, steps: int = DENO
     return scheduler
 
 
+def choose_levels(pipeline: DenoisingModel, frames: torch.Tensor, lr: torch.Tensor, strength: float | str
+                  ) -> DenoiseLevels:
+    """The levels of both stages for ``frames`` (and their low-resolution ``lr``) at ``strength``."""
+    cfg = pipeline.settings
+    sigma_lr, sigma_hr = estimate_noise(lr), estimate_noise(frames)
+    t1, _ = start_level(pipeline.scheduler, strength, sigma_lr)
+    t1 = trained_level(pipeline.scheduler, t1, strength, cfg.timesteps.get("stage1"))
+    if strength == "auto":
+        t2, _ = start_level(pipeline.scheduler, strength, sigma_hr)
+    else:
+        ratio = sigma_hr / sigma_lr if sigma_lr > 0 else 1.0
+        t2 = noise_timestep(pipeline.scheduler, timestep_noise(pipeline.scheduler, t1) * ratio)
+    t2 = trained_level(pipeline.scheduler, t2, strength, cfg.timesteps.get("stage2")) if pipeline.stage2 is not None else t2
+    return DenoiseLevels(sigma_lr, sigma_hr, t1, t2)
+
+
 def denoise_frames(pipeline: DenoisingModel, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
-                   generator: Generators = None, progress: ProgressCallback | None = None
-                   ) -> tuple[torch.Tensor, DenoiseLevels]:
+                   generator: Generators = None, progress: ProgressCallback | None = None,
+                   levels: DenoiseLevels | None = None) -> tuple[torch.Tensor, DenoiseLevels]:
     """Denoise one sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size.
 
     ``strength`` is ``"auto"`` (levels from the estimated noise) or a number in
-    (0, 1] (module docstring). Returns the frames (same shape, clamped to
-    [-1, 1]) and the levels used.
+    (0, 1] (module docstring); ``levels``, those of an earlier run, used as they are (the same denoiser on
+    other data: a divergence estimate). Returns the frames (same shape, clamped to [-1, 1]) and the levels used.
     """
     cfg = pipeline.settings
     if frames.ndim != 4 or tuple(frames.shape[1:]) != (cfg.channels, *cfg.frame_size):
@@ -185,17 +201,11 @@ def denoise_frames(pipeline: DenoisingModel, frames: torch.Tensor, strength: flo
     frames = frames.to(pipeline.device, pipeline.dtype)
     lr = resize_frames(frames, cfg.lr_frame_size)
     pixel = isinstance(pipeline.codec, PixelCodec)
-    sigma_lr, sigma_hr = estimate_noise(lr), estimate_noise(frames)
-    t1, own_lr = start_level(pipeline.scheduler, strength, sigma_lr)
-    t1 = trained_level(pipeline.scheduler, t1, strength, cfg.timesteps.get("stage1"))
-    if strength == "auto":
-        t2, own_hr = start_level(pipeline.scheduler, strength, sigma_hr)
-        own_hr = own_hr if pixel else 0.0
-    else:
-        ratio = sigma_hr / sigma_lr if sigma_lr > 0 else 1.0
-        t2, own_hr = noise_timestep(pipeline.scheduler, timestep_noise(pipeline.scheduler, t1) * ratio), 0.0
-    t2 = trained_level(pipeline.scheduler, t2, strength, cfg.timesteps.get("stage2")) if pipeline.stage2 is not None else t2
-    levels = DenoiseLevels(sigma_lr, sigma_hr, t1, t2)
+    if levels is None:
+        levels = choose_levels(pipeline, frames, lr, strength)
+    t1, t2 = levels.t1, levels.t2
+    own_lr = levels.sigma_lr if strength == "auto" else 0.0
+    own_hr = levels.sigma_hr if strength == "auto" and pixel else 0.0
 
     # stage 1 on grids of consecutive frames
     grids, layout = sequence_to_grids(frames, replace(cfg.grid, stride=1))

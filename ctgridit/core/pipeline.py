@@ -169,12 +169,13 @@ class GriDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def denoise(self, frames: torch.Tensor, strength: float | str = "auto", num_steps: int = DENOISE_STEPS,
-                generator: Generators = None, progress: ProgressCallback | None = None
-                ) -> tuple[torch.Tensor, DenoiseLevels]:
+                generator: Generators = None, progress: ProgressCallback | None = None,
+                levels: DenoiseLevels | None = None) -> tuple[torch.Tensor, DenoiseLevels]:
         """One noisy sequence of ``(N, C, H, W)`` frames in [-1, 1] at the model's frame size, denoised
         (Algorithm 3, :func:`~ctgridit.core.frame_denoising.denoise_frames`), and the levels chosen. ``strength``:
-        ``"auto"`` (levels from the estimated noise) or a number in (0, 1]; ``num_steps`` reverse steps."""
-        return denoise_frames(self, frames, strength, num_steps, generator, progress)
+        ``"auto"`` (levels from the estimated noise) or a number in (0, 1]; ``num_steps`` reverse steps;
+        ``levels``: those of an earlier run, kept."""
+        return denoise_frames(self, frames, strength, num_steps, generator, progress, levels)
 
     @torch.no_grad()
     def sample_latents(self, num_frames: int, batch_size: int = 1, generator: torch.Generator | None = None,

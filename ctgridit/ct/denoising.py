@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.frame_denoising import DENOISE_STEPS, denoise_grids, estimate_noise, start_level, trained_level
+from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimate_noise, start_level,
+                                           timestep_noise, trained_level)
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
@@ -73,26 +74,69 @@ class DenoiseResult:
 
 def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | str = "auto",
                    model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
-                   steps: int = DENOISE_STEPS, progress: ProgressCallback | None = None) -> DenoiseResult:
+                   steps: int = DENOISE_STEPS, progress: ProgressCallback | None = None,
+                   noise: float | str = "auto", guard: bool = True) -> DenoiseResult:
     """Denoise ``volume`` with ``method`` (module docstring); the result keeps its geometry.
 
-    ``model``: a model folder or a loaded pipeline; default the bundled denoiser.
+    ``model``: a model folder or a loaded pipeline; default the bundled denoiser. ``noise``: the standard
+    deviation in HU of the noise to remove, or ``"auto"`` (estimated); ``strength`` (gridit) sets the diffusion
+    level instead, for experiments. ``guard``: blend gridit's output with the input by Stein's unbiased risk
+    estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_seed(seed)
+    if noise != "auto" and not float(noise) > 0:
+        raise ValueError(f"noise must be 'auto' or a positive number of HU, got {noise!r}")
     began = time.perf_counter()
+    estimated = noise_hu(volume.array)
     if method == "gridit":
         pipeline = model if isinstance(model, GriDiTPipeline) else load_denoiser(model, device)
         run = _gridit_native if is_native(pipeline) else _gridit
-        hu, details = run(volume, strength, pipeline, seed, steps, progress)
+        hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
+        if guard and details["noise_removed_hu"] > 0:
+            hu, details["sure"] = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise)
+        details.pop("levels")
         details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
             ("bundled denoiser" if model is None else "given pipeline")
     else:
-        hu, details = classical_denoise(volume.array, method, progress=progress)
+        hu, details = classical_denoise(volume.array, method, progress=progress,
+                                        sigma_hu=None if noise == "auto" else float(noise))
+    details = {"noise_estimated_hu": estimated, **details}
     out = CTVolume(hu.astype(np.float32), volume.affine.copy(), source=volume.source, source_dtype="int16",
                    series_uid=volume.series_uid, notes=[*volume.notes, f"denoised with {method}"])
     return DenoiseResult(out, method, time.perf_counter() - began, details)
+
+
+#: The slices of the slab the divergence of the gridit denoiser is estimated on (two more runs over it).
+GUARD_SLICES = 8
+
+
+def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: GriDiTPipeline, seed: int, steps: int,
+             strength, noise) -> tuple[np.ndarray, dict]:
+    """``hu`` blended with the input by SURE (:mod:`ctgridit.core.sure`): the divergence of the same denoiser (same
+    levels, same seed) is estimated on the middle slab of the volume, the weight from the whole volume."""
+    from ctgridit.core.sure import mc_divergence, sure_mse, sure_weight
+
+    sigma = float(details["noise_removed_hu"])
+    depth = volume.shape[2]
+    first = max(0, (depth - GUARD_SLICES) // 2)
+    slab = volume.array[:, :, first:first + GUARD_SLICES].astype(np.float64)
+
+    def denoise(block: torch.Tensor) -> torch.Tensor:
+        part = CTVolume(block.numpy().astype(np.float32), volume.affine, source=volume.source)
+        return torch.from_numpy(run(part, strength, pipeline, seed, steps, None, noise, details["levels"])[0])
+
+    divergence = mc_divergence(denoise, torch.from_numpy(slab), sigma, torch.Generator().manual_seed(seed))
+    y, out = torch.from_numpy(volume.array.astype(np.float64)), torch.from_numpy(hu)
+    weight = sure_weight(y, out, sigma, divergence)
+    blended = volume.array.astype(np.float64) + weight * (hu - volume.array)
+    blended_divergence = (1 - weight) + weight * divergence
+    return blended, {"weight": weight, "divergence": divergence, "slab_slices": int(slab.shape[2]),
+                     "estimated_rmse_hu": {"input": sigma,
+                                           "denoiser": max(0.0, sure_mse(y, out, sigma, divergence)) ** 0.5,
+                                           "output": max(0.0, sure_mse(y, torch.from_numpy(blended), sigma,
+                                                                       blended_divergence)) ** 0.5}}
 
 
 def read_reference(path: str | os.PathLike, volume: CTVolume) -> CTVolume:
@@ -142,19 +186,30 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
 
 # ------------------------------------------------------------------ gridit
 def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
-                   progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
+                   progress: ProgressCallback | None, noise: float | str = "auto", pinned=None
+                   ) -> tuple[np.ndarray, dict]:
+    from ctgridit.core.frame_denoising import noise_timestep
+
     from ctgridit.ct.transforms import Orient, frames_to_volume, volume_to_frames, volume_to_metatensor
 
     cfg = pipeline.settings
     window = cfg.adapter.get("window", DEFAULT_WINDOW)
     low, high = window
+    half = (high - low) / 2
     orient = Orient()
     lps = orient(volume_to_metatensor(volume))                                 # (1, X, Y, Z) HU, axes only
     hu = lps.as_tensor().float()
     frames = window_hu(volume_to_frames(hu), window)                          # (Z, 1, Y, X) in [-1, 1]
-    sigma = estimate_noise(frames)
-    t, own = start_level(pipeline.scheduler, strength, sigma)
-    t = trained_level(pipeline.scheduler, t, strength, cfg.timesteps.get("stage1"), volume.source)
+    if pinned is not None:                                                     # the levels of an earlier run
+        t, own = pinned
+    elif noise != "auto":                                                      # told: remove that much
+        own = float(noise) / half
+        t = trained_level(pipeline.scheduler, noise_timestep(pipeline.scheduler, own), "auto",
+                          cfg.timesteps.get("stage1"), volume.source)
+    else:
+        sigma = estimate_noise(frames)
+        t, own = start_level(pipeline.scheduler, strength, sigma)
+        t = trained_level(pipeline.scheduler, t, strength, cfg.timesteps.get("stage1"), volume.source)
     rows, cols = cfg.grid.rows, cfg.grid.cols
     z_step = max(1, cfg.grid.cells // 2)                                       # grids overlap by half along z
     generator = torch.Generator().manual_seed(seed)
@@ -170,14 +225,15 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     delta = lps.clone()
     delta.copy_(correction)
     back = orient.inverse(delta).as_tensor()[0].numpy()                       # (X, Y, Z), the scan's own axes
-    details = {"strength": strength, "steps": steps, "seed": seed, "noise_sigma_hu": sigma * (high - low) / 2,
-               "t": t, "tile": list(cfg.frame_size),
+    removed = (timestep_noise(pipeline.scheduler, t) if strength != "auto" and noise == "auto" else own) if t > 0 else 0.0
+    details = {"strength": strength, "steps": steps, "seed": seed, "noise_removed_hu": removed * half,
+               "t": t, "tile": list(cfg.frame_size), "levels": (t, own),
                "window_overlap": [IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / cfg.grid.cells]}
     return volume.array.astype(np.float64) + back, details
 
 
 def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
-            progress: ProgressCallback | None) -> tuple[np.ndarray, dict]:
+            progress: ProgressCallback | None, noise: float | str = "auto", pinned=None) -> tuple[np.ndarray, dict]:
     from monai.transforms import Compose
 
     from ctgridit.ct.transforms import (HU_AIR, Orient, ResampleToSpacing, crop_or_pad_in_plane,
@@ -194,7 +250,12 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     if cfg.channels == 3:
         frames = gray_to_rgb(frames)
     generator = torch.Generator().manual_seed(seed)
-    clean, levels = pipeline.denoise(frames, strength, steps, generator, progress)
+    if noise != "auto" and pinned is None:
+        from ctgridit.errors import CTGridItError
+
+        raise CTGridItError("a noise level in HU needs a native-resolution denoiser (this model works on its own "
+                            "grid)", volume.source, "leave --noise at auto, or use the bundled denoiser")
+    clean, levels = pipeline.denoise(frames, strength, steps, generator, progress, pinned)
     clean = clean.float().cpu()
     if cfg.channels == 3:
         clean = rgb_to_gray(clean)
@@ -204,8 +265,8 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
     delta.copy_(correction)                                                    # the model grid's metadata
     back = to_model.inverse(delta).as_tensor()[0].numpy()      # (X, Y, Z), the scan's grid; 0 outside the field
     details = {"strength": strength, "steps": steps, "seed": seed,
-               "noise_sigma_hu": levels.sigma_hr * (high - low) / 2,
-               "t_stage1": levels.t1, "t_stage2": levels.t2,
+               "noise_removed_hu": levels.sigma_hr * (high - low) / 2 if max(levels.t1, levels.t2) > 0 else 0.0,
+               "t_stage1": levels.t1, "t_stage2": levels.t2, "levels": levels,
                "model_grid": list(on_grid.shape[1:]), "model_spacing": list(cfg.adapter["spacing"])}
     return volume.array.astype(np.float64) + back, details
 
@@ -268,12 +329,13 @@ def noise_hu(hu: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW) -> fl
 
 
 def classical_denoise(hu: np.ndarray, method: str, params: dict | None = None,
-                      progress: ProgressCallback | None = None) -> tuple[np.ndarray, dict]:
-    """A classical filter on an ``(X, Y, Z)`` HU array at its estimated noise: the filtered HU (what lies
-    outside the window is kept as it was) and the details (noise estimate, settings)."""
+                      progress: ProgressCallback | None = None, sigma_hu: float | None = None
+                      ) -> tuple[np.ndarray, dict]:
+    """A classical filter on an ``(X, Y, Z)`` HU array at the noise ``sigma_hu`` (default: its estimated noise):
+    the filtered HU (what lies outside the window is kept as it was) and the details (noise, settings)."""
     hu = hu.astype(np.float64)
     low, high = DEFAULT_WINDOW
-    sigma_hu = noise_hu(hu)
+    sigma_hu = noise_hu(hu) if sigma_hu is None else float(sigma_hu)
     out = classical_filter(to_unit(hu), method, sigma_hu / (high - low), params, progress=progress)
-    details = {"noise_sigma_hu": sigma_hu, **CLASSICAL[method], **(params or {})}
+    details = {"noise_removed_hu": sigma_hu, **CLASSICAL[method], **(params or {})}
     return hu + window_change(from_unit(out), hu), details
