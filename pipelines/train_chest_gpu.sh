@@ -6,7 +6,7 @@
 # float16 EMA weights with its config and training log:
 #
 #   bash pipelines/train_chest_gpu.sh OUT [BUDGET_S=420] [DEVICE=cuda]
-#   python pipelines/bundle_model.py --stages OUT/stage1 OUT/stage2 --checkpoints OUT     # bundle it
+#   python pipelines/bundle_model.py --stages OUT/stage1 OUT/stage2 --continued OUT       # bundle it
 #
 # Wheels in .whl/ (diffusers, monai, nibabel, pydicom) are installed first where the machine lacks them. The
 # cache's settings name the scans under $CTGRIDIT_DATA, so it must be the folder the cache was prepared from.
