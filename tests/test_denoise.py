@@ -304,7 +304,7 @@ def test_told_the_noise_added_the_output_is_never_worse_than_the_input(sigma):
     clean = read_ct(data_file("totalsegmentator/chest_crop.nii.gz"))
     noisy = add_noise(clean, sigma, seed=0)
     result = denoise_volume(noisy, "gridit", device="cpu", noise=sigma)
-    assert result.details["noise_removed_hu"] == sigma and 0 <= result.details["sure"]["weight"] <= 1
+    assert result.details["noise_removed_hu"] == pytest.approx(sigma) and 0 <= result.details["sure"]["weight"] <= 1
     mask = body_mask(clean.array)
     before, after = quality(clean.array, noisy.array, mask=mask), quality(clean.array, result.volume.array, mask=mask)
     for key in ("psnr", "ssim", "psnr_body", "ssim_body"):
@@ -317,3 +317,23 @@ def test_the_noise_in_hu_and_the_strength_are_not_given_together(capsys, noisy50
     assert code == 2 and err.strip().startswith("error: --strength: give the noise in HU or the strength, not both")
     code, _, err = run_cli(capsys, "denoise", noisy50[1], "--noise", "-3", "--out", tmp_path / "d.nii.gz")
     assert code == 2 and "--noise" in err and not (tmp_path / "d.nii.gz").exists()
+
+
+def test_a_noise_in_hu_needs_a_native_resolution_denoiser(capsys, noisy50, tmp_path):
+    """--noise with the synthesis model (it works on its own grid): one line naming --noise, before any work."""
+    from ctgridit.model_folders import BUNDLED_MODEL
+
+    out = tmp_path / "d.nii.gz"
+    code, _, err = run_cli(capsys, "denoise", noisy50[1], "--noise", "50", "--model", BUNDLED_MODEL, "--out", out)
+    assert code == 2 and err.strip().startswith("error: --noise: a noise level in HU needs a native-resolution")
+    assert not out.exists()
+
+
+def test_without_the_guard_the_output_is_the_models(noisy50):
+    """--no-guard: no SURE blend (the output is the model's own); with it, the weight is reported in [0, 1]."""
+    noisy = read_ct(noisy50[1])
+    plain = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, guard=False)
+    guarded = denoise_volume(noisy, "gridit", device="cpu", noise=50.0)
+    assert "sure" not in plain.details and 0 <= guarded.details["sure"]["weight"] <= 1
+    w = guarded.details["sure"]["weight"]
+    np.testing.assert_allclose(guarded.volume.array, noisy.array + w * (plain.volume.array - noisy.array), atol=0.01)

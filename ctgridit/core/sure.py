@@ -33,13 +33,15 @@ PROBE_STEP = 0.05
 
 
 def mc_divergence(denoise: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, sigma: float,
-                  generator: torch.Generator | None = None, step: float = PROBE_STEP) -> float:
-    """The mean divergence per value of ``denoise`` at ``y`` (one Rademacher probe of size ``step * sigma``)."""
+                  generator: torch.Generator | None = None, step: float = PROBE_STEP,
+                  denoised: torch.Tensor | None = None) -> float:
+    """The mean divergence per value of ``denoise`` at ``y`` (one Rademacher probe of size ``step * sigma``);
+    ``denoised``: ``denoise(y)`` where it was computed already."""
     if sigma <= 0:
         raise ValueError(f"the noise must be positive, got {sigma}")
     probe = torch.randint(0, 2, y.shape, generator=generator, dtype=torch.int64).to(y) * 2 - 1
     eps = step * sigma
-    moved = denoise(y + eps * probe) - denoise(y)
+    moved = denoise(y + eps * probe) - (denoise(y) if denoised is None else denoised)
     return float((probe * moved).double().mean() / eps)
 
 

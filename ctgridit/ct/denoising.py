@@ -92,10 +92,17 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     estimated = noise_hu(volume.array)
     if method == "gridit":
         pipeline = model if isinstance(model, GriDiTPipeline) else load_denoiser(model, device)
+        if noise != "auto" and not is_native(pipeline):
+            from ctgridit.errors import CTGridItError
+
+            raise CTGridItError("a noise level in HU needs a native-resolution denoiser (this model works on its "
+                                "own voxel grid)", "--noise", "leave --noise at auto, or use the bundled denoiser")
         run = _gridit_native if is_native(pipeline) else _gridit
         hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
-        if guard and details["noise_removed_hu"] > 0:
-            hu, details["sure"] = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise)
+        in_input = estimated if noise == "auto" else float(noise)            # the noise SURE counts as noise
+        if guard and details["noise_removed_hu"] > 0 and in_input > 0:
+            hu, details["sure"] = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise,
+                                           in_input)
         details.pop("levels")
         details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
             ("bundled denoiser" if model is None else "given pipeline")
@@ -113,30 +120,30 @@ GUARD_SLICES = 8
 
 
 def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: GriDiTPipeline, seed: int, steps: int,
-             strength, noise) -> tuple[np.ndarray, dict]:
-    """``hu`` blended with the input by SURE (:mod:`ctgridit.core.sure`): the divergence of the same denoiser (same
-    levels, same seed) is estimated on the middle slab of the volume, the weight from the whole volume."""
+             strength, noise, sigma: float) -> tuple[np.ndarray, dict]:
+    """``hu`` blended with the input by SURE (:mod:`ctgridit.core.sure`) for input noise ``sigma`` (HU): the
+    residual and the divergence of the same denoiser (same levels, same seed) on the middle slab of the volume,
+    the weight applied to the whole."""
     from ctgridit.core.sure import mc_divergence, sure_mse, sure_weight
 
-    sigma = float(details["noise_removed_hu"])
     depth = volume.shape[2]
     first = max(0, (depth - GUARD_SLICES) // 2)
-    slab = volume.array[:, :, first:first + GUARD_SLICES].astype(np.float64)
+    slab = torch.from_numpy(volume.array[:, :, first:first + GUARD_SLICES].astype(np.float64))
 
     def denoise(block: torch.Tensor) -> torch.Tensor:
         part = CTVolume(block.numpy().astype(np.float32), volume.affine, source=volume.source)
         return torch.from_numpy(run(part, strength, pipeline, seed, steps, None, noise, details["levels"])[0])
 
-    divergence = mc_divergence(denoise, torch.from_numpy(slab), sigma, torch.Generator().manual_seed(seed))
-    y, out = torch.from_numpy(volume.array.astype(np.float64)), torch.from_numpy(hu)
-    weight = sure_weight(y, out, sigma, divergence)
-    blended = volume.array.astype(np.float64) + weight * (hu - volume.array)
-    blended_divergence = (1 - weight) + weight * divergence
+    out = denoise(slab)
+    divergence = mc_divergence(denoise, slab, sigma, torch.Generator().manual_seed(seed), denoised=out)
+    weight = sure_weight(slab, out, sigma, divergence)
+    blended = volume.array + weight * (hu - volume.array)
+    mixed = slab + weight * (out - slab)
     return blended, {"weight": weight, "divergence": divergence, "slab_slices": int(slab.shape[2]),
                      "estimated_rmse_hu": {"input": sigma,
-                                           "denoiser": max(0.0, sure_mse(y, out, sigma, divergence)) ** 0.5,
-                                           "output": max(0.0, sure_mse(y, torch.from_numpy(blended), sigma,
-                                                                       blended_divergence)) ** 0.5}}
+                                           "denoiser": max(0.0, sure_mse(slab, out, sigma, divergence)) ** 0.5,
+                                           "output": max(0.0, sure_mse(slab, mixed, sigma,
+                                                                       (1 - weight) + weight * divergence)) ** 0.5}}
 
 
 def read_reference(path: str | os.PathLike, volume: CTVolume) -> CTVolume:
@@ -225,7 +232,8 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     delta = lps.clone()
     delta.copy_(correction)
     back = orient.inverse(delta).as_tensor()[0].numpy()                       # (X, Y, Z), the scan's own axes
-    removed = (timestep_noise(pipeline.scheduler, t) if strength != "auto" and noise == "auto" else own) if t > 0 else 0.0
+    level = timestep_noise(pipeline.scheduler, t)
+    removed = (level if strength != "auto" and noise == "auto" else min(own, level)) if t > 0 else 0.0
     details = {"strength": strength, "steps": steps, "seed": seed, "noise_removed_hu": removed * half,
                "t": t, "tile": list(cfg.frame_size), "levels": (t, own),
                "window_overlap": [IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / cfg.grid.cells]}
