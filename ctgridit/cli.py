@@ -471,30 +471,26 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
         typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm)")
 
 
-def _strength(value: str) -> float | str:
+def _auto_or_number(value: str, option: str, low: float, high: float, what: str, example: str) -> float | str:
+    """``"auto"``, or ``value`` as a number in ``(low, high]``; else one error naming ``option``."""
     if value == "auto":
         return value
     try:
         number = float(value)
     except ValueError:
         number = float("nan")
-    if not 0.0 < number <= 1.0:
-        raise CTGridItError(f"must be auto or a number in (0, 1], got {value!r}", "--strength",
-                            "try --strength auto, or e.g. --strength 0.05")
+    if not low < number <= high:
+        raise CTGridItError(f"must be auto or {what}, got {value!r}", option,
+                            f"try {option} auto, or e.g. {option} {example}")
     return number
+
+
+def _strength(value: str) -> float | str:
+    return _auto_or_number(value, "--strength", 0.0, 1.0, "a number in (0, 1]", "0.05")
 
 
 def _noise(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not 0.0 < number < 10_000:
-        raise CTGridItError(f"must be auto or a standard deviation in HU above 0, got {value!r}", "--noise",
-                            "try --noise auto, or e.g. --noise 30")
-    return number
+    return _auto_or_number(value, "--noise", 0.0, 9_999.0, "a standard deviation in HU above 0", "30")
 
 
 def _quality_table(before: dict, after: dict) -> str:
