@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ctgridit.core.frame_denoising import estimate_noise, noise_timestep, reverse_scheduler, timestep_noise
-from ctgridit.core.diffusion import diffuse, make_train_scheduler
+from ctgridit.core.frame_denoising import (estimate_noise, noise_timestep, posterior_mean, reverse_scheduler,
+                                           timestep_noise)
+from ctgridit.core.diffusion import PREDICTIONS, diffuse, level_of_noise, make_train_scheduler
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
@@ -46,6 +47,61 @@ def test_more_noise_gives_a_later_level_and_the_level_matches_the_noise():
     assert levels[0] == 0 and all(b > a for a, b in zip(levels, levels[1:]))
     for s, t in zip(sigmas[1:], levels[1:]):
         assert timestep_noise(TRAIN, t) >= s > timestep_noise(TRAIN, t - 1)
+
+
+def test_the_level_of_a_noise_is_exact_between_the_steps_and_at_them():
+    scheduler = make_train_scheduler()
+    ratio = lambda t: timestep_noise(scheduler, t)
+    for t in (0, 3, 11, 27, 999):
+        assert level_of_noise(scheduler, ratio(t))[0] == pytest.approx(t, abs=1e-9)
+    for hu in (20.0, 50.0, 100.0):                       # between two integer steps
+        t, abar = level_of_noise(scheduler, hu / 1000)
+        assert noise_timestep(scheduler, hu / 1000) - 1 < t < noise_timestep(scheduler, hu / 1000)
+        assert ((1 - abar) / abar) ** 0.5 == pytest.approx(hu / 1000, rel=1e-12)
+    with pytest.raises(ValueError, match="outside"):
+        level_of_noise(scheduler, 1e3)
+
+
+class _GaussianPixels:
+    """The exact model of pixels drawn i.i.d. ``N(m, v)``: what it predicts at any (fractional) level, read from the
+    same interpolation of ``1 / abar`` as :func:`level_of_noise`, in the scheduler's prediction type."""
+
+    def __init__(self, scheduler, m: float, v: float) -> None:
+        self.scheduler, self.m, self.v = scheduler, m, v
+
+    def __call__(self, x, t, **_):
+        ratio2 = 1.0 / self.scheduler.alphas_cumprod.double() - 1.0
+        low = int(t[0].floor())
+        s2 = float(ratio2[low] + (float(t[0]) - low) * (ratio2[min(low + 1, 999)] - ratio2[low]))
+        a = 1.0 / (1.0 + s2)
+        x0 = self.m + a ** 0.5 * self.v / (a * self.v + 1 - a) * (x.double() - a ** 0.5 * self.m)
+        eps = (x.double() - a ** 0.5 * x0) / (1 - a) ** 0.5
+        kind = self.scheduler.config.prediction_type
+        return {"epsilon": eps, "sample": x0, "v_prediction": a ** 0.5 * eps - (1 - a) ** 0.5 * x0}[kind]
+
+
+@pytest.mark.parametrize("kind", PREDICTIONS)
+def test_the_posterior_mean_of_an_exact_model_is_the_wiener_filter_at_any_noise(kind):
+    """Told noise between two diffusion steps, one call at the exact level gives ``E[x | y]`` exactly; rounding the
+    level up to the next integer step and filling it with fresh noise (the sampler's start) does worse."""
+    from types import SimpleNamespace
+
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.core.frame_denoising import denoise_grids
+
+    scheduler = make_train_scheduler(prediction_type=kind)
+    m, v, sigma = 0.1, 0.02 ** 2, 0.05                               # 20 HU of signal, 50 HU of noise
+    g = torch.Generator().manual_seed(0)
+    clean = m + v ** 0.5 * torch.randn(1, 1, 64, 64, generator=g, dtype=torch.float64)
+    noisy = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    pipeline = SimpleNamespace(stage1=_GaussianPixels(scheduler, m, v), scheduler=scheduler, masked=False,
+                               max_stride=0, codec=PixelCodec(1))
+    wiener = m + v / (v + sigma ** 2) * (noisy - m)
+    assert torch.allclose(posterior_mean(pipeline, noisy, sigma), wiener, atol=1e-10)
+    t = noise_timestep(scheduler, sigma)
+    assert torch.allclose(denoise_grids(pipeline, noisy, t, sigma, 1, g), wiener, atol=1e-10)
+    fresh = denoise_grids(pipeline, noisy, t, 0.0, 1, g)             # the level filled with fresh noise
+    assert float((fresh - clean).square().mean()) > float((wiener - clean).square().mean())
 
 
 def test_diffuse_adds_only_the_missing_noise():

@@ -165,6 +165,41 @@ def alpha_bar(scheduler: SchedulerMixin, timestep: int) -> float:
     return 1.0 if timestep < 0 else float(scheduler.alphas_cumprod[int(timestep)])
 
 
+def level_of_noise(scheduler: SchedulerMixin, sigma: float) -> tuple[float, float]:
+    """The fractional level ``t`` whose noise-to-signal ratio ``sqrt((1 - abar) / abar)`` is exactly ``sigma``,
+    and its ``abar = 1 / (1 + sigma^2)``: ``1 / abar`` interpolated linearly between the scheduler's integer
+    steps (exact at them). The networks embed ``t`` with sinusoids, so a level between two steps is one they
+    can take; ``sigma`` beyond the last step's ratio is a ValueError."""
+    ratio2 = (1.0 / scheduler.alphas_cumprod.double() - 1.0).tolist()       # sigma^2 of each integer step
+    s2 = float(sigma) ** 2
+    if not 0.0 <= s2 <= ratio2[-1]:
+        raise ValueError(f"noise-to-signal ratio {sigma} is outside the scheduler's 0..{ratio2[-1] ** 0.5:.3g}")
+    i = sum(r < s2 for r in ratio2)                                         # first step at or above sigma
+    low = ratio2[i - 1] if i > 0 else 0.0
+    t = (i - 1) + (s2 - low) / (ratio2[i] - low)
+    return max(t, 0.0), 1.0 / (1.0 + s2)                                    # below step 0: step 0's embedding
+
+
+def predicted_clean(scheduler: SchedulerMixin, output: torch.Tensor, x: torch.Tensor, abar: float) -> torch.Tensor:
+    """The clean sample a network's ``output`` at signal fraction ``abar`` implies for its input ``x``, by the
+    scheduler's ``prediction_type`` (the inverse of :func:`prediction_target`), clipped where the scheduler
+    clips."""
+    kind = scheduler.config.prediction_type
+    a, b = abar ** 0.5, (1.0 - abar) ** 0.5
+    if kind == "epsilon":
+        clean = (x - b * output) / a
+    elif kind == "sample":
+        clean = output
+    elif kind == "v_prediction":
+        clean = a * x - b * output
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTIONS}, got {kind!r}")
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        clean = clean.clamp(-r, r)
+    return clean
+
+
 def diffuse(scheduler: SchedulerMixin, x: torch.Tensor, to_t: int, from_t: int = -1, noise_std: float = 0.0,
             generator: Generators = None) -> torch.Tensor:
     """Forward diffusion, the one noising formula of the samplers: ``x`` at level ``from_t`` (-1: clean)

@@ -41,7 +41,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from ctgridit.core.codecs import LatentCodec, PixelCodec
-from ctgridit.core.diffusion import Generators, alpha_bar, diffuse
+from ctgridit.core.diffusion import Generators, alpha_bar, diffuse, level_of_noise, predicted_clean
 from ctgridit.core.grid import grids_to_sequence, resize_frames, sequence_to_grids
 from ctgridit.core.sampler import ProgressCallback, Start, inpaint, phase_callback
 from ctgridit.core.settings import PipelineSettings
@@ -244,6 +244,19 @@ def reverse_from(model, scheduler: SchedulerMixin, z: torch.Tensor, t: int, nois
                    callback=callback, conditional=conditional, inputs=inputs)
 
 
+def posterior_mean(pipeline: DenoisingModel, noisy: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Stage 1's estimate of the clean grids under ``noisy`` pixel grids holding Gaussian noise of std ``sigma``
+    (frame units), in one network call at the level whose noise is exactly ``sigma``
+    (:func:`~ctgridit.core.diffusion.level_of_noise`, a fractional step): the sample is ``sqrt(abar) * noisy``
+    with no fresh noise on top. Rounding the level up to an integer step instead adds fresh noise for the
+    difference, 11 HU to 20 HU of input noise and 20 HU to 100 (0.5 dB lost at 20 HU on the held-out scans)."""
+    t, abar = level_of_noise(pipeline.scheduler, sigma)
+    x = abar ** 0.5 * noisy
+    inputs = {"stride": 1} if pipeline.max_stride else {}
+    output = pipeline.stage1(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype), **inputs)
+    return predicted_clean(pipeline.scheduler, output, x, abar)
+
+
 def denoise_grids(pipeline: DenoisingModel, grids: torch.Tensor, t: int, noise_std: float, steps: int = DENOISE_STEPS,
                   generator: Generators = None, callback=None) -> torch.Tensor:
     """Stage 1 of Algorithm 3 on ``(B, C, R*h, C*w)`` grids of consecutive noisy frames in [-1, 1].
@@ -254,6 +267,11 @@ def denoise_grids(pipeline: DenoisingModel, grids: torch.Tensor, t: int, noise_s
     """
     scheduler = reverse_scheduler(pipeline.scheduler, t, steps)
     own = noise_std if isinstance(pipeline.codec, PixelCodec) else 0.0
+    if own > 0 and len(scheduler.timesteps) == 1 and not pipeline.masked:
+        clean = posterior_mean(pipeline, pipeline.codec.encode(grids), min(own, timestep_noise(pipeline.scheduler, t)))
+        if callback is not None:
+            callback(1, 1)
+        return pipeline.codec.decode(clean)
     z = reverse_from(pipeline.stage1, scheduler, pipeline.codec.encode(grids), t, own, generator, callback,
                      conditional=pipeline.masked, inputs={"stride": 1 if pipeline.max_stride else None})
     return pipeline.codec.decode(z)

@@ -10,9 +10,10 @@ Three methods share one input/output path (:func:`denoise_volume`):
     voxel size. The scan is oriented LPS (axes only, no resampling), its noise
     estimated at full resolution (:func:`~ctgridit.core.frame_denoising.estimate_noise`)
     and the matching level ``t*`` chosen as below; then MONAI's sliding window
-    covers it with tiles overlapping by a quarter in-plane and grids
-    overlapping by half along z (:func:`ctgridit.ct.tiled.over_grids`), every window is denoised by the one-step
-    posterior mean from ``t*`` (:func:`~ctgridit.core.frame_denoising.denoise_grids`)
+    covers it with tiles overlapping by about a quarter in-plane (the step off the patch grid,
+    :func:`ctgridit.ct.tiled.in_plane_overlap`) and grids overlapping by half along z
+    (:func:`ctgridit.ct.tiled.over_grids`), every window is denoised by the posterior mean at the exact level
+    of the noise (one network call, :func:`~ctgridit.core.frame_denoising.posterior_mean`)
     and the windows are blended with Gaussian weights (no seams). A scan whose
     estimated noise is below the model's first level comes back unchanged.
   - a **fixed-grid model** (the synthesis model, e.g. ``--model`` with the
@@ -53,7 +54,7 @@ from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimat
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
-from ctgridit.ct.tiled import IN_PLANE_OVERLAP, over_grids
+from ctgridit.ct.tiled import in_plane_overlap, over_grids
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, unwindow_hu, window_change, window_hu
 from ctgridit.model_folders import BUNDLED_DENOISER, is_native, open_model
@@ -219,13 +220,14 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
         t = trained_level(pipeline.scheduler, t, strength, cfg.timesteps.get("stage1"), volume.source)
     rows, cols = cfg.grid.rows, cfg.grid.cols
     z_step = max(1, cfg.grid.cells // 2)                                       # grids overlap by half along z
+    patch = int(pipeline.stage1.config.patch_size)
     generator = torch.Generator().manual_seed(seed)
     if t > 0:
         def denoise(grids: torch.Tensor) -> torch.Tensor:
             return denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
 
         clean = over_grids(frames, rows, cols, tuple(cfg.frame_size), z_step, denoise, progress,
-                           "denoise").clamp(-1, 1)                              # (Z, 1, Y, X)
+                           "denoise", patch=patch).clamp(-1, 1)                              # (Z, 1, Y, X)
     else:
         clean = frames                                                         # no noise to take out
     correction = window_change(unwindow_hu(frames_to_volume(clean), window), hu, window)
@@ -236,7 +238,8 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     removed = (level if strength != "auto" and noise == "auto" else min(own, level)) if t > 0 else 0.0
     details = {"strength": strength, "steps": steps, "seed": seed, "noise_removed_hu": removed * half,
                "t": t, "tile": list(cfg.frame_size), "levels": (t, own),
-               "window_overlap": [IN_PLANE_OVERLAP, IN_PLANE_OVERLAP, 1 - z_step / cfg.grid.cells]}
+               "window_overlap": [*(round(in_plane_overlap(n, patch), 3) for n in cfg.frame_size),
+                                  1 - z_step / cfg.grid.cells]}
     return volume.array.astype(np.float64) + back, details
 
 
