@@ -1,20 +1,20 @@
-"""Slice interpolation: gridit (``ctgridit interpolate``) against linear and cubic interpolation along z.
+"""Slice interpolation: gridit (``ctgridit interpolate``) against linear, cubic and flow interpolation along z.
 
-    python pipelines/eval_interpolate.py                          # the bundled model, held-out scans, timing
-    python pipelines/eval_interpolate.py --model runs/ct_interpolate/model --steps 1 10
+    python pipelines/eval_interpolate.py                          # the bundled model, held-out scans, factors 2-5
+    python pipelines/eval_interpolate.py --model runs/ct_interpolate/model --factors 3 --steps 1 10
 
-On thin scans kept out of the model's training (``pipelines/configs/ct_interpolate.yaml``:
-the two TotalSegmentator chest crops, 1.5 mm slices), every third slice is kept
-(a 4.5 mm scan) and the two slices between each kept pair are made again by each
-method; they are compared with the real ones: PSNR (dB, HU window -1000..1000,
-over the filled slices, and inside the body) and SSIM (the 3D SSIM map of the
-whole volume, averaged over the filled slices). gridit runs with each number of
-DDIM ``--steps``: 1 is the model's posterior mean (best PSNR), more steps draw a
-sample. Linear and cubic interpolate each voxel's HU along z (``ctgridit
-interpolate --method linear|cubic``: SciPy's ``make_interp_spline``, k = 1 and
-3, not-a-knot); flow moves the two neighbouring slices along the motion between
-them (``--method flow``, TV-L1 optical flow of whole slices), what a model with
-``fill: flow`` starts from.
+On real scans kept out of the slice model's training (``pipelines/configs/ct_interpolate.yaml``): two chest
+crops at 1.5 mm (TotalSegmentator chest and chest CT angiogram), a thigh at 3.27 mm (STS_019) and an upper
+abdomen at 2 mm (TotalSegmentator's DICOM series, a folder no training config reads), every ``factor``-th
+slice is kept (factors 2 to 5: 1.5 mm -> 3 to 7.5 mm) and the slices between each kept pair are made again
+by each method; they are compared with the real ones: PSNR (dB, HU window -1000..1000, over the filled
+slices, and inside the body) and SSIM (the 3D SSIM map of the whole volume, averaged over the filled
+slices). gridit runs at the factors its model serves (``n/a`` elsewhere) with each number of DDIM
+``--steps``: 1 is the model's posterior mean (best PSNR), more steps draw a sample. Linear and cubic
+interpolate each voxel's HU along z (``ctgridit interpolate --method linear|cubic``: SciPy's
+``make_interp_spline``, k = 1 and 3, not-a-knot); flow moves the two neighbouring slices along the motion
+between them (``--method flow``, TV-L1 optical flow of whole slices), what a model with ``fill: flow``
+starts from. A last table gives gridit's margin over cubic and over flow for every scan and factor.
 
 Extension (``--extend N``, default 12): the last ``N`` slices of each held-out
 scan are dropped and made again by ``ctgridit extend --direction up`` (and the
@@ -43,16 +43,23 @@ from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model
 
 DATA = data_folder()
-HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz"]
+HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
+            "soft_tissue_sarcoma/STS_019.nii.gz", "totalsegmentator/example_ct_dicom"]
 TIMING_SCAN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
-FACTOR = 3
+FACTORS = [2, 3, 4, 5]
+TIMING_FACTOR = 3
 
 
-def thicker(affine: np.ndarray) -> np.ndarray:
-    """The affine of every ``FACTOR``-th slice (the slice axis is the third array axis of these scans)."""
+def thicker(affine: np.ndarray, factor: int) -> np.ndarray:
+    """The affine of every ``factor``-th slice (the slice axis is the third array axis of these scans)."""
     out = affine.copy()
-    out[:3, 2] *= FACTOR
+    out[:3, 2] *= factor
     return out
+
+
+def serves(pipeline, factor: int) -> bool:
+    """Whether the slice model interpolates by ``factor`` (a 2 x 2 model: by 3 only)."""
+    return factor == pipeline.settings.grid.cells - 1
 
 
 def scores(real: np.ndarray, made: np.ndarray, filled: np.ndarray, body: np.ndarray) -> dict[str, float]:
@@ -68,7 +75,8 @@ def extension_rows(name: str, volume: CTVolume, pipeline, extend: int, steps: in
     """Drop ``extend`` slices at either end of ``volume`` (RAS: the last array slices are the top) and make them
     again: gridit's extension, the last real slice held, and linear extrapolation; PSNR per group of 4 new slices."""
     if not volume.affine[2, 2] > 0 or np.count_nonzero(volume.affine[:3, 2]) != 1:
-        raise SystemExit(f"{name}: extension_rows needs the array's third axis to run towards the head (RAS +z)")
+        print(f"(extension: {name} skipped, its array's third axis does not run towards the head)")
+        return []
     hu = volume.array.astype(np.float64)
     n = hu.shape[2]
     rows = []
@@ -96,6 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--scans", type=int, default=len(HELD_OUT), help="evaluate the first SCANS held-out scans")
+    parser.add_argument("--factors", type=int, nargs="+", default=FACTORS, help="keep every FACTOR-th slice")
     parser.add_argument("--extend", type=int, default=12, help="slices to extend by (0: skip the extension table)")
     args = parser.parse_args()
     pipeline = load_slice_model(args.model, "cpu")
@@ -103,30 +112,43 @@ def main() -> None:
     rows = []
     for name in HELD:
         volume = read_ct(DATA / name)
-        n = (volume.shape[2] - 1) // FACTOR * FACTOR + 1                       # whole gaps only
-        real = volume.array[:, :, :n].astype(np.float64)
-        thick = CTVolume(real[:, :, ::FACTOR].copy(), thicker(volume.affine), source=name)
-        filled = np.arange(n) % FACTOR != 0
-        body = body_mask(real)
-        made = {m: interpolate_volume(thick, FACTOR, method=m).volume.array.astype(np.float64)
-                for m in ("linear", "cubic", "flow")}
-        seconds = {}
-        for steps in args.steps:
-            start = time.perf_counter()
-            made[f"gridit, {steps} step{'s' if steps > 1 else ''}"] = interpolate_volume(
-                thick, FACTOR, pipeline, steps=steps).volume.array.astype(np.float64)
-            seconds[f"gridit, {steps} step{'s' if steps > 1 else ''}"] = time.perf_counter() - start
-        for method, image in made.items():
-            s = scores(real, image, filled, body)
-            rows.append((Path(name).name, f"{real.shape[0]}x{real.shape[1]}x{n}", method, s, seconds.get(method)))
-    print("| scan | size | method | PSNR dB | PSNR body dB | SSIM | s |\n|---|---|---|---|---|---|---|")
-    for scan, size, method, s, sec in rows:
-        print(f"| {scan} | {size} | {method} | {s['psnr']:.2f} | {s['psnr_body']:.2f} | {s['ssim']:.4f} | "
-              f"{'' if sec is None else f'{sec:.1f}'} |")
-    for method in dict.fromkeys(r[2] for r in rows):
-        mine = [r[3]["psnr"] for r in rows if r[2] == method]
-        cubic = [r[3]["psnr"] for r in rows if r[2] == "cubic"]
-        print(f"{method}: mean PSNR {np.mean(mine):.2f} dB, {np.mean(mine) - np.mean(cubic):+.2f} dB against cubic")
+        for factor in args.factors:
+            n = (volume.shape[2] - 1) // factor * factor + 1                   # whole gaps only
+            real = volume.array[:, :, :n].astype(np.float64)
+            thick = CTVolume(real[:, :, ::factor].copy(), thicker(volume.affine, factor), source=name)
+            filled = np.arange(n) % factor != 0
+            body = body_mask(real)
+            made, seconds = {}, {}
+            for m in ("linear", "cubic", "flow"):
+                start = time.perf_counter()
+                made[m] = interpolate_volume(thick, factor, method=m).volume.array.astype(np.float64)
+                seconds[m] = time.perf_counter() - start
+            for steps in args.steps:
+                label = f"gridit, {steps} step{'s' if steps > 1 else ''}"
+                if not serves(pipeline, factor):
+                    made[label] = None
+                    continue
+                start = time.perf_counter()
+                made[label] = interpolate_volume(thick, factor, pipeline, steps=steps).volume.array.astype(np.float64)
+                seconds[label] = time.perf_counter() - start
+            for method, image in made.items():
+                s = scores(real, image, filled, body) if image is not None else None
+                rows.append((Path(name).name.replace(".nii.gz", ""), factor,
+                             f"{real.shape[0]}x{real.shape[1]}x{n}", method, s, seconds.get(method)))
+    print("| scan | factor | size | method | PSNR dB | PSNR body dB | SSIM | s |\n|---|---|---|---|---|---|---|---|")
+    for scan, factor, size, method, s, sec in rows:
+        figures = "n/a | n/a | n/a" if s is None else f"{s['psnr']:.2f} | {s['psnr_body']:.2f} | {s['ssim']:.4f}"
+        print(f"| {scan} | {factor} | {size} | {method} | {figures} | {'' if sec is None else f'{sec:.1f}'} |")
+    psnrs = {(r[0], r[1], r[3]): r[4]["psnr"] for r in rows if r[4] is not None}
+    scans = list(dict.fromkeys(r[0] for r in rows))
+    label = f"gridit, {args.steps[0]} step{'s' if args.steps[0] > 1 else ''}"
+    print(f"\n{label} against cubic / against flow, dB (target: +2 / +1 everywhere)")
+    print("| scan | " + " | ".join(f"factor {f}" for f in args.factors) + " |\n|---|" + "---|" * len(args.factors))
+    for scan in scans:
+        cells = [f"{psnrs[(scan, f, label)] - psnrs[(scan, f, 'cubic')]:+.2f} / "
+                 f"{psnrs[(scan, f, label)] - psnrs[(scan, f, 'flow')]:+.2f}" if (scan, f, label) in psnrs else "n/a"
+                 for f in args.factors]
+        print(f"| {scan} | " + " | ".join(cells) + " |")
     if args.extend:
         extended = [row for name in HELD for row in extension_rows(name, read_ct(DATA / name), pipeline,
                                                                     args.extend, args.steps[0])]
@@ -141,11 +163,12 @@ def main() -> None:
     if args.no_timing:
         return
     lidc = read_ct(DATA / TIMING_SCAN)
-    thick = CTVolume(lidc.array[:, :, :34].copy(), lidc.affine, source=TIMING_SCAN)      # timing only
+    kept = -(-99 // TIMING_FACTOR) + 1                                          # (kept - 1) * factor + 1 >= 100
+    thick = CTVolume(lidc.array[:, :, :kept].copy(), lidc.affine, source=TIMING_SCAN)    # timing only
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        out = interpolate_volume(thick, FACTOR, pipeline, steps=args.steps[0]).volume
+        out = interpolate_volume(thick, TIMING_FACTOR, pipeline, steps=args.steps[0]).volume
         times.append(time.perf_counter() - start)
         print(f"  round: {out.shape[0]} x {out.shape[1]} x {out.shape[2]} in {times[-1]:.1f} s")
     print(f"interpolate {thick.shape} -> {out.shape}, {args.steps[0]} step(s): median {np.median(times):.1f} s "

@@ -128,6 +128,29 @@ def test_grid_items_hold_the_slices_their_id_names(ct_sequences):
     assert len(dataset) == 10**9
 
 
+def test_interpolation_grids_of_several_gaps_hold_the_frames_at_their_positions():
+    """With gaps, an interpolation grid's cells are frames 0, o1, o2 and g of a gap of g frames (g among the
+    gaps, 0 < o1 <= o2 < g), and the item says where: every gap is drawn, other tasks stay consecutive."""
+    frames = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1).expand(40, 1, 4, 4) / 40
+    data = GridSampleDataset([frames.contiguous()], GridSpec(rows=2, cols=2), channels=1,
+                             tasks=TaskMix(0.0, 0.3, 0.7), gaps=[2, 3, 4, 5])
+    seen = set()
+    for index in range(200):
+        item = data[index]
+        cells = untile(item["x"][None], 2, 2)[0, :, 0, 0, 0] * 40             # the frame numbers
+        offsets = (cells - cells[0]).round()
+        torch.testing.assert_close(offsets, item["positions"])
+        if item["known"].tolist() == [1, 0, 0, 1]:
+            gap = int(offsets[-1])
+            seen.add(gap)
+            assert 2 <= gap <= 5 and 0 < offsets[1] <= offsets[2] < gap
+        else:
+            assert offsets.tolist() == [0, 1, 2, 3]
+    assert seen == {2, 3, 4, 5}
+    with pytest.raises(ValueError, match="gaps"):
+        GridSampleDataset([frames.contiguous()], GridSpec(rows=2, cols=2), channels=1, gaps=[2, 3])
+
+
 def test_tiles_are_cut_from_the_slices_and_short_sides_are_padded_with_air(ct_sequences):
     """crop=32 cuts one 32 x 32 tile at the same place out of the four slices; crop=56 is taller than the
     48-row slices, which are first padded with 4 rows of air (-1) above and below."""

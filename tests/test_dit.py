@@ -267,6 +267,20 @@ def test_unknown_cells_are_filled_by_linear_interpolation_in_frame_order(flags, 
     torch.testing.assert_close(filled, want)
 
 
+def test_the_fill_follows_the_cells_positions_when_given():
+    """Two new slices at 1/5 and 2/5 of a gap (a gap made five times finer): the known slices mixed 4:1 and 3:2,
+    not at the thirds the cell index would give."""
+    from ctgridit.core.conditioning import fill_unknown_cells
+    from ctgridit.core.grid import cell_mask, tile
+
+    cells = torch.tensor([10., 0, 0, 60]).view(1, -1, 1, 1, 1).expand(2, -1, 1, 2, 2)
+    mask = cell_mask([[1, 0, 0, 1]] * 2, 2, 2, 2, 2)
+    positions = torch.tensor([[0.0, 0.2, 0.4, 1.0], [0.0, 0.5, 0.5, 1.0]])
+    filled = fill_unknown_cells(tile(cells, 2, 2) * mask, mask, 2, 2, positions=positions)
+    want = torch.tensor([[10., 20, 30, 60], [10., 35, 35, 60]]).view(2, -1, 1, 1, 1).expand_as(cells)
+    torch.testing.assert_close(filled, tile(want, 2, 2))
+
+
 def test_a_linear_fill_model_sees_the_interpolated_cells(tmp_path):
     """cond_fill="linear": the condition made for the model (model_condition, once per grid) holds the
     interpolated cells, so the output depends on the known cells only, not on what the caller put in the others;

@@ -25,13 +25,16 @@ from ctgridit.ct.slices import extend_volume, interpolate_volume
 from tests.conftest import randomized
 
 
-def native_pipeline(masked: bool = True, resolution: str = "native") -> GriDiTPipeline:
+def native_pipeline(masked: bool = True, resolution: str = "native", gaps: list[int] | None = None,
+                    fresh: bool = False) -> GriDiTPipeline:
     """A 2 x 2 model of 16 x 16 tiles at the scan's own resolution, predicting clean tiles (one DDIM step);
     masked, it fills its condition by linear interpolation and adds its output to it, as
-    pipelines/configs/ct_interpolate.yaml does."""
-    stage1 = randomized(create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
-                                   **(dict(cond_channels=2, cond_fill="linear", fill_residual=True) if masked else {})), 0)
-    sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1))
+    pipelines/configs/ct_interpolate.yaml does. ``gaps``: the interpolation factors it says it fills;
+    ``fresh``: DiT's initial weights (its last layer at zero: the output is the fill exactly)."""
+    stage1 = create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
+                        **(dict(cond_channels=2, cond_fill="linear", fill_residual=True) if masked else {}))
+    stage1 = stage1 if fresh else randomized(stage1, 0)
+    sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1, gaps=gaps))
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
                               {"kind": "ct", "resolution": resolution, "window": [-1000, 1000]})
     return GriDiTPipeline(stage1, PixelCodec(1), sampling_scheduler(make_train_scheduler(clip_sample=True, prediction_type="sample"), "ddim"),
@@ -166,6 +169,22 @@ def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
         interpolate_volume(slab(small_ct, 1), 3, native_pipeline())
     with pytest.raises(CTGridItError, match="own resolution"):
         interpolate_volume(volume, 3, native_pipeline(resolution="fixed"))
+
+
+@pytest.mark.parametrize("factor", [2, 4, 5])
+def test_a_model_of_several_gaps_puts_each_new_slice_at_its_own_position(small_ct, factor):
+    """A model trained on gaps 2-5 (``gaps``) fills every factor it lists; a fresh residual model returns its
+    condition, so each new slice is the linear mix of its two neighbours at its own position ``j / factor``:
+    the linear interpolation along z of the scan in the model's HU window, exactly."""
+    volume = slab(small_ct, 5)
+    made = interpolate_volume(volume, factor, native_pipeline(gaps=[2, 3, 4, 5], fresh=True)).volume.array
+    windowed = CTVolume(np.clip(volume.array, -1000, 1000), volume.affine)      # what the model sees
+    linear = interpolate_volume(windowed, factor, method="linear").volume.array
+    kept = np.arange(made.shape[2]) % factor == 0
+    np.testing.assert_array_equal(made[:, :, kept], volume.array)
+    np.testing.assert_allclose(made[:, :, ~kept], linear[:, :, ~kept], atol=0.1)
+    with pytest.raises(CTGridItError, match="factor of 2 or 3 or 4 or 5"):
+        interpolate_volume(volume, 6, native_pipeline(gaps=[2, 3, 4, 5]))
 
 
 @pytest.mark.parametrize("scan,layout", LAYOUTS)

@@ -69,55 +69,61 @@ def condition_channels(latent_channels: int) -> int:
 
 
 def masked_condition(known: torch.Tensor, mask: torch.Tensor, fill: str = "zeros", rows: int = 1,
-                     cols: int = 1) -> torch.Tensor:
+                     cols: int = 1, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The model's condition: ``(B, c + 1, H, W)``, the known latents and the mask.
 
     ``known`` is ``(B, c, H, W)``; ``mask`` (``(B or 1, 1, H, W)`` or ``(1, H, W)``,
     as :func:`~ctgridit.core.grid.cell_mask` makes it) is 1 on the known cells.
     The unknown cells hold ``fill`` (:data:`FILLS`) of the known ones: zeros, or
     their interpolation in the frame order of an ``rows x cols`` grid
-    (:func:`fill_unknown_cells`; ``"flow"`` along their motion, TV-L1).
+    (:func:`fill_unknown_cells`; ``"flow"`` along their motion, TV-L1), at the cells' ``positions``.
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
     latents = known * mask
     if fill != "zeros":
-        latents = fill_unknown_cells(latents, mask, rows, cols, TVL1() if fill == "flow" else None)
+        latents = fill_unknown_cells(latents, mask, rows, cols, TVL1() if fill == "flow" else None, positions)
     return torch.cat([latents, mask], dim=1)
 
 
-def model_condition(model, known: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def model_condition(model, known: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`masked_condition` as ``model`` takes it: filled as its config says (``cond_fill``, grid shape) for a
     :class:`~ctgridit.core.dit.GridDiT`, zeros for a model without such a config."""
     config = getattr(model, "config", None)
     fill = getattr(config, "cond_fill", "zeros") if config is not None else "zeros"
     if fill == "zeros":
         return masked_condition(known, mask)
-    return masked_condition(known, mask, fill, config.grid_rows, config.grid_cols)
+    return masked_condition(known, mask, fill, config.grid_rows, config.grid_cols, positions)
 
 
 def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int,
-                       motion: TVL1 | None = None) -> torch.Tensor:
+                       motion: TVL1 | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """``latents`` ``(B, c, H, W)`` with every unknown cell replaced by interpolation of the known cells.
 
     Cells are frames in row-major order; ``mask`` ``(B, 1, H, W)`` is 1 on the
     known cells. An unknown cell between two known ones gets their mix weighted
-    by distance in frames; one with known cells on one side only gets the
+    by distance; one with known cells on one side only gets the
     nearest of them (hold); with no known cell it is zero. Known cells are kept.
     With ``motion``, a cell between two known ones is their mix along the motion
     between them instead (:func:`~ctgridit.core.motion.between`, the flow of each
-    pair of known cells estimated once with ``motion``).
+    pair of known cells estimated once with ``motion``). ``positions``: where each cell lies along the
+    sequence, ``(B or 1, N)`` increasing (e.g. ``0, 1/5, 2/5, 1`` for two new slices of a gap made five
+    times finer); default the cell index (consecutive frames).
     """
     cells = untile(latents, rows, cols)                                        # (B, N, c, h, w)
     n = cells.shape[1]
     known = untile(mask, rows, cols).flatten(2).mean(-1) > 0.5                 # (B, N)
     index = torch.arange(n, device=latents.device).expand_as(known)
+    where = index.to(latents.dtype) if positions is None else \
+        torch.as_tensor(positions, dtype=latents.dtype, device=latents.device).expand(known.shape)
     before = torch.where(known, index, -1).cummax(dim=1).values               # nearest known at or before
     after = torch.where(known, index, n).flip(1).cummin(dim=1).values.flip(1)  # nearest known at or after
     has_before, has_after = before >= 0, after < n
-    span = (after - before).clamp(min=1).to(latents.dtype)
-    w_after = torch.where(has_before & has_after, (index - before).to(latents.dtype) / span,
+    at = lambda i: where.gather(1, i.clamp(0, n - 1))                          # noqa: E731
+    span = (at(after) - at(before)).clamp(min=1e-6)
+    w_after = torch.where(has_before & has_after, (where - at(before)) / span,
                           has_after.to(latents.dtype))
     w_after = torch.where(known, torch.zeros_like(w_after), w_after)
     w_before = torch.where(known | has_before, 1 - w_after, torch.zeros_like(w_after))

@@ -57,6 +57,7 @@ class Stage1Sampling:
     max_batch: int = 16                   # grids per model call in step 2
     repaint_jump: int = 0                 # RePaint resampling (replacement mode): jump back this many steps ...
     repaint_times: int = 1                # ... this many times (1: none)
+    gaps: list[int] | None = None         # interpolation factors the model fills (None: cells - 1 only)
 
     @property
     def k(self) -> int:
@@ -73,6 +74,8 @@ class Stage1Sampling:
             raise ValueError("stage1: levels and repaint_jump must be >= 0, max_batch and repaint_times >= 1")
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"stage1: chunk must be >= 1, got {self.chunk}")
+        if self.gaps is not None and (not self.gaps or min(self.gaps) < 2):
+            raise ValueError(f"stage1: gaps must be interpolation factors of at least 2, got {self.gaps}")
 
 
 @dataclass

@@ -144,16 +144,21 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         return _spline_interpolation(volume, factor, method, start)
     pipeline = _pipeline(model, device)
     cells = pipeline.settings.grid.cells
-    if factor != cells - 1:
-        raise CTGridItError(f"this model interpolates by a factor of {cells - 1} only (got {factor})",
+    factors = served_factors(pipeline)
+    if factor not in factors:
+        listed = " or ".join(map(str, factors))
+        raise CTGridItError(f"this model interpolates by a factor of {listed} only (got {factor})",
                             model if model is not None and not isinstance(model, GriDiTPipeline) else "the slice model",
-                            f"use --factor {cells - 1}, or --method flow or cubic for other factors")
+                            f"use --factor {listed}, or --method flow or cubic for other factors")
     frames, lps = _model_frames(volume, pipeline, minimum=2)
     n = len(frames)
     out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])                   # (Z', 1, Y, X)
     out[::factor] = frames
     known = [1.0] + [0.0] * (cells - 2) + [1.0]
-    filled = _fill_windows(pipeline, out, known, z_step=factor, steps=steps, seed=seed, progress=progress)
+    if pipeline.settings.sampling.stage1.gaps:
+        filled = _fill_gaps(pipeline, out, factor, steps, seed, progress)
+    else:
+        filled = _fill_windows(pipeline, out, known, z_step=factor, steps=steps, seed=seed, progress=progress)
     spacing = _slice_spacing(lps)
     hu = _to_hu(filled, lps, pipeline, keep=torch.arange(0, len(out), factor))
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
@@ -303,17 +308,55 @@ def _slice_spacing(lps) -> float:
 
 
 def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[float], z_step: int,
-                  steps: int | None, seed: int, progress: ProgressCallback | None) -> torch.Tensor:
+                  steps: int | None, seed: int, progress: ProgressCallback | None,
+                  positions: list[float] | None = None) -> torch.Tensor:
     """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
-    starting every ``z_step`` frames along z (the known frames come back blended from exact copies)."""
+    starting every ``z_step`` frames along z (the known frames come back blended from exact copies);
+    ``positions``: where a window's cells lie along z (default consecutive frames)."""
     grid = pipeline.settings.grid
     generator = torch.Generator().manual_seed(seed)
 
     def fill(grids: torch.Tensor) -> torch.Tensor:
-        return pipeline.fill(grids, known, steps, generator)
+        return pipeline.fill(grids, known, steps, generator, positions=positions)
 
     return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.settings.frame_size), z_step, fill, progress,
                       "fill").clamp(-1, 1)
+
+
+def served_factors(pipeline: GriDiTPipeline) -> list[int]:
+    """The interpolation factors a slice model serves: those it was trained on (``gaps``), else ``cells - 1``
+    (the cells between a grid's first and last)."""
+    return list(pipeline.settings.sampling.stage1.gaps or [pipeline.settings.grid.cells - 1])
+
+
+def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: int | None, seed: int,
+               progress: ProgressCallback | None) -> torch.Tensor:
+    """``out`` (the input slices at every ``factor``-th place) with the slices between made by a model trained
+    on several gaps: every gap becomes grids whose first and last cells are its two input slices and whose
+    cells between are new slices at their fractional positions (``cells - 2`` at a time; a last group short of
+    that repeats its last slice, and repeats are averaged)."""
+    cells = pipeline.settings.grid.cells
+    inner, gaps = cells - 2, (len(out) - 1) // factor
+    offsets = list(range(1, factor))
+    groups = [offsets[i:i + inner] for i in range(0, len(offsets), inner)]
+    groups = [g + [g[-1]] * (inner - len(g)) for g in groups]
+    known = [1.0] + [0.0] * inner + [1.0]
+    total = torch.zeros_like(out)
+    count = torch.zeros(len(out))
+    for number, group in enumerate(groups):
+        stack = torch.zeros(cells * gaps, *out.shape[1:])
+        stack[0::cells], stack[cells - 1::cells] = out[0:-1:factor], out[factor::factor]
+        report = None if progress is None else (
+            lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
+        filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,
+                               progress=report, positions=[0.0, *(o / factor for o in group), 1.0])
+        for j, offset in enumerate(group):
+            total[offset::factor] += filled[1 + j::cells]
+            count[offset::factor] += 1
+    made = count > 0
+    result = out.clone()
+    result[made] = total[made] / count[made].view(-1, 1, 1, 1)
+    return result
 
 
 def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tensor) -> torch.Tensor:

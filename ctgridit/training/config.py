@@ -134,6 +134,10 @@ class ConditioningConfig:
     ``start_within``: grids with nothing known (the sampler's first grid) come
     from the first frames of a sequence, so generated sequences begin where
     training sequences begin.
+    ``gaps``: interpolation grids span a gap of ``g`` frames drawn from these (e.g. ``[2, 3, 4, 5]``), the
+    unknown cells at random frames inside it, the fill at their positions
+    (:class:`~ctgridit.training.datasets.GridSampleDataset`): one model for every interpolation factor
+    (``ctgridit interpolate --factor g``); null: the cells between the first and last, factor ``R*C - 1``.
     ``task_strides``: the strides each task is trained at, e.g.
     ``{unconditional: [9], extension: [9], interpolation: [1, 3]}`` (the sampler's
     own: it extends at the coarsest stride and interpolates at the finer ones);
@@ -153,6 +157,7 @@ class ConditioningConfig:
     stride_dropout: float = 0.1
     start_within: int | None = None      # grids with nothing known start within this many frames of a scan's start
     task_strides: dict[str, list[int]] | None = None   # the strides each task is trained at (null: all)
+    gaps: list[int] | None = None        # interpolation at any of these factors (frames per gap); null: R*C - 1
 
     @property
     def tasks(self) -> TaskMix:
@@ -367,6 +372,10 @@ class TrainConfig:
                 raise ValueError(f"stride_dropout must be in [0, 1), got {cond.stride_dropout}")
             if cond.start_within is not None and cond.start_within < 1:
                 raise ValueError(f"start_within must be >= 1, got {cond.start_within}")
+            if cond.gaps is not None and (not cond.masked or cond.interpolation <= 0 or cond.chunk != 1
+                                          or not cond.gaps or min(cond.gaps) < 2):
+                raise ValueError(f"gaps {cond.gaps} need masked: true, an interpolation task with chunk 1 and "
+                                 "gaps of at least 2 frames")
             self.jitter
             labels = s1.stride_labels(spec.cells, self.max_stride_label)
             self._check_task_strides(labels)

@@ -185,6 +185,12 @@ class GridSampleDataset(_SequenceDataset):
             finer ones, so no grid is spent on a task at a stride it never
             samples); a task missing from it takes every stride. The item
             then draws its task first and its stride among the task's.
+        gaps: with ``tasks``, interpolation grids at any factor: such a grid spans a gap of ``g`` frames
+            (times the stride; ``g`` drawn among ``gaps``), its first and last cell the frames at both ends, its
+            unknown cells frames at offsets drawn uniformly (with replacement, sorted) in ``1 .. g - 1``; the item
+            carries the cells' ``positions`` (offsets, frames). One model then fills a gap made ``g`` times finer
+            for every ``g`` in ``gaps`` (:func:`~ctgridit.core.conditioning.fill_unknown_cells` reads the
+            positions). Other tasks' grids are consecutive frames (positions ``0 .. R*C - 1``).
         jitter: in-plane augmentation (:class:`InPlaneJitter`).
         crop: cut a random ``crop x crop`` tile out of the frames (the same for
             all cells; sequences may then differ in size). A side shorter than
@@ -213,7 +219,7 @@ class GridSampleDataset(_SequenceDataset):
                  sequence_strides: Sequence[Sequence[int]] | None = None, tasks: TaskMix | None = None,
                  stride_dropout: float | None = None, start_within: int | None = None,
                  jitter: InPlaneJitter | None = None, crop: int | None = None,
-                 task_strides: dict[str, Sequence[int]] | None = None) -> None:
+                 task_strides: dict[str, Sequence[int]] | None = None, gaps: Sequence[int] | None = None) -> None:
         if strides is not None and stride_range is not None:
             raise ValueError("give strides or stride_range, not both")
         if strides is None:
@@ -230,6 +236,11 @@ class GridSampleDataset(_SequenceDataset):
             raise ValueError(f"start_within must be >= 1, got {start_within}")
         if tasks is not None:
             tasks.check(spec.rows, spec.cols)
+        if gaps is not None:
+            gaps = sorted({operator.index(g) for g in gaps})
+            if tasks is None or tasks.chunk != 1 or not gaps or gaps[0] < 2:
+                raise ValueError(f"gaps need tasks with chunk 1 and gaps of at least 2 frames, got {gaps}")
+        self.gaps = gaps
         super().__init__(sequences, seed, length, channels)
         if sequence_strides is not None and len(sequence_strides) != len(self.num_frames):
             raise ValueError(f"sequence_strides has {len(sequence_strides)} entries for {len(self.num_frames)} sequences")
@@ -265,8 +276,8 @@ class GridSampleDataset(_SequenceDataset):
 
     def __getitem__(self, index: int) -> dict:
         g = self.generator(index)
-        task = self.tasks.draw_task(g) if self.task_strides is not None else None
-        served = self.task_strides[task] if task is not None else sorted(self.servers)
+        task = self.tasks.draw_task(g) if self.task_strides is not None or self.gaps is not None else None
+        served = self.task_strides[task] if self.task_strides is not None else sorted(self.servers)
         stride = served[_randint(len(served), g)]
         i = self.servers[stride][_randint(len(self.servers[stride]), g)]
         n = self.num_frames[i]
@@ -281,7 +292,18 @@ class GridSampleDataset(_SequenceDataset):
             item["stride_label"] = 0 if dropped else stride
         if self.start_within is not None and not bool(item.get("known", torch.zeros(1)).any()):
             start = _randint(min(self.start_within, n - self.span(stride) + 1), g)
-        frames = self._frames(i, slice(start, start + self.span(stride), stride))   # (R*C, C, H, W)
+        offsets = list(range(self.spec.cells))
+        if task == "interpolation" and self.gaps is not None:
+            fit = [gap for gap in self.gaps if gap * stride < n] or [self.gaps[0]]
+            gap = fit[_randint(len(fit), g)]
+            inner = sorted(1 + _randint(gap - 1, g) for _ in range(self.spec.cells - 2))
+            offsets = [0, *inner, gap]
+            start = _randint(max(1, n - gap * stride), g)
+        if self.gaps is not None:
+            item["positions"] = torch.tensor(offsets, dtype=torch.float32)
+        at = slice(start, start + self.span(stride), stride) if offsets == list(range(self.spec.cells)) else \
+            [min(start + o * stride, n - 1) for o in offsets]
+        frames = self._frames(i, at)                                               # (R*C, C, H, W)
         if self.crop is not None:
             height, width = frames.shape[-2:]
             if min(height, width) < self.crop:

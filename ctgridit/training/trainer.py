@@ -133,7 +133,8 @@ def build_dataset(config: TrainConfig, stage: int, sequences, channels: int, see
                                  tasks=cond.tasks if cond.masked else None,
                                  stride_dropout=cond.stride_dropout if cond.strides else None,
                                  start_within=cond.start_within, jitter=config.jitter, crop=config.data.tile,
-                                 task_strides=cond.task_strides if cond.masked else None)
+                                 task_strides=cond.task_strides if cond.masked else None,
+                                 gaps=cond.gaps if cond.masked else None)
     return SRPairDataset(sequences, spec.factor, seed=seed, channels=channels)
 
 
@@ -177,8 +178,12 @@ def pipeline_settings(config: TrainConfig, codec: LatentCodec) -> PipelineSettin
     adapter = get_adapter(config.data.kind, config.source).model_settings(config)
     adapter.update(config.adapter)
     trained = {f"stage{s}": list(config.stage(s).timesteps) for s in (1, 2) if config.stage(s).timesteps}
+    sampling = config.sampling_config
+    cond = config.stage1.conditioning
+    if cond.masked and cond.gaps:                                       # the factors the slice model fills
+        sampling = dataclasses.replace(sampling, stage1=dataclasses.replace(sampling.stage1, gaps=sorted(cond.gaps)))
     return PipelineSettings(config.grid_spec, tuple(config.frame_size), codec.image_channels,
-                            config.sampling_config, adapter, SCHEDULER_LAYOUT, trained)
+                            sampling, adapter, SCHEDULER_LAYOUT, trained)
 
 
 # ------------------------------------------------------------------- batches
@@ -204,7 +209,7 @@ class StepBatches:
 def collate(items: list[dict]) -> dict:
     batch = {"x": torch.stack([it["x"] for it in items]), "index": [it["index"] for it in items],
              "id": [it["id"] for it in items]}
-    for key in ("cond", "known"):
+    for key in ("cond", "known", "positions"):
         if key in items[0]:
             batch[key] = torch.stack([it[key] for it in items])
     if "stride_label" in items[0]:
@@ -227,7 +232,8 @@ def model_inputs(batch: dict, codec: LatentCodec, spec, device: torch.device, fi
     if "known" in batch:
         mask = cell_mask(batch["known"], spec.rows, spec.cols, x.shape[-2] // spec.rows,
                          x.shape[-1] // spec.cols).to(device=device, dtype=x.dtype)      # (B, 1, H, W)
-        inputs.update(cond=masked_condition(x, mask, fill, spec.rows, spec.cols), weight=1 - mask)
+        positions = batch["positions"].to(device) if "positions" in batch else None
+        inputs.update(cond=masked_condition(x, mask, fill, spec.rows, spec.cols, positions), weight=1 - mask)
     if "stride_label" in batch:
         inputs["stride"] = batch["stride_label"].to(device)
     return inputs
