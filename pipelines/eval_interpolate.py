@@ -40,7 +40,7 @@ from ctgridit.data_folder import data_folder
 from ctgridit.ct.fidelity import body_mask, psnr, ssim_map
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model
+from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model, served_factors
 
 DATA = data_folder()
 HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
@@ -58,8 +58,9 @@ def thicker(affine: np.ndarray, factor: int) -> np.ndarray:
 
 
 def serves(pipeline, factor: int) -> bool:
-    """Whether the slice model interpolates by ``factor`` (a 2 x 2 model: by 3 only)."""
-    return factor == pipeline.settings.grid.cells - 1
+    """Whether the slice model interpolates by ``factor`` (the gaps it was trained on; a 2 x 2 model without
+    gaps: 3 only)."""
+    return factor in served_factors(pipeline)
 
 
 def scores(real: np.ndarray, made: np.ndarray, filled: np.ndarray, body: np.ndarray) -> dict[str, float]:
