@@ -2,7 +2,7 @@
 
     python pipelines/bundle_model.py runs/ct_chest/model --bench bench.txt        # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise_v2/model --denoiser --bench eval.txt
-    python pipelines/bundle_model.py runs/ct_interpolate_flow/model --slices --bench eval.txt
+    python pipelines/bundle_model.py runs/ct_interpolate_gaps/model --slices --bench eval.txt
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled synthesis model lives in ``ctgridit/models/ct_chest/`` and is what
@@ -208,11 +208,18 @@ python pipelines/bundle_model.py runs/ct_denoise_v2/model --denoiser
     return text + measured(bench)
 
 
+#: The earlier phases of the slice model, as their logs recorded them (their run folders are gone).
+PHASES = {"ct_interpolate": "3000 steps, loss 0.034 (first 50) -> 0.013 (last 50), 0.7 h",
+          "ct_interpolate_1step": "4000 steps, loss 0.016 (first 50) -> 0.018 (last 50), 0.7 h",
+          "ct_interpolate_flow": "2000 steps, loss 0.014 (first 50) -> 0.014 (last 50), 0.4 h"}
+
+
 def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
     cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
     run, tune, flow = (training_config(f"ct_interpolate{part}.yaml") for part in ("", "_1step", "_flow"))
+    gaps = cfg.sampling.stage1.gaps or [cfg.grid.cells - 1]
     cond, low, high = run["stage1"]["conditioning"], *tune["stage1"]["timesteps"]
     min_snr = run.get("diffusion", {}).get("min_snr")
     weights = f"Min-SNR-{min_snr:g} loss weights" if min_snr else "the loss on every noise level alike"
@@ -228,7 +235,8 @@ The model behind `ctgridit interpolate` and `ctgridit extend`: a masked-conditio
 stage-1 grid DiT ({params:.1f} M parameters, patch {pipeline.stage1.config.patch_size}) over {cfg.grid.rows} x {cfg.grid.cols} grids of
 {tile[0]} x {tile[1]} tiles of consecutive slices at the scan's own resolution, pixel space, no
 stage 2, predicting the clean tiles (x0, {weights}). Given the first and
-last cell it fills the two between (interpolation by 3); given the first row it
+last cell it fills the two between at their positions in the gap (interpolation by {", ".join(map(str, gaps))}:
+two new slices at a time); given the first row it
 makes the second (extension); {given}. MONAI's sliding window covers a scan with
 overlapping tiles (see `ctgridit/ct/slices.py`); one DDIM step (the default) is the
 model's posterior mean. Fine-tuned on diffusion steps {low} to {high} only, it serves
@@ -243,11 +251,14 @@ one-step sampling only (`--steps` above 1 passes through levels it no longer kno
 - **Tasks**: interpolation {cond["interpolation"]}, extension {cond["extension"]}, nothing known {cond["unconditional"]}
   (fine-tuning: {tune["stage1"]["conditioning"]["interpolation"]}, {tune["stage1"]["conditioning"]["extension"]}, {tune["stage1"]["conditioning"]["unconditional"]}).
 - **Training** (batch {run["optim"]["batch_size"]}, AdamW, EMA 0.999, 2 CPU cores): `pipelines/configs/ct_interpolate.yaml`,
-  {stage_summary(REPO / 'runs' / 'ct_interpolate' / 'checkpoints' / 'stage1' / 'train_log.csv')}; then
+  {PHASES["ct_interpolate"]}; then
   `pipelines/configs/ct_interpolate_1step.yaml` (diffusion steps {low}-{high}),
-  {stage_summary(REPO / 'runs' / 'ct_interpolate_1step' / 'checkpoints' / 'stage1' / 'train_log.csv')}; then
+  {PHASES["ct_interpolate_1step"]}; then
   `pipelines/configs/ct_interpolate_flow.yaml` (the same levels, `fill: {flow["stage1"]["conditioning"]["fill"]}`),
-  {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
+  {PHASES["ct_interpolate_flow"]}; then
+  `pipelines/configs/ct_interpolate_gaps.yaml` (interpolation grids over gaps of {", ".join(map(str, gaps))} slices, the
+  cells between at random slices inside the gap, the fill at their positions: one model for
+  `--factor` {" to ".join(map(str, (gaps[0], gaps[-1])))}), {stage_summary(checkpoints / 'stage1' / 'train_log.csv')}.
 
 Reproduce (from the repository root, with `../shared/data/ct` present):
 
@@ -255,7 +266,8 @@ Reproduce (from the repository root, with `../shared/data/ct` present):
 ctgridit train stage1 --config pipelines/configs/ct_interpolate.yaml
 ctgridit train stage1 --config pipelines/configs/ct_interpolate_1step.yaml
 ctgridit train stage1 --config pipelines/configs/ct_interpolate_flow.yaml
-python pipelines/bundle_model.py runs/ct_interpolate_flow/model --slices
+ctgridit train stage1 --config pipelines/configs/ct_interpolate_gaps.yaml    # starts from the bundled folder
+python pipelines/bundle_model.py runs/ct_interpolate_gaps/model --slices
 ```
 
 ## How it got there
@@ -270,7 +282,8 @@ mean PSNR of the filled slices on the held-out chest crops:
 | the same, output = interpolation + correction (`residual: true`) | 3,000 steps | 24.76 dB | +0.36 dB |
 | the same, fine-tuned for one step (diffusion steps 980-999) | + 4,000 steps | 24.87 dB | +0.47 dB |
 | the same, fine-tuned on the one thin scan (LIDC-IDRI-0314) only | + 1,500 steps | 24.88 dB | +0.48 dB |
-| motion-compensated (`fill: flow`), residual, one step (bundled) | + 2,000 steps | 25.83 dB | +1.43 dB |
+| motion-compensated (`fill: flow`), residual, one step | + 2,000 steps | 25.83 dB | +1.43 dB |
+| the same, gaps of 2 to 5 slices with the fill at each cell's position (bundled) | + 2,000 steps | 25.83 dB | +1.43 dB |
 
 With the linear mix as its input the network learnt almost no correction (its
 output differed from linear interpolation by 18 HU RMS where the real slices
@@ -363,7 +376,7 @@ def main() -> None:
     bench = Path(args.bench).read_text() if args.bench else None
     target = {"synthesis": BUNDLED_MODEL, "denoiser": BUNDLED_DENOISER, "slices": BUNDLED_SLICE_MODEL,
               "video": BUNDLED_VIDEO_MODEL}[kind]
-    runs = {"synthesis": "ct_chest", "denoiser": "ct_denoise_v2", "slices": "ct_interpolate_flow",
+    runs = {"synthesis": "ct_chest", "denoiser": "ct_denoise_v2", "slices": "ct_interpolate_gaps",
             "video": "video_shapes"}[kind]
     checkpoints = Path(args.checkpoints) if args.checkpoints != parser.get_default("checkpoints") \
         else REPO / "runs" / runs / "checkpoints"

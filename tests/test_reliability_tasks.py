@@ -337,7 +337,7 @@ def test_a_model_folder_with_unknown_or_odd_entries_is_refused(capsys, tmp_path,
 
 # --------------------------------------------------------------- smaller
 @pytest.mark.parametrize("args,subject", [
-    (["interpolate", "IN", "--factor", "2"], "the slice model"), (["interpolate", "IN", "--method", "bogus"], "--method"),
+    (["interpolate", "IN", "--factor", "6"], "the slice model"), (["interpolate", "IN", "--method", "bogus"], "--method"),
     (["extend", "IN", "--slices", "2", "--direction", "sideways"], "--direction"),
     (["denoise", "IN", "--strength", "0"], "--strength"),
 ])

@@ -183,7 +183,7 @@ def test_a_model_of_several_gaps_puts_each_new_slice_at_its_own_position(small_c
     kept = np.arange(made.shape[2]) % factor == 0
     np.testing.assert_array_equal(made[:, :, kept], volume.array)
     np.testing.assert_allclose(made[:, :, ~kept], linear[:, :, ~kept], atol=0.1)
-    with pytest.raises(CTGridItError, match="factor of 2 or 3 or 4 or 5"):
+    with pytest.raises(CTGridItError, match="factor of 2, 3, 4 or 5 only"):
         interpolate_volume(volume, 6, native_pipeline(gaps=[2, 3, 4, 5]))
 
 

@@ -146,7 +146,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     cells = pipeline.settings.grid.cells
     factors = served_factors(pipeline)
     if factor not in factors:
-        listed = " or ".join(map(str, factors))
+        listed = ", ".join(map(str, factors[:-1])) + (" or " if len(factors) > 1 else "") + str(factors[-1])
         raise CTGridItError(f"this model interpolates by a factor of {listed} only (got {factor})",
                             model if model is not None and not isinstance(model, GriDiTPipeline) else "the slice model",
                             f"use --factor {listed}, or --method flow or cubic for other factors")
