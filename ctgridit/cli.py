@@ -395,7 +395,7 @@ def with_slice_options(command):
 @with_slice_options
 def interpolate(
     src: str = typer.Argument(..., metavar="IN", help="The CT with thick slices (NIfTI, NRRD/MHA, DICOM folder or zip)."),
-    factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (a 2 x 2 grid model: 3)."),
+    factor: int = typer.Option(3, "--factor", min=2, max=16, help="Slices this many times closer (the bundled model: 2 to 5; linear, cubic and flow: any)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid model), or linear or cubic interpolation along z, or flow (along the motion between slices)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_xFACTOR.nii.gz next to IN)."),
     **options,
@@ -405,8 +405,8 @@ def interpolate(
     It thins the scan's slice axis: its thickest voxel axis (where the voxels are about as thick along two or
     three axes: the head-feet axis if it is one of them, else the stored slice direction).
 
-    The bundled grid model fills 2 slices between 2 (factor 3), starting from the
-    two moved along the motion between them (docs/slices.md has its measurements)."""
+    The bundled grid model fills the new slices of each gap (factors 2 to 5) two at a time, starting from
+    the two known slices moved along the motion between them (docs/slices.md has its measurements)."""
     from ctgridit.ct.slices import METHODS, interpolate_volume, interpolation_plan
 
     if method not in METHODS:
