@@ -88,11 +88,15 @@ def masked_condition(known: torch.Tensor, mask: torch.Tensor, fill: str = "zeros
 
 
 def model_condition(model, known: torch.Tensor, mask: torch.Tensor,
-                    positions: torch.Tensor | None = None) -> torch.Tensor:
+                    positions: torch.Tensor | None = None, filled: bool = False) -> torch.Tensor:
     """:func:`masked_condition` as ``model`` takes it: filled as its config says (``cond_fill``, grid shape) for a
-    :class:`~ctgridit.core.dit.GridDiT`, zeros for a model without such a config."""
+    :class:`~ctgridit.core.dit.GridDiT`, zeros for a model without such a config. ``filled``: the unknown cells
+    of ``known`` already hold the fill (made by the caller on whole frames, e.g. the flow between whole slices
+    rather than between the tiles of one window), and are taken as they are."""
     config = getattr(model, "config", None)
     fill = getattr(config, "cond_fill", "zeros") if config is not None else "zeros"
+    if filled and fill != "zeros":
+        return torch.cat([known, mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])], dim=1)
     if fill == "zeros":
         return masked_condition(known, mask)
     return masked_condition(known, mask, fill, config.grid_rows, config.grid_cols, positions)

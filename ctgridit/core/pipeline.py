@@ -202,7 +202,7 @@ class GriDiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def fill(self, grids: torch.Tensor, known: list[float], num_steps: int | None = None,
              generator: torch.Generator | None = None, callback: Callable[[int, int], None] | None = None,
-             positions: list[float] | None = None) -> torch.Tensor:
+             positions: list[float] | None = None, filled: bool = False) -> torch.Tensor:
         """Stage 1 on given grids: the cells flagged 0 in ``known`` (row-major, 1 = known) generated from the
         others, which come back exactly; ``(B, C, R*h, C*w)`` frames in [-1, 1] in and out.
 
@@ -212,7 +212,8 @@ class GriDiTPipeline(DiffusionPipeline):
         stage-1 steps); one step from pure noise of a clean-sample model is its
         estimate of the posterior mean of the missing cells (no fresh noise in
         the result), more steps draw a sample. ``positions``: where the cells lie along the sequence (a model
-        trained with ``gaps``; default consecutive frames).
+        trained with ``gaps``; default consecutive frames). ``filled``: the cells to generate hold the model's
+        fill already, made by the caller (e.g. on whole frames), and its condition takes them as they are.
         """
         if not self.masked:
             raise ValueError("filling given grids needs a masked-conditional stage 1; this model is unconditional")
@@ -227,7 +228,8 @@ class GriDiTPipeline(DiffusionPipeline):
         scheduler = make_sample_scheduler(self.scheduler, "ddim", num_steps or self.settings.sampling.stage1.num_steps)
         where = None if positions is None else torch.tensor([positions], dtype=z.dtype, device=z.device)
         z = inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
-                    inputs={"stride": 1 if self.max_stride else None}, callback=callback, positions=where)
+                    inputs={"stride": 1 if self.max_stride else None}, callback=callback, positions=where,
+                    filled=filled)
         out = self.codec.decode(z).clamp(-1, 1)
         if isinstance(self.codec, PixelCodec):                    # the known cells exactly (a VAE cannot promise it)
             out = torch.where(mask.bool(), grids.to(out), out)

@@ -309,18 +309,41 @@ def _slice_spacing(lps) -> float:
 
 def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[float], z_step: int,
                   steps: int | None, seed: int, progress: ProgressCallback | None,
-                  positions: list[float] | None = None) -> torch.Tensor:
+                  positions: list[float] | None = None, filled: bool = False) -> torch.Tensor:
     """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
     starting every ``z_step`` frames along z (the known frames come back blended from exact copies);
-    ``positions``: where a window's cells lie along z (default consecutive frames)."""
+    ``positions``: where a window's cells lie along z (default consecutive frames); ``filled``: the frames to
+    generate hold the model's fill already (:func:`_whole_slice_fill`)."""
     grid = pipeline.settings.grid
     generator = torch.Generator().manual_seed(seed)
 
     def fill(grids: torch.Tensor) -> torch.Tensor:
-        return pipeline.fill(grids, known, steps, generator, positions=positions)
+        return pipeline.fill(grids, known, steps, generator, positions=positions, filled=filled)
 
     return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.settings.frame_size), z_step, fill, progress,
                       "fill").clamp(-1, 1)
+
+
+def _whole_slice_fill(pipeline: GriDiTPipeline, before: torch.Tensor, after: torch.Tensor):
+    """The model's condition fill for new slices between ``before`` and ``after`` (``(B, 1, Y, X)`` frames in
+    its window), made on whole slices: a function of the fraction ``weight`` of the way, by its ``cond_fill``
+    (``flow``: TV-L1 between the whole slices, estimated once, as ``--method flow``; ``linear``: their mix);
+    None for a model without a fill. Made per window instead, the flow sees only a 64 x 64 tile of each slice:
+    on the thigh STS_019 (3.27 mm, factor 3) that fill alone is 1.3 dB below the whole-slice flow."""
+    from ctgridit.core.motion import TVL1, between
+
+    kind = getattr(pipeline.stage1.config, "cond_fill", "zeros")
+    if kind == "linear":
+        return lambda weight: (1 - weight) * before + weight * after
+    if kind != "flow":
+        return None
+    flow = torch.cat([TVL1().flow(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
+                      for i in range(0, len(before), FLOW_BATCH)])
+    return lambda weight: between(before, after, torch.full((len(before),), float(weight)), flow)
+
+
+#: Slice pairs per TV-L1 call.
+FLOW_BATCH = 8
 
 
 def served_factors(pipeline: GriDiTPipeline) -> list[int]:
@@ -334,7 +357,8 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
     """``out`` (the input slices at every ``factor``-th place) with the slices between made by a model trained
     on several gaps: every gap becomes grids whose first and last cells are its two input slices and whose
     cells between are new slices at their fractional positions (``cells - 2`` at a time; a last group short of
-    that repeats its last slice, and repeats are averaged)."""
+    that repeats its last slice, and repeats are averaged). The condition's fill of the new slices is made on
+    whole slices first (:func:`_whole_slice_fill`)."""
     cells = pipeline.settings.grid.cells
     inner, gaps = cells - 2, (len(out) - 1) // factor
     offsets = list(range(1, factor))
@@ -343,13 +367,19 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
     known = [1.0] + [0.0] * inner + [1.0]
     total = torch.zeros_like(out)
     count = torch.zeros(len(out))
+    before, after = out[0:-1:factor], out[factor::factor]
+    made = _whole_slice_fill(pipeline, before, after)
     for number, group in enumerate(groups):
         stack = torch.zeros(cells * gaps, *out.shape[1:])
-        stack[0::cells], stack[cells - 1::cells] = out[0:-1:factor], out[factor::factor]
+        stack[0::cells], stack[cells - 1::cells] = before, after
+        for j, offset in enumerate(group):
+            if made is not None:
+                stack[1 + j::cells] = made(offset / factor)
         report = None if progress is None else (
             lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
         filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,
-                               progress=report, positions=[0.0, *(o / factor for o in group), 1.0])
+                               progress=report, positions=[0.0, *(o / factor for o in group), 1.0],
+                               filled=made is not None)
         for j, offset in enumerate(group):
             total[offset::factor] += filled[1 + j::cells]
             count[offset::factor] += 1
