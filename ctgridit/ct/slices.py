@@ -167,8 +167,8 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     return SliceResult(result, time.perf_counter() - start, details)
 
 
-def _flow_interpolation(volume: CTVolume, factor: int, start: float, batch: int = 8) -> SliceResult:
-    from ctgridit.core.motion import TVL1, between
+def _flow_interpolation(volume: CTVolume, factor: int, start: float) -> SliceResult:
+    from ctgridit.core.motion import between
     from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
     if factor < 2:
@@ -179,12 +179,9 @@ def _flow_interpolation(volume: CTVolume, factor: int, start: float, batch: int 
     n = len(frames)
     out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])
     out[::factor] = frames                                                       # the input's own slices, exactly
-    for i in range(0, n - 1, batch):
-        j = min(i + batch, n - 1)
-        flow = TVL1().flow(windowed[i:j, 0], windowed[i + 1:j + 1, 0])
-        for k in range(1, factor):
-            out[factor * i + k:factor * j:factor] = between(frames[i:j], frames[i + 1:j + 1],
-                                                            torch.full((j - i,), k / factor), flow)
+    flow = slice_flows(windowed[:-1], windowed[1:])
+    for k in range(1, factor):
+        out[k::factor] = between(frames[:-1], frames[1:], torch.full((n - 1,), k / factor), flow)
     result = _back(frames_to_volume(out), lps, volume, z_scale=1.0 / factor, shift=0)
     spacing = _slice_spacing(lps)
     details = {"method": "flow", "factor": factor, "slice_spacing_mm": [spacing, spacing / factor],
@@ -330,20 +327,28 @@ def _whole_slice_fill(pipeline: GriDiTPipeline, before: torch.Tensor, after: tor
     (``flow``: TV-L1 between the whole slices, estimated once, as ``--method flow``; ``linear``: their mix);
     None for a model without a fill. Made per window instead, the flow sees only a 64 x 64 tile of each slice:
     on the thigh STS_019 (3.27 mm, factor 3) that fill alone is 1.3 dB below the whole-slice flow."""
-    from ctgridit.core.motion import TVL1, between
+    from ctgridit.core.motion import between
 
     kind = getattr(pipeline.stage1.config, "cond_fill", "zeros")
     if kind == "linear":
         return lambda weight: (1 - weight) * before + weight * after
     if kind != "flow":
         return None
-    flow = torch.cat([TVL1().flow(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
-                      for i in range(0, len(before), FLOW_BATCH)])
+    flow = slice_flows(before, after)
     return lambda weight: between(before, after, torch.full((len(before),), float(weight)), flow)
 
 
 #: Slice pairs per TV-L1 call.
 FLOW_BATCH = 8
+
+
+def slice_flows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """TV-L1 optical flow between each pair of ``(B, 1, Y, X)`` whole slices in the HU window, ``FLOW_BATCH``
+    pairs per call: what ``--method flow`` and the slice model's fill move the slices along."""
+    from ctgridit.core.motion import TVL1
+
+    return torch.cat([TVL1().flow(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
+                      for i in range(0, len(before), FLOW_BATCH)])
 
 
 def served_factors(pipeline: GriDiTPipeline) -> list[int]:
