@@ -294,7 +294,8 @@ def denoise(
     report: Optional[str] = typer.Option(None, "--report", help="Write the run and the PSNR/SSIM figures to this JSON file."),
     noise: str = typer.Option("auto", "--noise", help="The noise to remove, its standard deviation in HU (read off a flat region, or known from the protocol), or auto (estimated)."),
     strength: str = typer.Option("auto", "--strength", help="For experiments, instead of --noise: the diffusion level t*/T in (0, 1] (gridit)."),
-    no_guard: bool = typer.Option(False, "--no-guard", help="Keep gridit's output as it is, not blended with the input by its estimated error (SURE)."),
+    no_guard: bool = typer.Option(False, "--no-guard", help="Do not blend gridit's output with the input by its estimated error (SURE)."),
+    no_wiener: bool = typer.Option(False, "--no-wiener", help="Do not refine gridit's output by the Wiener filter of the input it pilots (DCT blocks)."),
     method: str = typer.Option("gridit", "--method", help="gridit (the grid diffusion model), bilateral, nlm or nlm3d (classical baselines: per slice, 3D)."),
     model: Optional[str] = typer.Option(None, "--model", help="A model folder saved by the trainer (default: the bundled denoiser)."),
     steps: int = typer.Option(1, "--steps", min=1, help="Reverse diffusion steps from t* (1: the posterior mean; more draw a sample)."),
@@ -335,7 +336,8 @@ def denoise(
     volume = read_ct(src, series_uid=series)
     clean = read_reference(reference, volume) if reference is not None else None
     with PhaseProgress(enabled=not quiet) as progress:
-        result = denoise_volume(volume, method, level, model, device, seed, steps, progress, told, not no_guard)
+        result = denoise_volume(volume, method, level, model, device, seed, steps, progress, told, not no_guard,
+                                not no_wiener)
     summary = {"input": str(src), "output": str(out), "reference": reference, **denoise_summary(volume, result, clean)}
     with output_group():                                      # the volume, its preview and report: together
         write_nifti(result.volume, out, force=force)
@@ -347,6 +349,7 @@ def denoise(
     if not quiet:
         d = result.details
         guard = f", kept {d['sure']['weight']:.2f} of it (SURE)" if "sure" in d else ""
+        guard += f", Wiener-filtered at {d['wiener']['sigma_hu']:.1f} HU" if "wiener" in d else ""
         typer.echo(f"wrote {out} ({method}, {result.seconds:.1f} s): noise estimated {d['noise_estimated_hu']:.1f} HU, "
                    f"removed {d.get('noise_removed_hu', 0.0):.1f} HU{guard}")
         if clean is not None:

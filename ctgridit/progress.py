@@ -20,6 +20,7 @@ PHASE_NAMES = {
     "bilateral": "bilateral filter (slices)",
     "nlm": "non-local means (slices)",
     "nlm3d": "non-local means (3D)",
+    "wiener": "Wiener filter (block offsets)",
 }
 
 

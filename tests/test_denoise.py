@@ -388,8 +388,21 @@ def test_a_noise_in_hu_needs_a_native_resolution_denoiser(capsys, noisy50, tmp_p
 def test_without_the_guard_the_output_is_the_models(noisy50):
     """--no-guard: no SURE blend (the output is the model's own); with it, the weight is reported in [0, 1]."""
     noisy = read_ct(noisy50[1])
-    plain = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, guard=False)
-    guarded = denoise_volume(noisy, "gridit", device="cpu", noise=50.0)
+    plain = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, guard=False, wiener=False)
+    guarded = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, wiener=False)
     assert "sure" not in plain.details and 0 <= guarded.details["sure"]["weight"] <= 1
     w = guarded.details["sure"]["weight"]
     np.testing.assert_allclose(guarded.volume.array, noisy.array + w * (plain.volume.array - noisy.array), atol=0.01)
+
+
+def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noisy50):
+    """By default the guarded output pilots the empirical Wiener filter of the input at the noise told
+    (ctgridit.core.dct_wiener), which brings it closer to the clean scan."""
+    from ctgridit.core.dct_wiener import dct_wiener
+
+    noisy, clean = read_ct(noisy50[1]), read_ct(noisy50[0])
+    pilot = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, wiener=False)
+    final = denoise_volume(noisy, "gridit", device="cpu", noise=50.0)
+    assert final.details["wiener"]["sigma_hu"] == 50.0 and "wiener" not in pilot.details
+    np.testing.assert_allclose(final.volume.array, dct_wiener(noisy.array, pilot.volume.array, 50.0), atol=0.01)
+    assert psnr(clean.array, final.volume.array) > psnr(clean.array, pilot.volume.array) + 0.1

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctgridit.core.dct_wiener import BLOCK, STEP, dct_wiener
 from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimate_noise, start_level,
                                            timestep_noise, trained_level)
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
@@ -76,13 +77,14 @@ class DenoiseResult:
 def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | str = "auto",
                    model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
                    steps: int = DENOISE_STEPS, progress: ProgressCallback | None = None,
-                   noise: float | str = "auto", guard: bool = True) -> DenoiseResult:
+                   noise: float | str = "auto", guard: bool = True, wiener: bool = True) -> DenoiseResult:
     """Denoise ``volume`` with ``method`` (module docstring); the result keeps its geometry.
 
     ``model``: a model folder or a loaded pipeline; default the bundled denoiser. ``noise``: the standard
     deviation in HU of the noise to remove, or ``"auto"`` (estimated); ``strength`` (gridit) sets the diffusion
     level instead, for experiments. ``guard``: blend gridit's output with the input by Stein's unbiased risk
-    estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input.
+    estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input. ``wiener``: then use that
+    output as the pilot of an empirical Wiener filter of the input (:mod:`ctgridit.core.dct_wiener`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -104,6 +106,10 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
         if guard and details["noise_removed_hu"] > 0 and in_input > 0:
             hu, details["sure"] = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise,
                                            in_input)
+        if wiener and details["noise_removed_hu"] > 0 and in_input > 0:
+            hu = dct_wiener(volume.array, hu, in_input, callback=None if progress is None else
+                            (lambda done, total: progress("wiener", done, total)))
+            details["wiener"] = {"sigma_hu": in_input, "block": list(BLOCK), "step": list(STEP)}
         details.pop("levels")
         details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
             ("bundled denoiser" if model is None else "given pipeline")

@@ -1,0 +1,74 @@
+"""Empirical Wiener filtering in a sliding 3D DCT, with a denoiser's output as the pilot.
+
+The second step of BM3D/BM4D (Dabov et al., 2007; Maggioni et al., 2013) without
+the block matching: a first estimate (the *pilot*, here a GriDiT denoiser's
+output) sets, for every coefficient of every block of a sliding orthonormal
+DCT, the Wiener gain ``P^2 / (P^2 + sigma^2)`` that is then applied to the
+*noisy* input's coefficient. Orthonormal, the DCT keeps white noise of standard
+deviation ``sigma`` at ``sigma`` on every coefficient, so a pilot equal to the
+clean signal gives the oracle Wiener filter of each block. The blocks overlap
+(every ``step`` voxels) and their estimates are averaged with the weight
+``1 / sum(gain^2)`` (BM3D's: blocks that keep less noise count more).
+
+Why: a network's posterior mean removes noise well but loses or invents some
+fine texture; re-weighting the input's own coefficients keeps what the input
+shows wherever the pilot says there is signal. On held-out CT scans it adds
+0.1 to 1.5 dB to the bundled denoiser (``pipelines/eval_denoise.py``).
+
+Generic: any 3D array (a CT volume, a stack of video frames), numpy or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import scipy.fft
+
+#: Block size (voxels along each of the three axes) and step between blocks: measured on held-out CT
+#: (x, y, z with z the slice axis): 8 x 8 x 4 every 2 voxels (docs/denoising.md).
+BLOCK = (8, 8, 4)
+STEP = (2, 2, 2)
+
+
+def dct_wiener(noisy: np.ndarray, pilot: np.ndarray, sigma: float, block: tuple[int, int, int] = BLOCK,
+               step: tuple[int, int, int] = STEP, workers: int = -1,
+               callback: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The empirical Wiener estimate of ``noisy`` (3D, white noise of standard deviation ``sigma`` in its
+    units) with ``pilot`` (same shape) as the estimate of the signal; float32, ``noisy``'s shape.
+
+    Blocks larger than an axis shrink to it; the array is padded by replication so that every voxel is
+    covered by the same number of blocks. ``sigma <= 0`` returns ``noisy`` unchanged. ``callback(done, total)``
+    is called after each of the ``total`` block offsets.
+    """
+    noisy = np.asarray(noisy, dtype=np.float32)
+    pilot = np.asarray(pilot, dtype=np.float32)
+    if noisy.ndim != 3 or noisy.shape != pilot.shape:
+        raise ValueError(f"noisy and pilot must be 3D arrays of one shape, got {noisy.shape} and {pilot.shape}")
+    if not sigma > 0:
+        return noisy.copy()
+    block = tuple(max(1, min(b, n)) for b, n in zip(block, noisy.shape))
+    step = tuple(max(1, min(s, b)) for s, b in zip(step, block))
+    pad = [(b, b) for b in block]
+    y, p = np.pad(noisy, pad, mode="edge"), np.pad(pilot, pad, mode="edge")
+    total = np.zeros_like(y)
+    weights = np.zeros_like(y)
+    variance = np.float32(sigma) ** 2
+    axes = (1, 3, 5)
+    offsets = list(np.ndindex(*(b // s for b, s in zip(block, step))))
+    for done, offset in enumerate(offsets, 1):
+        start = [o * s for o, s in zip(offset, step)]
+        count = [(n - a) // b for n, a, b in zip(y.shape, start, block)]
+        region = tuple(slice(a, a + c * b) for a, c, b in zip(start, count, block))
+        shape = (count[0], block[0], count[1], block[1], count[2], block[2])
+        coefficients = scipy.fft.dctn(y[region].reshape(shape), axes=axes, norm="ortho", workers=workers)
+        signal = scipy.fft.dctn(p[region].reshape(shape), axes=axes, norm="ortho", workers=workers) ** 2
+        gain = signal / (signal + variance)
+        weight = 1.0 / np.maximum((gain**2).sum(axis=axes, keepdims=True), 1e-6)
+        estimate = scipy.fft.idctn(gain * coefficients, axes=axes, norm="ortho", workers=workers) * weight
+        total[region] += estimate.reshape(total[region].shape)
+        weights[region] += np.broadcast_to(weight, shape).reshape(total[region].shape)
+        if callback is not None:
+            callback(done, len(offsets))
+    inner = tuple(slice(b, b + n) for b, n in zip(block, noisy.shape))
+    return (total[inner] / weights[inner]).astype(np.float32)

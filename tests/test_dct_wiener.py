@@ -1,0 +1,61 @@
+"""The empirical Wiener filter in a sliding DCT (ctgridit.core.dct_wiener): exact limits, the oracle's
+closed-form error, and a gain on a real scan."""
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from ctgridit.core.dct_wiener import dct_wiener
+
+
+def test_gains_of_one_and_zero_are_exact():
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(size=(20, 18, 9)).astype(np.float32)
+    # a pilot far above the noise passes the input unchanged; a zero pilot gives zero
+    np.testing.assert_allclose(dct_wiener(noisy, noisy * 1e4, 1e-3), noisy, atol=1e-5)
+    np.testing.assert_allclose(dct_wiener(noisy, np.zeros_like(noisy), 1.0), 0.0, atol=1e-7)
+    np.testing.assert_array_equal(dct_wiener(noisy, noisy * 0, 0.0), noisy)          # no noise, nothing to do
+    assert dct_wiener(noisy, noisy, 1.0).shape == noisy.shape
+
+
+def test_single_block_oracle_has_the_wiener_error():
+    """One block covering the array and the clean signal as pilot: the oracle Wiener filter, whose expected
+    squared error per voxel is mean(P^2 sigma^2 / (P^2 + sigma^2)) over the DCT coefficients P of the signal."""
+    import scipy.fft
+
+    rng = np.random.default_rng(1)
+    shape, sigma = (8, 8, 4), 0.7
+    x = np.linspace(-1, 1, 8)
+    clean = (np.sin(3 * x)[:, None, None] + x[None, :, None] ** 2 + 0.3 * np.arange(4)[None, None, :]).astype(np.float32)
+    p2 = scipy.fft.dctn(clean.astype(np.float64), norm="ortho") ** 2
+    expected = float(np.mean(p2 * sigma**2 / (p2 + sigma**2)))
+    errors = [np.mean((dct_wiener(clean + rng.normal(0, sigma, shape).astype(np.float32), clean, sigma,
+                                  block=shape, step=shape) - clean) ** 2) for _ in range(3000)]
+    assert np.mean(errors) == pytest.approx(expected, rel=0.03)
+    assert expected < sigma**2 / 2                 # and it is well below the input's error
+
+
+def test_refuses_mismatched_arrays():
+    with pytest.raises(ValueError, match="one shape"):
+        dct_wiener(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), 1.0)
+    with pytest.raises(ValueError, match="3D"):
+        dct_wiener(np.zeros((4, 4)), np.zeros((4, 4)), 1.0)
+
+
+def test_improves_a_smoothing_pilot_on_a_real_scan(chest_ct):
+    """On a real chest crop (1.5 mm) with 50 HU of noise, a lightly smoothed pilot (a little better than the
+    input, its edges blurred) is improved: the Wiener estimate beats the input and the pilot by far (measured
+    RMSE 49.9 input, 46.2 pilot, 37.9 Wiener). A pilot worse than the input can make it worse (sigma 0.9 voxels:
+    92 -> 55 HU), which is why it takes the denoiser's output."""
+    from ctgridit.ct.io import read_ct
+
+    clean = read_ct(chest_ct).array[:, :, 40:72].astype(np.float32)
+    noisy = clean + np.random.default_rng(0).normal(0, 50, clean.shape).astype(np.float32)
+    pilot = scipy.ndimage.gaussian_filter(noisy, (0.5, 0.5, 0.35))
+    out = dct_wiener(noisy, pilot, 50.0)
+
+    def rmse(a):
+        return float(np.sqrt(np.mean((np.clip(a, -1000, 1000) - np.clip(clean, -1000, 1000)) ** 2)))
+
+    assert rmse(pilot) < rmse(noisy)
+    assert rmse(out) < 0.9 * rmse(pilot) and rmse(out) < 0.8 * rmse(noisy)
