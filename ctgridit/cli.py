@@ -471,7 +471,9 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
     if not quiet:
         before, after = result.details["slices"]
         spacing = result.details["slice_spacing_mm"]
-        typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm)")
+        kept = result.details.get("correction_weight")
+        note = "" if kept is None else f"; kept {kept:.2f} of the model's correction of its fill, checked on the scan's own slices"
+        typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm{note})")
 
 
 def _auto_or_number(value: str, option: str, low: float, high: float, what: str, example: str) -> float | str:

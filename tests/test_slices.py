@@ -175,16 +175,49 @@ def test_interpolation_refuses_what_the_model_cannot_do(small_ct):
 def test_a_model_of_several_gaps_puts_each_new_slice_at_its_own_position(small_ct, factor):
     """A model trained on gaps 2-5 (``gaps``) fills every factor it lists; a fresh residual model returns its
     condition, so each new slice is the linear mix of its two neighbours at its own position ``j / factor``:
-    the linear interpolation along z of the scan in the model's HU window, exactly."""
+    the linear interpolation along z of the scan in the model's HU window, exactly, where that of the scan in
+    HU stays inside the window; beyond it (bone, air) the fill of the scan in HU is added: where both neighbours
+    are beyond the window, the new slice is the linear interpolation in HU."""
     volume = slab(small_ct, 5)
     made = interpolate_volume(volume, factor, native_pipeline(gaps=[2, 3, 4, 5], fresh=True)).volume.array
     windowed = CTVolume(np.clip(volume.array, -1000, 1000), volume.affine)      # what the model sees
     linear = interpolate_volume(windowed, factor, method="linear").volume.array
     kept = np.arange(made.shape[2]) % factor == 0
     np.testing.assert_array_equal(made[:, :, kept], volume.array)
-    np.testing.assert_allclose(made[:, :, ~kept], linear[:, :, ~kept], atol=0.1)
+    in_hu = interpolate_volume(volume, factor, method="linear").volume.array
+    inside = (np.abs(in_hu) < 1000) & ~kept
+    np.testing.assert_allclose(made[inside], linear[inside], atol=0.1)
+    a, b = volume.array[:, :, :-1], volume.array[:, :, 1:]
+    beyond = np.repeat(((a > 1000) & (b > 1000)) | ((a < -1000) & (b < -1000)), factor, axis=2)
+    beyond = np.concatenate([beyond, np.zeros_like(beyond[:, :, :1])], axis=2) & ~kept
+    assert beyond.sum() > 50 and (np.abs(made[beyond]) > 1000).all()
+    np.testing.assert_allclose(made[beyond], in_hu[beyond], atol=0.1)
     with pytest.raises(CTGridItError, match="factor of 2, 3, 4 or 5 only"):
         interpolate_volume(volume, 6, native_pipeline(gaps=[2, 3, 4, 5]))
+
+
+def test_a_harmful_correction_is_turned_down_by_the_check_on_the_scans_own_slices(small_ct):
+    """An untrained model's correction of its fill is noise: measured on left-out input slices it does not
+    help, so ``checked_weight`` keeps almost none of it, and the output is the fill plus that share of the
+    correction exactly; it is closer to the real slices than the unchecked output. A fresh model (no
+    correction) is kept whole."""
+    from ctgridit.ct.fidelity import psnr
+
+    volume = read_ct(small_ct)
+    real = volume.array[:, :, :25].astype(np.float64)
+    thick = CTVolume(real[:, :, ::2].copy(), volume.affine @ np.diag([1, 1, 2, 1]))
+    model = native_pipeline(gaps=[2, 3])
+    checked = interpolate_volume(thick, 2, model)
+    unchecked = interpolate_volume(thick, 2, model, check=False).volume.array
+    windowed = CTVolume(np.clip(thick.array, -1000, 1000), thick.affine)
+    fill = interpolate_volume(windowed, 2, method="linear").volume.array
+    w = checked.details["correction_weight"]
+    assert 0 <= w < 0.2
+    new = np.arange(25) % 2 == 1
+    inside = (np.abs(interpolate_volume(thick, 2, method="linear").volume.array) < 1000) & new   # nothing added
+    np.testing.assert_allclose(checked.volume.array[inside], (fill + w * (unchecked - fill))[inside], atol=0.5)
+    assert psnr(real[:, :, new], checked.volume.array[:, :, new]) > psnr(real[:, :, new], unchecked[:, :, new]) + 1
+    assert interpolate_volume(thick, 2, native_pipeline(gaps=[2, 3], fresh=True)).details["correction_weight"] == 1.0
 
 
 @pytest.mark.parametrize("scan,layout", LAYOUTS)
