@@ -181,8 +181,9 @@ GriDiT's Algorithm 3 at the scan's own resolution: a stage-1 grid DiT
 tiles of consecutive slices, pixel space, no stage 2. `ctgridit denoise` covers a
 scan with overlapping windows of it (MONAI's sliding window, Gaussian blending, the in-plane step off the
 patch grid), takes the noise given with `--noise` or estimates it at full resolution, and takes the
-posterior mean at the exact (fractional) diffusion level of that noise in one network call (see
-`ctgridit/ct/denoising.py`, `ctgridit/core/frame_denoising.py`).
+posterior mean at the exact (fractional) diffusion level of that noise in one network call, blended with
+the input by SURE, and uses that as the pilot of an empirical Wiener filter of the input in sliding DCT blocks
+(see `ctgridit/ct/denoising.py`, `ctgridit/core/frame_denoising.py`, `ctgridit/core/dct_wiener.py`).
 
 - **Data**: random tiles of every scan of this project's `shared/data/ct` at its
   own voxel size (0.78 to 3 mm in-plane), HU window -1000..1000: chest (LIDC-IDRI-0314,
