@@ -678,9 +678,10 @@ def usage_error(err: typer.TyperException) -> str:
     return f"{command}: {message}; see {command} --help"
 
 
-def _error_line(message: str) -> None:
+def _error_line(message: str, fresh_line: bool = False) -> None:
     """Print ``error: message`` as the last line: progress bars still open (a stop that came before the code that
-    owns one could close it) are closed first, so none redraws itself below the error."""
+    owns one could close it) are closed first, so none redraws itself below the error. ``fresh_line`` (a stop by a
+    signal, which can arrive while a bar is half drawn) starts it on a new line."""
     try:
         from tqdm import tqdm
 
@@ -688,7 +689,7 @@ def _error_line(message: str) -> None:
             bar.close()
     except Exception:  # noqa: BLE001 - the error line matters more than a bar
         pass
-    print(f"error: {message}", file=sys.stderr)
+    print(f"{chr(10) if fresh_line else ''}error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -727,9 +728,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt) as err:
         stop = stop_of(err)
-        _error_line(stop.reason)
+        _error_line(stop.reason, fresh_line=True)
         sys.exit(stop.exit_code)
     if signals.received is not None:                          # typer turned the interrupt into exit 130
-        _error_line(signals.received.reason)
+        _error_line(signals.received.reason, fresh_line=True)
         sys.exit(signals.received.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

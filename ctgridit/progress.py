@@ -21,6 +21,7 @@ PHASE_NAMES = {
     "nlm": "non-local means (slices)",
     "nlm3d": "non-local means (3D)",
     "wiener": "Wiener filter (block offsets)",
+    "check": "stage 1: check the correction",
 }
 
 

@@ -397,12 +397,14 @@ def test_without_the_guard_the_output_is_the_models(noisy50):
 
 def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noisy50):
     """By default the guarded output pilots the empirical Wiener filter of the input at the noise told
-    (ctgridit.core.dct_wiener), which brings it closer to the clean scan."""
+    (ctgridit.core.dct_wiener, on HU + 1000), which brings it closer to the clean scan."""
     from ctgridit.core.dct_wiener import dct_wiener
 
     noisy, clean = read_ct(noisy50[1]), read_ct(noisy50[0])
     pilot = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, wiener=False)
     final = denoise_volume(noisy, "gridit", device="cpu", noise=50.0)
     assert final.details["wiener"]["sigma_hu"] == 50.0 and "wiener" not in pilot.details
-    np.testing.assert_allclose(final.volume.array, dct_wiener(noisy.array, pilot.volume.array, 50.0), atol=0.01)
+    assert final.details["wiener"]["block"] == [8, 8, 4]                     # 3 mm slices along the third axis
+    expected = dct_wiener(noisy.array + 1000, pilot.volume.array + 1000, 50.0, (8, 8, 4)) - 1000   # on HU + 1000
+    np.testing.assert_allclose(final.volume.array, expected, atol=0.01)
     assert psnr(clean.array, final.volume.array) > psnr(clean.array, pilot.volume.array) + 0.1

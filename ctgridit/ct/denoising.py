@@ -83,8 +83,9 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     ``model``: a model folder or a loaded pipeline; default the bundled denoiser. ``noise``: the standard
     deviation in HU of the noise to remove, or ``"auto"`` (estimated); ``strength`` (gridit) sets the diffusion
     level instead, for experiments. ``guard``: blend gridit's output with the input by Stein's unbiased risk
-    estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input. ``wiener``: then use that
-    output as the pilot of an empirical Wiener filter of the input (:mod:`ctgridit.core.dct_wiener`).
+    estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input. ``wiener`` (native-resolution
+    denoisers): then use that output as the pilot of an empirical Wiener filter of the input
+    (:mod:`ctgridit.core.dct_wiener`; not guarded itself: measured better than its pilot on every held-out row).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -106,10 +107,8 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
         if guard and details["noise_removed_hu"] > 0 and in_input > 0:
             hu, details["sure"] = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise,
                                            in_input)
-        if wiener and details["noise_removed_hu"] > 0 and in_input > 0:
-            hu = dct_wiener(volume.array, hu, in_input, callback=None if progress is None else
-                            (lambda done, total: progress("wiener", done, total)))
-            details["wiener"] = {"sigma_hu": in_input, "block": list(BLOCK), "step": list(STEP)}
+        if wiener and is_native(pipeline) and details["noise_removed_hu"] > 0 and in_input > 0:
+            hu, details["wiener"] = _wiener(volume, hu, in_input, progress)
         details.pop("levels")
         details["model"] = str(model) if model is not None and not isinstance(model, GriDiTPipeline) else \
             ("bundled denoiser" if model is None else "given pipeline")
@@ -120,6 +119,23 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     out = CTVolume(hu.astype(np.float32), volume.affine.copy(), source=volume.source, source_dtype="int16",
                    series_uid=volume.series_uid, notes=[*volume.notes, f"denoised with {method}"])
     return DenoiseResult(out, method, time.perf_counter() - began, details)
+
+
+def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: ProgressCallback | None
+            ) -> tuple[np.ndarray, dict]:
+    """The empirical Wiener filter of ``volume`` with ``pilot`` (HU) for noise ``sigma`` (HU)
+    (:mod:`ctgridit.core.dct_wiener`): on HU + 1000 (proportional to attenuation, zero in air, so that the shrinkage
+    of a block's mean pulls towards air's "no signal", not towards water's 0 HU, which would bias soft tissue), with
+    the blocks' short side (``BLOCK``'s 4) along the slice axis: the array axis of the thickest voxels, or the
+    third as stored where it is about as thick as the thickest."""
+    sizes = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
+    axis = 2 if sizes[2] >= 0.9 * sizes.max() else int(np.argmax(sizes))
+    block, step = [BLOCK[0]] * 3, [STEP[0]] * 3
+    block[axis], step[axis] = BLOCK[2], STEP[2]
+    offset = 1000.0
+    out = dct_wiener(volume.array + offset, pilot + offset, sigma, tuple(block), tuple(step),
+                     callback=None if progress is None else (lambda done, total: progress("wiener", done, total)))
+    return out - offset, {"sigma_hu": sigma, "block": block, "step": step}
 
 
 #: The slices of the slab the divergence of the gridit denoiser is estimated on (two more runs over it).

@@ -41,7 +41,8 @@ output keeps the input's in-plane grid and axis order; its slice spacing is
 slice (the first input slice stays where it was; extension downwards moves the
 origin to the new lowest slice where the scan's first slice is its lowest).
 The input slices come back exactly, in HU; new voxels lie in the model's HU
-window. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
+window, except that, for a model with a fill (the bundled one), what the same
+fill made from the slices in HU has beyond the window (bone, air) is added. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
 model's posterior mean, the best estimate in the mean-squared sense and the same for every seed; more steps
 draw a sample (sharper, noisier) from a model trained on every noise level (the bundled one serves one step
 only: it was fine-tuned on the last levels).
@@ -157,7 +158,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     out = torch.zeros(factor * (n - 1) + 1, *frames.shape[1:])                   # (Z', 1, Y, X)
     out[::factor] = frames
     known = [1.0] + [0.0] * (cells - 2) + [1.0]
-    weight, fill = None, None
+    checked, fill = None, None
     if pipeline.settings.sampling.stage1.gaps:
         filled, fill = _fill_gaps(pipeline, out, factor, steps, seed, progress)
     else:
@@ -171,20 +172,22 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         # window, so that bone above it and air below it are kept (as --method flow keeps them)
         from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
-        weight = checked_weight(pipeline, frames, steps, seed) if check else 1.0
+        checked = checked_weight(pipeline, frames, steps, seed, progress) if check else None
+        weight = 1.0 if checked is None else checked
         plain = fill_between(fill, frames, factor)
         hu = _to_hu(plain + weight * (filled - plain), lps, pipeline, keep=keep)
         low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
         beyond = frames_to_volume(fill_between(fill, volume_to_frames(lps.as_tensor().float()), factor))
-        excess = (beyond - high).clamp(min=0) + (beyond - low).clamp(max=0)
-        excess[..., keep] = 0                                                    # the input's own slices, exactly
-        hu = hu + excess
+        beyond -= beyond.clamp(low, high)                                       # what lies beyond the window
+        beyond[..., keep] = 0                                                    # the input's own slices, exactly
+        hu += beyond
+        del beyond, plain, filled
     spacing = _slice_spacing(lps)
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
                "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)]}
-    if weight is not None:
-        details["correction_weight"] = weight
+    if checked is not None:
+        details["correction_weight"] = checked
     return SliceResult(result, time.perf_counter() - start, details)
 
 
@@ -428,29 +431,34 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
 CHECK_PAIRS = 8
 
 
-def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int) -> float:
+def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int,
+                   progress: ProgressCallback | None = None) -> float | None:
     """How much of the model's correction of its fill to keep, measured on the scan itself: every second input
     slice of a middle slab (``CHECK_PAIRS`` gaps) is left out and made again from its two neighbours at twice
-    the input spacing, by the fill alone and by the model; the weight ``w`` in [0, 1] that makes
+    the input spacing (the smallest factor the model serves, 2 for the bundled one), by the fill alone and by the
+    model; the weight ``w`` in [0, 1] that makes
     ``fill + w (model - fill)`` closest to the left-out slices (least squares) is returned. On the upper-abdomen
     scan of the evaluation the correction is harmful (the model 0.7 dB below its own fill at factor 2) and is
-    turned down; where it helps it is kept. A scan of fewer than 3 slices, or no correction, gives 1."""
-    n = len(frames)
-    if n < 3:
-        return 1.0
-    pairs = min(CHECK_PAIRS, (n - 1) // 2)
-    first = (n - (2 * pairs + 1)) // 2
-    slab = frames[first:first + 2 * pairs + 1]
+    turned down; where it helps it is kept. No correction gives 1; a scan too short to check (fewer than
+    ``factor + 1`` slices), None."""
+    n, factor = len(frames), min(served_factors(pipeline))
+    if n < factor + 1:
+        return None
+    pairs = min(CHECK_PAIRS, (n - 1) // factor)
+    first = (n - (factor * pairs + 1)) // 2
+    slab = frames[first:first + factor * pairs + 1]
     out = torch.zeros_like(slab)
-    out[::2] = slab[::2]
-    model, fill = _fill_gaps(pipeline, out, 2, steps, seed, None)
+    out[::factor] = slab[::factor]
+    report = None if progress is None else (lambda _phase, done, total: progress("check", done, total))
+    model, fill = _fill_gaps(pipeline, out, factor, steps, seed, report)
     if fill is None:
-        return 1.0
-    plain = fill_between(fill, slab[::2], 2)
-    correction = (model[1::2] - plain[1::2]).double()
-    error = (slab[1::2] - plain[1::2]).double()
+        return None
+    plain = fill_between(fill, slab[::factor], factor)
+    new = torch.arange(len(slab)) % factor != 0
+    correction = (model[new] - plain[new]).double()
+    error = (slab[new] - plain[new]).double()
     energy = float((correction * correction).sum())
-    if energy <= 1e-10 * correction.numel():                   # no correction (rms below 0.01 HU): keep it
+    if energy <= 1e-10 * correction.numel():           # no correction (rms below 1e-5 of the window): keep it
         return 1.0
     return float(min(1.0, max(0.0, float((correction * error).sum()) / energy)))
 
