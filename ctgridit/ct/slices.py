@@ -192,7 +192,6 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
 
 
 def _flow_interpolation(volume: CTVolume, factor: int, start: float) -> SliceResult:
-    from ctgridit.core.motion import between
     from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
     if factor < 2:
@@ -201,8 +200,7 @@ def _flow_interpolation(volume: CTVolume, factor: int, start: float) -> SliceRes
     frames = volume_to_frames(lps.as_tensor().float())                           # (Z, 1, Y, X) HU
     windowed = window_hu(frames, DEFAULT_WINDOW)
     n = len(frames)
-    flow = slice_flows(windowed[:-1], windowed[1:])
-    out = fill_between(lambda weight, b, a: between(b, a, torch.full((len(b),), weight), flow), frames, factor)
+    out = fill_between(motion_fill(windowed[:-1], windowed[1:]), frames, factor)      # HU moved, flow of the window
     result = _back(frames_to_volume(out), lps, volume, z_scale=1.0 / factor, shift=0)
     spacing = _slice_spacing(lps)
     details = {"method": "flow", "factor": factor, "slice_spacing_mm": [spacing, spacing / factor],
@@ -349,20 +347,24 @@ def _whole_slice_fill(pipeline: GriDiTPipeline, before: torch.Tensor, after: tor
     (``flow``: TV-L1 between the whole slices, estimated once, as ``--method flow``; ``linear``: their mix);
     None for a model without a fill. Made per window instead, the flow sees only a 64 x 64 tile of each slice:
     on the thigh STS_019 (3.27 mm, factor 3) that fill alone is 1.3 dB below the whole-slice flow."""
-    from ctgridit.core.motion import between
-
     kind = getattr(pipeline.stage1.config, "cond_fill", "zeros")
     if kind == "linear":
         return lambda weight, b=before, a=after: (1 - weight) * b + weight * a
-    if kind != "flow":
-        return None
+    return motion_fill(before, after) if kind == "flow" else None
+
+
+def motion_fill(before: torch.Tensor, after: torch.Tensor):
+    """``fill(weight, b=before, a=after)``: ``b`` and ``a`` moved ``weight`` of the way along the motion between
+    ``before`` and ``after`` (:func:`slice_flows`, estimated once) and mixed by distance."""
+    from ctgridit.core.motion import between
+
     flow = slice_flows(before, after)
     return lambda weight, b=before, a=after: between(b, a, torch.full((len(b),), float(weight)), flow)
 
 
 def fill_between(fill, images: torch.Tensor, factor: int) -> torch.Tensor:
     """``(factor (n - 1) + 1, 1, Y, X)``: the ``n`` ``images`` at every ``factor``-th place and between each two
-    ``fill(k / factor, before, after)`` (a :func:`_whole_slice_fill`, whose motion, estimated once, moves these
+    ``fill(k / factor, before, after)`` (a :func:`_whole_slice_fill` or :func:`motion_fill`, whose motion moves these
     images, in the model's window or in HU)."""
     out = torch.zeros(factor * (len(images) - 1) + 1, *images.shape[1:], dtype=images.dtype)
     out[::factor] = images
@@ -406,18 +408,18 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
     total = torch.zeros_like(out)
     count = torch.zeros(len(out))
     before, after = out[0:-1:factor], out[factor::factor]
-    made = fill = _whole_slice_fill(pipeline, before, after)
+    fill = _whole_slice_fill(pipeline, before, after)
     for number, group in enumerate(groups):
         stack = torch.zeros(cells * gaps, *out.shape[1:])
         stack[0::cells], stack[cells - 1::cells] = before, after
         for j, offset in enumerate(group):
-            if made is not None:
-                stack[1 + j::cells] = made(offset / factor)
+            if fill is not None:
+                stack[1 + j::cells] = fill(offset / factor)
         report = None if progress is None else (
             lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
         filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,
                                progress=report, positions=[0.0, *(o / factor for o in group), 1.0],
-                               filled=made is not None)
+                               filled=fill is not None)
         for j, offset in enumerate(group):
             total[offset::factor] += filled[1 + j::cells]
             count[offset::factor] += 1
