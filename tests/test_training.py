@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import socket
 import subprocess
@@ -52,11 +53,15 @@ def test_small_ct_config_lowers_the_loss_on_real_ct(tmp_path):
     assert pipeline.settings.adapter["spacing"] == [3.0, 3.0, 3.0]
 
 
-def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct, schedule):
     straight, split = tmp_path / "straight", tmp_path / "split"
     for folder in (straight, split):
         folder.mkdir()
-        write_config(folder, small_ct)
+        path = write_config(folder, small_ct)
+        raw = yaml.safe_load(path.read_text())
+        raw["optim"].update(schedule=schedule, steps=6, **({"warmup_steps": 0} if schedule == "cosine" else {}))
+        path.write_text(yaml.safe_dump(raw))
     train(load_config(straight / "config.yaml"), 1, steps=6, device="cpu", quiet=True)
     train(load_config(split / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
     train(load_config(split / "config.yaml"), 1, steps=6, resume=True, device="cpu", quiet=True)
@@ -71,6 +76,12 @@ def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct):
     assert any(not torch.equal(first[k], wa[k]) for k in wa)
     rows = list(csv.DictReader(open(split / "ckpt" / "stage1" / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    lrs = [float(r["lr"]) for r in rows]
+    if schedule == "cosine":           # no warm-up here: from the peak down to 0 at the config's last step
+        peak = 1e-3
+        assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(1, 7)], abs=1e-9)
+    else:
+        assert lrs[-1] == lrs[-2] > 0
 
 
 def test_stage2_trains_and_completes_the_model_folder(tmp_path, small_ct):
@@ -156,6 +167,11 @@ def test_bad_config_is_refused(tmp_path, small_ct, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "learning_rate" in err and "Traceback" not in err
+    raw["optim"].pop("learning_rate")
+    raw["optim"]["schedule"] = "exponential"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CTGridItError, match="optim.schedule must be one of constant, cosine, linear"):
+        load_config(path)
 
 
 MASKED = {"model": {"preset": "DiT-tiny/2"}, "conditioning": {"masked": True, "strides": True}}

@@ -100,6 +100,9 @@ class CodecConfig:
     download: bool = False       # vae: a hub id may be downloaded (off: local folders only, as everything else)
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class OptimConfig:
     steps: int = 1000                                       # optimizer steps
@@ -108,7 +111,8 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0                                   # linear warm-up, then constant (DiT)
+    warmup_steps: int = 0                                   # linear warm-up, then the schedule
+    schedule: str = "constant"                              # constant (DiT) | cosine | linear: decay to 0 at steps
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
     mixed_precision: str = "no"                             # no | fp16 | bf16
@@ -344,6 +348,8 @@ class TrainConfig:
                     and optim.max_grad_norm >= 0 and len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas)):
                 refuse(f"stage{stage} optim: lr must be > 0, ema_decay and betas in [0, 1), weight_decay, "
                        "warmup_steps and max_grad_norm >= 0")
+            if optim.schedule not in LR_SCHEDULES:
+                refuse(f"stage{stage} optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {optim.schedule!r}")
 
     def _validate_conditioning(self, spec: GridSpec, sampling: SamplingConfig) -> None:
         """Stage 1's conditioning and strides against the grid and the sampling settings."""

@@ -263,8 +263,9 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
           device: str = "auto", quiet: bool = False, audit_dir: str | None = None, force: bool = False) -> TrainResult:
     """Train ``stage`` (1 or 2) of ``config``; write checkpoints and export the model folder.
 
-    ``steps`` overrides the config's total number of optimizer steps (the
-    schedule is warm-up then constant, so it does not depend on the total).
+    ``steps`` overrides the config's total number of optimizer steps: the run
+    stops there (a decaying learning rate still reaches 0 at the config's
+    ``optim.steps``, so a run paused early and resumed is the same run).
     Resuming a run that is already at ``steps`` trains nothing and exports
     the model folder from that checkpoint; a newest checkpoint that cannot
     be read is skipped for the one before, with a warning. Starting again
@@ -321,6 +322,17 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     return TrainResult(stage, total - state.start, log.first_loss, log.last_loss, log.elapsed(), config.output)
 
 
+def _lr_schedule(optimizer, optim) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant (DiT's schedule), or diffusers' cosine or linear decay to 0 at the last step
+    (a fine-tuning run that anneals a model trained at a constant rate)."""
+    if optim.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
+    from diffusers.optimization import get_scheduler
+    return get_scheduler(optim.schedule, optimizer, num_warmup_steps=optim.warmup_steps,
+                         num_training_steps=optim.steps)
+
+
 @dataclasses.dataclass
 class _TrainState:
     """What one optimizer step changes: the (prepared) model, optimizer, learning-rate schedule and EMA, with the
@@ -341,15 +353,14 @@ class _TrainState:
     def build(cls, config: TrainConfig, stage: int, accelerator, codec: LatentCodec,
               restore_from: Path | None) -> "_TrainState":
         """The stage's model (the same initial weights on every process, or a warm start), its optimizer and
-        schedule (warm-up, then constant) and EMA; restored from the newest checkpoint in ``restore_from``."""
+        learning-rate schedule and EMA; restored from the newest checkpoint in ``restore_from``."""
         from diffusers.training_utils import EMAModel
 
         optim = config.stage_optim(stage)
         torch.manual_seed(optim.seed)
         model = build_model(config, stage, codec)
         optimizer = speed_up(config, stage, accelerator.device, model, codec)
-        lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0)
+        lr_schedule = _lr_schedule(optimizer, optim)
         if restore_from is None and config.stage(stage).init:
             warm_start(model, config.stage(stage).init)
         ema = EMAModel(model.parameters(), decay=optim.ema_decay)
