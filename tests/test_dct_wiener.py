@@ -1,11 +1,12 @@
 """The empirical Wiener filter in a sliding DCT (ctgridit.core.dct_wiener): exact limits, the oracle's
-closed-form error, and a gain on a real scan."""
+closed-form error, its exact derivative, a gain on a real scan, and the block size SURE picks."""
 
 import numpy as np
 import pytest
 import scipy.ndimage
 
-from ctgridit.core.dct_wiener import dct_wiener
+from ctgridit.core.dct_wiener import CANDIDATES, choose_block, dct_wiener
+from tests.conftest import data_file
 
 
 def test_gains_of_one_and_zero_are_exact():
@@ -85,3 +86,42 @@ def test_the_short_side_of_the_block_lies_along_the_slice_axis():
 
     volume = CTVolume(np.zeros((8, 16, 16), np.float32), np.diag([5.0, 0.8, 0.8, 1.0]))
     assert _wiener(volume, volume.array, 10.0, None)[1]["block"] == [4, 8, 8]
+
+
+@pytest.mark.parametrize("block, step", CANDIDATES)
+def test_the_diagonal_is_the_derivative_of_each_output_by_its_input(block, step):
+    """With the pilot fixed the filter is linear; its diagonal, voxel by voxel, is the output a unit impulse at
+    that voxel gives there (exact inside; the outermost layer also gets its padded copies' share)."""
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(0, 50, (9, 9, 8))
+    pilot = (rng.normal(0, 50, noisy.shape) + 500).astype(np.float32)
+    out, diagonal = dct_wiener(noisy, pilot, 50.0, block, step, diagonal=True)
+    np.testing.assert_array_equal(out, dct_wiener(noisy, pilot, 50.0, block, step))
+    impulse = np.zeros_like(noisy)
+    for index in np.ndindex(*(n - 2 for n in noisy.shape)):
+        voxel = tuple(i + 1 for i in index)
+        impulse[voxel] = 1.0
+        assert abs(dct_wiener(impulse, pilot, 50.0, block, step)[voxel] - diagonal[voxel]) < 1e-5
+        impulse[voxel] = 0.0
+
+
+@pytest.mark.parametrize("scan, best", [("totalsegmentator/chest_crop.nii.gz", (4, 4, 4)),
+                                        ("lidc_idri/LIDC-IDRI-0001.nii.gz", (8, 8, 4))])
+def test_sure_picks_the_block_size_with_the_lower_true_error(scan, best):
+    """On real CT with 50 HU of noise and a pilot independent of it (so that SURE with the pilot fixed is
+    unbiased), the estimated error of each candidate is within 2 % of the true one (RMSE; measured within 1 %),
+    and the candidate picked is the better one: small blocks on the 1.5 mm chest, whose structures are few voxels
+    wide, 8 x 8 x 4 on the 0.7 mm one (true RMSE 27.8 vs 28.6 HU and 18.8 vs 19.2 HU)."""
+    from ctgridit.ct.io import read_ct
+
+    array = read_ct(data_file(scan)).array
+    start = [(n - c) // 2 for n, c in zip(array.shape, (96, 96, 16))]
+    clean = array[start[0]:start[0] + 96, start[1]:start[1] + 96, start[2]:start[2] + 16].astype(np.float32) + 1000
+    rng = np.random.default_rng(0)
+    noisy = clean + rng.normal(0, 50, clean.shape).astype(np.float32)
+    pilot = clean + rng.normal(0, 50 / 3, clean.shape).astype(np.float32)
+    chosen, estimates = choose_block(noisy, pilot, 50.0)
+    inner = (slice(1, -1),) * 3
+    true = [float(np.mean((dct_wiener(noisy, pilot, 50.0, b, s) - clean)[inner] ** 2)) for b, s in CANDIDATES]
+    np.testing.assert_allclose(np.sqrt(estimates), np.sqrt(true), rtol=0.02)
+    assert CANDIDATES[chosen][0] == best and chosen == int(np.argmin(true))

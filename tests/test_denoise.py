@@ -404,8 +404,11 @@ def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noi
     pilot = denoise_volume(noisy, "gridit", device="cpu", noise=50.0, wiener=False)
     final = denoise_volume(noisy, "gridit", device="cpu", noise=50.0)
     assert final.details["wiener"]["sigma_hu"] == 50.0 and "wiener" not in pilot.details
-    assert final.details["wiener"]["block"] == [8, 8, 4]                     # 3 mm slices along the third axis
-    expected = dct_wiener(noisy.array + 1000, pilot.volume.array + 1000, 50.0, (8, 8, 4)) - 1000   # on HU + 1000
+    block, step = final.details["wiener"]["block"], final.details["wiener"]["step"]
+    assert block[2] == 4                                                       # 3 mm slices along the third axis
+    estimates = final.details["wiener"]["estimated_rmse_hu"]
+    assert "x".join(map(str, block)) == min(estimates, key=estimates.get)       # the block SURE estimates best
+    expected = dct_wiener(noisy.array + 1000, pilot.volume.array + 1000, 50.0, block, step) - 1000   # on HU + 1000
     np.testing.assert_allclose(final.volume.array, expected, atol=0.01)
     assert psnr(clean.array, final.volume.array) > psnr(clean.array, pilot.volume.array) + 0.1
 

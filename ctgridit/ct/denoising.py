@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.dct_wiener import BLOCK, STEP, dct_wiener
+from ctgridit.core.dct_wiener import CANDIDATES, CHECK_SIZE, choose_block, dct_wiener
 from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimate_noise, start_level,
                                            timestep_noise, trained_level)
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
@@ -126,16 +126,27 @@ def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: Progres
     """The empirical Wiener filter of ``volume`` with ``pilot`` (HU) for noise ``sigma`` (HU)
     (:mod:`ctgridit.core.dct_wiener`): on HU + 1000 (proportional to attenuation, zero in air, so that the shrinkage
     of a block's mean pulls towards air's "no signal", not towards water's 0 HU, which would bias soft tissue), with
-    the blocks' short side (``BLOCK``'s 4) along the slice axis: the array axis of the thickest voxels, or the
-    third as stored where it is about as thick as the thickest."""
+    the block size chosen by SURE (:func:`~ctgridit.core.dct_wiener.choose_block`), the blocks' last side (4 in
+    every candidate) along the slice axis: the array axis of the thickest voxels, or the third as stored where it
+    is about as thick as the thickest."""
     sizes = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
     axis = 2 if sizes[2] >= 0.9 * sizes.max() else int(np.argmax(sizes))
-    block, step = [BLOCK[0]] * 3, [STEP[0]] * 3
-    block[axis], step[axis] = BLOCK[2], STEP[2]
+
+    def along(values: tuple[int, int, int]) -> tuple[int, int, int]:      # (in-plane, in-plane, slice) to array axes
+        out = [values[0]] * 3
+        out[axis] = values[2]
+        return tuple(out)
+
+    candidates = [(along(block), along(step)) for block, step in CANDIDATES]
     offset = 1000.0
-    out = dct_wiener(volume.array + offset, pilot + offset, sigma, tuple(block), tuple(step),
+    noisy, pilot = volume.array + offset, pilot + offset
+    chosen, estimates = choose_block(noisy, pilot, sigma, candidates, along(CHECK_SIZE))
+    block, step = candidates[chosen]
+    out = dct_wiener(noisy, pilot, sigma, block, step,
                      callback=None if progress is None else (lambda done, total: progress("wiener", done, total)))
-    return out - offset, {"sigma_hu": sigma, "block": block, "step": step}
+    return out - offset, {"sigma_hu": sigma, "block": list(block), "step": list(step),
+                          "estimated_rmse_hu": {"x".join(map(str, b)): max(0.0, e) ** 0.5
+                                                for (b, _), e in zip(candidates, estimates)}}
 
 
 #: The slices of the slab the divergence of the gridit denoiser is estimated on (two more runs over it).
