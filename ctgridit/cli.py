@@ -617,7 +617,7 @@ def _train_options(stage: int):
     def command(
         config: str = typer.Option(..., "--config", "-c", help="A training config (YAML), see pipelines/configs/."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint of this stage."),
-        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Total optimizer steps (overrides the config)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Stop after this many optimizer steps in all (default the config's optim.steps; a cosine or linear learning rate still decays to 0 at optim.steps, so it may not exceed it)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per process)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
         force: bool = typer.Option(False, "--force", "-f", help="Start over where an earlier run left checkpoints (they are deleted)."),

@@ -175,7 +175,7 @@ def denoiser_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
     run = training_config("ct_denoise_v2.yaml")
     anneal = training_config("ct_denoise_v3.yaml")
-    first = checkpoints.parent.parent / "ct_denoise_v2" / "checkpoints"
+    first = REPO / "runs" / "ct_denoise_v2" / "checkpoints"                  # the constant-rate phase
     text = f"""# ct_denoise: the denoiser bundled with ctgridit
 
 GriDiT's Algorithm 3 at the scan's own resolution: a stage-1 grid DiT

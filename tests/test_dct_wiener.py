@@ -11,6 +11,7 @@ from tests.conftest import data_file
 
 def test_gains_of_one_and_zero_are_exact():
     rng = np.random.default_rng(0)
+    assert np.isfinite(dct_wiener(rng.normal(0, 1, (8, 8, 4)), np.zeros((8, 8, 4)), 1e-30)).all()   # sigma^2 -> 0
     noisy = rng.normal(size=(20, 18, 9)).astype(np.float32)
     # a pilot far above the noise passes the input unchanged; a zero pilot gives zero
     np.testing.assert_allclose(dct_wiener(noisy, noisy * 1e4, 1e-3), noisy, atol=1e-5)
@@ -84,8 +85,13 @@ def test_the_short_side_of_the_block_lies_along_the_slice_axis():
     from ctgridit.ct.denoising import _wiener
     from ctgridit.ct.volume import CTVolume
 
-    volume = CTVolume(np.zeros((8, 16, 16), np.float32), np.diag([5.0, 0.8, 0.8, 1.0]))
-    assert _wiener(volume, volume.array, 10.0, None)[1]["block"] == [4, 8, 8]
+    chosen = []
+    for seed in range(2):                   # textured, two cases where SURE picks each size: both keep their
+        array = np.random.default_rng(seed).normal(0, 100 + 400 * seed, (8, 16, 16)).astype(np.float32)
+        volume = CTVolume(array, np.diag([5.0, 0.8, 0.8, 1.0]))   # 4 (and step 2) along the slices
+        details = _wiener(volume, scipy.ndimage.uniform_filter(array, 1 + 2 * seed), 10.0 + 200 * seed, None)[1]
+        chosen.append((details["block"], details["step"]))
+    assert chosen == [([4, 8, 8], [2, 2, 2]), ([4, 4, 4], [2, 1, 1])]
 
 
 @pytest.mark.parametrize("block, step", CANDIDATES)

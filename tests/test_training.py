@@ -80,6 +80,13 @@ def test_resume_gives_the_same_weights_as_straight_training(tmp_path, small_ct, 
     if schedule == "cosine":           # no warm-up here: from the peak down to 0 at the config's last step
         peak = 1e-3
         assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(1, 7)], abs=1e-9)
+        with pytest.raises(CTGridItError, match="reaches 0 at the config's optim.steps = 6"):
+            train(load_config(split / "config.yaml"), 1, steps=8, resume=True, device="cpu", quiet=True)
+        raw = yaml.safe_load((split / "config.yaml").read_text())
+        raw["optim"]["schedule"] = "linear"                    # another curve spliced onto this one: refused
+        (split / "config.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(CTGridItError, match="optim.schedule"):
+            train(load_config(split / "config.yaml"), 1, steps=6, resume=True, device="cpu", quiet=True)
     else:
         assert lrs[-1] == lrs[-2] > 0
 
@@ -171,6 +178,10 @@ def test_bad_config_is_refused(tmp_path, small_ct, capsys):
     raw["optim"]["schedule"] = "exponential"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(CTGridItError, match="optim.schedule must be one of constant, cosine, linear"):
+        load_config(path)
+    raw["optim"].update(schedule="cosine", warmup_steps=6, steps=6)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CTGridItError, match="needs warmup_steps below steps"):
         load_config(path)
 
 

@@ -82,7 +82,7 @@ def dct_wiener(noisy: np.ndarray, pilot: np.ndarray, sigma: float, block: tuple[
         shape = (count[0], block[0], count[1], block[1], count[2], block[2])
         coefficients = scipy.fft.dctn(y[region].reshape(shape), axes=axes, norm="ortho", workers=workers)
         signal = scipy.fft.dctn(p[region].reshape(shape), axes=axes, norm="ortho", workers=workers) ** 2
-        gain = signal / (signal + variance)
+        gain = signal / np.maximum(signal + variance, np.finfo(np.float32).tiny)   # 0/0 where sigma^2 underflows
         weight = 1.0 / np.maximum((gain**2).sum(axis=axes, keepdims=True), 1e-6)
         estimate = scipy.fft.idctn(gain * coefficients, axes=axes, norm="ortho", workers=workers) * weight
         total[region] += estimate.reshape(total[region].shape)
@@ -112,7 +112,8 @@ def choose_block(noisy: np.ndarray, pilot: np.ndarray, sigma: float,
     central ``size`` part of ``noisy`` (module docstring), and every candidate's estimated mean squared error.
 
     The divergence is the exact diagonal of the filter with the pilot fixed (:func:`dct_wiener`); the estimate
-    leaves out the part's outermost voxel layer, where that diagonal is not exact.
+    leaves out the part's outermost voxel layer, where that diagonal is not exact (along an axis of 2 voxels or
+    fewer it keeps them, slightly biased).
     """
     if not sigma > 0:
         return 0, [0.0] * len(candidates)

@@ -113,6 +113,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0                                   # linear warm-up, then the schedule
     schedule: str = "constant"                              # constant (DiT) | cosine | linear: decay to 0 at steps
+    #                                                         (diffusers' schedules: their warm-up starts at lr 0)
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
     mixed_precision: str = "no"                             # no | fp16 | bf16
@@ -350,6 +351,9 @@ class TrainConfig:
                        "warmup_steps and max_grad_norm >= 0")
             if optim.schedule not in LR_SCHEDULES:
                 refuse(f"stage{stage} optim.schedule must be one of {', '.join(LR_SCHEDULES)}, got {optim.schedule!r}")
+            if optim.schedule != "constant" and optim.warmup_steps >= optim.steps:
+                refuse(f"stage{stage} optim: a {optim.schedule} schedule needs warmup_steps below steps "
+                       f"({optim.warmup_steps} >= {optim.steps})")
 
     def _validate_conditioning(self, spec: GridSpec, sampling: SamplingConfig) -> None:
         """Stage 1's conditioning and strides against the grid and the sampling settings."""

@@ -289,6 +289,10 @@ def train(config: TrainConfig, stage: int, resume: bool = False, steps: int | No
     if state.start > total:
         raise CTGridItError(f"the checkpoint is at step {state.start}, beyond the requested {total} steps",
                             state.found, "ask for at least as many steps")
+    if optim.schedule != "constant" and total > optim.steps:
+        raise CTGridItError(f"{total} steps asked for, but the {optim.schedule} learning rate reaches 0 at the "
+                            f"config's optim.steps = {optim.steps}", config.source,
+                            "raise optim.steps in the config (the decay then ends there), or ask for fewer steps")
 
     batches = StepBatches(state.start, total, optim.grad_accum, world, rank, optim.batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=config.data.num_workers,
@@ -452,7 +456,8 @@ def _restore(ckpt_dir: Path, model, optimizer, lr_schedule, ema, names: list[str
 
 #: What defines a stage's network and what it predicts: a resumed run must keep them (loss weights, task
 #: probabilities, learning rate, steps and data may change between runs).
-SAME_ON_RESUME = ("frame_size", "grid", "codec", "diffusion.prediction", "stage{stage}.model",
+SAME_ON_RESUME = ("frame_size", "grid", "codec", "diffusion.prediction", "stage{stage}.model", "optim.schedule",
+                  "stage{stage}.optim.schedule",
                   "stage{stage}.conditioning.masked", "stage{stage}.conditioning.strides",
                   "stage{stage}.conditioning.fill", "stage{stage}.conditioning.residual")
 
