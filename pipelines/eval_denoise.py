@@ -103,6 +103,7 @@ def evaluate(args) -> None:
                 note = f"w {result.details['sure']['weight']:.2f}" if "sure" in result.details else ""
                 if "wiener" in result.details:
                     note += f", Wiener {'x'.join(map(str, result.details['wiener']['block']))}"
+                    note += ", pilot + hard thr." if result.details["wiener"]["pilot"] != "model" else ""
                 rows.append((method, result.volume.array, result.seconds, note))
             began = time.perf_counter()
             cache = (Path(args.bm4d_cache) / f"{scan.name.split('.')[0]}_{'x'.join(map(str, args.crop))}_"

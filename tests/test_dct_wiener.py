@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from ctgridit.core.dct_wiener import CANDIDATES, choose_block, dct_wiener
+from ctgridit.core.dct_wiener import CANDIDATES, choose_block, dct_hard_threshold, dct_wiener
 from tests.conftest import data_file
 
 
@@ -131,3 +131,19 @@ def test_sure_picks_the_block_size_with_the_lower_true_error(scan, best):
     true = [float(np.mean((dct_wiener(noisy, pilot, 50.0, b, s) - clean)[inner] ** 2)) for b, s in CANDIDATES]
     np.testing.assert_allclose(np.sqrt(estimates), np.sqrt(true), rtol=0.02)
     assert CANDIDATES[chosen][0] == best and chosen == int(np.argmin(true))
+
+
+def test_hard_thresholding_limits_and_gain_on_a_real_scan(chest_ct):
+    """Threshold 0 keeps every coefficient (the input back), sigma 0 does nothing, a constant stays constant; on a
+    real chest crop with 50 HU of noise it removes part of the noise with no pilot at all."""
+    from ctgridit.ct.io import read_ct
+
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(0, 1, (12, 10, 8)).astype(np.float32)
+    np.testing.assert_allclose(dct_hard_threshold(noisy, 1.0, threshold=0.0), noisy, atol=1e-5)
+    np.testing.assert_array_equal(dct_hard_threshold(noisy, 0.0), noisy)
+    np.testing.assert_allclose(dct_hard_threshold(np.full((12, 10, 8), 7.0), 1.0, threshold=1e6), 7.0, rtol=1e-6)
+    clean = read_ct(chest_ct).array[:, :, 40:72].astype(np.float32) + 1000
+    noisy = clean + rng.normal(0, 50, clean.shape).astype(np.float32)
+    rmse = lambda a: float(np.sqrt(np.mean((a - clean) ** 2)))                 # noqa: E731
+    assert rmse(dct_hard_threshold(noisy, 50.0)) < 0.8 * rmse(noisy)

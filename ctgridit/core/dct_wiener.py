@@ -43,6 +43,8 @@ STEP = (2, 2, 2)
 #: The (block, step) pairs :func:`choose_block` picks from, the same number of block offsets each: 8 x 8 x 4 is
 #: best on most held-out CT, 4 x 4 x 4 on scans whose structures are few voxels wide (a 1.5 mm chest).
 CANDIDATES = ((BLOCK, STEP), ((4, 4, 4), (1, 1, 2)))
+#: Hard-thresholding level of :func:`dct_hard_threshold`, in noise standard deviations (BM3D's 2.7).
+HARD_THRESHOLD = 2.7
 
 
 def dct_wiener(noisy: np.ndarray, pilot: np.ndarray, sigma: float, block: tuple[int, int, int] = BLOCK,
@@ -64,37 +66,76 @@ def dct_wiener(noisy: np.ndarray, pilot: np.ndarray, sigma: float, block: tuple[
         raise ValueError(f"noisy and pilot must be 3D arrays of one shape, got {noisy.shape} and {pilot.shape}")
     if not sigma > 0:
         return (noisy.copy(), np.ones_like(noisy)) if diagonal else noisy.copy()
-    block = tuple(max(1, min(b, n)) for b, n in zip(block, noisy.shape))
+    squared = [_dct_matrix(min(b, n)) ** 2 for b, n in zip(block, noisy.shape)]   # (coefficient, voxel)
+    variance = np.float32(sigma) ** 2
+
+    def wiener(blocks: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        coefficients = scipy.fft.dctn(blocks[0], axes=AXES, norm="ortho", workers=workers)
+        signal = scipy.fft.dctn(blocks[1], axes=AXES, norm="ortho", workers=workers) ** 2
+        gain = signal / np.maximum(signal + variance, np.finfo(np.float32).tiny)   # 0/0 where sigma^2 underflows
+        weight = 1.0 / np.maximum((gain**2).sum(axis=AXES, keepdims=True), 1e-6)
+        values = [scipy.fft.idctn(gain * coefficients, axes=AXES, norm="ortho", workers=workers)]
+        if diagonal:
+            values.append(np.einsum("akblcm,ki,lj,mn->aibjcn", gain, *squared, optimize=True))
+        return values, weight
+
+    out = _sliding_blocks([noisy, pilot], block, step, wiener, callback)
+    return (out[0], out[1]) if diagonal else out[0]
+
+
+def dct_hard_threshold(noisy: np.ndarray, sigma: float, block: tuple[int, int, int] = BLOCK,
+                       step: tuple[int, int, int] = STEP, threshold: float = HARD_THRESHOLD, workers: int = -1
+                       ) -> np.ndarray:
+    """A first estimate of ``noisy`` (3D, white noise of standard deviation ``sigma``) that needs no pilot: the
+    coefficients of each block's orthonormal DCT below ``threshold * sigma`` set to 0 (the block's mean kept),
+    overlapping blocks averaged with the weight ``1 / kept coefficients`` (BM3D's first step, without the block
+    matching). It keeps texture the network's posterior mean smooths away, and keeps more noise."""
+    noisy = np.asarray(noisy, dtype=np.float32)
+    if noisy.ndim != 3:
+        raise ValueError(f"noisy must be a 3D array, got shape {noisy.shape}")
+    if not sigma > 0:
+        return noisy.copy()
+
+    def hard(blocks: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        coefficients = scipy.fft.dctn(blocks[0], axes=AXES, norm="ortho", workers=workers)
+        keep = np.abs(coefficients) > threshold * sigma
+        keep[:, 0, :, 0, :, 0] = True
+        weight = 1.0 / np.maximum(keep.sum(axis=AXES, keepdims=True), 1)
+        return [scipy.fft.idctn(coefficients * keep, axes=AXES, norm="ortho", workers=workers)], weight
+
+    return _sliding_blocks([noisy], block, step, hard)[0]
+
+
+#: The coefficient axes of the blocked arrays ``(count, block, count, block, count, block)``.
+AXES = (1, 3, 5)
+
+
+def _sliding_blocks(arrays: list[np.ndarray], block, step, estimate, callback=None) -> list[np.ndarray]:
+    """The one loop of both filters: ``arrays`` (3D, one shape) padded by replication, cut at every offset of
+    ``step`` into blocks (shrunk to an axis where larger), ``estimate(blocks)`` giving values per voxel of each
+    block and the block's weight; each value averaged over the blocks covering a voxel with those weights."""
+    shape0 = arrays[0].shape
+    block = tuple(max(1, min(b, n)) for b, n in zip(block, shape0))
     step = tuple(max(1, min(s, b)) for s, b in zip(step, block))
     pad = [(b, b) for b in block]
-    y, p = np.pad(noisy, pad, mode="edge"), np.pad(pilot, pad, mode="edge")
-    total = np.zeros_like(y)
-    weights = np.zeros_like(y)
-    derivative = np.zeros_like(y) if diagonal else None
-    squared = [_dct_matrix(b) ** 2 for b in block]                          # (coefficient, voxel)
-    variance = np.float32(sigma) ** 2
-    axes = (1, 3, 5)
+    padded = [np.pad(a, pad, mode="edge") for a in arrays]
+    totals: list[np.ndarray] = []
+    weights = np.zeros_like(padded[0])
     offsets = list(np.ndindex(*(b // s for b, s in zip(block, step))))
     for done, offset in enumerate(offsets, 1):
         start = [o * s for o, s in zip(offset, step)]
-        count = [(n - a) // b for n, a, b in zip(y.shape, start, block)]
+        count = [(n - a) // b for n, a, b in zip(padded[0].shape, start, block)]
         region = tuple(slice(a, a + c * b) for a, c, b in zip(start, count, block))
         shape = (count[0], block[0], count[1], block[1], count[2], block[2])
-        coefficients = scipy.fft.dctn(y[region].reshape(shape), axes=axes, norm="ortho", workers=workers)
-        signal = scipy.fft.dctn(p[region].reshape(shape), axes=axes, norm="ortho", workers=workers) ** 2
-        gain = signal / np.maximum(signal + variance, np.finfo(np.float32).tiny)   # 0/0 where sigma^2 underflows
-        weight = 1.0 / np.maximum((gain**2).sum(axis=axes, keepdims=True), 1e-6)
-        estimate = scipy.fft.idctn(gain * coefficients, axes=axes, norm="ortho", workers=workers) * weight
-        total[region] += estimate.reshape(total[region].shape)
-        weights[region] += np.broadcast_to(weight, shape).reshape(total[region].shape)
-        if diagonal:
-            own = np.einsum("akblcm,ki,lj,mn->aibjcn", gain, *squared, optimize=True) * weight
-            derivative[region] += own.reshape(total[region].shape)
+        values, weight = estimate([p[region].reshape(shape) for p in padded])
+        totals = totals or [np.zeros_like(padded[0]) for _ in values]
+        for total, value in zip(totals, values):
+            total[region] += (value * weight).reshape(total[region].shape)
+        weights[region] += np.broadcast_to(weight, shape).reshape(weights[region].shape)
         if callback is not None:
             callback(done, len(offsets))
-    inner = tuple(slice(b, b + n) for b, n in zip(block, noisy.shape))
-    out = (total[inner] / weights[inner]).astype(np.float32)
-    return (out, (derivative[inner] / weights[inner]).astype(np.float32)) if diagonal else out
+    inner = tuple(slice(b, b + n) for b, n in zip(block, shape0))
+    return [(total[inner] / weights[inner]).astype(np.float32) for total in totals]
 
 
 def _dct_matrix(n: int) -> np.ndarray:
