@@ -350,7 +350,7 @@ def denoise(
         d = result.details
         guard = f", kept {d['sure']['weight']:.2f} of it (SURE)" if "sure" in d else ""
         guard += (f", Wiener-filtered at {d['wiener']['sigma_hu']:.1f} HU in {'x'.join(map(str, d['wiener']['block']))}"
-                  " blocks" if "wiener" in d else "")
+                  f" blocks (pilot: {d['wiener']['pilot']})" if "wiener" in d else "")
         typer.echo(f"wrote {out} ({method}, {result.seconds:.1f} s): noise estimated {d['noise_estimated_hu']:.1f} HU, "
                    f"removed {d.get('noise_removed_hu', 0.0):.1f} HU{guard}")
         if clean is not None:

@@ -185,7 +185,8 @@ scan with overlapping windows of it (MONAI's sliding window, Gaussian blending, 
 patch grid), takes the noise given with `--noise` or estimates it at full resolution, and takes the
 posterior mean at the exact (fractional) diffusion level of that noise in one network call, blended with
 the input by SURE, and uses that as the pilot of an empirical Wiener filter of the input in sliding DCT blocks
-(8 x 8 x 4 or 4 x 4 x 4 voxels, chosen per scan by SURE)
+(8 x 8 x 4 or 4 x 4 x 4 voxels, chosen per scan by SURE; the pilot averaged with a hard-thresholded estimate of
+the input where SURE of the whole chain says so)
 (see `ctgridit/ct/denoising.py`, `ctgridit/core/frame_denoising.py`, `ctgridit/core/dct_wiener.py`).
 
 - **Data**: random tiles of every scan of this project's `shared/data/ct` at its
