@@ -152,7 +152,7 @@ def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: Progres
                "estimated_rmse_hu": {"x".join(map(str, b)): max(0.0, e) ** 0.5
                                      for (b, _), e in zip(candidates, estimates)}, "pilot": "model"}
     if chain is not None:
-        risks = {mix: _chain_sure(chain, sigma, block, step, mix) for mix in (False, True)}
+        risks = {mix: max(0.0, _chain_sure(chain, sigma, block, step, mix)) for mix in (False, True)}   # as reported
         details["chain_rmse_hu"] = {("model + hard thresholding" if mix else "model"): max(0.0, r) ** 0.5
                                     for mix, r in risks.items()}
         if risks[True] < risks[False]:
@@ -197,7 +197,7 @@ def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: Gri
     residual and the divergence of the same denoiser (same levels, same seed) on the middle slab of the volume,
     the weight applied to the whole. Also returned: the slab, the probe and the blended output for the slab and
     for the slab plus the probe (HU), from which :func:`_wiener` estimates the whole chain's error."""
-    from ctgridit.core.sure import PROBE_STEP, mc_divergence, sure_mse, sure_weight
+    from ctgridit.core.sure import mc_divergence, sure_mse, sure_weight
 
     depth = volume.shape[2]
     first = max(0, (depth - GUARD_SLICES) // 2)
@@ -215,7 +215,8 @@ def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: Gri
     weight = sure_weight(slab, out, sigma, divergence)
     blended = volume.array + weight * (hu - volume.array)
     mixed = slab + weight * (out - slab)
-    (moved, moved_out), eps = runs[1], PROBE_STEP * sigma
+    (moved, moved_out) = runs[1]
+    eps = float((moved - slab).abs().max())                                   # the probe's step as taken
     chain = {"y": slab.numpy(), "pilot": mixed.numpy(), "y_moved": moved.numpy(), "eps": eps,
              "pilot_moved": (moved + weight * (moved_out - moved)).numpy(), "probe": torch.sign(moved - slab)}
     return blended, {"weight": weight, "divergence": divergence, "slab_slices": int(slab.shape[2]),
