@@ -433,7 +433,7 @@ def test_the_whole_chain_sure_estimates_the_error_on_the_guard_slab(noisy50, mix
     within 5 % of the true mean squared error on the slab's part (measured 0.03 to 4.6 % on 18 held-out rows), with
     or without the hard-thresholded estimate in the pilot; with the pilot held fixed instead it comes out far low."""
     from ctgridit.ct.denoising import CHAIN_PART, _chain_sure, _gridit_native, _guarded
-    from ctgridit.core.dct_wiener import dct_hard_threshold, dct_wiener
+    from ctgridit.core.dct_wiener import central_part, dct_hard_threshold, dct_wiener
     from ctgridit.ct.denoising import load_denoiser
 
     noisy, clean = read_ct(noisy50[1]), read_ct(noisy50[0])
@@ -442,7 +442,7 @@ def test_the_whole_chain_sure_estimates_the_error_on_the_guard_slab(noisy50, mix
     _, _, chain = _guarded(noisy, hu, details, _gridit_native, pipeline, 0, 1, "auto", 50.0, 50.0)
     block, step = (8, 8, 4), (2, 2, 2)
     estimate = _chain_sure(chain, 50.0, block, step, mix)
-    part = tuple(slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + c) for n, c in zip(chain["y"].shape, CHAIN_PART))
+    part = central_part(chain["y"].shape, CHAIN_PART)
     first = (noisy.shape[2] - chain["y"].shape[2]) // 2
     truth = clean.array[:, :, first:first + chain["y"].shape[2]][part]
     y, guide = chain["y"][part] + 1000, chain["pilot"][part] + 1000

@@ -147,6 +147,12 @@ def _dct_matrix(n: int) -> np.ndarray:
 CHECK_SIZE = (128, 128, 16)
 
 
+def central_part(shape: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slices of the central ``size`` part of an array of ``shape`` (each side at most the array's; ``size``
+    may name fewer axes than ``shape``, the rest taken whole)."""
+    return tuple(slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + c) for n, c in zip(shape, size))
+
+
 def choose_block(noisy: np.ndarray, pilot: np.ndarray, sigma: float,
                  candidates=CANDIDATES, size: tuple[int, int, int] = CHECK_SIZE) -> tuple[int, list[float]]:
     """The index in ``candidates`` (``(block, step)`` pairs) of the Wiener filter with the lowest SURE on the
@@ -158,7 +164,7 @@ def choose_block(noisy: np.ndarray, pilot: np.ndarray, sigma: float,
     """
     if not sigma > 0:
         return 0, [0.0] * len(candidates)
-    part = tuple(slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + c) for n, c in zip(noisy.shape, size))
+    part = central_part(noisy.shape, size)
     y = np.ascontiguousarray(noisy[part], dtype=np.float32)
     fixed = np.ascontiguousarray(pilot[part], dtype=np.float32)
     inner = tuple(slice(1, n - 1) if n > 2 else slice(None) for n in y.shape)

@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctgridit.core.dct_wiener import CANDIDATES, CHECK_SIZE, choose_block, dct_hard_threshold, dct_wiener
+from ctgridit.core.dct_wiener import (CANDIDATES, CHECK_SIZE, central_part, choose_block, dct_hard_threshold,
+                                     dct_wiener)
 from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimate_noise, start_level,
                                            timestep_noise, trained_level)
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
@@ -175,7 +176,7 @@ def _chain_sure(chain: dict, sigma: float, block, step, mix: bool) -> float:
     slab's central ``CHAIN_PART`` in-plane."""
     from ctgridit.core.sure import sure_mse
 
-    part = tuple(slice(max(0, (n - c) // 2), max(0, (n - c) // 2) + c) for n, c in zip(chain["y"].shape, CHAIN_PART))
+    part = central_part(chain["y"].shape, CHAIN_PART)
     outputs = []
     for y, pilot in ((chain["y"], chain["pilot"]), (chain["y_moved"], chain["pilot_moved"])):
         y, pilot = y[part] + 1000.0, pilot[part] + 1000.0
