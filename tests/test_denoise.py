@@ -397,7 +397,9 @@ def test_without_the_guard_the_output_is_the_models(noisy50):
 
 def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noisy50):
     """By default the guarded output pilots the empirical Wiener filter of the input at the noise told
-    (ctgridit.core.dct_wiener, on HU + 1000), which brings it closer to the clean scan."""
+    (ctgridit.core.dct_wiener, on HU + 1000), which brings it closer to the clean scan; of the two pilots, the one
+    the whole chain's SURE ranks first is used, and it is truly the better one here (the average with the
+    hard-thresholded estimate: 38.54 against 38.13 dB)."""
     from ctgridit.core.dct_wiener import dct_hard_threshold, dct_wiener
 
     noisy, clean = read_ct(noisy50[1]), read_ct(noisy50[0])
@@ -410,12 +412,22 @@ def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noi
     assert "x".join(map(str, block)) == min(estimates, key=estimates.get)       # the block SURE estimates best
     chain = final.details["wiener"]["chain_rmse_hu"]                            # the pilot the whole chain's SURE
     assert final.details["wiener"]["pilot"] == min(chain, key=chain.get)        # estimates best
-    guide = pilot.volume.array + 1000
-    if final.details["wiener"]["pilot"] != "model":
-        guide = (guide + dct_hard_threshold(noisy.array + 1000, 50.0, block, step)) / 2
-    expected = dct_wiener(noisy.array + 1000, guide, 50.0, block, step) - 1000   # on HU + 1000
-    np.testing.assert_allclose(final.volume.array, expected, atol=0.01)
+    guides = {"model": pilot.volume.array + 1000}
+    guides["model + hard thresholding"] = (guides["model"] + dct_hard_threshold(noisy.array + 1000, 50.0, block,
+                                                                                 step)) / 2
+    outputs = {name: dct_wiener(noisy.array + 1000, guide, 50.0, block, step) - 1000   # on HU + 1000
+               for name, guide in guides.items()}
+    np.testing.assert_allclose(final.volume.array, outputs[final.details["wiener"]["pilot"]], atol=0.01)
+    truth = {name: psnr(clean.array, out) for name, out in outputs.items()}
+    assert truth[final.details["wiener"]["pilot"]] >= max(truth.values()) - 0.02   # the better pilot, or as good
     assert psnr(clean.array, final.volume.array) > psnr(clean.array, pilot.volume.array) + 0.1
+
+
+def _reordered(volume: CTVolume, order) -> CTVolume:
+    """``volume`` with its array axes in ``order`` (the affine's columns along): the same scan, stored otherwise."""
+    affine = volume.affine.copy()
+    affine[:3, :3] = volume.affine[:3, list(order)]
+    return CTVolume(np.ascontiguousarray(np.transpose(volume.array, order)), affine, source=volume.source)
 
 
 def test_no_wiener_on_the_command_line(capsys, noisy50, tmp_path):
@@ -427,29 +439,36 @@ def test_no_wiener_on_the_command_line(capsys, noisy50, tmp_path):
     assert not np.array_equal(read_ct(tmp_path / "w.nii.gz").array, read_ct(tmp_path / "n.nii.gz").array)
 
 
-@pytest.mark.parametrize("mix", [False, True])
-def test_the_whole_chain_sure_estimates_the_error_on_the_guard_slab(noisy50, mix):
+@pytest.mark.parametrize("scan, mix, order", [("totalsegmentator/example_ct_sm.nii.gz", False, (0, 1, 2)),
+                                              ("totalsegmentator/example_ct_sm.nii.gz", True, (0, 1, 2)),
+                                              ("soft_tissue_sarcoma/STS_019.nii.gz", False, (2, 1, 0))])
+def test_the_whole_chain_sure_estimates_the_error_on_the_guard_slab(scan, mix, order):
     """SURE of model, blend and Wiener step together (the guard's two model runs, the pilot of each input its own):
     within 5 % of the true mean squared error on the slab's part (measured 0.03 to 4.6 % on 18 held-out rows), with
-    or without the hard-thresholded estimate in the pilot; with the pilot held fixed instead it comes out far low."""
-    from ctgridit.ct.denoising import CHAIN_PART, _chain_sure, _gridit_native, _guarded
-    from ctgridit.core.dct_wiener import central_part, dct_hard_threshold, dct_wiener
+    or without the hard-thresholded estimate in the pilot, and with the scan stored slice axis first (the slab is
+    then cut along its thick voxels: a 0.98 x 0.98 x 3.27 mm thigh); with the pilot held fixed instead it comes out
+    far low."""
+    from ctgridit.ct.denoising import _chain_sure, _gridit_native, _guarded, chain_part
+    from ctgridit.core.dct_wiener import dct_hard_threshold, dct_wiener
     from ctgridit.ct.denoising import load_denoiser
 
-    noisy, clean = read_ct(noisy50[1]), read_ct(noisy50[0])
+    clean = _reordered(read_ct(data_file(scan)), order)
+    noisy = add_noise(clean, 50.0, seed=0)
     pipeline = load_denoiser(None, "cpu")
     hu, details = _gridit_native(noisy, "auto", pipeline, 0, 1, None, 50.0)
     _, _, chain = _guarded(noisy, hu, details, _gridit_native, pipeline, 0, 1, "auto", 50.0, 50.0)
-    block, step = (8, 8, 4), (2, 2, 2)
+    axis = order.index(2)                                        # the thickest voxels', or the third as stored
+    assert chain["axis"] == axis and chain["y"].shape[axis] == 8
+    block, step = [8] * 3, [2] * 3
+    block[axis], step[axis] = 4, 2
     estimate = _chain_sure(chain, 50.0, block, step, mix)
-    part = central_part(chain["y"].shape, CHAIN_PART)
-    first = (noisy.shape[2] - chain["y"].shape[2]) // 2
-    truth = clean.array[:, :, first:first + chain["y"].shape[2]][part]
+    part = chain_part(chain)
+    truth = np.take(clean.array, range(chain["first"], chain["first"] + 8), axis=axis)[part]
     y, guide = chain["y"][part] + 1000, chain["pilot"][part] + 1000
     if mix:
         guide = (guide + dct_hard_threshold(y, 50.0, block, step)) / 2
     error = float(np.mean((dct_wiener(y, guide, 50.0, block, step) - 1000 - truth) ** 2))
-    assert abs(estimate - error) < 0.05 * error                                 # measured 1.0 and 1.5 %
+    assert abs(estimate - error) < 0.05 * error                             # measured 1.0, 1.5 and 0.9 %
     out, diagonal = dct_wiener(y, guide, 50.0, block, step, diagonal=True)      # the pilot held fixed
     fixed = float(np.mean((out - y) ** 2)) - 50.0**2 + 2 * 50.0**2 * float(np.mean(diagonal))
     assert fixed < 0.5 * error                                                  # measured below 0

@@ -136,8 +136,7 @@ def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: Progres
     the input's hard-thresholded estimate (:func:`~ctgridit.core.dct_wiener.dct_hard_threshold`), which keeps
     texture the model smooths (+0.2 to +0.5 dB on a held-out thigh, down to -0.12 dB on chests), and the one
     with the lower SURE of the whole chain (model, blend and Wiener step, :func:`_chain_sure`) is used."""
-    sizes = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
-    axis = 2 if sizes[2] >= 0.9 * sizes.max() else int(np.argmax(sizes))
+    axis = thick_axis(volume)
 
     def along(values: tuple[int, int, int]) -> tuple[int, int, int]:      # (in-plane, in-plane, slice) to array axes
         out = [values[0]] * 3
@@ -164,8 +163,23 @@ def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: Progres
     return out - offset, details
 
 
+def thick_axis(volume: CTVolume) -> int:
+    """The array axis the Wiener blocks' slice side and the guard's slab lie along: that of the thickest voxels, or
+    the third as stored where it is about as thick (within 10 %) as the thickest."""
+    sizes = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
+    return 2 if sizes[2] >= 0.9 * sizes.max() else int(np.argmax(sizes))
+
+
 #: The central in-plane part of the guard's slab :func:`_chain_sure` runs the Wiener step on (voxels).
 CHAIN_PART = (256, 256)
+
+
+def chain_part(chain: dict) -> tuple[slice, ...]:
+    """The part of the guard's slab (:func:`_guarded`) :func:`_chain_sure` estimates on: the central ``CHAIN_PART``
+    across the slab, all of its planes."""
+    size = list(CHAIN_PART)
+    size.insert(chain["axis"], chain["y"].shape[chain["axis"]])
+    return central_part(chain["y"].shape, tuple(size))
 
 
 def _chain_sure(chain: dict, sigma: float, block, step, mix: bool) -> float:
@@ -173,10 +187,10 @@ def _chain_sure(chain: dict, sigma: float, block, step, mix: bool) -> float:
     the slab plus the guard's probe, each with the blended model output the guard got for it as pilot (averaged with
     the hard-thresholded estimate of that input if ``mix``), so that the divergence counts the model's dependence on
     the noise too (the pilot held fixed, SURE comes out about 2 times low and favours the model's pilot); on the
-    slab's central ``CHAIN_PART`` in-plane."""
+    slab's central ``CHAIN_PART`` across it (:func:`chain_part`)."""
     from ctgridit.core.sure import sure_mse
 
-    part = central_part(chain["y"].shape, CHAIN_PART)
+    part = chain_part(chain)
     outputs = []
     for y, pilot in ((chain["y"], chain["pilot"]), (chain["y_moved"], chain["pilot_moved"])):
         y, pilot = y[part] + 1000.0, pilot[part] + 1000.0
@@ -200,9 +214,10 @@ def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: Gri
     for the slab plus the probe (HU), from which :func:`_wiener` estimates the whole chain's error."""
     from ctgridit.core.sure import mc_divergence, sure_mse, sure_weight
 
-    depth = volume.shape[2]
-    first = max(0, (depth - GUARD_SLICES) // 2)
-    slab = torch.from_numpy(volume.array[:, :, first:first + GUARD_SLICES].astype(np.float64))
+    axis = thick_axis(volume)                                  # the slab is GUARD_SLICES planes along the slices
+    first = max(0, (volume.shape[axis] - GUARD_SLICES) // 2)
+    planes = range(first, min(first + GUARD_SLICES, volume.shape[axis]))
+    slab = torch.from_numpy(np.take(volume.array, planes, axis=axis).astype(np.float64))
     runs = []
 
     def denoise(block: torch.Tensor) -> torch.Tensor:
@@ -218,9 +233,9 @@ def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: Gri
     mixed = slab + weight * (out - slab)
     (moved, moved_out) = runs[1]
     eps = float((moved - slab).abs().max())                                   # the probe's step as taken
-    chain = {"y": slab.numpy(), "pilot": mixed.numpy(), "y_moved": moved.numpy(), "eps": eps,
+    chain = {"axis": axis, "first": first, "y": slab.numpy(), "pilot": mixed.numpy(), "y_moved": moved.numpy(), "eps": eps,
              "pilot_moved": (moved + weight * (moved_out - moved)).numpy(), "probe": torch.sign(moved - slab)}
-    return blended, {"weight": weight, "divergence": divergence, "slab_slices": int(slab.shape[2]),
+    return blended, {"weight": weight, "divergence": divergence, "slab_slices": int(slab.shape[axis]),
                      "estimated_rmse_hu": {"input": sigma,
                                            "denoiser": max(0.0, sure_mse(slab, out, sigma, divergence)) ** 0.5,
                                            "output": max(0.0, sure_mse(slab, mixed, sigma,
