@@ -452,6 +452,41 @@ def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path, small_ct):
         warm_start(model, tmp_path)
 
 
+def test_a_deeper_model_grows_out_of_a_shallower_one(tmp_path, small_ct):
+    """A warm start into a model with more blocks: the first blocks take the source's, the new ones start as the
+    identity (adaLN-Zero), so the grown model is exactly the source; training then moves the new blocks too. A
+    shallower model than the source is refused."""
+    from ctgridit.core.codecs import PixelCodec
+    from ctgridit.training.trainer import build_model, warm_start
+
+    base, deep = tmp_path / "base", tmp_path / "deep"
+    for folder in (base, deep):
+        folder.mkdir()
+    write_config(base, small_ct)
+    train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    source = base / "ckpt" / "stage1" / "step_00000003"
+    depth = 2                                                              # DiT-tiny/2's
+    write_config(deep, small_ct, stage1={"init": str(source), "model": {"preset": "DiT-tiny/2",
+                                                                        "overrides": {"depth": depth + 2}}})
+    config = load_config(deep / "config.yaml")
+    model = build_model(config, 1, PixelCodec(channels=1)).eval()
+    warm_start(model, source)
+    reference = GriDiTPipeline.from_pretrained(base / "model").stage1
+    assert len(model.blocks) == len(reference.blocks) + 2
+    x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), reference(x, t), rtol=0, atol=1e-6)
+    train(config, 1, steps=2, device="cpu", quiet=True)
+    trained = load_file(str(deep / "ckpt" / "stage1" / "step_00000002" / "model.safetensors"))
+    gate = f"blocks.{depth + 1}.adaLN_modulation.1.weight"
+    assert trained[gate].abs().sum() > 0                                   # the new blocks learn
+    with pytest.raises(CTGridItError, match="do not fit"):
+        shallow = tmp_path / "shallow"
+        shallow.mkdir()
+        write_config(shallow, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"depth": 1}}})
+        warm_start(build_model(load_config(shallow / "config.yaml"), 1, PixelCodec(channels=1)), source)
+
+
 def test_a_stride_aware_model_grows_out_of_one_trained_at_one_stride(tmp_path, small_ct):
     """The bundled chest model's phases: stage 1 learnt at one stride without labels, then warm-started with
     stride labels. The new embedding starts at zero, so the grown model is the source for every label."""

@@ -622,7 +622,10 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     those of the same architecture, name for name and shape for shape, except
     that a model with stride labels may start from one without them (trained at
     one stride): its stride embedding then starts at zero, so it begins as
-    exactly that model for every label and learns the strides from there. Or
+    exactly that model for every label and learns the strides from there; and
+    a deeper model may start from a shallower one: its first blocks take the
+    source's, the others start as the identity (adaLN-Zero), so it begins as
+    exactly the source and learns with more capacity from there. Or
     ImageNet DiT weights, DiT's own ``.pt`` or a diffusers DiT folder
     (:mod:`ctgridit.core.dit_import`), for either stage.
     """
@@ -650,6 +653,7 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     own = model.state_dict()
     grown = {STRIDE_EMBEDDING} - set(weights) if STRIDE_EMBEDDING in own else set()
     weights.update({name: torch.zeros_like(own[name]) for name in grown})
+    weights.update({name: own[name] for name in _added_blocks(weights, own)})
     extra, missing = sorted(set(weights) - set(own)), sorted(set(own) - set(weights))
     wrong = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
     if extra or missing or wrong:
@@ -660,6 +664,18 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
 
 #: The stride labels' embedding of a GridDiT, which a warm start may add (:func:`warm_start`).
 STRIDE_EMBEDDING = "stride_embedder.weight"
+
+
+def _added_blocks(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """The parameter names of the transformer blocks ``own`` (a model's state) has beyond the last block of
+    ``weights`` (a shallower model's), where it has more: a warm start keeps them as built, adaLN-Zero, so each
+    new block starts as the identity and the deeper model starts as exactly the shallower one (growing a model
+    in depth, as progressive stacking does, keeps what it learnt)."""
+    def depth(state) -> int:
+        return len({name.split(".")[1] for name in state if name.startswith("blocks.")})
+
+    return [name for name in own if name.startswith("blocks.") and int(name.split(".")[1]) >= depth(weights)] \
+        if depth(own) > depth(weights) > 0 else []
 
 
 def _checkpoint(accelerator, config: TrainConfig, stage: int, step: int, model, ema, optimizer, lr_schedule,
