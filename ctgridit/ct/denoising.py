@@ -214,7 +214,9 @@ def _guarded(volume: CTVolume, hu: np.ndarray, details: dict, run, pipeline: Gri
     for the slab plus the probe (HU), from which :func:`_wiener` estimates the whole chain's error."""
     from ctgridit.core.sure import mc_divergence, sure_mse, sure_weight
 
-    axis = thick_axis(volume)                                  # the slab is GUARD_SLICES planes along the slices
+    # the slab is GUARD_SLICES of the model's frames: planes along the array axis that runs head-feet (the model
+    # works on axial frames after reorienting), which is the slice axis of axially stored scans
+    axis = int(np.argmax(np.abs(np.asarray(volume.affine, dtype=np.float64)[2, :3])))
     first = max(0, (volume.shape[axis] - GUARD_SLICES) // 2)
     planes = range(first, min(first + GUARD_SLICES, volume.shape[axis]))
     slab = torch.from_numpy(np.take(volume.array, planes, axis=axis).astype(np.float64))
