@@ -480,11 +480,12 @@ def test_a_deeper_model_grows_out_of_a_shallower_one(tmp_path, small_ct):
     trained = load_file(str(deep / "ckpt" / "stage1" / "step_00000002" / "model.safetensors"))
     gate = f"blocks.{depth + 1}.adaLN_modulation.1.weight"
     assert trained[gate].abs().sum() > 0                                   # the new blocks learn
+    shallow = tmp_path / "shallow"
+    shallow.mkdir()
+    write_config(shallow, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"depth": 1}}})
+    smaller = build_model(load_config(shallow / "config.yaml"), 1, PixelCodec(channels=1))
     with pytest.raises(CTGridItError, match="do not fit"):
-        shallow = tmp_path / "shallow"
-        shallow.mkdir()
-        write_config(shallow, small_ct, stage1={"model": {"preset": "DiT-tiny/2", "overrides": {"depth": 1}}})
-        warm_start(build_model(load_config(shallow / "config.yaml"), 1, PixelCodec(channels=1)), source)
+        warm_start(smaller, source)
 
 
 def test_a_stride_aware_model_grows_out_of_one_trained_at_one_stride(tmp_path, small_ct):
