@@ -403,17 +403,23 @@ def test_resuming_with_another_model_or_objective_is_refused(tmp_path, small_ct)
     assert train(load_config(tmp_path / "config.yaml"), 1, steps=4, resume=True, device="cpu", quiet=True).steps == 1
 
 
+def _trained_base(tmp_path, small_ct):
+    """A tiny run of 3 steps in ``tmp_path / "base"``: its folder and its last checkpoint, to warm-start from."""
+    base = tmp_path / "base"
+    base.mkdir()
+    write_config(base, small_ct)
+    train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
+    return base, base / "ckpt" / "stage1" / "step_00000003"
+
+
 def test_fine_tuning_starts_from_the_weights_of_another_run(tmp_path, small_ct):
     """stage.init (the bundled model's second phase): training starts from a trained stage's EMA weights."""
     from ctgridit.core.codecs import PixelCodec
     from ctgridit.training.trainer import build_model, warm_start
 
-    base, tuned = tmp_path / "base", tmp_path / "tuned"
-    for folder in (base, tuned):
-        folder.mkdir()
-    write_config(base, small_ct)
-    train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
-    source = base / "ckpt" / "stage1" / "step_00000003"
+    base, source = _trained_base(tmp_path, small_ct)
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
     write_config(tuned, small_ct, stage1={"model": {"preset": "DiT-tiny/2"}, "init": str(source)},
                  data={"stride_range": [1, 1]})
     config = load_config(tuned / "config.yaml")
@@ -459,12 +465,9 @@ def test_a_deeper_model_grows_out_of_a_shallower_one(tmp_path, small_ct):
     from ctgridit.core.codecs import PixelCodec
     from ctgridit.training.trainer import build_model, warm_start
 
-    base, deep = tmp_path / "base", tmp_path / "deep"
-    for folder in (base, deep):
-        folder.mkdir()
-    write_config(base, small_ct)
-    train(load_config(base / "config.yaml"), 1, steps=3, device="cpu", quiet=True)
-    source = base / "ckpt" / "stage1" / "step_00000003"
+    base, source = _trained_base(tmp_path, small_ct)
+    deep = tmp_path / "deep"
+    deep.mkdir()
     depth = 2                                                              # DiT-tiny/2's
     write_config(deep, small_ct, stage1={"init": str(source), "model": {"preset": "DiT-tiny/2",
                                                                         "overrides": {"depth": depth + 2}}})
