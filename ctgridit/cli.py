@@ -302,6 +302,7 @@ def denoise(
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed of the fresh noise (gridit), 0 .. {SEED_MAX}."),
     series: Optional[str] = typer.Option(None, "--series", help=SERIES_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="The model's arithmetic: auto (bfloat16 on CPUs with AMX, else fp32), fp32 or bf16."),
     preview_png: Optional[str] = typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite existing outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no figures on the terminal."),
@@ -309,6 +310,7 @@ def denoise(
     """Denoise a CT volume (the paper's Algorithm 3, or a classical filter); same grid and geometry as IN."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
+    from ctgridit.core.precision import PRECISIONS
     from ctgridit.ct.denoising import METHODS, denoise_summary, denoise_volume, read_reference
     from ctgridit.ct.fidelity import QUALITY_REASONS
     from ctgridit.files import atomic_output, check_output_path, output_group, report_json
@@ -316,6 +318,8 @@ def denoise(
 
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
+    if precision not in PRECISIONS:
+        raise CTGridItError(f"unknown precision {precision!r}", "--precision", f"use one of {', '.join(PRECISIONS)}")
     level = _strength(strength)
     told = _noise(noise)
     if told != "auto" and level != "auto":
@@ -337,7 +341,7 @@ def denoise(
     clean = read_reference(reference, volume) if reference is not None else None
     with PhaseProgress(enabled=not quiet) as progress:
         result = denoise_volume(volume, method, level, model, device, seed, steps, progress, told, not no_guard,
-                                not no_wiener)
+                                not no_wiener, precision)
     summary = {"input": str(src), "output": str(out), "reference": reference, **denoise_summary(volume, result, clean)}
     with output_group():                                      # the volume, its preview and report: together
         write_nifti(result.volume, out, force=force)

@@ -5,12 +5,14 @@
 
 The volume is the first 100 slices of LIDC-IDRI-0314 (512 x 512, 0.78 mm, 1 mm
 slices) with Gaussian noise of 50 HU. Each round runs ``denoise_volume``
-(reading and writing excluded) as shipped and, alternating with it, without the
-Wiener step (``wiener=False``: the model and its SURE guard, the baseline the
-Wiener step adds to), so that both see the same load on a shared machine.
-Prints every round's seconds, the median and range of each, the Wiener step's
-share, the number of model windows and the time per window, and the PSNR before
-and after.
+(reading and writing excluded) as shipped, without the Wiener step
+(``wiener=False``: the model and its SURE guard, the baseline the Wiener step
+adds to) and, where the shipped precision is not float32 (bfloat16 on CPUs with
+AMX, :mod:`ctgridit.core.precision`), as shipped in float32, the baseline the
+precision is timed against; the order rotates every round, so that all see the
+same load on a shared machine. Prints every round's seconds, the median and
+range of each, the Wiener step's share, the number of model windows and the time
+per window, and the PSNR before and after.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import numpy as np
 import torch
 
+from ctgridit.core.precision import resolve_precision
 from ctgridit.data_folder import data_folder
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.fidelity import psnr
@@ -51,11 +54,15 @@ def main() -> None:
     pipeline.stage1.forward = lambda x, *a, **k: (calls.append(len(x)), forward(x, *a, **k))[1]
     seconds = {"as shipped": [], "without Wiener": []}
     results = {}
-    order = [("as shipped", True), ("without Wiener", False)]
+    order = [("as shipped", True, "auto"), ("without Wiener", False, "auto")]
+    if resolve_precision(pipeline.device) != "fp32":
+        order.append(("float32", True, "fp32"))
+        seconds["float32"] = []
     for round_ in range(args.rounds):
-        for name, wiener in order if round_ % 2 == 0 else order[::-1]:      # each goes first in every other round
+        shift = round_ % len(order)                                           # each goes first in turn
+        for name, wiener, precision in order[shift:] + order[:shift]:
             calls.clear()
-            result = denoise_volume(noisy, "gridit", model=pipeline, wiener=wiener)
+            result = denoise_volume(noisy, "gridit", model=pipeline, wiener=wiener, precision=precision)
             seconds[name].append(result.seconds)
             results[name] = result
             print(f"  {name:15} {result.seconds:6.1f} s, {sum(calls)} windows in {len(calls)} model calls", flush=True)
@@ -66,6 +73,9 @@ def main() -> None:
     print(f"denoise: median {median:.1f} s, {1000 * median / max(1, sum(calls)):.1f} ms per window; Wiener step "
           f"{median - statistics.median(seconds['without Wiener']):.1f} s ({'x'.join(map(str, result.details.get('wiener', {}).get('block', ['no'])))}"
           f" blocks); target 120 s: {median <= 120}")
+    if "float32" in results:
+        print(f"precision {resolve_precision(pipeline.device)}: {statistics.median(seconds['float32']) / median:.2f} "
+              f"times faster than float32 ({psnr(clean.array, results['float32'].volume.array):.2f} dB in float32)")
     print(f"PSNR {psnr(clean.array, noisy.array):.2f} dB -> {psnr(clean.array, result.volume.array):.2f} dB "
           f"({psnr(clean.array, results['without Wiener'].volume.array):.2f} dB without the Wiener step) "
           f"(t* {result.details['t']}, noise estimate {result.details['noise_estimated_hu']:.1f} HU)")

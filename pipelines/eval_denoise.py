@@ -39,6 +39,7 @@ from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.fidelity import body_mask, psnr, quality
 from ctgridit.ct.noise import add_noise
 from ctgridit.ct.window import DEFAULT_WINDOW, from_unit, to_unit, window_change
+from ctgridit.core.precision import PRECISIONS
 from ctgridit.ct.denoising import classical_denoise, denoise_volume, load_denoiser
 
 DATA = data_folder()
@@ -99,7 +100,7 @@ def evaluate(args) -> None:
             rows = [("input", noisy.array, 0.0, "")]
             for method in args.methods:
                 result = denoise_volume(noisy, method, model=pipeline if method == "gridit" else None,
-                                        device=args.device, noise=sigma)
+                                        device=args.device, noise=sigma, precision=args.precision)
                 note = f"w {result.details['sure']['weight']:.2f}" if "sure" in result.details else ""
                 if "wiener" in result.details:
                     note += f", Wiener {'x'.join(map(str, result.details['wiener']['block']))}"
@@ -155,6 +156,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["gridit", "bilateral", "nlm3d"])
     parser.add_argument("--model", default=None, help="denoiser model folder (default: the bundled one)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the model's arithmetic (auto: bfloat16 on CPUs with AMX)")
     parser.add_argument("--png", default=None, help="middle axial slices of the first scan, one row per noise")
     parser.add_argument("--crop", type=int, nargs=3, default=[256, 256, 32], help="central block, x y z voxels")
     parser.add_argument("--noises", type=float, nargs="*", default=NOISES, help="Gaussian noise to add, HU")

@@ -55,6 +55,7 @@ from ctgridit.core.frame_denoising import (DENOISE_STEPS, denoise_grids, estimat
                                            timestep_noise, trained_level)
 from ctgridit.core.grid import gray_to_rgb, rgb_to_gray
 from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.core.precision import inference_precision, resolve_precision
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.ct.tiled import in_plane_overlap, over_grids
 from ctgridit.ct.volume import CTVolume
@@ -78,7 +79,8 @@ class DenoiseResult:
 def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | str = "auto",
                    model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
                    steps: int = DENOISE_STEPS, progress: ProgressCallback | None = None,
-                   noise: float | str = "auto", guard: bool = True, wiener: bool = True) -> DenoiseResult:
+                   noise: float | str = "auto", guard: bool = True, wiener: bool = True,
+                   precision: str = "auto") -> DenoiseResult:
     """Denoise ``volume`` with ``method`` (module docstring); the result keeps its geometry.
 
     ``model``: a model folder or a loaded pipeline; default the bundled denoiser. ``noise``: the standard
@@ -87,6 +89,7 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input. ``wiener`` (native-resolution
     denoisers): then use that output as the pilot of an empirical Wiener filter of the input
     (:mod:`ctgridit.core.dct_wiener`; not guarded itself: measured better than its pilot on every held-out row).
+    ``precision``: the model's arithmetic (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -103,12 +106,14 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
             raise CTGridItError("a noise level in HU needs a native-resolution denoiser (this model works on its "
                                 "own voxel grid)", "--noise", "leave --noise at auto, or use the bundled denoiser")
         run = _gridit_native if is_native(pipeline) else _gridit
-        hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
-        in_input = estimated if noise == "auto" else float(noise)            # the noise SURE counts as noise
-        chain = None
-        if guard and details["noise_removed_hu"] > 0 and in_input > 0:
-            hu, details["sure"], chain = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise,
-                                                  in_input)
+        with inference_precision(pipeline.device, precision):
+            hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
+            in_input = estimated if noise == "auto" else float(noise)        # the noise SURE counts as noise
+            chain = None
+            if guard and details["noise_removed_hu"] > 0 and in_input > 0:
+                hu, details["sure"], chain = _guarded(volume, hu, details, run, pipeline, seed, steps, strength,
+                                                      noise, in_input)
+        details["precision"] = resolve_precision(pipeline.device, precision)
         if wiener and is_native(pipeline) and details["noise_removed_hu"] > 0 and in_input > 0:
             hu, details["wiener"] = _wiener(volume, hu, in_input, progress, chain)
         details.pop("levels")
