@@ -147,10 +147,13 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Tokens ``(N, T, D)`` and conditioning ``(N, D)`` -> ``(N, T, p*p*C)``."""
+        """Tokens ``(N, T, D)`` and conditioning ``(N, D)`` -> ``(N, T, p*p*C)``. The last product runs in the
+        weights' own dtype also under autocast, so a bfloat16-autocast run still gives its prediction in float32 (a
+        clean-sample prediction rounded to bfloat16 would sit on a 3.9 HU grid near +-1000 HU); it is a small layer."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
         x = modulate(self.norm_final(x), shift, scale)            # (N, T, D)
-        return self.linear(x)                                     # (N, T, p*p*C)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.linear(x.to(self.linear.weight.dtype))    # (N, T, p*p*C)
 
 
 class GridDiT(ModelMixin, ConfigMixin):

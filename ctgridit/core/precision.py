@@ -1,12 +1,13 @@
-"""The arithmetic a model runs in at inference: float32, or bfloat16 autocast where the hardware has it.
+"""The arithmetic a model runs in at inference: float32, or its matrix products in bfloat16 (autocast).
 
-``auto`` runs the network's matrix products in bfloat16 (``torch.autocast``) on CPUs with Intel AMX tiles, which
-do them in hardware (the bundled denoiser's windows 1.7 to 1.9 times faster than in float32 on one core of this
-project's Xeon, ``pipelines/bench_denoise.py``), and in float32 everywhere else, where bfloat16 would be
-emulated and slower. Autocast keeps what needs the range or the precision in float32 (the inputs, the
-sinusoidal embedding of a fractional diffusion step, normalisation, the output the caller reads), so the model's
-weights and the caller's tensors stay float32; only the products are rounded (about 0.5 % relative change in a
-prediction). On a CUDA GPU ``auto`` leaves the pipeline's own dtype alone (``--dtype`` casts it there).
+``auto`` is bfloat16 autocast on CPUs with Intel AMX tiles, which multiply bfloat16 matrices in hardware (the
+bundled denoiser's windows 1.7 to 1.9 times faster than in float32 on one core of a Xeon with AMX), and float32
+everywhere else: on other CPUs bfloat16 would be emulated and slower, and on GPUs the pipeline's own dtype
+decides (``ctgridit synth --dtype``). Autocast rounds only the products; the weights and the caller's tensors
+stay float32, normalisation and the sinusoidal embedding of a fractional diffusion step run in float32, and the
+model's last layer runs in float32 too (:class:`~ctgridit.core.dit.FinalLayer`), so the prediction the caller
+reads is float32 (the bundled denoiser's output moves by about 0.2 HU RMS). Callers wrap the model calls only,
+not resampling or other arithmetic around them, which autocast would round as well.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import contextlib
 
 import torch
 
+from ctgridit.errors import CTGridItError
+
 #: What ``--precision`` takes.
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def hardware_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CPU with AMX tiles (Sapphire Rapids and
-    later), or a CUDA GPU that supports bfloat16."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
+    """Whether ``device`` is a CPU with AMX tiles (Sapphire Rapids and later), which multiplies bfloat16
+    matrices in hardware."""
+    if torch.device(device).type != "cpu":
         return False
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)               # private in torch 2.x: guarded
     try:
@@ -35,17 +35,25 @@ def hardware_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (``auto``: bf16 on CPUs with AMX)."""
+    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (``auto``: bf16 on CPUs with AMX). Asked for
+    bf16 where autocast cannot give it (a GPU without bfloat16, or another kind of device), a CTGridItError."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.device(device).type == "cpu" and hardware_bf16(device) else "fp32"
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if hardware_bf16(device) else "fp32"
+    if precision == "bf16" and not (device.type == "cpu" or (
+            device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
+        raise CTGridItError(f"this {device.type} device has no bfloat16 arithmetic", "--precision",
+                            "use --precision fp32 or auto")
+    return precision
 
 
 def inference_precision(device: torch.device | str, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """A context in which the model calls run at ``precision`` on ``device`` (:func:`resolve_precision`)."""
+    """A context in which model calls run at ``precision`` on ``device`` (:func:`resolve_precision`); ``fp32``
+    also turns off an autocast the caller may be in."""
     device = torch.device(device)
     if resolve_precision(device, precision) == "fp32":
-        return contextlib.nullcontext()
+        return torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else \
+            contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

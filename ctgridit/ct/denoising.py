@@ -41,6 +41,7 @@ int16 by :func:`ctgridit.ct.io.write_nifti`).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -105,15 +106,15 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
 
             raise CTGridItError("a noise level in HU needs a native-resolution denoiser (this model works on its "
                                 "own voxel grid)", "--noise", "leave --noise at auto, or use the bundled denoiser")
-        run = _gridit_native if is_native(pipeline) else _gridit
-        with inference_precision(pipeline.device, precision):
-            hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
-            in_input = estimated if noise == "auto" else float(noise)        # the noise SURE counts as noise
-            chain = None
-            if guard and details["noise_removed_hu"] > 0 and in_input > 0:
-                hu, details["sure"], chain = _guarded(volume, hu, details, run, pipeline, seed, steps, strength,
-                                                      noise, in_input)
-        details["precision"] = resolve_precision(pipeline.device, precision)
+        resolved = resolve_precision(pipeline.device, precision)
+        run = functools.partial(_gridit_native if is_native(pipeline) else _gridit, precision=resolved)
+        hu, details = run(volume, strength, pipeline, seed, steps, progress, noise)
+        in_input = estimated if noise == "auto" else float(noise)            # the noise SURE counts as noise
+        chain = None
+        if guard and details["noise_removed_hu"] > 0 and in_input > 0:
+            hu, details["sure"], chain = _guarded(volume, hu, details, run, pipeline, seed, steps, strength, noise,
+                                                  in_input)
+        details["precision"] = resolved
         if wiener and is_native(pipeline) and details["noise_removed_hu"] > 0 and in_input > 0:
             hu, details["wiener"] = _wiener(volume, hu, in_input, progress, chain)
         details.pop("levels")
@@ -296,8 +297,8 @@ def load_denoiser(model: str | os.PathLike | None = None, device: str = "auto") 
 
 # ------------------------------------------------------------------ gridit
 def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
-                   progress: ProgressCallback | None, noise: float | str = "auto", pinned=None
-                   ) -> tuple[np.ndarray, dict]:
+                   progress: ProgressCallback | None, noise: float | str = "auto", pinned=None,
+                   precision: str = "fp32") -> tuple[np.ndarray, dict]:
     from ctgridit.core.frame_denoising import noise_timestep
 
     from ctgridit.ct.transforms import Orient, frames_to_volume, volume_to_frames, volume_to_metatensor
@@ -325,8 +326,10 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
     patch = int(pipeline.stage1.config.patch_size)
     generator = torch.Generator().manual_seed(seed)
     if t > 0:
-        def denoise(grids: torch.Tensor) -> torch.Tensor:
-            return denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
+        def denoise(grids: torch.Tensor) -> torch.Tensor:                   # only the model in `precision`
+            with inference_precision(pipeline.device, precision):
+                out = denoise_grids(pipeline, grids.to(pipeline.device, pipeline.dtype), t, own, steps, generator)
+            return out.float()
 
         clean = over_grids(frames, rows, cols, tuple(cfg.frame_size), z_step, denoise, progress,
                            "denoise", patch=patch).clamp(-1, 1)                              # (Z, 1, Y, X)
@@ -346,7 +349,8 @@ def _gridit_native(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: i
 
 
 def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, steps: int,
-            progress: ProgressCallback | None, noise: float | str = "auto", pinned=None) -> tuple[np.ndarray, dict]:
+            progress: ProgressCallback | None, noise: float | str = "auto", pinned=None,
+            precision: str = "fp32") -> tuple[np.ndarray, dict]:
     from monai.transforms import Compose
 
     from ctgridit.ct.transforms import (HU_AIR, Orient, ResampleToSpacing, crop_or_pad_in_plane,
@@ -368,7 +372,8 @@ def _gridit(volume: CTVolume, strength, pipeline: GriDiTPipeline, seed: int, ste
 
         raise CTGridItError("a noise level in HU needs a native-resolution denoiser (this model works on its own "
                             "grid)", volume.source, "leave --noise at auto, or use the bundled denoiser")
-    clean, levels = pipeline.denoise(frames, strength, steps, generator, progress, pinned)
+    with inference_precision(pipeline.device, precision):          # the models only; resampling stays float32
+        clean, levels = pipeline.denoise(frames, strength, steps, generator, progress, pinned)
     clean = clean.float().cpu()
     if cfg.channels == 3:
         clean = rgb_to_gray(clean)
