@@ -624,8 +624,10 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     one stride): its stride embedding then starts at zero, so it begins as
     exactly that model for every label and learns the strides from there; and
     a deeper model may start from a shallower one: its first blocks take the
-    source's, the others start as the identity (adaLN-Zero), so it begins as
-    exactly the source and learns with more capacity from there. Or
+    source's, the others start as the identity (adaLN-Zero), which holds for a
+    freshly built ``model`` (its new blocks still at their zero-initialised
+    gates), so it begins as exactly the source and learns with more capacity
+    from there. Or
     ImageNet DiT weights, DiT's own ``.pt`` or a diffusers DiT folder
     (:mod:`ctgridit.core.dit_import`), for either stage.
     """
