@@ -379,6 +379,7 @@ SLICE_OPTIONS = {
     "seed": (int, typer.Option(0, "--seed", min=0, max=SEED_MAX, help=f"Random seed (matters with --steps > 1), 0 .. {SEED_MAX}.")),
     "series": (Optional[str], typer.Option(None, "--series", help=SERIES_HELP)),
     "device": (str, typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")),
+    "precision": (str, typer.Option("auto", "--precision", help="The model's arithmetic: auto (bfloat16 on CPUs with AMX, else fp32), fp32 or bf16.")),
     "preview_png": (Optional[str], typer.Option(None, "--preview", help="Also write a PNG of the three mid-planes of the output.")),
     "force": (bool, typer.Option(False, "--force", "-f", help="Overwrite existing outputs.")),
     "quiet": (bool, typer.Option(False, "--quiet", "-q", help="No progress bar.")),
@@ -422,7 +423,8 @@ def interpolate(
     o = options
     _new_slices(src, out or derived_name(src, f"x{factor}"), o,
                 lambda volume, progress: interpolate_volume(volume, factor, o["model"], o["device"], o["seed"],
-                                                            o["steps"], progress, method),
+                                                            o["steps"], progress, method,
+                                                            precision=o["precision"]),
                 interpolation_plan(factor))
 
 
@@ -445,7 +447,7 @@ def extend(
     o = options
     _new_slices(src, out or derived_name(src, f"{direction}{slices}"), o,
                 lambda volume, progress: extend_volume(volume, slices, direction, o["model"], o["device"], o["seed"],
-                                                       o["steps"], progress),
+                                                       o["steps"], progress, precision=o["precision"]),
                 extension_plan(slices))
 
 
@@ -458,7 +460,12 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
     from ctgridit.limits import planned_output
     from ctgridit.progress import PhaseProgress
 
+    from ctgridit.core.precision import PRECISIONS
+
     preview_png, force, quiet = options["preview_png"], options["force"], options["quiet"]
+    if options["precision"] not in PRECISIONS:
+        raise CTGridItError(f"unknown precision {options['precision']!r}", "--precision",
+                            f"use one of {', '.join(PRECISIONS)}")
     _require_nifti_name(out)
     if preview_png:
         _require_suffix(preview_png, ".png")

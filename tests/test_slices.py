@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ctgridit.cli import main
 from ctgridit.core.codecs import PixelCodec
@@ -159,6 +160,35 @@ def test_the_bundled_model_beats_the_classical_interpolations_on_a_held_out_ches
     made = {m: psnr(real, interpolate_volume(thick, 3, method=m, device="cpu").volume.array, mask=where)
             for m in ("gridit", "linear", "flow")}
     assert made["gridit"] > made["linear"] + 0.8 and made["gridit"] > made["flow"], made
+
+
+def test_bfloat16_runs_only_the_slice_models_calls_and_changes_little(monkeypatch):
+    """``precision="bf16"`` (what ``auto`` is on CPUs with AMX): every call of the slice model, the check on the
+    scan's own slices included, runs under autocast, the flow fill outside it; the filled slices' PSNR moves by
+    less than 0.05 dB (the chest crop of the test above)."""
+    from ctgridit.ct.fidelity import psnr
+    from ctgridit.ct.slices import load_slice_model
+    from tests.conftest import data_file
+
+    volume = read_ct(data_file("totalsegmentator/chest_crop.nii.gz"))
+    real = volume.array[:, :, :61].astype(np.float64)
+    affine = volume.affine.copy()
+    affine[:3, 2] *= 3
+    thick = CTVolume(real[:, :, ::3].copy(), affine)
+    where = np.zeros(real.shape, bool)
+    where[:, :, np.arange(61) % 3 != 0] = True
+    pipeline = load_slice_model(None, "cpu")
+    seen, forward = [], pipeline.stage1.forward
+    monkeypatch.setattr(pipeline.stage1, "forward",
+                        lambda *a, **k: (seen.append(torch.is_autocast_enabled("cpu")), forward(*a, **k))[1])
+    made = {}
+    for p in ("fp32", "bf16"):
+        seen.clear()
+        result = interpolate_volume(thick, 3, pipeline, precision=p)
+        assert len(seen) >= 2 and set(seen) == {p == "bf16"} and result.details["precision"] == p
+        made[p] = result.volume.array
+    assert not torch.is_autocast_enabled("cpu") and not np.array_equal(made["fp32"], made["bf16"])
+    assert abs(psnr(real, made["bf16"], mask=where) - psnr(real, made["fp32"], mask=where)) < 0.05
 
 
 def test_interpolation_refuses_what_the_model_cannot_do(small_ct):

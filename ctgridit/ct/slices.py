@@ -60,6 +60,7 @@ import torch
 
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
+from ctgridit.core.precision import inference_precision, resolve_precision
 from ctgridit.ct.tiled import over_grids
 from ctgridit.ct.volume import CTVolume
 from ctgridit.ct.window import DEFAULT_WINDOW, unwindow_hu, window_hu
@@ -133,11 +134,12 @@ def check_direction(direction: str) -> None:
 def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLike | GriDiTPipeline | None = None,
                        device: str = "auto", seed: int = 0, steps: int | None = None,
                        progress: ProgressCallback | None = None, method: str = "gridit",
-                       check: bool = True) -> SliceResult:
+                       check: bool = True, precision: str = "auto") -> SliceResult:
     """``volume`` with ``factor - 1`` new slices between every two of its own (module docstring); ``method``
     ``"linear"`` or ``"cubic"`` interpolates each voxel's HU along z instead (any ``factor`` >= 2; not-a-knot
     cubic spline, which needs 4 slices). ``check``: for a model with a fill, weigh its correction of the fill
-    by how much it helps on the scan's own slices (:func:`checked_weight`)."""
+    by how much it helps on the scan's own slices (:func:`checked_weight`). ``precision``: the model's arithmetic
+    (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX)."""
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     start = time.perf_counter()
@@ -146,6 +148,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     if method != "gridit":
         return _spline_interpolation(volume, factor, method, start)
     pipeline = _pipeline(model, device)
+    precision = resolve_precision(pipeline.device, precision)
     cells = pipeline.settings.grid.cells
     factors = served_factors(pipeline)
     if factor not in factors:
@@ -160,9 +163,10 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     known = [1.0] + [0.0] * (cells - 2) + [1.0]
     checked, fill = None, None
     if pipeline.settings.sampling.stage1.gaps:
-        filled, fill = _fill_gaps(pipeline, out, factor, steps, seed, progress)
+        filled, fill = _fill_gaps(pipeline, out, factor, steps, seed, progress, precision)
     else:
-        filled = _fill_windows(pipeline, out, known, z_step=factor, steps=steps, seed=seed, progress=progress)
+        filled = _fill_windows(pipeline, out, known, z_step=factor, steps=steps, seed=seed, progress=progress,
+                               precision=precision)
     keep = torch.arange(0, len(out), factor)
     if fill is None:
         hu = _to_hu(filled, lps, pipeline, keep=keep)
@@ -172,7 +176,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         # window, so that bone above it and air below it are kept (as --method flow keeps them)
         from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
-        checked = checked_weight(pipeline, frames, steps, seed, progress) if check else None
+        checked = checked_weight(pipeline, frames, steps, seed, progress, precision) if check else None
         weight = 1.0 if checked is None else checked
         plain = fill_between(fill, frames, factor)
         hu = _to_hu(plain + weight * (filled - plain), lps, pipeline, keep=keep)
@@ -185,7 +189,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     spacing = _slice_spacing(lps)
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
-               "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)]}
+               "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)], "precision": precision}
     if checked is not None:
         details["correction_weight"] = checked
     return SliceResult(result, time.perf_counter() - start, details)
@@ -229,13 +233,16 @@ def _spline_interpolation(volume: CTVolume, factor: int, method: str, start: flo
 
 def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
                   model: str | os.PathLike | GriDiTPipeline | None = None, device: str = "auto", seed: int = 0,
-                  steps: int | None = None, progress: ProgressCallback | None = None) -> SliceResult:
-    """``volume`` continued by ``slices`` new slices ``direction`` (``"up"``: towards the head)."""
+                  steps: int | None = None, progress: ProgressCallback | None = None,
+                  precision: str = "auto") -> SliceResult:
+    """``volume`` continued by ``slices`` new slices ``direction`` (``"up"``: towards the head); ``precision`` as
+    :func:`interpolate_volume`'s."""
     check_direction(direction)
     if slices < 1:
         raise CTGridItError(f"--slices must be at least 1, got {slices}")
     start = time.perf_counter()
     pipeline = _pipeline(model, device)
+    precision = resolve_precision(pipeline.device, precision)
     grid = pipeline.settings.grid
     m, new = grid.cols * (grid.rows - 1), grid.cols                               # known and new cells per grid
     frames, lps = _model_frames(volume, pipeline, minimum=m)
@@ -248,7 +255,7 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
         report = None if progress is None else (
             lambda _phase, done, total, r=r: progress("extend", r * total + done, rounds * total))
         filled = _fill_windows(pipeline, seq[at:at + m + new], known, z_step=m + new, steps=steps,
-                               seed=seed + r, progress=report)
+                               seed=seed + r, progress=report, precision=precision)
         seq[at + m:at + m + new] = filled[m:]
     seq = seq[:len(ordered) + slices]
     seq = seq if direction == "up" else seq.flip(0)
@@ -256,7 +263,7 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
     hu = _to_hu(seq, lps, pipeline, keep=torch.arange(first, first + len(frames)))
     result = _back(hu, lps, volume, z_scale=1.0, shift=-first)
     details = {"slices": [len(frames), len(seq)], "direction": direction, "steps": _steps(pipeline, steps),
-               "seed": seed, "slice_spacing_mm": _slice_spacing(lps)}
+               "seed": seed, "slice_spacing_mm": _slice_spacing(lps), "precision": precision}
     return SliceResult(result, time.perf_counter() - start, details)
 
 
@@ -325,16 +332,19 @@ def _slice_spacing(lps) -> float:
 
 def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[float], z_step: int,
                   steps: int | None, seed: int, progress: ProgressCallback | None,
-                  positions: list[float] | None = None, filled: bool = False) -> torch.Tensor:
+                  positions: list[float] | None = None, filled: bool = False, precision: str = "fp32") -> torch.Tensor:
     """``(Z, 1, Y, X)`` frames with the cells flagged 0 in ``known`` generated, in windows of ``cells`` frames
     starting every ``z_step`` frames along z (the known frames come back blended from exact copies);
     ``positions``: where a window's cells lie along z (default consecutive frames); ``filled``: the frames to
-    generate hold the model's fill already (:func:`_whole_slice_fill`)."""
+    generate hold the model's fill already (:func:`_whole_slice_fill`); ``precision``: the model calls' (only
+    theirs: the flow fill and the resampling stay float32)."""
     grid = pipeline.settings.grid
     generator = torch.Generator().manual_seed(seed)
 
     def fill(grids: torch.Tensor) -> torch.Tensor:
-        return pipeline.fill(grids, known, steps, generator, positions=positions, filled=filled)
+        with inference_precision(pipeline.device, precision):
+            out = pipeline.fill(grids, known, steps, generator, positions=positions, filled=filled)
+        return out.float()
 
     return over_grids(frames, grid.rows, grid.cols, tuple(pipeline.settings.frame_size), z_step, fill, progress,
                       "fill").clamp(-1, 1)
@@ -393,7 +403,7 @@ def served_factors(pipeline: GriDiTPipeline) -> list[int]:
 
 
 def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: int | None, seed: int,
-               progress: ProgressCallback | None) -> tuple[torch.Tensor, Any]:
+               progress: ProgressCallback | None, precision: str = "fp32") -> tuple[torch.Tensor, Any]:
     """``out`` (the input slices at every ``factor``-th place) with the slices between made by a model trained
     on several gaps: every gap becomes grids whose first and last cells are its two input slices and whose
     cells between are new slices at their fractional positions (``cells - 2`` at a time; a last group short of
@@ -419,7 +429,7 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
             lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
         filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,
                                progress=report, positions=[0.0, *(o / factor for o in group), 1.0],
-                               filled=fill is not None)
+                               filled=fill is not None, precision=precision)
         for j, offset in enumerate(group):
             total[offset::factor] += filled[1 + j::cells]
             count[offset::factor] += 1
@@ -434,7 +444,7 @@ CHECK_PAIRS = 8
 
 
 def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int,
-                   progress: ProgressCallback | None = None) -> float | None:
+                   progress: ProgressCallback | None = None, precision: str = "fp32") -> float | None:
     """How much of the model's correction of its fill to keep, measured on the scan itself: every second input
     slice of a middle slab (``CHECK_PAIRS`` gaps) is left out and made again from its two neighbours at twice
     the input spacing (the smallest factor the model serves, 2 for the bundled one), by the fill alone and by the
@@ -452,7 +462,7 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     out = torch.zeros_like(slab)
     out[::factor] = slab[::factor]
     report = None if progress is None else (lambda _phase, done, total: progress("check", done, total))
-    model, fill = _fill_gaps(pipeline, out, factor, steps, seed, report)
+    model, fill = _fill_gaps(pipeline, out, factor, steps, seed, report, precision)
     if fill is None:
         return None
     plain = fill_between(fill, slab[::factor], factor)
