@@ -152,6 +152,8 @@ class FinalLayer(nn.Module):
         clean-sample prediction rounded to bfloat16 would sit on a 3.9 HU grid near +-1000 HU); it is a small layer."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # 2 x (N, D)
         x = modulate(self.norm_final(x), shift, scale)            # (N, T, D)
+        if x.device.type not in ("cpu", "cuda"):                 # autocast("mps") raises before torch 2.5
+            return self.linear(x.to(self.linear.weight.dtype))
         with torch.autocast(x.device.type, enabled=False):
             return self.linear(x.to(self.linear.weight.dtype))    # (N, T, p*p*C)
 

@@ -42,11 +42,18 @@ def resolve_precision(device: torch.device | str, precision: str = "auto") -> st
     device = torch.device(device)
     if precision == "auto":
         return "bf16" if hardware_bf16(device) else "fp32"
-    if precision == "bf16" and not (device.type == "cpu" or (
-            device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))):
+    if precision == "bf16" and not (device.type == "cpu" or (device.type == "cuda" and _cuda_bf16())):
         raise CTGridItError(f"this {device.type} device has no bfloat16 arithmetic", "--precision",
                             "use --precision fp32 or auto")
     return precision
+
+
+def _cuda_bf16() -> bool:
+    """Whether the current CUDA GPU does bfloat16 natively (Ampere and later)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:                                                          # torch before 2.4: no keyword
+        return torch.cuda.get_device_capability()[0] >= 8
 
 
 def inference_precision(device: torch.device | str, precision: str = "auto") -> contextlib.AbstractContextManager:

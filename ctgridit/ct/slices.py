@@ -337,7 +337,8 @@ def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[fl
     starting every ``z_step`` frames along z (the known frames come back blended from exact copies);
     ``positions``: where a window's cells lie along z (default consecutive frames); ``filled``: the frames to
     generate hold the model's fill already (:func:`_whole_slice_fill`); ``precision``: the model calls' (only
-    theirs: the flow fill and the resampling stay float32)."""
+    theirs: the resampling and the bundled model's whole-slice flow fill stay outside; a model that makes its
+    fill per window makes it inside, where its pooling, interpolation and grid sampling stay float32 anyway)."""
     grid = pipeline.settings.grid
     generator = torch.Generator().manual_seed(seed)
 
