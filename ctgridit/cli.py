@@ -310,7 +310,6 @@ def denoise(
     """Denoise a CT volume (the paper's Algorithm 3, or a classical filter); same grid and geometry as IN."""
     from ctgridit.ct.io import read_ct, write_nifti
     from ctgridit.ct.preview import save_preview
-    from ctgridit.core.precision import PRECISIONS
     from ctgridit.ct.denoising import METHODS, denoise_summary, denoise_volume, read_reference
     from ctgridit.ct.fidelity import QUALITY_REASONS
     from ctgridit.files import atomic_output, check_output_path, output_group, report_json
@@ -318,8 +317,7 @@ def denoise(
 
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
-    if precision not in PRECISIONS:
-        raise CTGridItError(f"unknown precision {precision!r}", "--precision", f"use one of {', '.join(PRECISIONS)}")
+    _check_precision(precision)
     level = _strength(strength)
     told = _noise(noise)
     if told != "auto" and level != "auto":
@@ -451,6 +449,13 @@ def extend(
                 extension_plan(slices))
 
 
+def _check_precision(precision: str) -> None:
+    from ctgridit.core.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise CTGridItError(f"unknown precision {precision!r}", "--precision", f"use one of {', '.join(PRECISIONS)}")
+
+
 def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
     """What ``interpolate`` and ``extend`` share: check the outputs, read (refused from the header when the result,
     ``plan``, would not fit in memory), run with progress, write."""
@@ -460,12 +465,8 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
     from ctgridit.limits import planned_output
     from ctgridit.progress import PhaseProgress
 
-    from ctgridit.core.precision import PRECISIONS
-
     preview_png, force, quiet = options["preview_png"], options["force"], options["quiet"]
-    if options["precision"] not in PRECISIONS:
-        raise CTGridItError(f"unknown precision {options['precision']!r}", "--precision",
-                            f"use one of {', '.join(PRECISIONS)}")
+    _check_precision(options["precision"])
     _require_nifti_name(out)
     if preview_png:
         _require_suffix(preview_png, ".png")
