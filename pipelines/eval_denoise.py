@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="denoiser model folder (default: the bundled one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="the model's arithmetic (auto: bfloat16 on CPUs with AMX)")
+                        help="the model's arithmetic (auto: bfloat16 on CPUs with AMX or AVX-512 BF16)")
     parser.add_argument("--png", default=None, help="middle axial slices of the first scan, one row per noise")
     parser.add_argument("--crop", type=int, nargs=3, default=[256, 256, 32], help="central block, x y z voxels")
     parser.add_argument("--noises", type=float, nargs="*", default=NOISES, help="Gaussian noise to add, HU")

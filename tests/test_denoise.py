@@ -442,16 +442,19 @@ def test_bfloat16_leaves_the_resampling_to_a_synthesis_models_grid_in_float32(sm
     assert 0 < np.sqrt(np.mean(change ** 2)) < 0.05 * np.sqrt(np.mean(removed ** 2))
 
 
-def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(monkeypatch):
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_in_hardware(monkeypatch):
     from ctgridit.core import precision
     from ctgridit.core.precision import inference_precision, resolve_precision
     from ctgridit.errors import CTGridItError
 
     assert resolve_precision("cpu", "fp32") == "fp32" and resolve_precision("cpu", "bf16") == "bf16"
     for amx in (True, False):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert resolve_precision("cpu") == ("bf16" if amx else "fp32")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")                 # a torch without the probe
+        for avx512 in (True, False):
+            monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+            monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512=avx512: avx512)
+            assert resolve_precision("cpu") == ("bf16" if amx or avx512 else "fp32")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")                 # a torch without the probes
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert not precision.hardware_bf16("cpu") and resolve_precision("cpu") == "fp32"
     assert resolve_precision("cuda") == "fp32" and resolve_precision("meta") == "fp32"   # GPUs: their own dtype
     with pytest.raises(CTGridItError, match="bfloat16"):
@@ -495,8 +498,10 @@ def test_the_wiener_stage_filters_the_input_with_the_guarded_output_as_pilot(noi
     chain = final.details["wiener"]["chain_rmse_hu"]                            # the pilot the whole chain's SURE
     assert final.details["wiener"]["pilot"] == min(chain, key=chain.get)        # estimates best
     guides = {"model": pilot.volume.array + 1000}
+    hard = final.details["wiener"]["hard_step"]                                # every second block along the slices
+    assert hard == [s * (1 + (i == 2)) for i, s in enumerate(step)]
     guides["model + hard thresholding"] = (guides["model"] + dct_hard_threshold(noisy.array + 1000, 50.0, block,
-                                                                                 step)) / 2
+                                                                                 hard)) / 2
     outputs = {name: dct_wiener(noisy.array + 1000, guide, 50.0, block, step) - 1000   # on HU + 1000
                for name, guide in guides.items()}
     np.testing.assert_allclose(final.volume.array, outputs[final.details["wiener"]["pilot"]], atol=0.01)

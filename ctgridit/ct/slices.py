@@ -139,7 +139,7 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     ``"linear"`` or ``"cubic"`` interpolates each voxel's HU along z instead (any ``factor`` >= 2; not-a-knot
     cubic spline, which needs 4 slices). ``check``: for a model with a fill, weigh its correction of the fill
     by how much it helps on the scan's own slices (:func:`checked_weight`). ``precision``: the model's arithmetic
-    (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX)."""
+    (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX or AVX-512 BF16)."""
     if method not in METHODS:
         raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(METHODS)}")
     start = time.perf_counter()
