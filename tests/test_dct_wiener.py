@@ -37,6 +37,41 @@ def test_single_block_oracle_has_the_wiener_error():
     assert expected < sigma**2 / 2                 # and it is well below the input's error
 
 
+@pytest.mark.parametrize("block, step", CANDIDATES)
+def test_the_threads_share_the_blocks_without_changing_the_result(block, step):
+    """Every block at every offset of the step (the padded array's) filtered on its own and averaged with
+    BM3D's weights, in float64, one block at a time: the threaded filter gives that, and the same bits for 1, 2
+    or 5 threads (the bands of one offset's blocks are disjoint), also on an array thinner than the block."""
+    import itertools
+
+    import scipy.fft
+
+    rng = np.random.default_rng(3)
+    for shape in ((13, 11, 7), (3, 12, 10)):
+        noisy = (rng.normal(0, 1, shape) + np.linspace(0, 3, shape[0])[:, None, None]).astype(np.float32)
+        pilot = scipy.ndimage.uniform_filter(noisy, 3)
+        b = tuple(min(x, n) for x, n in zip(block, shape))
+        st = tuple(min(x, y) for x, y in zip(step, b))
+        y, p = (np.pad(a.astype(np.float64), [(x, x) for x in b], mode="edge") for a in (noisy, pilot))
+        total, weights = np.zeros_like(y), np.zeros_like(y)
+        starts = [sorted({o * s + k * x for o in range(x // s) for k in range(n // x) if o * s + (k + 1) * x <= n})
+                  for n, x, s in zip(y.shape, b, st)]         # every multiple of the step where it divides the block
+        for corner in itertools.product(*starts):
+            part = tuple(slice(c, c + x) for c, x in zip(corner, b))
+            signal = scipy.fft.dctn(p[part], norm="ortho") ** 2
+            gain = signal / (signal + 0.5**2)
+            weight = 1 / max((gain**2).sum(), 1e-6)
+            total[part] += weight * scipy.fft.idctn(gain * scipy.fft.dctn(y[part], norm="ortho"), norm="ortho")
+            weights[part] += weight
+        inner = tuple(slice(x, x + n) for x, n in zip(b, shape))
+        expected = total[inner] / weights[inner]
+        outs = [dct_wiener(noisy, pilot, 0.5, block, step, workers=w) for w in (1, 2, 5)]
+        np.testing.assert_allclose(outs[0], expected, atol=1e-4)
+        assert all(np.array_equal(outs[0], out) for out in outs[1:])
+        hard = [dct_hard_threshold(noisy, 0.5, block, step, workers=w) for w in (1, 2, 5)]
+        assert all(np.array_equal(hard[0], out) for out in hard[1:])
+
+
 def test_refuses_mismatched_arrays():
     with pytest.raises(ValueError, match="one shape"):
         dct_wiener(np.zeros((4, 4, 4)), np.zeros((4, 4, 5)), 1.0)
