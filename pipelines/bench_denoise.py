@@ -44,7 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="denoiser model folder (default: the bundled one)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=3, help="each variant goes first in one round of three")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds; the order of the variants rotates by one each round")
     parser.add_argument("--slices", type=int, default=100)
     args = parser.parse_args()
 

@@ -170,8 +170,8 @@ def test_the_bundled_model_beats_the_classical_interpolations_on_a_held_out_ches
 
 
 def test_bfloat16_runs_only_the_slice_models_calls_and_changes_little(monkeypatch):
-    """``precision="bf16"`` (what ``auto`` is on CPUs with AMX): every call of the slice model, the check on the
-    scan's own slices included, runs under autocast, the flow fill outside it; the filled slices' PSNR moves by
+    """``precision="bf16"`` (what ``auto`` is on CPUs with AMX or AVX-512 BF16): every call of the slice model, the
+    check on the scan's own slices included, runs under autocast, the flow fill outside it; the filled slices' PSNR moves by
     less than 0.05 dB (the chest crop of the test above)."""
     from ctgridit.ct.fidelity import psnr
     from ctgridit.ct.slices import load_slice_model

@@ -154,7 +154,7 @@ def _wiener(volume: CTVolume, pilot: np.ndarray, sigma: float, progress: Progres
     noisy, pilot = volume.array + offset, pilot + offset
     chosen, estimates = choose_block(noisy, pilot, sigma, candidates, along(CHECK_SIZE))
     block, step = candidates[chosen]
-    hard = hard_step(step, axis)
+    hard = hard_step(step, axis, tuple(min(b, n) for b, n in zip(block, volume.shape)))
     details = {"sigma_hu": sigma, "block": list(block), "step": list(step), "hard_step": list(hard),
                "estimated_rmse_hu": {"x".join(map(str, b)): max(0.0, e) ** 0.5
                                      for (b, _), e in zip(candidates, estimates)}, "pilot": "model"}
@@ -189,21 +189,23 @@ def chain_part(chain: dict) -> tuple[slice, ...]:
     return central_part(chain["y"].shape, tuple(size))
 
 
-def hard_step(step, axis: int) -> tuple[int, ...]:
+def hard_step(step, axis: int, block=None) -> tuple[int, ...]:
     """The step of the hard-thresholded estimate the pilot may be averaged with: the Wiener step's, every second
     block along the slice axis ``axis`` (half its offsets: -0.02 dB on the 1.5 mm chest crop and STS_019 at 100 HU
     against the same step, for half of its 30 s at 512 x 512 x 100; docs/denoising.md)."""
     out = list(step)
     out[axis] *= 2
+    if block is not None:                                  # at most the block's side (thin volumes shrink it)
+        out[axis] = min(out[axis], block[axis])
     return tuple(out)
 
 
 def _chain_sure(chain: dict, sigma: float, block, step, mix: bool, hard=None) -> float:
     """SURE (:mod:`ctgridit.core.sure`) of the whole denoiser on the guard's slab: the Wiener step on the slab and on
     the slab plus the guard's probe, each with the blended model output the guard got for it as pilot (averaged with
-    the hard-thresholded estimate of that input if ``mix``, in blocks every ``hard`` voxels, default ``step``), so that the divergence counts the model's dependence on
-    the noise too (the pilot held fixed, SURE comes out about 2 times low and favours the model's pilot); on the
-    slab's central ``CHAIN_PART`` across it (:func:`chain_part`)."""
+    the hard-thresholded estimate of that input if ``mix``, in blocks every ``hard`` voxels, default ``step``), so
+    that the divergence counts the model's dependence on the noise too (the pilot held fixed, SURE comes out about 2
+    times low and favours the model's pilot); on the slab's central ``CHAIN_PART`` across it (:func:`chain_part`)."""
     from ctgridit.core.sure import sure_mse
 
     part = chain_part(chain)
