@@ -3,8 +3,7 @@
 ``auto`` is bfloat16 autocast on CPUs that multiply bfloat16 in hardware, with Intel AMX tiles or AVX-512 BF16
 (the bundled denoiser's windows 1.7 to 1.9 times faster than in float32 on one core of a Xeon with AMX, 1.5 times
 on one core of an AMD EPYC with AVX-512 BF16), and float32 everywhere else: on other CPUs bfloat16 would be
-emulated and slower, and on GPUs the pipeline's own dtype
-decides (``ctgridit synth --dtype``). Autocast rounds only the products; the weights and the caller's tensors
+emulated and slower, and on GPUs the pipeline's own dtype decides (``ctgridit synth --dtype``). Autocast rounds only the products; the weights and the caller's tensors
 stay float32, normalisation and the sinusoidal embedding of a fractional diffusion step run in float32, and the
 model's last layer runs in float32 too (:class:`~ctgridit.core.dit.FinalLayer`), so the prediction the caller
 reads is float32 (the bundled denoiser's output moves by about 0.2 HU RMS). Callers wrap the model calls only,
@@ -39,8 +38,9 @@ def hardware_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_precision(device: torch.device | str, precision: str = "auto") -> str:
-    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (``auto``: bf16 on CPUs with bfloat16 in hardware). Asked for
-    bf16 where autocast cannot give it (a GPU without bfloat16, or another kind of device), a CTGridItError."""
+    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (``auto``: bf16 on CPUs with bfloat16 in
+    hardware). Asked for bf16 where autocast cannot give it (a GPU without bfloat16, or another kind of device), a
+    CTGridItError."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = torch.device(device)

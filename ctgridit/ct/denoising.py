@@ -90,7 +90,8 @@ def denoise_volume(volume: CTVolume, method: str = "gridit", strength: float | s
     estimate (:mod:`ctgridit.core.sure`), so that it is not worse than the input. ``wiener`` (native-resolution
     denoisers): then use that output as the pilot of an empirical Wiener filter of the input
     (:mod:`ctgridit.core.dct_wiener`; not guarded itself: measured better than its pilot on every held-out row).
-    ``precision``: the model's arithmetic (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX or AVX-512 BF16).
+    ``precision``: the model's arithmetic (:mod:`ctgridit.core.precision`; ``auto``: bfloat16 on CPUs with AMX or
+    AVX-512 BF16).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
