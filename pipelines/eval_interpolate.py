@@ -101,7 +101,8 @@ def extension_rows(name: str, volume: CTVolume, pipeline, extend: int, steps: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model folder (default: the bundled one)")
+    parser.add_argument("--model", default=None,
+                        help="model folder (default: the bundled one), or a training checkpoint folder (step_...)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-timing", action="store_true")
@@ -109,7 +110,12 @@ def main() -> None:
     parser.add_argument("--factors", type=int, nargs="+", default=FACTORS, help="keep every FACTOR-th slice")
     parser.add_argument("--extend", type=int, default=12, help="slices to extend by (0: skip the extension table)")
     args = parser.parse_args()
-    pipeline = load_slice_model(args.model, "cpu")
+    if args.model is not None and (Path(args.model) / "ema.safetensors").is_file():   # a checkpoint, while it trains
+        from ctgridit.training.trainer import checkpoint_pipeline
+
+        pipeline = checkpoint_pipeline(args.model)
+    else:
+        pipeline = load_slice_model(args.model, "cpu")
     HELD = HELD_OUT[:args.scans]
     rows = []
     for name in HELD:

@@ -356,6 +356,7 @@ def test_a_fill_residual_model_starts_at_the_interpolation_and_adds_its_correcti
     ({"fill_residual": True, "cond_channels": 5}, "fill_residual"),
     ({"cond_fill": "nearest", "cond_channels": 5}, "cond_fill"),
     ({"cond_fill": "linear", "cond_channels": 4}, "masked-conditional"),
+    ({"cond_fill": "flow_pair", "cond_channels": 5}, "masked-conditional"),
     ({"sample_height": 18, "grid_rows": 4}, "whole frames"),        # 18 rows are not 4 frames
     ({"sample_height": 6, "grid_rows": 2}, "patches"),              # frames of 3 rows, patch 2
     ({"num_heads": 5}, "num_heads"),
@@ -443,3 +444,35 @@ def test_small_preset_runs_on_cpu():
     x = torch.randn(1, 4, 32, 32)
     with torch.no_grad():
         assert model(x, 10).shape == x.shape
+
+
+def test_a_flow_pair_model_starts_at_the_flow_fill_and_moves_each_moved_slice_in_its_own_cell():
+    """cond_fill="flow_pair" with fill_residual: the condition holds the two known cells moved along their motion
+    to each cell and the weight of the second; a new model (last layer at zero) outputs their mix, the flow fill;
+    a displacement output moves each moved cell within its own cell (its edge repeated, never its neighbour's)."""
+    from ctgridit.core.conditioning import (PAIR_FIELDS, PAIR_SHIFT, condition_channels, fill_unknown_cells,
+                                            masked_condition, moved_cells)
+    from ctgridit.core.grid import cell_mask, untile
+    from ctgridit.core.motion import TVL1
+
+    fresh = tiny(cond_channels=condition_channels(4, "flow_pair"), cond_fill="flow_pair", fill_residual=True)
+    assert fresh.out_channels == 4 + PAIR_FIELDS
+    x = inputs(fresh, batch=2)
+    mask = cell_mask([1, 0, 0, 1], 2, 2, 8, 8).expand(2, 1, 16, 16)
+    known = torch.randn(x["sample"].shape, generator=torch.Generator().manual_seed(3)).cumsum(-1)
+    positions = torch.tensor([[0.0, 0.2, 0.7, 1.0]])
+    cond = masked_condition(known, mask, "flow_pair", 2, 2, positions)
+    first, last, weight = moved_cells(known * mask, mask, 2, 2, TVL1(), positions)
+    assert cond.shape == (2, 10, 16, 16)
+    torch.testing.assert_close(untile(weight, 2, 2)[:, :, 0, 0, 0], torch.tensor([[0.0, 0.2, 0.7, 0.0]] * 2))
+    filled = fill_unknown_cells(known * mask, mask, 2, 2, TVL1(), positions)
+    assert not torch.allclose(first, last)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x["sample"], x["timestep"], cond=cond), filled, atol=1e-5, rtol=0)
+        bias = fresh.final_layer.linear.bias.view(-1, 4 + PAIR_FIELDS)   # (p * p, channels)
+        bias[:, 4] = 1 / PAIR_SHIFT                                       # the first moved cell: one pixel along x
+        bias[:, 8] = -30.0                                                # and only it (weight of the second ~0)
+        out = untile(fresh(x["sample"], x["timestep"], cond=cond), 2, 2)
+    want = untile(first, 2, 2)
+    torch.testing.assert_close(out[..., :-1], want[..., 1:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[..., -1], want[..., -1], atol=1e-4, rtol=0)   # its own edge, not the next cell

@@ -27,13 +27,16 @@ from tests.conftest import randomized
 
 
 def native_pipeline(masked: bool = True, resolution: str = "native", gaps: list[int] | None = None,
-                    fresh: bool = False) -> GriDiTPipeline:
+                    fresh: bool = False, fill: str = "linear") -> GriDiTPipeline:
     """A 2 x 2 model of 16 x 16 tiles at the scan's own resolution, predicting clean tiles (one DDIM step);
-    masked, it fills its condition by linear interpolation and adds its output to it, as
+    masked, it fills its condition by linear interpolation (or ``fill``) and adds its output to it, as
     pipelines/configs/ct_interpolate.yaml does. ``gaps``: the interpolation factors it says it fills;
     ``fresh``: DiT's initial weights (its last layer at zero: the output is the fill exactly)."""
+    from ctgridit.core.conditioning import condition_channels
+
     stage1 = create_dit("DiT-tiny/2", sample_height=32, sample_width=32, in_channels=1,
-                        **(dict(cond_channels=2, cond_fill="linear", fill_residual=True) if masked else {}))
+                        **(dict(cond_channels=condition_channels(1, fill), cond_fill=fill, fill_residual=True)
+                           if masked else {}))
     stage1 = stage1 if fresh else randomized(stage1, 0)
     sampling = SamplingConfig(Stage1Sampling(sampler="ddim", num_steps=1, gaps=gaps))
     config = PipelineSettings(GridSpec(rows=2, cols=2, factor=1), (16, 16), 1, sampling,
@@ -224,6 +227,21 @@ def test_a_model_of_several_gaps_puts_each_new_slice_at_its_own_position(small_c
     np.testing.assert_allclose(made[beyond], in_hu[beyond], atol=0.1)
     with pytest.raises(CTGridItError, match="factor of 2, 3, 4 or 5 only"):
         interpolate_volume(volume, 6, native_pipeline(gaps=[2, 3, 4, 5]))
+
+
+@pytest.mark.parametrize("factor", [2, 5])
+def test_a_fresh_flow_pair_model_gives_the_flow_interpolation(small_ct, factor):
+    """A flow_pair model gets the two neighbouring slices each moved along the motion between the whole slices
+    (channels after the frames', through the sliding windows); fresh (no displacement, no correction) it mixes
+    them as ``--method flow`` does, so its new slices are the flow interpolation; its own are kept exactly."""
+    volume = slab(small_ct, 5)
+    windowed = CTVolume(np.clip(volume.array, -1000, 1000).astype(np.float32), volume.affine)   # the model's window
+    made = interpolate_volume(windowed, factor, native_pipeline(gaps=[2, 3, 4, 5], fresh=True, fill="flow_pair"))
+    flow = interpolate_volume(windowed, factor, method="flow").volume.array
+    assert made.details["correction_weight"] == 1.0
+    np.testing.assert_allclose(made.volume.array, flow, atol=0.5)
+    linear = interpolate_volume(windowed, factor, method="linear").volume.array
+    assert np.abs(flow - linear).max() > 50                                     # the flow is not the linear mix
 
 
 def test_a_harmful_correction_is_turned_down_by_the_check_on_the_scans_own_slices(small_ct):

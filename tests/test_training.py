@@ -536,3 +536,32 @@ def test_configs_name_the_shared_data_through_one_setting(tmp_path, monkeypatch,
     for config in (REPO / "pipelines" / "configs").glob("*.yaml"):
         paths = (yaml.safe_load(config.read_text()).get("data") or {}).get("paths") or []
         assert all("shared/data" not in p for p in paths), config.name
+
+
+def test_a_flow_pair_model_grows_out_of_a_flow_model(tmp_path):
+    """A warm start of a flow_pair model from a flow model (the bundled slice model's): the patch embedding takes
+    each moved slice with half the fill's weights and the new output fields start at zero, so at mid-gap (the fill
+    is then the moved slices' mean) the grown model is exactly its source: the flow fill plus the same correction."""
+    from ctgridit.core.conditioning import condition_channels, masked_condition
+    from ctgridit.core.dit import create_dit
+    from ctgridit.core.grid import cell_mask
+    from ctgridit.training.trainer import warm_start
+    from tests.conftest import randomized
+
+    shape = dict(sample_height=32, sample_width=32, in_channels=1, grid_rows=2, grid_cols=2, fill_residual=True)
+    flow = randomized(create_dit("DiT-tiny/2", cond_channels=2, cond_fill="flow", **shape), 0)
+    flow.save_pretrained(tmp_path)
+    pair = create_dit("DiT-tiny/2", cond_channels=condition_channels(1, "flow_pair"), cond_fill="flow_pair", **shape)
+    warm_start(pair, tmp_path)
+    mask = cell_mask([1, 0, 0, 1], 2, 2, 16, 16).expand(2, 1, 32, 32)
+    known = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1)).cumsum(-1) / 8
+    x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([990, 999])
+    middle = torch.tensor([[0.0, 0.5, 0.5, 1.0]])
+    with torch.no_grad():
+        grown = pair(x, t, cond=masked_condition(known, mask, "flow_pair", 2, 2, middle))
+        source = flow(x, t, cond=masked_condition(known, mask, "flow", 2, 2, middle))
+        unknown = (1 - mask).bool().expand_as(grown)
+        torch.testing.assert_close(grown[unknown], source[unknown], rtol=0, atol=1e-4)
+        off = torch.tensor([[0.0, 0.2, 0.9, 1.0]])                            # elsewhere: close, not equal
+        assert not torch.allclose(pair(x, t, cond=masked_condition(known, mask, "flow_pair", 2, 2, off)),
+                                  flow(x, t, cond=masked_condition(known, mask, "flow", 2, 2, off)), atol=1e-4)

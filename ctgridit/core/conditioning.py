@@ -31,15 +31,16 @@ the known cells:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ctgridit.core.grid import tile, untile
-from ctgridit.core.motion import TVL1, between
+from ctgridit.core.motion import TVL1, moved, warp
 
 TASKS = ("unconditional", "extension", "interpolation")
-FILLS = ("zeros", "linear", "flow")
+FILLS = ("zeros", "linear", "flow", "flow_pair")
 
 
 def known_cells(task: str, rows: int, cols: int, control_rows: int | None = None, chunk: int = 1) -> list[float]:
@@ -63,9 +64,10 @@ def known_cells(task: str, rows: int, cols: int, control_rows: int | None = None
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def condition_channels(latent_channels: int) -> int:
-    """Channels of :func:`masked_condition` for latents of ``latent_channels``: the latents and the mask."""
-    return latent_channels + 1
+def condition_channels(latent_channels: int, fill: str = "zeros") -> int:
+    """Channels of :func:`masked_condition` for latents of ``latent_channels``: the latents and the mask; with the
+    ``flow_pair`` fill the two moved latents, the weight and the mask."""
+    return 2 * latent_channels + 2 if fill == "flow_pair" else latent_channels + 1
 
 
 def masked_condition(known: torch.Tensor, mask: torch.Tensor, fill: str = "zeros", rows: int = 1,
@@ -77,26 +79,33 @@ def masked_condition(known: torch.Tensor, mask: torch.Tensor, fill: str = "zeros
     The unknown cells hold ``fill`` (:data:`FILLS`) of the known ones: zeros, or
     their interpolation in the frame order of an ``rows x cols`` grid
     (:func:`fill_unknown_cells`; ``"flow"`` along their motion, TV-L1), at the cells' ``positions``.
+    ``"flow_pair"``: ``(B, 2c + 2, H, W)``, the two known latents moved along their motion to each cell, the
+    weight of the second and the mask (:func:`moved_cells`), which the model mixes itself (:func:`pair_output`).
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     mask = mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])
     latents = known * mask
+    if fill == "flow_pair":
+        return torch.cat([*moved_cells(latents, mask, rows, cols, TVL1(), positions), mask], dim=1)
     if fill != "zeros":
         latents = fill_unknown_cells(latents, mask, rows, cols, TVL1() if fill == "flow" else None, positions)
     return torch.cat([latents, mask], dim=1)
 
 
 def model_condition(model, known: torch.Tensor, mask: torch.Tensor,
-                    positions: torch.Tensor | None = None, filled: bool = False) -> torch.Tensor:
+                    positions: torch.Tensor | None = None, filled: bool | torch.Tensor = False) -> torch.Tensor:
     """:func:`masked_condition` as ``model`` takes it: filled as its config says (``cond_fill``, grid shape) for a
     :class:`~ctgridit.core.dit.GridDiT`, zeros for a model without such a config. ``filled``: the unknown cells
     of ``known`` already hold the fill (made by the caller on whole frames, e.g. the flow between whole slices
-    rather than between the tiles of one window), and are taken as they are."""
+    rather than between the tiles of one window), and are taken as they are; or the fill's channels themselves
+    (``(B, k, H, W)``, e.g. ``flow_pair``'s moved latents and weight), the condition then ``filled`` and the mask."""
     config = getattr(model, "config", None)
     fill = getattr(config, "cond_fill", "zeros") if config is not None else "zeros"
-    if filled and fill != "zeros":
-        return torch.cat([known, mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])], dim=1)
+    made = filled if isinstance(filled, torch.Tensor) else known if filled else None
+    if made is not None and fill != "zeros":
+        return torch.cat([made.to(known.dtype), mask.to(known.dtype).expand(known.shape[0], 1, *known.shape[2:])],
+                         dim=1)
     if fill == "zeros":
         return masked_condition(known, mask)
     return masked_condition(known, mask, fill, config.grid_rows, config.grid_cols, positions)
@@ -114,8 +123,19 @@ def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, col
     between them instead (:func:`~ctgridit.core.motion.between`, the flow of each
     pair of known cells estimated once with ``motion``). ``positions``: where each cell lies along the
     sequence, ``(B or 1, N)`` increasing (e.g. ``0, 1/5, 2/5, 1`` for two new slices of a gap made five
-    times finer); default the cell index (consecutive frames).
+    times finer); default the cell index (consecutive frames). The mix of :func:`moved_cells`.
     """
+    first, last, weight = moved_cells(latents, mask, rows, cols, motion, positions)
+    return (1 - weight) * first + weight * last
+
+
+def moved_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int, motion: TVL1 | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`fill_unknown_cells` mixes, each ``(B, c, H, W)``, and the weight of the second, ``(B, 1, H, W)``:
+    in a cell between two known ones the nearest known cell before it and the nearest after it (each moved along
+    the motion between them to the cell's place, with ``motion``) and the cell's fraction of the way from the first
+    to the second; in a known cell the cell itself twice (weight 0); in a cell with known cells on one side only
+    the nearest of them twice; with none, zeros."""
     cells = untile(latents, rows, cols)                                        # (B, N, c, h, w)
     n = cells.shape[1]
     known = untile(mask, rows, cols).flatten(2).mean(-1) > 0.5                 # (B, N)
@@ -125,30 +145,57 @@ def fill_unknown_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, col
     before = torch.where(known, index, -1).cummax(dim=1).values               # nearest known at or before
     after = torch.where(known, index, n).flip(1).cummin(dim=1).values.flip(1)  # nearest known at or after
     has_before, has_after = before >= 0, after < n
+    inside = has_before & has_after & ~known
     at = lambda i: where.gather(1, i.clamp(0, n - 1))                          # noqa: E731
     span = (at(after) - at(before)).clamp(min=1e-6)
-    w_after = torch.where(has_before & has_after, (where - at(before)) / span,
-                          has_after.to(latents.dtype))
-    w_after = torch.where(known, torch.zeros_like(w_after), w_after)
-    w_before = torch.where(known | has_before, 1 - w_after, torch.zeros_like(w_after))
+    weight = torch.where(inside, (where - at(before)) / span, torch.zeros_like(where))
 
     def gather(at: torch.Tensor) -> torch.Tensor:
         return cells.gather(1, at.clamp(0, n - 1).view(*at.shape, 1, 1, 1).expand_as(cells))
 
     shape = (*known.shape, 1, 1, 1)
     zero = torch.zeros((), dtype=latents.dtype, device=latents.device)
-    filled = (torch.where(w_before.view(shape) > 0, w_before.view(shape) * gather(before), zero)
-              + torch.where(w_after.view(shape) > 0, w_after.view(shape) * gather(after), zero))
-    inside = has_before & has_after & ~known
+    first = torch.where(has_before.view(shape), gather(before), torch.where(has_after.view(shape), gather(after), zero))
+    last = torch.where(has_after.view(shape), gather(after), first)
     if motion is not None and bool(inside.any()):
         item, cell = inside.nonzero(as_tuple=True)
         pairs, which = torch.unique(torch.stack([item, before[item, cell], after[item, cell]], dim=1), dim=0,
                                     return_inverse=True)
-        first, last = cells[pairs[:, 0], pairs[:, 1]], cells[pairs[:, 0], pairs[:, 2]]
-        flow = motion.flow(first.mean(1), last.mean(1))[which]
-        filled = filled.clone()
-        filled[item, cell] = between(first[which], last[which], w_after[item, cell], flow)
-    return tile(filled, rows, cols)
+        a, b = cells[pairs[:, 0], pairs[:, 1]], cells[pairs[:, 0], pairs[:, 2]]
+        flow = motion.flow(a.mean(1), b.mean(1))[which]
+        first, last = first.clone(), last.clone()
+        first[item, cell], last[item, cell] = moved(a[which], b[which], weight[item, cell], flow)
+    weights = weight.view(shape).expand(*known.shape, 1, *cells.shape[-2:])
+    return tile(first, rows, cols), tile(last, rows, cols), tile(weights, rows, cols)
+
+
+#: Output channels a ``flow_pair`` model has besides its latent correction: a displacement (x, y, in pixels over
+#: :data:`PAIR_SHIFT`) of each of the two moved latents and the logit change of the second one's weight.
+PAIR_FIELDS = 5
+
+#: Pixels per unit of a ``flow_pair`` model's displacement outputs.
+PAIR_SHIFT = 4.0
+
+
+def pair_output(cond: torch.Tensor, out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The clean-latent estimate of a ``flow_pair`` model with a residual output: its condition's two moved latents
+    (:func:`moved_cells`) each moved again, in its own cell, by the displacement the network gives, mixed by the
+    condition's weight changed by the network's logit, plus its correction. ``cond`` ``(B, 2c + 2, H, W)``, ``out``
+    ``(B, c + PAIR_FIELDS, H, W)``; ``(B, c, H, W)`` in float32. With ``out`` at zero (the network's last layer as
+    it starts) this is the mix of the moved latents: the flow fill."""
+    c = out.shape[1] - PAIR_FIELDS
+    cond, out = cond.float(), out.float()
+    first, last, weight = cond[:, :c], cond[:, c:2 * c], cond[:, 2 * c:2 * c + 1].clamp(1e-4, 1 - 1e-4)
+    correction, shift_first, shift_last, logit = out[:, :c], out[:, c:c + 2], out[:, c + 2:c + 4], out[:, c + 4:]
+
+    def shifted(image: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:      # each cell on its own
+        cells, shifts = untile(image, rows, cols), untile(shift, rows, cols)
+        moved_cells_ = warp(cells.flatten(0, 1), PAIR_SHIFT * shifts.flatten(0, 1))
+        return tile(moved_cells_.view(cells.shape), rows, cols)
+
+    alpha = torch.sigmoid(torch.logit(weight) + logit)
+    with torch.autocast(out.device.type, enabled=False) if out.device.type in ("cpu", "cuda") else nullcontext():
+        return (1 - alpha) * shifted(first, shift_first) + alpha * shifted(last, shift_last) + correction
 
 
 @dataclass(frozen=True)

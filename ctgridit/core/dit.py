@@ -55,7 +55,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ctgridit.core.conditioning import FILLS
+from ctgridit.core.conditioning import FILLS, PAIR_FIELDS, condition_channels, pair_output
 from ctgridit.core.embeddings import grid_2d_pos_embed, grid_3d_pos_embed
 
 POS_EMBEDS = ("3d", "2d")
@@ -184,7 +184,10 @@ class GridDiT(ModelMixin, ConfigMixin):
         fill_residual: with a filled condition, the output is the filled
             latents plus the network's output: a model of the clean sample
             then starts from the interpolation and learns only a correction
-            (the network's last layer starts at zero).
+            (the network's last layer starts at zero). With ``cond_fill``
+            ``"flow_pair"`` the network also moves each of the two moved
+            known latents and changes their mix
+            (:func:`~ctgridit.core.conditioning.pair_output`).
 
     Raises:
         ValueError: for a grid that does not split into whole frames, frames
@@ -211,9 +214,16 @@ class GridDiT(ModelMixin, ConfigMixin):
         # row 0: stride not given; row s: stride s
         self.stride_embedder = nn.Embedding(num_strides + 1, hidden_size) if num_strides else None
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.register_buffer("pos_embedding", self.build_pos_embed(), persistent=False)
         self.initialize_weights()
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the network's last layer: ``in_channels``, and for a ``flow_pair`` model with
+        ``fill_residual`` the displacements and weight of :func:`~ctgridit.core.conditioning.pair_output` too."""
+        cfg = self.config
+        return cfg.in_channels + (PAIR_FIELDS if cfg.fill_residual and cfg.cond_fill == "flow_pair" else 0)
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -276,8 +286,12 @@ class GridDiT(ModelMixin, ConfigMixin):
             else:
                 x = block(x, c)                                   # (N, T, D)
         x = self.final_layer(x, c)                                # (N, T, p*p*C_in)
-        out = self.unpatchify(x)                                  # (N, C_in, H, W)
-        return out + cond[:, :-1] if self.config.fill_residual else out
+        out = self.unpatchify(x)                                  # (N, C_out, H, W)
+        if not self.config.fill_residual:
+            return out
+        if self.config.cond_fill == "flow_pair":
+            return pair_output(cond, out, self.config.grid_rows, self.config.grid_cols)
+        return out + cond[:, :-1]
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, p*p*C)`` tokens in row-major patch order -> ``(N, C, H, W)``."""
@@ -350,9 +364,10 @@ def _check_config(sample_height: int, sample_width: int, in_channels: int, cond_
         raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
     if cond_fill not in FILLS:
         raise ValueError(f"cond_fill must be one of {FILLS}, got {cond_fill!r}")
-    if cond_fill != "zeros" and cond_channels != in_channels + 1:
+    wanted = condition_channels(in_channels, cond_fill)
+    if cond_fill != "zeros" and cond_channels != wanted:
         raise ValueError(f"cond_fill {cond_fill!r} is for a masked-conditional model "
-                         f"(cond_channels = in_channels + 1 = {in_channels + 1}), got cond_channels {cond_channels}")
+                         f"(cond_channels = {wanted} for in_channels {in_channels}), got cond_channels {cond_channels}")
 
 
 #: DiT sizes of Peebles and Xie (depth, width, heads); each comes with patch 2, 4 and 8.

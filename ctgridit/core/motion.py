@@ -113,9 +113,18 @@ def warp(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
                          padding_mode="border", align_corners=True)
 
 
-def between(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Frames at fraction ``weight`` (``(B,)``; 0: ``before``, 1: ``after``) of the way from ``before`` to
-    ``after`` (``(B, C, H, W)``) along their motion ``flow`` (``after(x + flow) = before(x)``, :meth:`TVL1.flow`):
-    ``before`` moved by ``weight · flow`` and ``after`` moved back by ``(1 - weight) · flow``, mixed by distance."""
+def moved(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor,
+          flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``before`` and ``after`` (``(B, C, H, W)``) each moved to fraction ``weight`` (``(B,)``; 0: ``before``, 1:
+    ``after``) of the way between them along their motion ``flow`` (``after(x + flow) = before(x)``,
+    :meth:`TVL1.flow`): ``before`` moved by ``weight · flow``, ``after`` moved back by ``(1 - weight) · flow``."""
     w = weight.to(flow.dtype).view(-1, 1, 1, 1)
-    return ((1 - w) * warp(before, -w * flow) + w * warp(after, (1 - w) * flow)).to(before.dtype)
+    return warp(before, -w * flow).to(before.dtype), warp(after, (1 - w) * flow).to(after.dtype)
+
+
+def between(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Frames at fraction ``weight`` of the way from ``before`` to ``after`` along their motion ``flow``: the two
+    :func:`moved` frames mixed by distance."""
+    w = weight.to(flow.dtype).view(-1, 1, 1, 1)
+    first, last = moved(before, after, weight, flow)
+    return ((1 - w) * first + w * last).to(before.dtype)

@@ -98,10 +98,13 @@ class GriDiTPipeline(DiffusionPipeline):
         grid = self.settings.grid
         lh, lw = self.codec.latent_size(*self.settings.lr_frame_size)
         s1, c = self.stage1.config, self.codec.latent_channels
-        if s1.in_channels != c or s1.cond_channels not in (0, condition_channels(c)):
+        fill = s1.get("cond_fill", "zeros")
+        if s1.in_channels != c or s1.cond_channels not in (0, condition_channels(c, fill)):
             raise ValueError(f"stage 1 takes {s1.in_channels} latent channels (cond_channels={s1.cond_channels}), "
                              f"the codec gives {c}: stage 1 must be unconditional (cond_channels 0) or "
-                             f"masked-conditional (cond_channels {condition_channels(c)})")
+                             f"masked-conditional (cond_channels {condition_channels(c, fill)})")
+        if fill == "flow_pair" and not isinstance(self.codec, PixelCodec):
+            raise ValueError("a flow_pair stage 1 moves its known frames in pixel space: it needs the pixel codec")
         if (s1.grid_rows, s1.grid_cols) != (grid.rows, grid.cols):
             raise ValueError(f"stage 1 is a {s1.grid_rows}x{s1.grid_cols} grid model, the config says {grid.rows}x{grid.cols}")
         if (s1.sample_height, s1.sample_width) != (grid.rows * lh, grid.cols * lw):
@@ -213,7 +216,9 @@ class GriDiTPipeline(DiffusionPipeline):
         estimate of the posterior mean of the missing cells (no fresh noise in
         the result), more steps draw a sample. ``positions``: where the cells lie along the sequence (a model
         trained with ``gaps``; default consecutive frames). ``filled``: the cells to generate hold the model's
-        fill already, made by the caller (e.g. on whole frames), and its condition takes them as they are.
+        fill already, made by the caller (e.g. on whole frames), and its condition takes them as they are; for a
+        ``flow_pair`` model ``grids`` then carries the fill's channels after the frames' (the two moved frames and
+        the weight, :func:`~ctgridit.core.conditioning.moved_cells`), and the condition takes those.
         """
         if not self.masked:
             raise ValueError("filling given grids needs a masked-conditional stage 1; this model is unconditional")
@@ -222,6 +227,9 @@ class GriDiTPipeline(DiffusionPipeline):
             raise ValueError(f"known must flag the {grid.cells} cells of a {grid.rows}x{grid.cols} grid, got {len(known)}")
         if not 0 < sum(known) < grid.cells:
             raise ValueError("known must flag some cells known and some to fill")
+        channels = self.codec.image_channels
+        extra = grids[:, channels:].to(self.device, self.dtype) if filled and grids.shape[1] > channels else None
+        grids = grids[:, :channels]
         z = self.codec.encode(grids.to(self.device, self.dtype))                              # (B, c, R*h', C*w')
         mask = cell_mask(torch.tensor(known).expand(len(z), -1), grid.rows, grid.cols, z.shape[-2] // grid.rows,
                          z.shape[-1] // grid.cols).to(self.device, self.dtype)               # (B, 1, H, W)
@@ -229,7 +237,7 @@ class GriDiTPipeline(DiffusionPipeline):
         where = None if positions is None else torch.tensor([positions], dtype=z.dtype, device=z.device)
         z = inpaint(self.stage1, scheduler, z, mask, conditional=True, generator=generator,
                     inputs={"stride": 1 if self.max_stride else None}, callback=callback, positions=where,
-                    filled=filled)
+                    filled=filled if extra is None else extra)
         out = self.codec.decode(z).clamp(-1, 1)
         if isinstance(self.codec, PixelCodec):                    # the known cells exactly (a VAE cannot promise it)
             out = torch.where(mask.bool(), grids.to(out), out)

@@ -148,7 +148,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
             conditional: bool = False, inputs: dict | None = None, start: Start | None = None,
             repaint: RePaint = NO_REPAINT, generator: Generators = None,
             callback: Callable[[int, int], None] | None = None,
-            positions: torch.Tensor | None = None, filled: bool = False) -> torch.Tensor:
+            positions: torch.Tensor | None = None, filled: bool | torch.Tensor = False) -> torch.Tensor:
     """Reverse diffusion of ``(B, C, H, W)`` latents keeping the ``mask == 1`` cells at ``known``.
 
     ``scheduler`` must have its timesteps set. With ``mask=None`` nothing is
@@ -164,7 +164,7 @@ def inpaint(model: EpsModel, scheduler, known: torch.Tensor, mask: torch.Tensor 
     ``generator`` may be a list, one per batch item (see :func:`randn_like`).
     ``callback(done, total)`` is called after every model forward. ``positions``: where the cells lie along the
     sequence, for the condition's fill (:func:`~ctgridit.core.conditioning.fill_unknown_cells`); ``filled``: the
-    unknown cells of ``known`` hold that fill already (:func:`~ctgridit.core.conditioning.model_condition`).
+    unknown cells of ``known`` hold that fill already, or the fill's channels (:func:`~ctgridit.core.conditioning.model_condition`).
     """
     timesteps = strength_timesteps(scheduler, start.strength if start is not None else 1.0)
     inputs = dict(inputs or {})

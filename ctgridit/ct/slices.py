@@ -361,16 +361,22 @@ def _whole_slice_fill(pipeline: GriDiTPipeline, before: torch.Tensor, after: tor
     kind = getattr(pipeline.stage1.config, "cond_fill", "zeros")
     if kind == "linear":
         return lambda weight, b=before, a=after: (1 - weight) * b + weight * a
-    return motion_fill(before, after) if kind == "flow" else None
+    return motion_fill(before, after) if kind in ("flow", "flow_pair") else None
 
 
 def motion_fill(before: torch.Tensor, after: torch.Tensor):
     """``fill(weight, b=before, a=after)``: ``b`` and ``a`` moved ``weight`` of the way along the motion between
-    ``before`` and ``after`` (:func:`slice_flows`, estimated once) and mixed by distance."""
-    from ctgridit.core.motion import between
+    ``before`` and ``after`` (:func:`slice_flows`, estimated once) and mixed by distance; ``fill.moved(weight)``:
+    the two moved slices (of ``before`` and ``after``) before they are mixed."""
+    from ctgridit.core.motion import between, moved
 
     flow = slice_flows(before, after)
-    return lambda weight, b=before, a=after: between(b, a, torch.full((len(b),), float(weight)), flow)
+
+    def fill(weight: float, b: torch.Tensor = before, a: torch.Tensor = after) -> torch.Tensor:
+        return between(b, a, torch.full((len(b),), float(weight)), flow)
+
+    fill.moved = lambda weight: moved(before, after, torch.full((len(before),), float(weight)), flow)
+    return fill
 
 
 def fill_between(fill, images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -420,12 +426,21 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
     count = torch.zeros(len(out))
     before, after = out[0:-1:factor], out[factor::factor]
     fill = _whole_slice_fill(pipeline, before, after)
+    pair = getattr(pipeline.stage1.config, "cond_fill", "zeros") == "flow_pair"
+    c = out.shape[1]
     for number, group in enumerate(groups):
-        stack = torch.zeros(cells * gaps, *out.shape[1:])
-        stack[0::cells], stack[cells - 1::cells] = before, after
+        # a flow_pair model's condition channels after the frames': the two moved slices and the weight
+        stack = torch.zeros(cells * gaps, 3 * c + 1 if pair else c, *out.shape[2:])
+        stack[0::cells, :c], stack[cells - 1::cells, :c] = before, after
+        if pair:
+            for at, frames in ((0, before), (cells - 1, after)):
+                stack[at::cells, c:2 * c], stack[at::cells, 2 * c:3 * c] = frames, frames
         for j, offset in enumerate(group):
             if fill is not None:
-                stack[1 + j::cells] = fill(offset / factor)
+                stack[1 + j::cells, :c] = fill(offset / factor)
+            if pair:
+                stack[1 + j::cells, c:2 * c], stack[1 + j::cells, 2 * c:3 * c] = fill.moved(offset / factor)
+                stack[1 + j::cells, 3 * c] = offset / factor
         report = None if progress is None else (
             lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
         filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,

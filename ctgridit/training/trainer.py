@@ -156,7 +156,7 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
         lh, lw = codec.latent_size(*spec.frame_size(*config.frame_size))
         masked = config.stage1.conditioning.masked
         shape = dict(sample_height=spec.rows * lh, sample_width=spec.cols * lw, grid_rows=spec.rows,
-                     grid_cols=spec.cols, cond_channels=condition_channels(codec.latent_channels) if masked else 0,
+                     grid_cols=spec.cols, cond_channels=condition_channels(codec.latent_channels, config.stage1.conditioning.fill) if masked else 0,
                      num_strides=config.max_stride_label,
                      **({"cond_fill": config.stage1.conditioning.fill,
                          "fill_residual": config.stage1.conditioning.residual} if masked else {}))
@@ -627,7 +627,8 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     source's, the others start as the identity (adaLN-Zero), which holds for a
     freshly built ``model`` (its new blocks still at their zero-initialised
     gates), so it begins as exactly the source and learns with more capacity
-    from there. Or
+    from there; and a ``flow_pair`` model may start from a ``flow`` model
+    (:func:`_paired`). Or
     ImageNet DiT weights, DiT's own ``.pt`` or a diffusers DiT folder
     (:mod:`ctgridit.core.dit_import`), for either stage.
     """
@@ -653,6 +654,7 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
     except (OSError, RuntimeError, ValueError) as err:
         raise CTGridItError(f"cannot read the weights ({' '.join(str(err).split())[:200]})", found) from err
     own = model.state_dict()
+    weights.update(_paired(weights, own, model))
     grown = {STRIDE_EMBEDDING} - set(weights) if STRIDE_EMBEDDING in own else set()
     weights.update({name: torch.zeros_like(own[name]) for name in grown})
     weights.update({name: own[name] for name in _added_blocks(weights, own)})
@@ -662,6 +664,33 @@ def warm_start(model: GridDiT, source: str | os.PathLike) -> None:
         raise CTGridItError(f"the weights do not fit this model (unknown: {extra[:3]}, missing: {missing[:3]}, "
                             f"other shape: {wrong[:3]})", found, "start from a model of the same architecture")
     model.load_state_dict(weights)
+
+
+def _paired(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], model: GridDiT) -> dict[str, torch.Tensor]:
+    """A ``flow`` model's input and output layers (``weights``) made to fit a ``flow_pair`` model (``own``): the
+    patch embedding takes each of the two moved frames with half the fill's weights (the fill is their mix; at
+    mid-gap exactly) and the weight channel with none; the last layer's correction keeps the source's weights and
+    the displacements and weight change start at zero, so the model starts as its source's correction added to
+    the flow fill. Nothing for other pairs of models."""
+    config = model.config
+    embed, last = "x_embedder.proj.weight", "final_layer.linear"
+    if getattr(config, "cond_fill", "zeros") != "flow_pair" or embed not in weights:
+        return {}
+    c = config.in_channels
+    if weights[embed].shape[1] != 2 * c + 1 or own[embed].shape[1] != 3 * c + 2:
+        return {}
+    source = weights[embed]
+    grown = torch.zeros_like(own[embed])
+    grown[:, :c], grown[:, c:2 * c], grown[:, 2 * c:3 * c] = source[:, :c], source[:, c:2 * c] / 2, source[:, c:2 * c] / 2
+    grown[:, 3 * c + 1:] = source[:, 2 * c:]                                   # the mask
+    out = {embed: grown}
+    p, channels = config.patch_size, model.out_channels
+    for name in (f"{last}.weight", f"{last}.bias"):
+        rows = weights[name].reshape(p * p, c, *weights[name].shape[1:])
+        wide = torch.zeros(p * p, channels, *rows.shape[2:], dtype=rows.dtype)
+        wide[:, :c] = rows
+        out[name] = wide.reshape(p * p * channels, *rows.shape[2:])
+    return out
 
 
 #: The stride labels' embedding of a GridDiT, which a warm start may add (:func:`warm_start`).
