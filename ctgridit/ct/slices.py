@@ -2,9 +2,10 @@
 
 The tasks behind ``ctgridit interpolate`` and ``ctgridit extend``, with a
 masked-conditional stage-1 model at the scan's own resolution (``adapter.resolution:
-native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, ``ct_interpolate_1step.yaml`` and
-``ct_interpolate_flow.yaml`` fine-tune it into the bundled ``ctgridit/models/ct_interpolate``, whose
-condition holds the known slices moved along their motion, ``fill: flow``): 2 x 2 grids of tiles of
+native``; ``pipelines/configs/ct_interpolate.yaml`` trains one, ``ct_interpolate_1step.yaml`` to
+``ct_interpolate_pair_thin.yaml`` fine-tune it into the bundled ``ctgridit/models/ct_interpolate``, whose
+condition holds the two known slices each moved along their motion to the new slice's place, ``fill:
+flow_pair``, and which moves them further and mixes them itself): 2 x 2 grids of tiles of
 consecutive slices, some cells known and the others generated
 (:meth:`~ctgridit.core.pipeline.GriDiTPipeline.fill`).
 
@@ -16,8 +17,8 @@ consecutive slices, some cells known and the others generated
   the classical baselines, for any factor; ``"flow"``: each new slice is its two
   neighbours moved along the motion between them (TV-L1 optical flow of whole
   slices in the HU window -1000..1000, :mod:`ctgridit.core.motion`) and mixed
-  by distance, for any factor: what the grid model with ``fill: flow`` starts
-  from, here without a model.
+  by distance, for any factor: what the grid model with ``fill: flow`` or
+  ``flow_pair`` starts from, here without a model.
 - **Extension** by ``N`` slices up (towards the head) or down: the last row of
   known slices starts a grid whose second row is generated, again and again
   (the paper's extension step with ``m = 1``). Going down, the scan is turned
