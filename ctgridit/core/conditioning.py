@@ -31,13 +31,13 @@ the known cells:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ctgridit.core.grid import tile, untile
 from ctgridit.core.motion import TVL1, moved, warp
+from ctgridit.core.precision import inference_precision
 
 TASKS = ("unconditional", "extension", "interpolation")
 FILLS = ("zeros", "linear", "flow", "flow_pair")
@@ -194,7 +194,7 @@ def pair_output(cond: torch.Tensor, out: torch.Tensor, rows: int, cols: int) -> 
         return tile(moved_cells_.view(cells.shape), rows, cols)
 
     alpha = torch.sigmoid(torch.logit(weight) + logit)
-    with torch.autocast(out.device.type, enabled=False) if out.device.type in ("cpu", "cuda") else nullcontext():
+    with inference_precision(out.device, "fp32"):                              # moved and mixed in float32
         return (1 - alpha) * shifted(first, shift_first) + alpha * shifted(last, shift_last) + correction
 
 

@@ -437,11 +437,14 @@ def _fill_gaps(pipeline: GriDiTPipeline, out: torch.Tensor, factor: int, steps: 
             for at, frames in ((0, before), (cells - 1, after)):
                 stack[at::cells, c:2 * c], stack[at::cells, 2 * c:3 * c] = frames, frames
         for j, offset in enumerate(group):
-            if fill is not None:
-                stack[1 + j::cells, :c] = fill(offset / factor)
-            if pair:
-                stack[1 + j::cells, c:2 * c], stack[1 + j::cells, 2 * c:3 * c] = fill.moved(offset / factor)
-                stack[1 + j::cells, 3 * c] = offset / factor
+            weight = offset / factor
+            if pair:                                      # the slices moved once, and their mix from them
+                first, last = fill.moved(weight)
+                stack[1 + j::cells, :c] = (1 - weight) * first + weight * last
+                stack[1 + j::cells, c:2 * c], stack[1 + j::cells, 2 * c:3 * c] = first, last
+                stack[1 + j::cells, 3 * c] = weight
+            elif fill is not None:
+                stack[1 + j::cells, :c] = fill(weight)
         report = None if progress is None else (
             lambda _phase, done, n, number=number: progress("fill", number * n + done, len(groups) * n))
         filled = _fill_windows(pipeline, stack, known, z_step=cells, steps=steps, seed=seed + number,

@@ -154,12 +154,11 @@ def build_model(config: TrainConfig, stage: int, codec: LatentCodec) -> GridDiT:
     spec, model = config.grid_spec, config.stage(stage).model
     if stage == 1:
         lh, lw = codec.latent_size(*spec.frame_size(*config.frame_size))
-        masked = config.stage1.conditioning.masked
+        masked, fill = config.stage1.conditioning.masked, config.stage1.conditioning.fill
         shape = dict(sample_height=spec.rows * lh, sample_width=spec.cols * lw, grid_rows=spec.rows,
-                     grid_cols=spec.cols, cond_channels=condition_channels(codec.latent_channels, config.stage1.conditioning.fill) if masked else 0,
+                     grid_cols=spec.cols, cond_channels=condition_channels(codec.latent_channels, fill) if masked else 0,
                      num_strides=config.max_stride_label,
-                     **({"cond_fill": config.stage1.conditioning.fill,
-                         "fill_residual": config.stage1.conditioning.residual} if masked else {}))
+                     **({"cond_fill": fill, "fill_residual": config.stage1.conditioning.residual} if masked else {}))
     else:
         lh, lw = codec.latent_size(*config.frame_size)
         shape = dict(sample_height=lh, sample_width=lw, grid_rows=1, grid_cols=1,
