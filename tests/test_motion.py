@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ctgridit.core.conditioning import fill_unknown_cells
 from ctgridit.core.grid import cell_mask, tile, untile
-from ctgridit.core.motion import TVL1, between, warp
+from ctgridit.core.motion import TVL1, between, moved, warp
 
 from tests.conftest import data_file
 
@@ -70,6 +70,26 @@ def test_between_follows_the_motion_and_linear_interpolation_does_not():
         assert error < 0.15 * linear, (k, float(error), float(linear))
     exact = between(frames[0], frames[3], torch.zeros(2), torch.zeros(2, 2, 64, 64))
     torch.testing.assert_close(exact, frames[0])                     # weight 0: the first frame itself
+
+
+def test_both_ways_holds_the_flow_each_way_and_moved_averages_the_two():
+    """:meth:`TVL1.both_ways`: its first two channels are :meth:`TVL1.flow` of the second frame onto the first, its
+    last two the flow of the first onto the second (a known shift found with opposite signs). :func:`moved` with
+    such a 4-channel motion gives each frame the mean of it moved along either: exactly, with made-up flows."""
+    first = texture(seed=2, batch=2)
+    second = shifted(first, 1.5, -1.0)
+    both = TVL1().both_ways(first[:, 0], second[:, 0])
+    torch.testing.assert_close(both[:, :2], TVL1().flow(first[:, 0], second[:, 0]))
+    inner = both[..., 12:-12, 12:-12]
+    for channel, expected in ((0, 1.5), (1, -1.0), (2, -1.5), (3, 1.0)):
+        assert (inner[:, channel] - expected).abs().median() < 0.15, channel
+    forward, back = torch.randn(2, 2, 64, 64), torch.randn(2, 2, 64, 64)
+    w = torch.tensor([0.25, 0.6]).view(-1, 1, 1, 1)
+    made_first, made_last = moved(first, second, w.flatten(), torch.cat([forward, back], 1))
+    torch.testing.assert_close(made_first, 0.5 * (warp(first, -w * forward) + warp(first, w * back)))
+    torch.testing.assert_close(made_last, 0.5 * (warp(second, (1 - w) * forward) + warp(second, -(1 - w) * back)))
+    one_way = moved(first, second, w.flatten(), forward)
+    torch.testing.assert_close(one_way[0], warp(first, -w * forward))
 
 
 def test_a_motion_fill_keeps_known_cells_holds_at_the_ends_and_moves_between():

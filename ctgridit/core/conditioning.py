@@ -162,7 +162,7 @@ def moved_cells(latents: torch.Tensor, mask: torch.Tensor, rows: int, cols: int,
         pairs, which = torch.unique(torch.stack([item, before[item, cell], after[item, cell]], dim=1), dim=0,
                                     return_inverse=True)
         a, b = cells[pairs[:, 0], pairs[:, 1]], cells[pairs[:, 0], pairs[:, 2]]
-        flow = motion.flow(a.mean(1), b.mean(1))[which]
+        flow = motion.both_ways(a.mean(1), b.mean(1))[which]
         first, last = first.clone(), last.clone()
         first[item, cell], last[item, cell] = moved(a[which], b[which], weight[item, cell], flow)
     weights = weight.view(shape).expand(*known.shape, 1, *cells.shape[-2:])

@@ -56,6 +56,14 @@ class TVL1:
             flow = self._refine(ref, mov, _resized(flow, ref.shape[-2:]))
         return _resized(flow, reference.shape[-2:]).to(reference.dtype)
 
+    def both_ways(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``(B, 4, H, W)``: the flow of ``second`` onto ``first`` (:meth:`flow`) and, after it, the flow of
+        ``first`` onto ``second``, estimated in one batch: the motion :func:`moved` moves each frame along from both
+        of its ends. On the held-out 1.5 mm chest crops the fill made so is 0.10 to 0.16 dB closer to the real
+        slices than with the first flow alone (``pipelines/probe_interpolation.py oracle``)."""
+        flows = self.flow(torch.cat([first, second]), torch.cat([second, first]))
+        return torch.cat(flows.chunk(2), dim=1)
+
     def _refine(self, ref: torch.Tensor, mov: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """One pyramid level: warps of the linearised data term, each with TV steps (Chambolle's dual projection)."""
         step = 0.25                                                              # dual step τ (2D)
@@ -117,9 +125,16 @@ def moved(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor,
           flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``before`` and ``after`` (``(B, C, H, W)``) each moved to fraction ``weight`` (``(B,)``; 0: ``before``, 1:
     ``after``) of the way between them along their motion ``flow`` (``after(x + flow) = before(x)``,
-    :meth:`TVL1.flow`): ``before`` moved by ``weight · flow``, ``after`` moved back by ``(1 - weight) · flow``."""
+    :meth:`TVL1.flow`): ``before`` moved by ``weight · flow``, ``after`` moved back by ``(1 - weight) · flow``.
+    A ``flow`` of 4 channels (:meth:`TVL1.both_ways`) also holds the motion the other way (``before(x + back) =
+    after(x)``), each frame then the mean of it moved along the one and along the other."""
     w = weight.to(flow.dtype).view(-1, 1, 1, 1)
-    return warp(before, -w * flow).to(before.dtype), warp(after, (1 - w) * flow).to(after.dtype)
+    forward, back = flow[:, :2], flow[:, 2:]
+    first, last = warp(before, -w * forward), warp(after, (1 - w) * forward)
+    if back.shape[1]:
+        first = 0.5 * (first + warp(before, w * back))
+        last = 0.5 * (last + warp(after, -(1 - w) * back))
+    return first.to(before.dtype), last.to(after.dtype)
 
 
 def between(before: torch.Tensor, after: torch.Tensor, weight: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:

@@ -396,11 +396,12 @@ FLOW_BATCH = 8
 
 
 def slice_flows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """TV-L1 optical flow between each pair of ``(B, 1, Y, X)`` whole slices in the HU window, ``FLOW_BATCH``
-    pairs per call: what ``--method flow`` and the slice model's fill move the slices along."""
+    """TV-L1 optical flow between each pair of ``(B, 1, Y, X)`` whole slices in the HU window, both ways
+    (:meth:`~ctgridit.core.motion.TVL1.both_ways`, ``(B, 4, Y, X)``), ``FLOW_BATCH`` pairs per call: what
+    ``--method flow`` and the slice model's fill move the slices along."""
     from ctgridit.core.motion import TVL1
 
-    return torch.cat([TVL1().flow(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
+    return torch.cat([TVL1().both_ways(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
                       for i in range(0, len(before), FLOW_BATCH)])
 
 
