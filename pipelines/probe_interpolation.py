@@ -12,16 +12,21 @@ what a learned correction of the flow fill, can give, on the chest crops that
 ``oracle``: the known slices moved by motions estimated *with the slice to make* (TV-L1 from the real slice to
 each known one, settings finer than the shipped ones), then mixed by distance (``oracle mix``), or, per voxel,
 the moved slice nearer to the real one (``oracle choice``): upper bounds of a method that moves the two known
-slices, not reachable without the slice. Beside them what the slices alone allow: the flow fill (as
-``--method flow``), the same with finer TV-L1 settings, and the mean of the fill made from the forward flow and
-the one made from the backward flow (``both directions``).
+slices, not reachable without the slice. Beside them what the slices alone allow: the fill from the forward flow
+only (``--method flow`` before it moved each slice both ways), the same with finer TV-L1 settings, and the fill of
+``--method flow`` (each slice moved along the forward and along the backward flow, the two averaged,
+:meth:`~ctgridit.core.motion.TVL1.both_ways`).
 
-``learned``: a small convolutional network (6 layers, 48 channels, dilations up to 4) that adds a correction to
-the flow fill, given both moved slices, both known slices, the slices before and after them (4-slice context)
-and the position in the gap, trained on LIDC-IDRI-0314 (a chest at 1 mm) resampled to the crops' 1.5 mm
-isotropic voxels, with slices taken along ``--axes`` of its three axes (1: axial only) and factors 2 to 5; then
-applied to the crops. A network at the test scans' own resolution, with pixel-level outputs and more context than
-the slice model: if it gains little, the limit is not the slice model's architecture.
+``learned``: a small convolutional network (6 layers, 48 channels, dilations up to 4; ``--unet``: a 3-scale
+U-Net) that adds a correction to the fill from the forward flow, given both moved slices, both known slices, the
+slices before and after them (4-slice context) and the position in the gap, trained on LIDC-IDRI-0314 (a chest at
+1 mm) resampled to the crops' 1.5 mm isotropic voxels, with slices taken along ``--axes`` of its three axes (1:
+axial only) and factors 2 to 5 (``--more``: and the other chest and limb scans no evaluation holds out,
+:data:`MORE`; ``--augment``: crops flipped and reversed along the slice axis); then applied to the crops and the
+thigh STS_019. A network at the test scans' own resolution, with pixel-level outputs and more context than the
+slice model: if it gains little, the limit is not the slice model's architecture.
+
+    python pipelines/probe_interpolation.py learned --unet --crop 64 --iterations 4000 --more --augment  # 50 min
 """
 
 from __future__ import annotations
@@ -38,9 +43,14 @@ from ctgridit.ct.io import read_ct
 from ctgridit.data_folder import data_folder
 
 DATA = data_folder()
-HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz"]
+HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
+            "soft_tissue_sarcoma/STS_019.nii.gz"]
 TRAIN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
 FACTORS = (2, 3, 4, 5)
+#: ``--more``: the other scans with chest or limb anatomy none of the evaluations holds out, at their own slice
+#: thickness (2.5 and 3.27 mm): LIDC-IDRI-0001, the elastix lung crop, the sarcoma scans STS_001 to STS_017.
+MORE = ["lidc_idri/LIDC-IDRI-0001.nii.gz", "elastix/lung_crop_2.5mm.nii.gz",
+        *(f"soft_tissue_sarcoma/STS_{i:03d}.nii.gz" for i in range(1, 18))]
 FINE = TVL1(finest=1, warps=3, iterations=10)
 
 
@@ -54,6 +64,7 @@ def window(hu: np.ndarray) -> torch.Tensor:
 
 
 def flows(reference: torch.Tensor, moving: torch.Tensor, motion: TVL1 = TVL1()) -> torch.Tensor:
+    """The TV-L1 flow of ``moving`` onto ``reference``, 8 slices a call."""
     return torch.cat([motion.flow(reference[i:i + 8], moving[i:i + 8]) for i in range(0, len(reference), 8)])
 
 
@@ -74,18 +85,15 @@ def oracle(factors) -> None:
         for factor in factors:
             before, after, real = gaps(x, factor)
             forward, fine, backward = flows(before, after), flows(before, after, FINE), flows(after, before)
-            errors: dict[str, list] = {k: [] for k in ("flow (as --method flow)", "flow, finer TV-L1",
-                                                       "both directions", "oracle mix", "oracle choice")}
+            errors: dict[str, list] = {k: [] for k in ("flow, forward only", "flow, finer TV-L1",
+                                                       "flow (as --method flow)", "oracle mix", "oracle choice")}
             for k, slices in real.items():
                 w = k / factor
                 weight = torch.full((len(before),), w)
-                for label, flow in (("flow (as --method flow)", forward), ("flow, finer TV-L1", fine)):
+                for label, flow in (("flow, forward only", forward), ("flow, finer TV-L1", fine),
+                                    ("flow (as --method flow)", torch.cat([forward, backward], 1))):
                     first, last = moved(before[:, None], after[:, None], weight, flow)
                     errors[label].append(((1 - w) * first + w * last)[:, 0] - slices)
-                first, last = moved(before[:, None], after[:, None], weight, forward)
-                back_last, back_first = moved(after[:, None], before[:, None], 1 - weight, backward)
-                both = 0.5 * ((1 - w) * (first + back_first) + w * (last + back_last))
-                errors["both directions"].append(both[:, 0] - slices)
                 from_first = warp_onto(slices, before)
                 from_last = warp_onto(slices, after)
                 errors["oracle mix"].append((1 - w) * from_first + w * from_last - slices)
@@ -129,28 +137,79 @@ def network(channels: int = 7, width: int = 48) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def learned(axes: int, iterations: int, factors, context: bool = True) -> None:
+class UNet(nn.Module):
+    """A 3-scale U-Net (``width``, 2x, 4x channels; two 3 x 3 convolutions a scale): a receptive field of about 70
+    pixels instead of :func:`network`'s 23, for motions the flow got wrong by more than a few pixels."""
+
+    def __init__(self, channels: int = 7, width: int = 32):
+        super().__init__()
+        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GELU(),     # noqa: E731
+                                           nn.Conv2d(o, o, 3, padding=1), nn.GELU())
+        self.down = nn.ModuleList([block(channels, width), block(width, 2 * width), block(2 * width, 4 * width)])
+        self.up = nn.ModuleList([block(6 * width, 2 * width), block(3 * width, width)])
+        self.out = nn.Conv2d(width, 1, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else nn.functional.avg_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = block(torch.cat([nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear"), skip], 1))
+        return self.out(x)
+
+
+def resampled(path: str, thick: bool = False) -> torch.Tensor:
+    """A scan's slices with 1.5 mm voxels (``thick``: in-plane only, its slices as thick as they are if thicker)."""
     from scipy.ndimage import zoom
 
+    scan = read_ct(DATA / path)
+    spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
+    target = np.array([1.5, 1.5, max(1.5, spacing[2]) if thick else 1.5])
+    return window(zoom(scan.array.astype(np.float32), spacing / target, order=1))
+
+
+def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng, context: bool):
+    """A training batch flipped left-right and front-back, and reversed along the slice axis (the two known slices,
+    their moved versions and the outer ones swapped, the position ``w`` made ``1 - w``), each with probability 1/2."""
+    for axis in (-1, -2):
+        if rng.random() < 0.5:
+            inputs, real, fill = (t.flip(axis) for t in (inputs, real, fill))
+    if rng.random() < 0.5:
+        order = [1, 0, 3, 2, 5, 4, 6] if context else [1, 0, 3, 2, 4]
+        inputs = inputs[:, order]
+        inputs = torch.cat([inputs[:, :-1], 1 - inputs[:, -1:]], 1)
+    return inputs, real, fill
+
+
+def learned(axes: int, iterations: int, factors, context: bool = True, unet: bool = False,
+            size: int = 48, more: bool = False, augment: bool = False) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
-    scan = read_ct(DATA / TRAIN)
-    spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
-    x = window(zoom(scan.array.astype(np.float32), spacing / 1.5, order=1))      # 1.5 mm isotropic
+    x = resampled(TRAIN)                                                       # 1.5 mm isotropic
     sets = [features(x.permute(*order).contiguous(), f, every=2, context=context)
             for order in [(0, 1, 2), (1, 0, 2), (2, 0, 1)][:axes] for f in FACTORS]
+    if more:
+        for path in MORE:
+            y = resampled(path, thick=True)
+            sets += [features(y, f, every=2, context=context) for f in FACTORS if len(y) > 2 * f + 1]
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
-    net = network(7 if context else 5)
+    share = np.array([len(s[0]) for s in sets], dtype=np.float64)
+    share /= share.sum()                                                       # sets by their number of slices
+    net = (UNet if unet else network)(7 if context else 5)
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
-    size = 48
     for step in range(iterations):
-        inputs, real, fill = sets[rng.integers(len(sets))]
+        inputs, real, fill = sets[rng.choice(len(sets), p=share)]
         pick = torch.from_numpy(rng.integers(0, len(inputs), 16))
         i, j = rng.integers(0, inputs.shape[-2] - size), rng.integers(0, inputs.shape[-1] - size)
         crop = lambda t: t[pick, :, i:i + size, j:j + size]                   # noqa: E731
-        loss = (crop(fill) + net(crop(inputs)) - crop(real)).pow(2).mean()
+        batch = (crop(inputs), crop(real), crop(fill))
+        inputs_, real_, fill_ = augmented(*batch, rng, context) if augment else batch
+        loss = (fill_ + net(inputs_) - real_).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -179,11 +238,17 @@ def main() -> None:
     parser.add_argument("--no-context", action="store_true",
                         help="learned: without the slices before and after the two known ones")
     parser.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
+    parser.add_argument("--unet", action="store_true",
+                        help="learned: a 3-scale U-Net (receptive field about 70 pixels) instead of the 6-layer net")
+    parser.add_argument("--more", action="store_true", help="learned: train on the scans of MORE too")
+    parser.add_argument("--augment", action="store_true",
+                        help="learned: flip the training crops and reverse them along the slice axis")
+    parser.add_argument("--crop", type=int, default=48, help="learned: training crop size in pixels")
     args = parser.parse_args()
     if args.probe == "oracle":
         oracle(args.factors)
     else:
-        learned(args.axes, args.iterations, args.factors, not args.no_context)
+        learned(args.axes, args.iterations, args.factors, not args.no_context, args.unet, args.crop, args.more, args.augment)
 
 
 if __name__ == "__main__":
