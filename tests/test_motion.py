@@ -90,6 +90,14 @@ def test_both_ways_holds_the_flow_each_way_and_moved_averages_the_two():
     torch.testing.assert_close(made_last, 0.5 * (warp(second, (1 - w) * forward) + warp(second, -(1 - w) * back)))
     one_way = moved(first, second, w.flatten(), forward)
     torch.testing.assert_close(one_way[0], warp(first, -w * forward))
+    start = texture(seed=3, batch=2)                                 # content moved by (3, -1.5) over 3 frames
+    frames = [shifted(start, 1.0 * k, -0.5 * k) for k in range(4)]
+    exact = torch.tensor([3.0, -1.5, -3.0, 1.5]).view(1, 4, 1, 1).expand(2, 4, 64, 64)
+    inner = (..., slice(8, -8), slice(8, -8))
+    for k, w in ((1, 1 / 3), (2, 2 / 3)):      # either end, moved both ways, far closer than the linear blend
+        blend = ((1 - w) * frames[0] + w * frames[3] - frames[k])[inner].pow(2).mean()
+        for made in moved(frames[0], frames[3], torch.full((2,), w), exact):
+            assert (made - frames[k])[inner].pow(2).mean() < 0.1 * blend, k   # a sign wrong either way: > 2
 
 
 def test_a_motion_fill_keeps_known_cells_holds_at_the_ends_and_moves_between():
