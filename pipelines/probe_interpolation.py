@@ -110,12 +110,13 @@ def warp_onto(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     return warp(moving[:, None], flows(reference, moving, FINE))[:, 0]
 
 
-def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True):
+def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True, both_ways: bool = False):
     """Network inputs ``(N, 7, Y, X)`` (both moved slices, both known ones, the ones before and after them, the
     position; without ``context`` not the ones before and after), the real slices and the flow fill, for every
-    gap of ``factor`` (every ``every``-th gap)."""
+    gap of ``factor`` (every ``every``-th gap); the fill of the forward flow, or with ``both_ways`` of the flow both
+    ways (as ``--method flow``)."""
     before, after, real = gaps(x, factor)
-    flow = flows(before, after)
+    flow = torch.cat([flows(before, after), flows(after, before)], 1) if both_ways else flows(before, after)
     outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
     out = []
     for k, slices in real.items():
@@ -185,17 +186,18 @@ def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng,
 
 
 def learned(axes: int, iterations: int, factors, context: bool = True, unet: bool = False,
-            size: int = 48, more: bool = False, augment: bool = False) -> None:
+            size: int = 48, more: bool = False, augment: bool = False, both_ways: bool = False) -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     start = time.perf_counter()
     x = resampled(TRAIN)                                                       # 1.5 mm isotropic
-    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context)
+    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context, both_ways=both_ways)
             for order in [(0, 1, 2), (1, 0, 2), (2, 0, 1)][:axes] for f in FACTORS]
     if more:
         for path in MORE:
             y = resampled(path, thick=True)
-            sets += [features(y, f, every=2, context=context) for f in FACTORS if len(y) > 2 * f + 1]
+            sets += [features(y, f, every=2, context=context, both_ways=both_ways)
+                     for f in FACTORS if len(y) > 2 * f + 1]
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
     share = np.array([len(s[0]) for s in sets], dtype=np.float64)
     share /= share.sum()                                                       # sets by their number of slices
@@ -221,7 +223,7 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
             x = frames(name)
             row = []
             for factor in factors:
-                inputs, real, fill = features(x, factor, context=context)
+                inputs, real, fill = features(x, factor, context=context, both_ways=both_ways)
                 made = fill + torch.cat([net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
                 gain = psnr(made - real) - psnr(fill - real)
                 row.append(f"factor {factor}: flow {psnr(fill - real):.2f}, learned {psnr(made - real):.2f} "
@@ -243,12 +245,15 @@ def main() -> None:
     parser.add_argument("--more", action="store_true", help="learned: train on the scans of MORE too")
     parser.add_argument("--augment", action="store_true",
                         help="learned: flip the training crops and reverse them along the slice axis")
+    parser.add_argument("--both-ways", action="store_true",
+                        help="learned: correct the fill from the flow both ways (as --method flow), not the forward's")
     parser.add_argument("--crop", type=int, default=48, help="learned: training crop size in pixels")
     args = parser.parse_args()
     if args.probe == "oracle":
         oracle(args.factors)
     else:
-        learned(args.axes, args.iterations, args.factors, not args.no_context, args.unet, args.crop, args.more, args.augment)
+        learned(args.axes, args.iterations, args.factors, not args.no_context, args.unet, args.crop, args.more,
+                args.augment, args.both_ways)
 
 
 if __name__ == "__main__":
