@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ctgridit.core.motion import TVL1, moved
+from ctgridit.ct.slices import slice_flows
 from ctgridit.ct.io import read_ct
 from ctgridit.data_folder import data_folder
 
@@ -84,14 +85,14 @@ def oracle(factors) -> None:
         x = frames(name)
         for factor in factors:
             before, after, real = gaps(x, factor)
-            forward, fine, backward = flows(before, after), flows(before, after, FINE), flows(after, before)
+            both, fine = slice_flows(before[:, None], after[:, None]), flows(before, after, FINE)   # as --method flow
             errors: dict[str, list] = {k: [] for k in ("flow, forward only", "flow, finer TV-L1",
                                                        "flow (as --method flow)", "oracle mix", "oracle choice")}
             for k, slices in real.items():
                 w = k / factor
                 weight = torch.full((len(before),), w)
-                for label, flow in (("flow, forward only", forward), ("flow, finer TV-L1", fine),
-                                    ("flow (as --method flow)", torch.cat([forward, backward], 1))):
+                for label, flow in (("flow, forward only", both[:, :2]), ("flow, finer TV-L1", fine),
+                                    ("flow (as --method flow)", both)):
                     first, last = moved(before[:, None], after[:, None], weight, flow)
                     errors[label].append(((1 - w) * first + w * last)[:, 0] - slices)
                 from_first = warp_onto(slices, before)
@@ -116,7 +117,7 @@ def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True,
     gap of ``factor`` (every ``every``-th gap); the fill of the forward flow, or with ``both_ways`` of the flow both
     ways (as ``--method flow``)."""
     before, after, real = gaps(x, factor)
-    flow = torch.cat([flows(before, after), flows(after, before)], 1) if both_ways else flows(before, after)
+    flow = slice_flows(before[:, None], after[:, None]) if both_ways else flows(before, after)
     outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
     out = []
     for k, slices in real.items():
