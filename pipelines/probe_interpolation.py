@@ -27,6 +27,12 @@ thigh STS_019. A network at the test scans' own resolution, with pixel-level out
 slice model: if it gains little, the limit is not the slice model's architecture.
 
     python pipelines/probe_interpolation.py learned --unet --crop 64 --iterations 4000 --more --augment  # 50 min
+
+``--warping``: the U-Net corrects the motion instead of the intensities (:class:`Warping`): a change of where
+each known slice is sampled, a per-pixel share of each, and a residual, as video frame interpolation networks
+(Super SloMo, RIFE) refine a flow; aimed at the gap the oracles measure (the motion to the slice between).
+
+    python pipelines/probe_interpolation.py learned --warping --both-ways --crop 64 --iterations 4000 --more --augment
 """
 
 from __future__ import annotations
@@ -111,11 +117,13 @@ def warp_onto(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     return warp(moving[:, None], flows(reference, moving, FINE))[:, 0]
 
 
-def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True, both_ways: bool = False):
+def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True, both_ways: bool = False,
+             motions: bool = False):
     """Network inputs ``(N, 7, Y, X)`` (both moved slices, both known ones, the ones before and after them, the
     position; without ``context`` not the ones before and after), the real slices and the flow fill, for every
     gap of ``factor`` (every ``every``-th gap); the fill of the forward flow, or with ``both_ways`` of the flow both
-    ways (as ``--method flow``)."""
+    ways (as ``--method flow``); with ``motions`` 4 channels more: the moves of the two known slices
+    (:func:`displacements`)."""
     before, after, real = gaps(x, factor)
     flow = slice_flows(before[:, None], after[:, None]) if both_ways else flows(before, after)
     outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
@@ -125,8 +133,43 @@ def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True,
         first, last = moved(before[:, None], after[:, None], torch.full((len(before),), w), flow)
         outer = [outer_before[:, None], outer_after[:, None]] if context else []
         inputs = torch.cat([first, last, before[:, None], after[:, None], *outer, torch.full_like(first, w)], 1)
+        if motions:
+            inputs = torch.cat([inputs, *displacements(flow, w)], 1)
         out.append((inputs[::every], slices[::every, None], ((1 - w) * first + w * last)[::every]))
     return [torch.cat(t) for t in zip(*out)]
+
+
+def displacements(flow: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where :func:`moved` samples each known slice, as one move each: ``before`` by ``-w`` times the forward flow
+    (and, with the flow both ways, the mean of that and ``w`` times the backward one), ``after`` by ``1 - w``
+    times the forward flow (and the mean with ``-(1 - w)`` times the backward one)."""
+    forward, back = flow[:, :2], flow[:, 2:]
+    if not back.shape[1]:
+        return -w * forward, (1 - w) * forward
+    return w * (back - forward) / 2, (1 - w) * (forward - back) / 2
+
+
+class Warping(nn.Module):
+    """``--warping``: the U-Net corrects the motion rather than the intensities (as RIFE, Huang et al. 2022, and
+    Super SloMo do for video): from the inputs and the two moves (in units of 10 pixels) it predicts a change of
+    each move, a per-pixel share of the first moved slice (starting at ``1 - w``, the mix by distance) and an
+    intensity residual; the slice made is ``m warp(before, d1 + Δ1) + (1 - m) warp(after, d2 + Δ2) + r``."""
+
+    def __init__(self, channels: int = 11, width: int = 32):
+        super().__init__()
+        self.net = UNet(channels, width, outputs=6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ctgridit.core.motion import warp
+
+        d1, d2 = x[:, -4:-2], x[:, -2:]
+        w = x[:, 6:7].clamp(1e-3, 1 - 1e-3)
+        inputs = torch.cat([x[:, :-4], d1 / 10, d2 / 10], 1)
+        out = self.net(inputs)
+        share = torch.sigmoid(out[:, 4:5] + torch.log((1 - w) / w))
+        first = warp(x[:, 2:3], d1 + 10 * out[:, 0:2])
+        last = warp(x[:, 3:4], d2 + 10 * out[:, 2:4])
+        return share * first + (1 - share) * last + out[:, 5:6]
 
 
 def network(channels: int = 7, width: int = 48) -> nn.Module:
@@ -143,13 +186,13 @@ class UNet(nn.Module):
     """A 3-scale U-Net (``width``, 2x, 4x channels; two 3 x 3 convolutions a scale): a receptive field of about 70
     pixels instead of :func:`network`'s 23, for motions the flow got wrong by more than a few pixels."""
 
-    def __init__(self, channels: int = 7, width: int = 32):
+    def __init__(self, channels: int = 7, width: int = 32, outputs: int = 1):
         super().__init__()
         block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GELU(),     # noqa: E731
                                            nn.Conv2d(o, o, 3, padding=1), nn.GELU())
         self.down = nn.ModuleList([block(channels, width), block(width, 2 * width), block(2 * width, 4 * width)])
         self.up = nn.ModuleList([block(6 * width, 2 * width), block(3 * width, width)])
-        self.out = nn.Conv2d(width, 1, 3, padding=1)
+        self.out = nn.Conv2d(width, outputs, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -175,34 +218,47 @@ def resampled(path: str, thick: bool = False) -> torch.Tensor:
 
 def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng, context: bool):
     """A training batch flipped left-right and front-back, and reversed along the slice axis (the two known slices,
-    their moved versions and the outer ones swapped, the position ``w`` made ``1 - w``), each with probability 1/2."""
-    for axis in (-1, -2):
+    their moved versions and the outer ones swapped, the position ``w`` made ``1 - w``), each with probability 1/2;
+    the moves of ``--warping`` (its last 4 channels) flipped and swapped with them."""
+    motions = inputs.shape[1] == 11
+    for axis, component in ((-1, 0), (-2, 1)):
         if rng.random() < 0.5:
             inputs, real, fill = (t.flip(axis) for t in (inputs, real, fill))
+            if motions:
+                sign = torch.ones(11)
+                sign[[7 + component, 9 + component]] = -1
+                inputs = inputs * sign.view(1, -1, 1, 1)
     if rng.random() < 0.5:
         order = [1, 0, 3, 2, 5, 4, 6] if context else [1, 0, 3, 2, 4]
+        position = len(order) - 1
+        order += [9, 10, 7, 8] if motions else []
         inputs = inputs[:, order]
-        inputs = torch.cat([inputs[:, :-1], 1 - inputs[:, -1:]], 1)
+        inputs = torch.cat([inputs[:, :position], 1 - inputs[:, position:position + 1], inputs[:, position + 1:]], 1)
     return inputs, real, fill
 
 
 def learned(axes: int, iterations: int, factors, context: bool = True, unet: bool = False,
-            size: int = 48, more: bool = False, augment: bool = False, both_ways: bool = False) -> None:
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+            size: int = 48, more: bool = False, augment: bool = False, both_ways: bool = False,
+            warping: bool = False, seed: int = 0, width: int = 32) -> None:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = resampled(TRAIN)                                                       # 1.5 mm isotropic
-    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context, both_ways=both_ways)
+    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context, both_ways=both_ways,
+                     motions=warping)
             for order in [(0, 1, 2), (1, 0, 2), (2, 0, 1)][:axes] for f in FACTORS]
     if more:
         for path in MORE:
             y = resampled(path, thick=True)
-            sets += [features(y, f, every=2, context=context, both_ways=both_ways)
+            sets += [features(y, f, every=2, context=context, both_ways=both_ways, motions=warping)
                      for f in FACTORS if len(y) > 2 * f + 1]
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
     share = np.array([len(s[0]) for s in sets], dtype=np.float64)
     share /= share.sum()                                                       # sets by their number of slices
-    net = (UNet if unet else network)(7 if context else 5)
+    channels = 7 if context else 5
+    net = Warping(width=width) if warping else UNet(channels, width) if unet else network(channels)
+    made = (lambda inputs, fill: net(inputs)) if warping else (lambda inputs, fill: fill + net(inputs))  # noqa: E731
+    inner = slice(8, -8) if warping else slice(None)                   # --warping: the crop's edges move in
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for step in range(iterations):
@@ -212,7 +268,7 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
         crop = lambda t: t[pick, :, i:i + size, j:j + size]                   # noqa: E731
         batch = (crop(inputs), crop(real), crop(fill))
         inputs_, real_, fill_ = augmented(*batch, rng, context) if augment else batch
-        loss = (fill_ + net(inputs_) - real_).pow(2).mean()
+        loss = (made(inputs_, fill_) - real_)[..., inner, inner].pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -224,10 +280,10 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
             x = frames(name)
             row = []
             for factor in factors:
-                inputs, real, fill = features(x, factor, context=context, both_ways=both_ways)
-                made = fill + torch.cat([net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
-                gain = psnr(made - real) - psnr(fill - real)
-                row.append(f"factor {factor}: flow {psnr(fill - real):.2f}, learned {psnr(made - real):.2f} "
+                inputs, real, fill = features(x, factor, context=context, both_ways=both_ways, motions=warping)
+                out = torch.cat([made(inputs[i:i + 16], fill[i:i + 16]) for i in range(0, len(inputs), 16)])
+                gain = psnr(out - real) - psnr(fill - real)
+                row.append(f"factor {factor}: flow {psnr(fill - real):.2f}, learned {psnr(out - real):.2f} "
                            f"({gain:+.2f})")
             print(f"{name.split('/')[-1]}: " + "; ".join(row), flush=True)
 
@@ -248,13 +304,18 @@ def main() -> None:
                         help="learned: flip the training crops and reverse them along the slice axis")
     parser.add_argument("--both-ways", action="store_true",
                         help="learned: correct the fill from the flow both ways (as --method flow), not the forward's")
+    parser.add_argument("--warping", action="store_true",
+                        help="learned: a U-Net that corrects the moves of the known slices and how they are mixed "
+                             "(with --both-ways: of --method flow), not the fill's intensities")
+    parser.add_argument("--width", type=int, default=32, help="learned: the U-Net's channels at full size")
+    parser.add_argument("--seed", type=int, default=0, help="learned: the seed of the weights and the crops")
     parser.add_argument("--crop", type=int, default=48, help="learned: training crop size in pixels")
     args = parser.parse_args()
     if args.probe == "oracle":
         oracle(args.factors)
     else:
         learned(args.axes, args.iterations, args.factors, not args.no_context, args.unet, args.crop, args.more,
-                args.augment, args.both_ways)
+                args.augment, args.both_ways, args.warping, args.seed, args.width)
 
 
 if __name__ == "__main__":
