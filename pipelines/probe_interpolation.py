@@ -311,6 +311,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="learned: the seed of the weights and the crops")
     parser.add_argument("--crop", type=int, default=48, help="learned: training crop size in pixels")
     args = parser.parse_args()
+    if args.warping and args.no_context:
+        parser.error("--warping needs the slices before and after the known ones (leave out --no-context)")
     if args.probe == "oracle":
         oracle(args.factors)
     else:
