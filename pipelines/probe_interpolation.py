@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctgridit.core.motion import TVL1, moved
+from ctgridit.core.motion import TVL1, moved, warp
 from ctgridit.ct.slices import slice_flows
 from ctgridit.ct.io import read_ct
 from ctgridit.data_folder import data_folder
@@ -112,8 +112,6 @@ def oracle(factors) -> None:
 
 def warp_onto(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     """``moving`` slices moved onto ``reference`` slices along the TV-L1 motion between them (finer settings)."""
-    from ctgridit.core.motion import warp
-
     return warp(moving[:, None], flows(reference, moving, FINE))[:, 0]
 
 
@@ -160,8 +158,6 @@ class Warping(nn.Module):
         self.net = UNet(channels, width, outputs=6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ctgridit.core.motion import warp
-
         d1, d2 = x[:, -4:-2], x[:, -2:]
         w = x[:, 6:7].clamp(1e-3, 1 - 1e-3)
         inputs = torch.cat([x[:, :-4], d1 / 10, d2 / 10], 1)
