@@ -3,6 +3,7 @@
     python pipelines/bundle_model.py runs/ct_chest/model --bench bench.txt        # the synthesis model
     python pipelines/bundle_model.py runs/ct_denoise_v4/model --denoiser --bench eval.txt
     python pipelines/bundle_model.py runs/ct_interpolate_pair_thin/model --slices --bench eval.txt
+    python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled synthesis model lives in ``ctgridit/models/ct_chest/`` and is what
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ctgridit.core.motion_refiner import MotionRefiner
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.files import atomic_output
 from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL, BUNDLED_VIDEO_MODEL
@@ -238,7 +240,29 @@ PHASES = {"ct_interpolate": "3000 steps, loss 0.034 (first 50) -> 0.013 (last 50
           "ct_interpolate_pair": "3000 steps, loss 0.017 (first 50) -> 0.014 (last 50), 1.0 h"}
 
 
-def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None) -> str:
+def refiner_part(pipeline: GriDiTPipeline, log: Path | None) -> str:
+    """The slice model card's paragraph on its motion refiner (none without one)."""
+    if pipeline.refiner is None:
+        return ""
+    params = sum(p.numel() for p in pipeline.refiner.parameters()) / 1e3
+    return f"""
+## The motion refiner (`refiner/`)
+
+Before the DiT's correction, each new slice's flow fill is corrected by a
+{params:.0f} k-weight U-Net (`ctgridit.core.motion_refiner.MotionRefiner`, width {pipeline.refiner.config.width}): from the two
+moved slices, the two known ones, the ones before and after them, the position in the gap and
+the two moves, it changes where each known slice is sampled, how the two are mixed, and adds a
+residual (as Super SloMo and RIFE refine a flow for video). It works on {pipeline.refiner.config.pixel_size:g} mm pixels (a scan
+with other pixels is resized for it, and its moves applied at the scan's own size).
+Trained with `python pipelines/train_motion_refiner.py runs/motion_refiner` (LIDC-IDRI-0314 at
+1.5 mm, LIDC-IDRI-0001, the elastix lung crop and STS_001 to STS_017; factors 2 to 5; batch 16 of
+64 x 64 crops, flips and reversal; 1 CPU core): {stage_summary(log) if log else "no log"}. The DiT's correction of
+the plain fill is added to the refined fill with the weight the scan's own slices give it.
+Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model`.
+"""
+
+
+def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None, refiner_log: Path | None = None) -> str:
     cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
@@ -331,7 +355,7 @@ neither more steps nor training on thin slices only changed that. A 7 x 7
 linear filter of the two known slices fitted on half of the test slices gains
 only about 0.24 dB over linear on the other half: the rest is motion, which the
 flow supplies.
-"""
+""" + refiner_part(pipeline, refiner_log)
     return text + measured(bench, "python pipelines/eval_interpolate.py")
 
 
@@ -399,6 +423,9 @@ def main() -> None:
     which.add_argument("--slices", action="store_true",
                        help="bundle as the default model of interpolate and extend (ct_interpolate)")
     which.add_argument("--video", action="store_true", help="bundle as the moving-squares video model (video_shapes)")
+    parser.add_argument("--refiner", default=None,
+                        help="with --slices: a motion refiner folder to bundle with the slice model "
+                             "(pipelines/train_motion_refiner.py's OUT/model; its OUT/train_log.csv goes on the card)")
     args = parser.parse_args()
     other = {"denoiser": args.denoiser, "slices": args.slices, "video": args.video}
     kind = next((k for k, on in other.items() if on), "synthesis")
@@ -410,6 +437,13 @@ def main() -> None:
         pipeline = checkpoint_pipeline(*args.stages)
     else:
         pipeline = GriDiTPipeline.from_pretrained(Path(args.model))   # refuses an incomplete folder
+    refiner_log = None
+    if args.refiner:
+        if kind != "slices":
+            parser.error("--refiner goes with --slices")
+        pipeline.register_modules(refiner=MotionRefiner.from_pretrained(args.refiner))
+        pipeline._check()                                          # a refiner needs a slice model with a flow fill
+        refiner_log = Path(args.refiner).parent / "train_log.csv"
     if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
@@ -422,7 +456,8 @@ def main() -> None:
     if kind == "synthesis":
         text = card(pipeline, checkpoints, bench, Path(args.continued) if args.continued else None)
     else:
-        text = {"denoiser": denoiser_card, "slices": slice_card, "video": video_card}[kind](pipeline, checkpoints, bench)
+        text = {"denoiser": denoiser_card, "video": video_card,
+                "slices": lambda *a: slice_card(*a, refiner_log=refiner_log)}[kind](pipeline, checkpoints, bench)
     pipeline.to(torch.float16).save_pretrained(target)           # float16 safetensors, replaced atomically
     with atomic_output(target / "MODEL.md") as tmp:
         tmp.write_text(text)

@@ -18,19 +18,22 @@ only (``--method flow`` before it moved each slice both ways), the same with fin
 :meth:`~ctgridit.core.motion.TVL1.both_ways`).
 
 ``learned``: a small convolutional network (6 layers, 48 channels, dilations up to 4; ``--unet``: a 3-scale
-U-Net) that adds a correction to the fill from the forward flow, given both moved slices, both known slices, the
-slices before and after them (4-slice context) and the position in the gap, trained on LIDC-IDRI-0314 (a chest at
-1 mm) resampled to the crops' 1.5 mm isotropic voxels, with slices taken along ``--axes`` of its three axes (1:
-axial only) and factors 2 to 5 (``--more``: and the other chest and limb scans no evaluation holds out,
-:data:`MORE`; ``--augment``: crops flipped and reversed along the slice axis); then applied to the crops and the
-thigh STS_019. A network at the test scans' own resolution, with pixel-level outputs and more context than the
-slice model: if it gains little, the limit is not the slice model's architecture.
+U-Net, :class:`~ctgridit.core.motion_refiner.UNet`) that adds a correction to the fill from the forward flow,
+given both moved slices, both known slices, the slices before and after them (4-slice context) and the position
+in the gap, trained on LIDC-IDRI-0314 (a chest at 1 mm) resampled to the crops' 1.5 mm isotropic voxels, with
+slices taken along ``--axes`` of its three axes (1: axial only) and factors 2 to 5 (``--more``: and the other
+chest and limb scans no evaluation holds out, :data:`MORE`; ``--augment``: crops flipped and reversed along the
+slice axis); then applied to the crops and the thigh STS_019. A network at the test scans' own resolution, with
+pixel-level outputs and more context than the slice model: if it gains little, the limit is not the slice model's
+architecture.
 
     python pipelines/probe_interpolation.py learned --unet --crop 64 --iterations 4000 --more --augment  # 50 min
 
-``--warping``: the U-Net corrects the motion instead of the intensities (:class:`Warping`): a change of where
-each known slice is sampled, a per-pixel share of each, and a residual, as video frame interpolation networks
-(Super SloMo, RIFE) refine a flow; aimed at the gap the oracles measure (the motion to the slice between).
+``--warping``: the U-Net corrects the motion instead of the intensities (the slice model's refiner,
+:class:`~ctgridit.core.motion_refiner.MotionRefiner`, which ``pipelines/train_motion_refiner.py`` trains the
+same way): a change of where each known slice is sampled, a per-pixel share of each, and a residual, as video
+frame interpolation networks (Super SloMo, RIFE) refine a flow; aimed at the gap the oracles measure (the
+motion to the slice between).
 
     python pipelines/probe_interpolation.py learned --warping --both-ways --crop 64 --iterations 4000 --more --augment
 """
@@ -45,6 +48,7 @@ import torch
 from torch import nn
 
 from ctgridit.core.motion import TVL1, moved, warp
+from ctgridit.core.motion_refiner import MotionRefiner, UNet, displacements
 from ctgridit.ct.slices import slice_flows
 from ctgridit.ct.io import read_ct
 from ctgridit.data_folder import data_folder
@@ -121,7 +125,7 @@ def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True,
     position; without ``context`` not the ones before and after), the real slices and the flow fill, for every
     gap of ``factor`` (every ``every``-th gap); the fill of the forward flow, or with ``both_ways`` of the flow both
     ways (as ``--method flow``); with ``motions`` 4 channels more: the moves of the two known slices
-    (:func:`displacements`)."""
+    (:func:`~ctgridit.core.motion_refiner.displacements`)."""
     before, after, real = gaps(x, factor)
     flow = slice_flows(before[:, None], after[:, None]) if both_ways else flows(before, after)
     outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
@@ -132,40 +136,9 @@ def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True,
         outer = [outer_before[:, None], outer_after[:, None]] if context else []
         inputs = torch.cat([first, last, before[:, None], after[:, None], *outer, torch.full_like(first, w)], 1)
         if motions:
-            inputs = torch.cat([inputs, *displacements(flow, w)], 1)
+            inputs = torch.cat([inputs, *displacements(flow, torch.full((len(before),), w))], 1)
         out.append((inputs[::every], slices[::every, None], ((1 - w) * first + w * last)[::every]))
     return [torch.cat(t) for t in zip(*out)]
-
-
-def displacements(flow: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where :func:`moved` samples each known slice, as one move each: ``before`` by ``-w`` times the forward flow
-    (and, with the flow both ways, the mean of that and ``w`` times the backward one), ``after`` by ``1 - w``
-    times the forward flow (and the mean with ``-(1 - w)`` times the backward one)."""
-    forward, back = flow[:, :2], flow[:, 2:]
-    if not back.shape[1]:
-        return -w * forward, (1 - w) * forward
-    return w * (back - forward) / 2, (1 - w) * (forward - back) / 2
-
-
-class Warping(nn.Module):
-    """``--warping``: the U-Net corrects the motion rather than the intensities (as RIFE, Huang et al. 2022, and
-    Super SloMo do for video): from the inputs and the two moves (in units of 10 pixels) it predicts a change of
-    each move, a per-pixel share of the first moved slice (starting at ``1 - w``, the mix by distance) and an
-    intensity residual; the slice made is ``m warp(before, d1 + Δ1) + (1 - m) warp(after, d2 + Δ2) + r``."""
-
-    def __init__(self, channels: int = 11, width: int = 32):
-        super().__init__()
-        self.net = UNet(channels, width, outputs=6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d1, d2 = x[:, -4:-2], x[:, -2:]
-        w = x[:, 6:7].clamp(1e-3, 1 - 1e-3)
-        inputs = torch.cat([x[:, :-4], d1 / 10, d2 / 10], 1)
-        out = self.net(inputs)
-        share = torch.sigmoid(out[:, 4:5] + torch.log((1 - w) / w))
-        first = warp(x[:, 2:3], d1 + 10 * out[:, 0:2])
-        last = warp(x[:, 3:4], d2 + 10 * out[:, 2:4])
-        return share * first + (1 - share) * last + out[:, 5:6]
 
 
 def network(channels: int = 7, width: int = 48) -> nn.Module:
@@ -176,30 +149,6 @@ def network(channels: int = 7, width: int = 48) -> nn.Module:
     nn.init.zeros_(layers[-1].weight)
     nn.init.zeros_(layers[-1].bias)
     return nn.Sequential(*layers)
-
-
-class UNet(nn.Module):
-    """A 3-scale U-Net (``width``, 2x, 4x channels; two 3 x 3 convolutions a scale): a receptive field of about 70
-    pixels instead of :func:`network`'s 23, for motions the flow got wrong by more than a few pixels."""
-
-    def __init__(self, channels: int = 7, width: int = 32, outputs: int = 1):
-        super().__init__()
-        block = lambda i, o: nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GELU(),     # noqa: E731
-                                           nn.Conv2d(o, o, 3, padding=1), nn.GELU())
-        self.down = nn.ModuleList([block(channels, width), block(width, 2 * width), block(2 * width, 4 * width)])
-        self.up = nn.ModuleList([block(6 * width, 2 * width), block(3 * width, width)])
-        self.out = nn.Conv2d(width, outputs, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else nn.functional.avg_pool2d(x, 2))
-            skips.append(x)
-        for block, skip in zip(self.up, reversed(skips[:-1])):
-            x = block(torch.cat([nn.functional.interpolate(x, size=skip.shape[-2:], mode="bilinear"), skip], 1))
-        return self.out(x)
 
 
 def resampled(path: str, thick: bool = False) -> torch.Tensor:
@@ -252,7 +201,7 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
     share = np.array([len(s[0]) for s in sets], dtype=np.float64)
     share /= share.sum()                                                       # sets by their number of slices
     channels = 7 if context else 5
-    net = Warping(width=width) if warping else UNet(channels, width) if unet else network(channels)
+    net = MotionRefiner(width=width) if warping else UNet(channels, width, 1) if unet else network(channels)
     made = (lambda inputs, fill: net(inputs)) if warping else (lambda inputs, fill: fill + net(inputs))  # noqa: E731
     inner = slice(8, -8) if warping else slice(None)                   # --warping: the crop's edges move in
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)

@@ -339,3 +339,28 @@ def test_default_output_names_sit_next_to_the_input(tmp_path, small_ct):
     with pytest.raises(SystemExit) as info:
         main(["extend", str(thick), "--slices", "2", "--model", str(model), "-q"])
     assert info.value.code == 0 and (tmp_path / "scan_up2.nii.gz").exists()
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(factor):
+    """A slice model with a refiner (``refined_fill``): on slices that do not move (each of one HU value, so the
+    flow is zero and the moved slices are the known ones), a refiner that adds 0.05 of the window to the flow
+    fill puts new slice ``j`` of each gap at the linear mix at ``j / factor`` plus 50 HU, and keeps the scan's
+    own slices exactly; a fresh DiT adds nothing, the check keeps its (zero) correction whole. The refiner works
+    at its own pixel size: 2 mm pixels here, the scan's 1 mm resized for it."""
+    from ctgridit.core.motion_refiner import MotionRefiner
+
+    levels = np.array([-600.0, -350.0, 0.0, 120.0, 400.0])
+    volume = CTVolume(np.broadcast_to(levels, (20, 24, 5)).copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
+    refiner = MotionRefiner(width=8, pixel_size=2.0)
+    with torch.no_grad():
+        refiner.net.out.bias[5] = 0.05
+    pipeline.register_modules(refiner=refiner)
+    result = interpolate_volume(volume, factor, pipeline)
+    made = result.volume.array
+    assert result.details["refiner"] and result.details["correction_weight"] == 1.0
+    np.testing.assert_array_equal(made[:, :, ::factor], volume.array)
+    linear = np.interp(np.arange(made.shape[2]) / factor, np.arange(5), levels)
+    new = np.arange(made.shape[2]) % factor != 0
+    np.testing.assert_allclose(made[:, :, new], np.broadcast_to(linear[new] + 50, made[:, :, new].shape), atol=0.5)

@@ -29,7 +29,7 @@ INDEX_FILE = DiffusionPipeline.config_name
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 #: The class a ctgridit model folder's ``model_index.json`` names, and the entries it may have besides ``_`` ones.
 PIPELINE_CLASS = "GriDiTPipeline"
-INDEX_ENTRIES = {"stage1", "stage2", "codec", "scheduler", "settings"}
+INDEX_ENTRIES = {"stage1", "stage2", "refiner", "codec", "scheduler", "settings"}
 
 
 def is_model_folder(folder: str | os.PathLike) -> bool:

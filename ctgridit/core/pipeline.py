@@ -7,6 +7,7 @@ Folder layout, a diffusers pipeline folder (all loadable offline)::
                          sampling defaults, adapter metadata (:class:`~ctgridit.core.settings.PipelineSettings`)
       stage1/            GridDiT (config.json + safetensors): the grid model
       stage2/            GridDiT with a condition input: per-frame super-resolution (optional)
+      refiner/           MotionRefiner: a learned correction of the motion fill a slice model starts from (optional)
       codec/             latent codec (config.json + safetensors; the SD VAE's weights for a VAE codec)
       scheduler/         the scheduler stage 1 samples with (DDIM or DDPM over the training noise schedule)
 
@@ -45,6 +46,7 @@ from ctgridit.core.frame_denoising import DENOISE_STEPS, DenoiseLevels, denoise_
 from ctgridit.core.grid import cell_mask, resize_frames
 from ctgridit.core.legacy_folders import is_legacy_folder, legacy_parts, legacy_settings
 from ctgridit.core.loading import INDEX_FILE, check_weights, is_model_folder, load_stage, quiet_diffusers, read_settings
+from ctgridit.core.motion_refiner import MotionRefiner
 from ctgridit.core.sampler import ProgressCallback, RePaint, Start, inpaint, phase_callback, plan_sequence, sample_sequence
 from ctgridit.core.settings import SCHEDULER_LAYOUT, PipelineSettings
 from ctgridit.errors import CTGridItError, shorten
@@ -80,16 +82,16 @@ class GriDiTPipeline(DiffusionPipeline):
     there: :meth:`from_pretrained` makes their sampler from it as their settings say.
     """
 
-    _optional_components = ["stage2"]
+    _optional_components = ["stage2", "refiner"]
 
     def __init__(self, stage1: GridDiT, codec: LatentCodec, scheduler: SchedulerMixin, stage2: GridDiT | None = None,
-                 settings: PipelineSettings | dict | None = None):
+                 settings: PipelineSettings | dict | None = None, refiner: MotionRefiner | None = None):
         super().__init__()
         if settings is None:
             raise ValueError("a GriDiTPipeline needs its settings (grid, frame size, sampling, adapter)")
         self.settings = settings if isinstance(settings, PipelineSettings) else PipelineSettings.from_dict(settings)
         self.settings.sampling.stage1.sampler = sampler_name(scheduler)           # the scheduler decides
-        self.register_modules(stage1=stage1, codec=codec, scheduler=scheduler, stage2=stage2)
+        self.register_modules(stage1=stage1, codec=codec, scheduler=scheduler, stage2=stage2, refiner=refiner)
         self.register_to_config(settings=self.settings.to_dict())
         self._check()
 
@@ -103,6 +105,8 @@ class GriDiTPipeline(DiffusionPipeline):
             raise ValueError(f"stage 1 takes {s1.in_channels} latent channels (cond_channels={s1.cond_channels}), "
                              f"the codec gives {c}: stage 1 must be unconditional (cond_channels 0) or "
                              f"masked-conditional (cond_channels {condition_channels(c, fill)})")
+        if self.refiner is not None and fill not in ("flow", "flow_pair"):
+            raise ValueError(f"a refiner corrects the motion fill, and stage 1 has none (its fill is {fill!r})")
         if fill == "flow_pair" and not isinstance(self.codec, PixelCodec):
             raise ValueError("a flow_pair stage 1 moves its known frames in pixel space: it needs the pixel codec")
         if (s1.grid_rows, s1.grid_cols) != (grid.rows, grid.cols):

@@ -43,7 +43,10 @@ slice (the first input slice stays where it was; extension downwards moves the
 origin to the new lowest slice where the scan's first slice is its lowest).
 The input slices come back exactly, in HU; new voxels lie in the model's HU
 window, except that, for a model with a fill (the bundled one), what the same
-fill made from the slices in HU has beyond the window (bone, air) is added. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
+fill made from the slices in HU has beyond the window (bone, air) is added. A model with a motion
+refiner (the bundled one, :mod:`ctgridit.core.motion_refiner`) corrects its flow fill before the DiT's
+correction is added (:func:`refined_fill`): where each known slice is sampled, how the two are mixed, and a
+residual. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
 model's posterior mean, the best estimate in the mean-squared sense and the same for every seed; more steps
 draw a sample (sharper, noisier) from a model trained on every noise level (the bundled one serves one step
 only: it was fine-tuned on the last levels).
@@ -177,20 +180,23 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         # window, so that bone above it and air below it are kept (as --method flow keeps them)
         from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
-        checked = checked_weight(pipeline, frames, steps, seed, progress, precision) if check else None
+        pixel = _pixel_size(lps)
+        checked = checked_weight(pipeline, frames, steps, seed, progress, precision, pixel) if check else None
         weight = 1.0 if checked is None else checked
         plain = fill_between(fill, frames, factor)
-        hu = _to_hu(plain + weight * (filled - plain), lps, pipeline, keep=keep)
+        base = refined_fill(pipeline, fill, frames, factor, pixel, precision, progress)
+        hu = _to_hu(base + weight * (filled - plain), lps, pipeline, keep=keep)
         low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
         beyond = frames_to_volume(fill_between(fill, volume_to_frames(lps.as_tensor().float()), factor))
         beyond -= beyond.clamp(low, high)                                       # what lies beyond the window
         beyond[..., keep] = 0                                                    # the input's own slices, exactly
         hu += beyond
-        del beyond, plain, filled
+        del beyond, plain, filled, base
     spacing = _slice_spacing(lps)
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
-               "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)], "precision": precision}
+               "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)], "precision": precision,
+               "refiner": pipeline.refiner is not None and fill is not None}
     if checked is not None:
         details["correction_weight"] = checked
     return SliceResult(result, time.perf_counter() - start, details)
@@ -331,6 +337,11 @@ def _slice_spacing(lps) -> float:
     return float(np.linalg.norm(np.asarray(lps.affine, dtype=np.float64)[:3, 2]))
 
 
+def _pixel_size(lps) -> float:
+    """The in-plane voxel size (mm; the mean of the two in-plane axes')."""
+    return float(np.linalg.norm(np.asarray(lps.affine, dtype=np.float64)[:3, :2], axis=0).mean())
+
+
 def _fill_windows(pipeline: GriDiTPipeline, frames: torch.Tensor, known: list[float], z_step: int,
                   steps: int | None, seed: int, progress: ProgressCallback | None,
                   positions: list[float] | None = None, filled: bool = False, precision: str = "fp32") -> torch.Tensor:
@@ -377,6 +388,7 @@ def motion_fill(before: torch.Tensor, after: torch.Tensor):
         return between(b, a, torch.full((len(b),), float(weight)), flow)
 
     fill.moved = lambda weight: moved(before, after, torch.full((len(before),), float(weight)), flow)
+    fill.flow = flow
     return fill
 
 
@@ -388,6 +400,40 @@ def fill_between(fill, images: torch.Tensor, factor: int) -> torch.Tensor:
     out[::factor] = images
     for k in range(1, factor):
         out[k::factor] = fill(k / factor, images[:-1], images[1:])
+    return out
+
+
+#: Gaps per call of the refiner.
+REFINER_BATCH = 8
+
+
+def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, factor: int, pixel: float,
+                 precision: str = "fp32", progress: ProgressCallback | None = None) -> torch.Tensor:
+    """:func:`fill_between` of a :func:`motion_fill`, each new slice corrected by the slice model's refiner
+    (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices is sampled, how they
+    are mixed, a residual), given the slices before and after the two as context; its U-Net works at the pixel
+    size it was trained on (``pixel`` mm in-plane resized to it). The plain fill for a model without a refiner."""
+    from ctgridit.core.motion_refiner import refiner_inputs
+
+    out = fill_between(fill, images, factor)
+    refiner = pipeline.refiner
+    if refiner is None or not hasattr(fill, "flow"):
+        return out
+    scale = pixel / refiner.config.pixel_size
+    before, after = images[:-1], images[1:]
+    outer_before, outer_after = torch.cat([images[:1], images[:-2]]), torch.cat([images[2:], images[-1:]])
+    calls = [(k, i) for k in range(1, factor) for i in range(0, len(before), REFINER_BATCH)]
+    device = pipeline.device
+    for done, (k, i) in enumerate(calls):
+        part = slice(i, i + REFINER_BATCH)
+        weight = torch.full((len(before[part]),), k / factor)
+        inputs = refiner_inputs(before[part], after[part], outer_before[part], outer_after[part], fill.flow[part],
+                                weight)
+        with torch.no_grad(), inference_precision(device, precision):
+            made = refiner(inputs.to(device), scale).float().cpu()
+        out[k + factor * i:k + factor * (i + len(made)):factor] = made.clamp(-1, 1)
+        if progress is not None:
+            progress("refine", done + 1, len(calls))
     return out
 
 
@@ -465,12 +511,14 @@ CHECK_PAIRS = 8
 
 
 def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int,
-                   progress: ProgressCallback | None = None, precision: str = "fp32") -> float | None:
+                   progress: ProgressCallback | None = None, precision: str = "fp32",
+                   pixel: float = 1.0) -> float | None:
     """How much of the model's correction of its fill to keep, measured on the scan itself: every second input
     slice of a middle slab (``CHECK_PAIRS`` gaps) is left out and made again from its two neighbours at twice
     the input spacing (the smallest factor the model serves, 2 for the bundled one), by the fill alone and by the
-    model; the weight ``w`` in [0, 1] that makes
-    ``fill + w (model - fill)`` closest to the left-out slices (least squares) is returned. On the upper-abdomen
+    model; the weight ``w`` in [0, 1] that makes ``base + w (model - fill)`` closest to the left-out slices (least
+    squares) is returned, ``base`` being the fill corrected by the model's refiner (:func:`refined_fill`; the fill
+    itself for a model without one; ``pixel``: the scan's in-plane voxel size, mm). On the upper-abdomen
     scan of the evaluation the correction is harmful (the model 0.7 dB below its own fill at factor 2) and is
     turned down; where it helps it is kept. No correction gives 1; a scan too short to check (fewer than
     ``factor + 1`` slices), None."""
@@ -487,9 +535,10 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     if fill is None:
         return None
     plain = fill_between(fill, slab[::factor], factor)
+    base = refined_fill(pipeline, fill, slab[::factor], factor, pixel, precision)
     new = torch.arange(len(slab)) % factor != 0
     correction = (model[new] - plain[new]).double()
-    error = (slab[new] - plain[new]).double()
+    error = (slab[new] - base[new]).double()
     energy = float((correction * correction).sum())
     if energy <= 1e-10 * correction.numel():           # no correction (rms below 1e-5 of the window): keep it
         return 1.0

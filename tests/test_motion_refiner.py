@@ -1,0 +1,94 @@
+"""The motion fill's learned correction (``ctgridit.core.motion_refiner``).
+
+Checked exactly where it can be: an untrained refiner gives the motion fill; the inputs of a gap taken in
+reverse order, or of flipped frames, are the transformed inputs training augments with; a move the network
+outputs in its working pixels is applied in the frames' own; a slice model keeps its refiner through saving
+and loading, and one without a motion fill is refused one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctgridit.core.motion import between, warp
+from ctgridit.core.motion_refiner import MotionRefiner, flipped_inputs, refiner_inputs, reversed_inputs
+
+from tests.test_motion import texture
+
+
+def smooth_flow(channels: int, size: int = 32, seed: int = 1) -> torch.Tensor:
+    """A smooth random motion of up to about 3 pixels, ``(2, channels, size, size)``."""
+    return 3 * torch.cat([texture(size, seed + c, batch=2) for c in range(channels)], 1)
+
+
+def gap(channels: int = 4, size: int = 32):
+    frames = texture(size, seed=5, batch=8)
+    return frames[0:2], frames[2:4], frames[4:6], frames[6:8], smooth_flow(channels, size), torch.tensor([0.25, 0.6])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_an_untrained_refiner_gives_the_motion_fill(scale):
+    """Its last layer starts at zero: no change of the moves, the mix by distance, no residual; with a forward
+    flow (one move per frame) that is :func:`between` exactly, at any working size."""
+    before, after, outer_before, outer_after, flow, weight = gap(channels=2)
+    made = MotionRefiner()(refiner_inputs(before, after, outer_before, outer_after, flow, weight), scale)
+    torch.testing.assert_close(made, between(before, after, weight, flow), atol=1e-5, rtol=0)
+
+
+def test_the_inputs_of_a_gap_in_reverse_order_are_its_inputs_reversed():
+    """Reversed (the last known frame first, the flow's two directions swapped, ``w -> 1 - w``), a gap's inputs
+    are :func:`reversed_inputs` of its inputs: the augmentation training uses is a gap the refiner could see."""
+    before, after, outer_before, outer_after, flow, weight = gap()
+    inputs = refiner_inputs(before, after, outer_before, outer_after, flow, weight)
+    turned = refiner_inputs(after, before, outer_after, outer_before, flow[:, [2, 3, 0, 1]], 1 - weight)
+    torch.testing.assert_close(reversed_inputs(inputs), turned, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reversed_inputs(reversed_inputs(inputs)), inputs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_the_inputs_of_flipped_frames_are_the_inputs_flipped(axis):
+    """Frames flipped along x (or y), and their motion with it (its x, or y, components negated): the inputs are
+    :func:`flipped_inputs` of the unflipped ones."""
+    before, after, outer_before, outer_after, flow, weight = gap()
+    inputs = refiner_inputs(before, after, outer_before, outer_after, flow, weight)
+    component = [0, 2] if axis == -1 else [1, 3]
+    mirrored = flow.flip(axis)
+    mirrored[:, component] *= -1
+    flipped = refiner_inputs(*(f.flip(axis) for f in (before, after, outer_before, outer_after)), mirrored, weight)
+    torch.testing.assert_close(flipped_inputs(inputs, axis), flipped, atol=1e-5, rtol=0)
+
+
+def test_a_move_in_working_pixels_is_applied_in_the_frames_own():
+    """A refiner whose output moves the first frame by 0.1 unit in x and takes all of it (share 1): working at
+    half size, that is 0.1 x 10 / 0.5 = 2 pixels of the frames' own, and the frame made is the first frame moved
+    2 pixels (no flow given)."""
+    refiner = MotionRefiner(displacement_unit=10.0)
+    with torch.no_grad():
+        refiner.net.out.bias[0] = 0.1
+        refiner.net.out.bias[4] = 50.0
+    before, after, outer_before, outer_after, _, weight = gap()
+    inputs = refiner_inputs(before, after, outer_before, outer_after, torch.zeros(2, 4, 32, 32), weight)
+    made = refiner(inputs, scale=0.5)
+    moved = warp(before, torch.tensor([2.0, 0.0]).view(1, 2, 1, 1).expand(2, 2, 32, 32))
+    torch.testing.assert_close(made, moved, atol=1e-5, rtol=0)
+
+
+def test_a_slice_model_keeps_its_refiner_and_one_without_a_motion_fill_is_refused(tmp_path):
+    from ctgridit.core.pipeline import GriDiTPipeline
+    from tests.test_slices import native_pipeline
+
+    pipeline = native_pipeline(gaps=[2, 3], fill="flow_pair")
+    refiner = MotionRefiner(width=8, pixel_size=1.5)
+    with torch.no_grad():
+        refiner.net.out.bias.fill_(0.01)
+    pipeline.register_modules(refiner=refiner)
+    pipeline.save_pretrained(tmp_path / "model")
+    loaded = GriDiTPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.refiner.config.pixel_size == 1.5 and loaded.refiner.config.width == 8
+    for name, value in refiner.state_dict().items():
+        torch.testing.assert_close(loaded.refiner.state_dict()[name], value)
+    assert GriDiTPipeline.from_pretrained(tmp_path / "model").stage2 is None
+    linear = native_pipeline(gaps=[2, 3], fill="linear")
+    with pytest.raises(ValueError, match="refiner corrects the motion fill"):
+        GriDiTPipeline(linear.stage1, linear.codec, linear.scheduler, settings=linear.settings, refiner=refiner)
