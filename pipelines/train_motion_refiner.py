@@ -12,9 +12,10 @@ every second gap of every factor 2 to 5 along their slice axis. Batches of 16 cr
 and reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
 (the edges see moves from outside the crop); Adam 1e-3, cosine to ``--steps``.
 
-A checkpoint (weights, optimizer, schedule, step and both random states) is written every ``--every`` steps
-to ``OUT/checkpoint.pt`` and a run started again continues from it exactly; ``OUT/model`` is the refiner
-(safetensors, its config records the 1.5 mm pixel it was trained on), ``OUT/train_log.csv`` the loss.
+The loop is :func:`ctgridit.training.refiner.train_refiner`: a checkpoint (weights, optimizer, schedule, step
+and both random states) every ``--every`` steps in ``OUT/checkpoint.pt``, from which a run started again
+continues exactly; ``OUT/model`` is the refiner (safetensors, its config records the 1.5 mm pixel it was
+trained on), ``OUT/train_log.csv`` the loss.
 At the end the refiner is measured on the held-out chest crops and the thigh STS_019 (what
 ``pipelines/eval_interpolate.py`` holds out): PSNR of the filled slices against the flow fill, factors 2 to 5.
 ``python pipelines/bundle_model.py ... --refiner OUT/model`` adds it to the bundled slice model.
@@ -23,7 +24,6 @@ At the end the refiner is measured on the held-out chest crops and the thigh STS
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from ctgridit.core.motion_refiner import MotionRefiner, flipped_inputs, refiner_inputs, reversed_inputs
+from ctgridit.core.motion_refiner import MotionRefiner, refiner_inputs
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.slices import slice_flows
 from ctgridit.data_folder import data_folder
-from ctgridit.files import atomic_output
+from ctgridit.training.refiner import train_refiner
 
 DATA = data_folder()
 TRAIN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
@@ -45,7 +45,6 @@ HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_cr
             "soft_tissue_sarcoma/STS_019.nii.gz"]
 FACTORS = (2, 3, 4, 5)
 PIXEL_MM = 1.5
-BATCH, CROP, INNER = 16, 64, 8
 
 
 def window(hu: np.ndarray) -> torch.Tensor:
@@ -85,20 +84,6 @@ def training_sets() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return sets
 
 
-def batch(sets, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    share = np.array([len(s[0]) for s in sets], dtype=np.float64)
-    inputs, real = sets[rng.choice(len(sets), p=share / share.sum())]
-    pick = torch.from_numpy(rng.integers(0, len(inputs), BATCH))
-    i, j = rng.integers(0, inputs.shape[-2] - CROP), rng.integers(0, inputs.shape[-1] - CROP)
-    inputs, real = inputs[pick, :, i:i + CROP, j:j + CROP], real[pick, :, i:i + CROP, j:j + CROP]
-    for axis in (-1, -2):
-        if rng.random() < 0.5:
-            inputs, real = flipped_inputs(inputs, axis), real.flip(axis)
-    if rng.random() < 0.5:
-        inputs = reversed_inputs(inputs)
-    return inputs, real
-
-
 def psnr(error: torch.Tensor) -> float:
     return float(20 * np.log10(2 / float(error.double().pow(2).mean().sqrt())))
 
@@ -124,55 +109,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.out / "checkpoint.pt"
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    refiner = MotionRefiner(width=args.width, pixel_size=PIXEL_MM)
-    optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        refiner.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        schedule.T_max = args.steps
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
-        print(f"continued from step {step}", flush=True)
     start = time.perf_counter()
     sets = training_sets()
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
-    log = args.out / "train_log.csv"
-    new_log = not log.exists()
-    with log.open("a", newline="") as handle:
-        writer = csv.writer(handle)
-        if new_log:
-            writer.writerow(["step", "loss", "elapsed_s"])
-        start = time.perf_counter()
-        first = step
-        while step < args.steps:
-            inputs, real = batch(sets, rng)
-            loss = (refiner(inputs) - real)[..., INNER:-INNER, INNER:-INNER].pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            writer.writerow([step, f"{loss.item():.6f}", f"{time.perf_counter() - start:.1f}"])
-            if step % args.every == 0 or step == args.steps:
-                handle.flush()
-                state = {"model": refiner.state_dict(), "optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
-                         "torch_rng": torch.get_rng_state(), "step": step}
-                with atomic_output(checkpoint) as tmp:
-                    torch.save(state, tmp)
-                done = step - first
-                left = (time.perf_counter() - start) / done * (args.steps - step)
-                print(f"step {step}/{args.steps}: loss {loss.item():.5f}, {left / 60:.0f} min left", flush=True)
-    refiner.save_pretrained(args.out / "model")
+    refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM,
+                            report=lambda line: print(line, flush=True))
     held_out(refiner.eval())
 
 

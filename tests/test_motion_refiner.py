@@ -92,3 +92,40 @@ def test_a_slice_model_keeps_its_refiner_and_one_without_a_motion_fill_is_refuse
     linear = native_pipeline(gaps=[2, 3], fill="linear")
     with pytest.raises(ValueError, match="refiner corrects the motion fill"):
         GriDiTPipeline(linear.stage1, linear.codec, linear.scheduler, settings=linear.settings, refiner=refiner)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
+    """A run stopped after its checkpoint at step 3 and started again over the same folder ends with the same
+    weights, bit for bit, as a run that went through, and its log has every step once."""
+    import csv
+
+    from ctgridit.core.motion_refiner import MotionRefiner
+    from ctgridit.training.refiner import train_refiner
+
+    sets = []
+    for seed in (0, 1):
+        frames = texture(24, seed=10 + seed, batch=5)
+        flow = smooth_flow(4, 24, seed)
+        inputs = refiner_inputs(frames[0:2], frames[2:4], frames[0:2], frames[2:4], flow, torch.tensor([0.5, 0.5]))
+        sets.append((inputs, frames[4:5].expand(2, -1, -1, -1)))
+    settings = dict(width=8, batch=4, crop=20, every=3, report=lambda line: None)
+    whole = train_refiner(tmp_path / "whole", sets, 6, **settings)
+
+    def stop_at_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_refiner(tmp_path / "stopped", sets, 6, **{**settings, "report": stop_at_3})
+    resumed = train_refiner(tmp_path / "stopped", sets, 6, **settings)
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    rows = list(csv.DictReader((tmp_path / "stopped" / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    saved = MotionRefiner.from_pretrained(tmp_path / "stopped" / "model")
+    assert torch.equal(saved.net.out.weight, whole.net.out.weight) and not torch.equal(
+        whole.net.out.weight, torch.zeros_like(whole.net.out.weight))

@@ -1,0 +1,101 @@
+"""Training the motion refiner (:class:`~ctgridit.core.motion_refiner.MotionRefiner`) on prepared gaps.
+
+The caller prepares ``sets``: pairs ``(inputs, real)`` of :func:`~ctgridit.core.motion_refiner.refiner_inputs`
+``(N, 11, H, W)`` and the real frames between ``(N, 1, H, W)`` (one set per sequence and gap, say). Each step
+draws a set (in proportion to its size), ``BATCH`` of its gaps and one ``CROP`` x ``CROP`` window, flips the
+crops along x and y and reverses them along the sequence at random (:func:`~ctgridit.core.motion_refiner.
+flipped_inputs`, :func:`~ctgridit.core.motion_refiner.reversed_inputs`), and takes an Adam step (1e-3, cosine to
+``steps``) on the squared error inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
+
+Every ``every`` steps the weights, optimizer, schedule, step and both random states go to ``checkpoint.pt``
+(``weights_only`` loadable, written atomically) and ``train_log.csv`` gets the loss of each step: a run started
+again over the same folder continues exactly where the last checkpoint was. The refiner is saved to ``model/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctgridit.core.motion_refiner import MotionRefiner, flipped_inputs, reversed_inputs
+from ctgridit.files import atomic_output
+
+BATCH, CROP, INNER = 16, 64, 8
+
+
+def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator,
+                  batch: int = BATCH, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch (module docstring): inputs ``(batch, 11, crop, crop)`` and the real frames."""
+    share = np.array([len(s[0]) for s in sets], dtype=np.float64)
+    inputs, real = sets[rng.choice(len(sets), p=share / share.sum())]
+    pick = torch.from_numpy(rng.integers(0, len(inputs), batch))
+    i, j = rng.integers(0, inputs.shape[-2] - crop), rng.integers(0, inputs.shape[-1] - crop)
+    inputs, real = inputs[pick, :, i:i + crop, j:j + crop], real[pick, :, i:i + crop, j:j + crop]
+    for axis in (-1, -2):
+        if rng.random() < 0.5:
+            inputs, real = flipped_inputs(inputs, axis), real.flip(axis)
+    if rng.random() < 0.5:
+        inputs = reversed_inputs(inputs)
+    return inputs, real
+
+
+def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                  every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
+                  batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print) -> MotionRefiner:
+    """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
+    ``pixel_size``: the size of the pixels of ``sets``, recorded in the refiner's config."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    refiner = MotionRefiner(width=width, pixel_size=pixel_size)
+    optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        refiner.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        schedule.T_max = steps
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        report(f"continued from step {step}")
+    log = out / "train_log.csv"
+    if log.exists():                                   # the steps after the checkpoint are done again
+        rows = list(csv.reader(log.open()))
+        with atomic_output(log) as tmp, tmp.open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= step])
+    new_log = not log.exists()
+    with log.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new_log:
+            writer.writerow(["step", "loss", "elapsed_s"])
+        start, first = time.perf_counter(), step
+        while step < steps:
+            inputs, real = refiner_batch(sets, rng, batch, crop)
+            loss = (refiner(inputs) - real)[..., INNER:-INNER, INNER:-INNER].pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            writer.writerow([step, f"{loss.item():.6f}", f"{time.perf_counter() - start:.1f}"])
+            if step % every == 0 or step == steps:
+                handle.flush()
+                state = {"model": refiner.state_dict(), "optimizer": optimizer.state_dict(),
+                         "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
+                         "torch_rng": torch.get_rng_state(), "step": step}
+                with atomic_output(checkpoint) as tmp:
+                    torch.save(state, tmp)
+                left = (time.perf_counter() - start) / (step - first) * (steps - step)
+                report(f"step {step}/{steps}: loss {loss.item():.5f}, {left / 60:.0f} min left")
+    refiner.save_pretrained(out / "model")
+    return refiner
