@@ -22,6 +22,7 @@ PHASE_NAMES = {
     "nlm3d": "non-local means (3D)",
     "wiener": "Wiener filter (block offsets)",
     "check": "stage 1: check the correction",
+    "refine": "refine the motion fill (batches)",
 }
 
 

@@ -29,13 +29,9 @@ architecture.
 
     python pipelines/probe_interpolation.py learned --unet --crop 64 --iterations 4000 --more --augment  # 50 min
 
-``--warping``: the U-Net corrects the motion instead of the intensities (the slice model's refiner,
-:class:`~ctgridit.core.motion_refiner.MotionRefiner`, which ``pipelines/train_motion_refiner.py`` trains the
-same way): a change of where each known slice is sampled, a per-pixel share of each, and a residual, as video
-frame interpolation networks (Super SloMo, RIFE) refine a flow; aimed at the gap the oracles measure (the
-motion to the slice between).
-
-    python pipelines/probe_interpolation.py learned --warping --both-ways --crop 64 --iterations 4000 --more --augment
+The probe's ``--warping`` (the U-Net correcting the motion instead of the intensities, docs/slices.md) became
+the slice model's refiner: :class:`~ctgridit.core.motion_refiner.MotionRefiner`, trained the same way by
+``pipelines/train_motion_refiner.py``, whose end prints its gains over the flow fill on the same scans.
 """
 
 from __future__ import annotations
@@ -48,7 +44,7 @@ import torch
 from torch import nn
 
 from ctgridit.core.motion import TVL1, moved, warp
-from ctgridit.core.motion_refiner import MotionRefiner, UNet, displacements
+from ctgridit.core.motion_refiner import UNet
 from ctgridit.ct.slices import slice_flows
 from ctgridit.ct.io import read_ct
 from ctgridit.data_folder import data_folder
@@ -119,13 +115,11 @@ def warp_onto(reference: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
     return warp(moving[:, None], flows(reference, moving, FINE))[:, 0]
 
 
-def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True, both_ways: bool = False,
-             motions: bool = False):
+def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True, both_ways: bool = False):
     """Network inputs ``(N, 7, Y, X)`` (both moved slices, both known ones, the ones before and after them, the
     position; without ``context`` not the ones before and after), the real slices and the flow fill, for every
     gap of ``factor`` (every ``every``-th gap); the fill of the forward flow, or with ``both_ways`` of the flow both
-    ways (as ``--method flow``); with ``motions`` 4 channels more: the moves of the two known slices
-    (:func:`~ctgridit.core.motion_refiner.displacements`)."""
+    ways (as ``--method flow``)."""
     before, after, real = gaps(x, factor)
     flow = slice_flows(before[:, None], after[:, None]) if both_ways else flows(before, after)
     outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
@@ -135,8 +129,6 @@ def features(x: torch.Tensor, factor: int, every: int = 1, context: bool = True,
         first, last = moved(before[:, None], after[:, None], torch.full((len(before),), w), flow)
         outer = [outer_before[:, None], outer_after[:, None]] if context else []
         inputs = torch.cat([first, last, before[:, None], after[:, None], *outer, torch.full_like(first, w)], 1)
-        if motions:
-            inputs = torch.cat([inputs, *displacements(flow, torch.full((len(before),), w))], 1)
         out.append((inputs[::every], slices[::every, None], ((1 - w) * first + w * last)[::every]))
     return [torch.cat(t) for t in zip(*out)]
 
@@ -163,20 +155,13 @@ def resampled(path: str, thick: bool = False) -> torch.Tensor:
 
 def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng, context: bool):
     """A training batch flipped left-right and front-back, and reversed along the slice axis (the two known slices,
-    their moved versions and the outer ones swapped, the position ``w`` made ``1 - w``), each with probability 1/2;
-    the moves of ``--warping`` (its last 4 channels) flipped and swapped with them."""
-    motions = inputs.shape[1] == 11
-    for axis, component in ((-1, 0), (-2, 1)):
+    their moved versions and the outer ones swapped, the position ``w`` made ``1 - w``), each with probability 1/2."""
+    for axis in (-1, -2):
         if rng.random() < 0.5:
             inputs, real, fill = (t.flip(axis) for t in (inputs, real, fill))
-            if motions:
-                sign = torch.ones(11)
-                sign[[7 + component, 9 + component]] = -1
-                inputs = inputs * sign.view(1, -1, 1, 1)
     if rng.random() < 0.5:
         order = [1, 0, 3, 2, 5, 4, 6] if context else [1, 0, 3, 2, 4]
         position = len(order) - 1
-        order += [9, 10, 7, 8] if motions else []
         inputs = inputs[:, order]
         inputs = torch.cat([inputs[:, :position], 1 - inputs[:, position:position + 1], inputs[:, position + 1:]], 1)
     return inputs, real, fill
@@ -184,26 +169,23 @@ def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng,
 
 def learned(axes: int, iterations: int, factors, context: bool = True, unet: bool = False,
             size: int = 48, more: bool = False, augment: bool = False, both_ways: bool = False,
-            warping: bool = False, seed: int = 0, width: int = 32) -> None:
+            seed: int = 0, width: int = 32) -> None:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = resampled(TRAIN)                                                       # 1.5 mm isotropic
-    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context, both_ways=both_ways,
-                     motions=warping)
+    sets = [features(x.permute(*order).contiguous(), f, every=2, context=context, both_ways=both_ways)
             for order in [(0, 1, 2), (1, 0, 2), (2, 0, 1)][:axes] for f in FACTORS]
     if more:
         for path in MORE:
             y = resampled(path, thick=True)
-            sets += [features(y, f, every=2, context=context, both_ways=both_ways, motions=warping)
+            sets += [features(y, f, every=2, context=context, both_ways=both_ways)
                      for f in FACTORS if len(y) > 2 * f + 1]
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
     share = np.array([len(s[0]) for s in sets], dtype=np.float64)
     share /= share.sum()                                                       # sets by their number of slices
     channels = 7 if context else 5
-    net = MotionRefiner(width=width) if warping else UNet(channels, width, 1) if unet else network(channels)
-    made = (lambda inputs, fill: net(inputs)) if warping else (lambda inputs, fill: fill + net(inputs))  # noqa: E731
-    inner = slice(8, -8) if warping else slice(None)                   # --warping: the crop's edges move in
+    net = UNet(channels, width, 1) if unet else network(channels)
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
     for step in range(iterations):
@@ -213,7 +195,7 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
         crop = lambda t: t[pick, :, i:i + size, j:j + size]                   # noqa: E731
         batch = (crop(inputs), crop(real), crop(fill))
         inputs_, real_, fill_ = augmented(*batch, rng, context) if augment else batch
-        loss = (made(inputs_, fill_) - real_)[..., inner, inner].pow(2).mean()
+        loss = (fill_ + net(inputs_) - real_).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -225,8 +207,8 @@ def learned(axes: int, iterations: int, factors, context: bool = True, unet: boo
             x = frames(name)
             row = []
             for factor in factors:
-                inputs, real, fill = features(x, factor, context=context, both_ways=both_ways, motions=warping)
-                out = torch.cat([made(inputs[i:i + 16], fill[i:i + 16]) for i in range(0, len(inputs), 16)])
+                inputs, real, fill = features(x, factor, context=context, both_ways=both_ways)
+                out = torch.cat([fill[i:i + 16] + net(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
                 gain = psnr(out - real) - psnr(fill - real)
                 row.append(f"factor {factor}: flow {psnr(fill - real):.2f}, learned {psnr(out - real):.2f} "
                            f"({gain:+.2f})")
@@ -243,26 +225,21 @@ def main() -> None:
                         help="learned: without the slices before and after the two known ones")
     parser.add_argument("--factors", type=int, nargs="+", default=list(FACTORS))
     parser.add_argument("--unet", action="store_true",
-                        help="learned: a 3-scale U-Net (receptive field about 70 pixels) instead of the 6-layer net")
+                        help="learned: a 3-scale U-Net (receptive field about 50 pixels) instead of the 6-layer net")
     parser.add_argument("--more", action="store_true", help="learned: train on the scans of MORE too")
     parser.add_argument("--augment", action="store_true",
                         help="learned: flip the training crops and reverse them along the slice axis")
     parser.add_argument("--both-ways", action="store_true",
                         help="learned: correct the fill from the flow both ways (as --method flow), not the forward's")
-    parser.add_argument("--warping", action="store_true",
-                        help="learned: a U-Net that corrects the moves of the known slices and how they are mixed "
-                             "(with --both-ways: of --method flow), not the fill's intensities")
     parser.add_argument("--width", type=int, default=32, help="learned: the U-Net's channels at full size")
     parser.add_argument("--seed", type=int, default=0, help="learned: the seed of the weights and the crops")
     parser.add_argument("--crop", type=int, default=48, help="learned: training crop size in pixels")
     args = parser.parse_args()
-    if args.warping and args.no_context:
-        parser.error("--warping needs the slices before and after the known ones (leave out --no-context)")
     if args.probe == "oracle":
         oracle(args.factors)
     else:
         learned(args.axes, args.iterations, args.factors, not args.no_context, args.unet, args.crop, args.more,
-                args.augment, args.both_ways, args.warping, args.seed, args.width)
+                args.augment, args.both_ways, args.seed, args.width)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from scipy.ndimage import zoom
 
-from ctgridit.core.motion_refiner import MotionRefiner, refiner_inputs
+from ctgridit.core.motion_refiner import MotionRefiner
 from ctgridit.ct.io import read_ct
-from ctgridit.ct.slices import slice_flows
+from ctgridit.ct.slices import gap_inputs, slice_flows
+from ctgridit.ct.window import window_hu
 from ctgridit.data_folder import data_folder
 from ctgridit.training.refiner import train_refiner
 
@@ -47,9 +48,9 @@ FACTORS = (2, 3, 4, 5)
 PIXEL_MM = 1.5
 
 
-def window(hu: np.ndarray) -> torch.Tensor:
-    """``(Z, Y, X)`` slices in the window -1000..1000 HU scaled to [-1, 1] (the third array axis is the slices')."""
-    return torch.from_numpy(np.clip(hu, -1000, 1000) / 1000).float().permute(2, 1, 0).contiguous()
+def slices_of(hu: np.ndarray) -> torch.Tensor:
+    """``(Z, 1, Y, X)`` slices of HU voxels ``(X, Y, Z)`` in the slice model's window -1000..1000, as [-1, 1]."""
+    return torch.from_numpy(window_hu(hu)).float().permute(2, 1, 0)[:, None].contiguous()
 
 
 def resampled(path: str, thick: bool = False) -> torch.Tensor:
@@ -57,22 +58,21 @@ def resampled(path: str, thick: bool = False) -> torch.Tensor:
     scan = read_ct(DATA / path)
     spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
     target = np.array([PIXEL_MM, PIXEL_MM, max(PIXEL_MM, spacing[2]) if thick else PIXEL_MM])
-    return window(zoom(scan.array.astype(np.float32), spacing / target, order=1))
+    return slices_of(zoom(scan.array.astype(np.float32), spacing / target, order=1))
 
 
 def gaps(x: torch.Tensor, factor: int, every: int = 1):
-    """The refiner's inputs for every ``every``-th gap between the ``factor``-th slices of ``x`` ``(Z, Y, X)``,
-    the real slices between, and the flow fill: ``(N, 11, Y, X)``, ``(N, 1, Y, X)``, ``(N, 1, Y, X)``."""
+    """For every ``every``-th gap between the ``factor``-th slices of ``x`` ``(Z, 1, Y, X)``: the refiner's inputs
+    (:func:`~ctgridit.ct.slices.gap_inputs`, as ``interpolate`` makes them), the real slices between and the flow
+    fill: ``(N, 11, Y, X)``, ``(N, 1, Y, X)``, ``(N, 1, Y, X)``."""
     n = (x.shape[0] - 1) // factor * factor + 1
-    before, after = x[0:n - 1:factor, None], x[factor:n:factor, None]
-    flow = slice_flows(before, after)
-    outer_before, outer_after = torch.cat([before[:1], before[:-1]]), torch.cat([after[1:], after[-1:]])
+    known = x[0:n:factor]
+    flow = slice_flows(known[:-1], known[1:])
     out = []
     for k in range(1, factor):
-        weight = torch.full((len(before),), k / factor)
-        inputs = refiner_inputs(before, after, outer_before, outer_after, flow, weight)
+        inputs = gap_inputs(known, flow, k / factor)
         fill = (1 - k / factor) * inputs[:, :1] + k / factor * inputs[:, 1:2]
-        out.append((inputs[::every], x[k:n:factor, None][::every], fill[::every]))
+        out.append((inputs[::every], x[k:n:factor][::every], fill[::every]))
     return [torch.cat(t) for t in zip(*out)]
 
 
@@ -89,13 +89,17 @@ def psnr(error: torch.Tensor) -> float:
 
 
 def held_out(refiner: MotionRefiner) -> None:
+    """The refiner's gain over the flow fill on the held-out scans, at their own pixel size (as ``interpolate``
+    runs it: the U-Net on the slices resized to 1.5 mm pixels)."""
     with torch.no_grad():
         for name in HELD_OUT:
-            x = window(read_ct(DATA / name).array.astype(np.float32))
+            scan = read_ct(DATA / name)
+            x = slices_of(scan.array.astype(np.float32))
+            scale = float(np.linalg.norm(scan.affine[:3, :2], axis=0).mean()) / PIXEL_MM
             row = []
             for factor in FACTORS:
                 inputs, real, fill = gaps(x, factor)
-                out = torch.cat([refiner(inputs[i:i + 16]) for i in range(0, len(inputs), 16)])
+                out = torch.cat([refiner(inputs[i:i + 16], scale) for i in range(0, len(inputs), 16)])
                 row.append(f"factor {factor}: flow {psnr(fill - real):.2f}, refined {psnr(out - real):.2f} "
                            f"({psnr(out - real) - psnr(fill - real):+.2f})")
             print(f"{name.split('/')[-1]}: " + "; ".join(row), flush=True)
@@ -108,7 +112,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only measure OUT/model on the held-out scans (the end of a training run)")
     args = parser.parse_args()
+    if args.evaluate:
+        held_out(MotionRefiner.from_pretrained(args.out / "model").eval())
+        return
     start = time.perf_counter()
     sets = training_sets()
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -8,6 +8,7 @@ and loading, and one without a motion fill is refused one.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,9 +99,25 @@ class Stop(Exception):
     pass
 
 
+class Stopping(list):
+    """Training sets that stop the run (raise :class:`Stop`) when a batch is drawn from them the ``draws``-th time."""
+
+    def __init__(self, sets, draws: int):
+        super().__init__(sets)
+        self.draws = draws
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            self.draws -= 1
+            if self.draws == 0:
+                raise Stop
+        return super().__getitem__(index)
+
+
 def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
-    """A run stopped after its checkpoint at step 3 and started again over the same folder ends with the same
-    weights, bit for bit, as a run that went through, and its log has every step once."""
+    """A run stopped in step 5 (its last checkpoint at step 3) and started again over the same folder ends with
+    the same weights, bit for bit, as a run that went through, and its log has every step once; continued to
+    more steps, it still learns."""
     import csv
 
     from ctgridit.core.motion_refiner import MotionRefiner
@@ -115,17 +132,47 @@ def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
     settings = dict(width=8, batch=4, crop=20, every=3, report=lambda line: None)
     whole = train_refiner(tmp_path / "whole", sets, 6, **settings)
 
-    def stop_at_3(line: str) -> None:
-        if line.startswith("step 3/"):
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_refiner(tmp_path / "stopped", sets, 6, **{**settings, "report": stop_at_3})
+    with pytest.raises(Stop):                      # stopped in step 5, after the checkpoint at step 3
+        train_refiner(tmp_path / "stopped", Stopping(sets, draws=5), 6, **settings)
+    with (tmp_path / "stopped" / "train_log.csv").open() as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == [1, 2, 3, 4]
     resumed = train_refiner(tmp_path / "stopped", sets, 6, **settings)
     for name, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
-    rows = list(csv.DictReader((tmp_path / "stopped" / "train_log.csv").open()))
-    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    with (tmp_path / "stopped" / "train_log.csv").open() as handle:
+        assert [int(r["step"]) for r in csv.DictReader(handle)] == list(range(1, 7))
     saved = MotionRefiner.from_pretrained(tmp_path / "stopped" / "model")
     assert torch.equal(saved.net.out.weight, whole.net.out.weight) and not torch.equal(
         whole.net.out.weight, torch.zeros_like(whole.net.out.weight))
+    further = train_refiner(tmp_path / "stopped", sets, 8, **settings)     # continued: the rate is not 0
+    assert not torch.equal(further.net.out.weight, whole.net.out.weight)
+
+
+class Echo(torch.nn.Module):
+    """A stand-in for the U-Net: a residual equal to the (resized) first known frame it is given, all of the
+    first moved frame (share 1), no change of the moves."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))           # the refiner's dtype is its parameters'
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(features), 6, *features.shape[-2:])
+        out[:, 4], out[:, 5] = 50.0, features[:, 2]
+        return out
+
+
+@pytest.mark.parametrize("size", [(64, 64), (101, 87)])
+def test_the_working_size_lines_up_with_the_frames_own(size):
+    """What the U-Net gives at half size (odd sizes included, which do not halve exactly) lands where it was
+    computed: a residual echoing the smooth first frame comes back as that frame, within what resizing a
+    smooth texture down and up loses (its rms), not shifted towards one edge."""
+    refiner = MotionRefiner()
+    refiner.net = Echo()
+    frames = torch.cat([texture(128, seed=s)[..., :size[0], :size[1]] for s in range(4)])
+    inputs = refiner_inputs(frames[0:1], frames[1:2], frames[2:3], frames[3:4], torch.zeros(1, 4, *size),
+                            torch.tensor([0.5]))
+    with torch.no_grad():
+        residual = refiner(inputs, scale=0.5) - frames[0:1]
+    error = (residual - frames[0:1])[..., 4:-4, 4:-4]
+    assert error.pow(2).mean().sqrt() < 0.22 * frames[0].pow(2).mean().sqrt()     # 0.18-0.19; shifted: 0.29

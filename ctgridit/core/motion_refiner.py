@@ -19,9 +19,10 @@ moves ``d1``, ``d2`` (x, y pixels each). Reversing the order of the frames swaps
 ``1 - w``; flipping a frame axis flips the images and negates one component of each move (:func:`reversed_inputs`
 and :func:`flipped_inputs`, the augmentation of training).
 
-``forward(inputs, scale)`` runs the U-Net on the frames resized by ``scale`` (its working pixel size: a refiner
-trained on 1.5 mm pixels refines a 0.7 mm scan at ``scale = 0.7 / 1.5``) and applies the moves, share and
-residual, resized back, at the frames' own size. Generic: nothing here knows what the frames show.
+``forward(inputs, scale)`` runs the U-Net on the frames resized by ``scale`` (to its working pixel size: a
+refiner trained on 1.5 mm pixels refines a 0.7 mm scan at ``scale = 0.7 / 1.5``; rounded to whole pixels, the
+moves scaled by the ratio of the sizes along each axis) and applies the moves, share and residual, resized back,
+at the frames' own size. Generic: nothing here knows what the frames show.
 """
 
 from __future__ import annotations
@@ -73,13 +74,13 @@ def flipped_inputs(inputs: torch.Tensor, axis: int) -> torch.Tensor:
     """The inputs of the frames flipped along ``axis`` (-1: x, -2: y): the moves' component along it negated."""
     out = inputs.flip(axis)
     component = 0 if axis == -1 else 1
-    out[:, [7 + component, 9 + component]] *= -1
+    out[:, [MOVES.start + component, MOVES.start + 2 + component]] *= -1
     return out
 
 
 class UNet(nn.Module):
     """A 3-scale U-Net (``width``, 2x, 4x channels; two 3 x 3 convolutions a scale, GELU; a receptive field of
-    about 70 pixels) whose last convolution starts at zero."""
+    about 50 pixels) whose last convolution starts at zero."""
 
     def __init__(self, channels: int, width: int, outputs: int):
         super().__init__()
@@ -115,16 +116,19 @@ class MotionRefiner(ModelMixin, ConfigMixin):
     def forward(self, inputs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """``(B, 1, H, W)`` frames made from :func:`refiner_inputs`; the U-Net works on them resized by ``scale``."""
         unit = self.config.displacement_unit
-        d1, d2 = inputs[:, 7:9], inputs[:, 9:11]
+        d1, d2 = inputs[:, MOVES][:, :2], inputs[:, MOVES][:, 2:]
         w = inputs[:, POSITION:POSITION + 1].clamp(1e-3, 1 - 1e-3)
         size = inputs.shape[-2:]
-        small = inputs if scale == 1 else F.interpolate(inputs, scale_factor=scale, mode="bilinear",
-                                                        antialias=scale < 1)
-        features = torch.cat([small[:, :7], small[:, 7:] * (scale / unit)], 1)
+        small = tuple(max(1, round(n * scale)) for n in size)
+        ratio = torch.tensor([small[1] / size[1], small[0] / size[0]] * 2, dtype=inputs.dtype,
+                             device=inputs.device).view(1, 4, 1, 1)                   # x, y of each move
+        resized = inputs if small == tuple(size) else F.interpolate(inputs, size=small, mode="bilinear",
+                                                                    antialias=scale < 1)
+        features = torch.cat([resized[:, :POSITION + 1], resized[:, MOVES] * ratio / unit], 1)
         out = self.net(features.to(self.dtype)).float()
-        if scale != 1:
-            out = F.interpolate(out, size=size, mode="bilinear")
-        moves = out[:, :4] * (unit / scale)
+        if small != tuple(size):
+            out = F.interpolate(out, size=size, mode="bilinear", antialias=scale > 1)
+        moves = out[:, :4] * unit / ratio
         share = torch.sigmoid(out[:, 4:5] + torch.log((1 - w) / w))
         first = warp(inputs[:, 2:3], d1 + moves[:, 0:2])
         last = warp(inputs[:, 3:4], d2 + moves[:, 2:4])

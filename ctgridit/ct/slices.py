@@ -413,28 +413,35 @@ def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, factor: i
     (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices is sampled, how they
     are mixed, a residual), given the slices before and after the two as context; its U-Net works at the pixel
     size it was trained on (``pixel`` mm in-plane resized to it). The plain fill for a model without a refiner."""
-    from ctgridit.core.motion_refiner import refiner_inputs
-
     out = fill_between(fill, images, factor)
     refiner = pipeline.refiner
     if refiner is None or not hasattr(fill, "flow"):
         return out
     scale = pixel / refiner.config.pixel_size
-    before, after = images[:-1], images[1:]
-    outer_before, outer_after = torch.cat([images[:1], images[:-2]]), torch.cat([images[2:], images[-1:]])
-    calls = [(k, i) for k in range(1, factor) for i in range(0, len(before), REFINER_BATCH)]
+    gaps = len(images) - 1
+    calls = [(k, i) for k in range(1, factor) for i in range(0, gaps, REFINER_BATCH)]
     device = pipeline.device
     for done, (k, i) in enumerate(calls):
-        part = slice(i, i + REFINER_BATCH)
-        weight = torch.full((len(before[part]),), k / factor)
-        inputs = refiner_inputs(before[part], after[part], outer_before[part], outer_after[part], fill.flow[part],
-                                weight)
+        inputs = gap_inputs(images, fill.flow, k / factor, slice(i, min(i + REFINER_BATCH, gaps)))
         with torch.no_grad(), inference_precision(device, precision):
             made = refiner(inputs.to(device), scale).float().cpu()
         out[k + factor * i:k + factor * (i + len(made)):factor] = made.clamp(-1, 1)
         if progress is not None:
             progress("refine", done + 1, len(calls))
     return out
+
+
+def gap_inputs(images: torch.Tensor, flow: torch.Tensor, weight: float, gaps: slice = slice(None)) -> torch.Tensor:
+    """The refiner's inputs (:func:`~ctgridit.core.motion_refiner.refiner_inputs`) for new slices at fraction
+    ``weight`` of the way across the ``gaps`` between consecutive ``images`` (``(n, 1, Y, X)``): each gap's two
+    slices, the slices before and after them as context (the end slices repeated at the ends), and their
+    :func:`slice_flows` (``flow``, one per gap)."""
+    from ctgridit.core.motion_refiner import refiner_inputs
+
+    before, after = images[:-1][gaps], images[1:][gaps]
+    outer_before = torch.cat([images[:1], images[:-2]])[gaps]
+    outer_after = torch.cat([images[2:], images[-1:]])[gaps]
+    return refiner_inputs(before, after, outer_before, outer_after, flow[gaps], torch.full((len(before),), weight))
 
 
 #: Slice pairs per TV-L1 call.

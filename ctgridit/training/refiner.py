@@ -4,8 +4,9 @@ The caller prepares ``sets``: pairs ``(inputs, real)`` of :func:`~ctgridit.core.
 ``(N, 11, H, W)`` and the real frames between ``(N, 1, H, W)`` (one set per sequence and gap, say). Each step
 draws a set (in proportion to its size), ``BATCH`` of its gaps and one ``CROP`` x ``CROP`` window, flips the
 crops along x and y and reverses them along the sequence at random (:func:`~ctgridit.core.motion_refiner.
-flipped_inputs`, :func:`~ctgridit.core.motion_refiner.reversed_inputs`), and takes an Adam step (1e-3, cosine to
-``steps``) on the squared error inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
+flipped_inputs`, :func:`~ctgridit.core.motion_refiner.reversed_inputs`), and takes an Adam step (1e-3 along a
+cosine to 0 at ``steps``; a run continued to more steps follows the cosine to its new end) on the squared error
+inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
 
 Every ``every`` steps the weights, optimizer, schedule, step and both random states go to ``checkpoint.pt``
 (``weights_only`` loadable, written atomically) and ``train_log.csv`` gets the loss of each step: a run started
@@ -15,6 +16,7 @@ again over the same folder continues exactly where the last checkpoint was. The 
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,13 +30,18 @@ from ctgridit.files import atomic_output
 BATCH, CROP, INNER = 16, 64, 8
 
 
+def cosine(step: int, steps: int) -> float:
+    """The learning rate's factor at ``step`` of ``steps``: from 1 to 0 along half a cosine (0 beyond)."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.random.Generator,
                   batch: int = BATCH, crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch (module docstring): inputs ``(batch, 11, crop, crop)`` and the real frames."""
     share = np.array([len(s[0]) for s in sets], dtype=np.float64)
     inputs, real = sets[rng.choice(len(sets), p=share / share.sum())]
     pick = torch.from_numpy(rng.integers(0, len(inputs), batch))
-    i, j = rng.integers(0, inputs.shape[-2] - crop), rng.integers(0, inputs.shape[-1] - crop)
+    i, j = rng.integers(0, inputs.shape[-2] - crop + 1), rng.integers(0, inputs.shape[-1] - crop + 1)
     inputs, real = inputs[pick, :, i:i + crop, j:j + crop], real[pick, :, i:i + crop, j:j + crop]
     for axis in (-1, -2):
         if rng.random() < 0.5:
@@ -56,23 +63,24 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
     rng = np.random.default_rng(seed)
     refiner = MotionRefiner(width=width, pixel_size=pixel_size)
     optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         refiner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        schedule.T_max = steps
+        schedule.load_state_dict(state["schedule"])                 # the step; the rate follows ``steps``
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         report(f"continued from step {step}")
     log = out / "train_log.csv"
-    if log.exists():                                   # the steps after the checkpoint are done again
-        rows = list(csv.reader(log.open()))
+    if log.exists():                     # the steps after the checkpoint (and a line cut short) are done again
+        with log.open(newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [r for r in rows[1:] if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step]
         with atomic_output(log) as tmp, tmp.open("w", newline="") as handle:
-            csv.writer(handle).writerows(rows[:1] + [r for r in rows[1:] if int(r[0]) <= step])
+            csv.writer(handle).writerows(rows[:1] + [r for i, r in enumerate(kept) if int(r[0]) == i + 1])
     new_log = not log.exists()
     with log.open("a", newline="") as handle:
         writer = csv.writer(handle)
