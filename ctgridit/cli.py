@@ -484,8 +484,10 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
     if not quiet:
         before, after = result.details["slices"]
         spacing = result.details["slice_spacing_mm"]
-        kept = result.details.get("correction_weight")
-        note = "" if kept is None else f"; kept {kept:.2f} of the model's correction of its fill, checked on the scan's own slices"
+        kept, refined = result.details.get("correction_weight"), result.details.get("refiner_weight")
+        note = "" if kept is None else (f"; kept {kept:.2f} of the model's correction of its fill"
+                                        + ("" if refined is None else f" and {refined:.2f} of its refinement")
+                                        + ", checked on the scan's own slices")
         typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm{note})")
 
 

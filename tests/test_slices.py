@@ -357,10 +357,34 @@ def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(facto
     with torch.no_grad():
         refiner.net.out.bias[5] = 0.05
     pipeline.register_modules(refiner=refiner)
-    result = interpolate_volume(volume, factor, pipeline)
+    result = interpolate_volume(volume, factor, pipeline, check=False)
     made = result.volume.array
-    assert result.details["refiner"] and result.details["correction_weight"] == 1.0
+    assert result.details["refiner"]
     np.testing.assert_array_equal(made[:, :, ::factor], volume.array)
     linear = np.interp(np.arange(made.shape[2]) / factor, np.arange(5), levels)
     new = np.arange(made.shape[2]) % factor != 0
     np.testing.assert_allclose(made[:, :, new], np.broadcast_to(linear[new] + 50, made[:, :, new].shape), atol=0.5)
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_the_refinement_is_kept_as_far_as_it_helps_on_the_scans_own_slices(above):
+    """The check on the scan's own slices (every second one left out and made again) weighs the refiner's change
+    of the fill as it weighs the model's correction: a refiner that adds 50 HU is kept whole where the left-out
+    slices lie 50 HU above the mix of their neighbours, and dropped where they lie 50 HU below (least squares
+    within [0, 1]); a fresh DiT's (zero) correction is kept whole either way."""
+    from ctgridit.core.motion_refiner import MotionRefiner
+
+    offset = 50.0 if above else -50.0
+    levels = np.array([-600.0, -450.0 + offset, -300.0, -100.0 + offset, 100.0])
+    volume = CTVolume(np.broadcast_to(levels, (20, 24, 5)).copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
+    refiner = MotionRefiner(width=8, pixel_size=2.0)
+    with torch.no_grad():
+        refiner.net.out.bias[5] = 0.05
+    pipeline.register_modules(refiner=refiner)
+    result = interpolate_volume(volume, 2, pipeline)
+    assert result.details["correction_weight"] == 1.0
+    assert result.details["refiner_weight"] == pytest.approx(1.0 if above else 0.0, abs=2e-3)    # bfloat16
+    linear = np.interp(np.arange(9) / 2, np.arange(5), levels)
+    np.testing.assert_allclose(result.volume.array[:, :, 1::2],
+                               np.broadcast_to(linear[1::2] + (50 if above else 0), (20, 24, 4)), atol=0.5)

@@ -175,17 +175,17 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
     if fill is None:
         hu = _to_hu(filled, lps, pipeline, keep=keep)
     else:
-        # the fill plus the share of the model's correction of it that helps on the scan's own slices
-        # (checked_weight), in the window; plus what the same fill made from the slices in HU has beyond the
+        # the fill plus the shares of its refinement and of the model's correction of it that help on the scan's
+        # own slices (checked_weight), in the window; plus what the same fill made from the slices in HU has beyond the
         # window, so that bone above it and air below it are kept (as --method flow keeps them)
         from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
         pixel = _pixel_size(lps)
         checked = checked_weight(pipeline, frames, steps, seed, progress, precision, pixel) if check else None
-        weight = 1.0 if checked is None else checked
+        weight, refined = (1.0, 1.0) if checked is None else (checked[0], 1.0 if checked[1] is None else checked[1])
         plain = fill_between(fill, frames, factor)
-        base = refined_fill(pipeline, fill, frames, factor, pixel, precision, progress)
-        hu = _to_hu(base + weight * (filled - plain), lps, pipeline, keep=keep)
+        base = plain if refined == 0 else refined_fill(pipeline, fill, frames, factor, pixel, precision, progress)
+        hu = _to_hu(plain + refined * (base - plain) + weight * (filled - plain), lps, pipeline, keep=keep)
         low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
         beyond = frames_to_volume(fill_between(fill, volume_to_frames(lps.as_tensor().float()), factor))
         beyond -= beyond.clamp(low, high)                                       # what lies beyond the window
@@ -198,7 +198,9 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
                "slice_spacing_mm": [spacing, spacing / factor], "slices": [n, len(out)], "precision": precision,
                "refiner": pipeline.refiner is not None and fill is not None}
     if checked is not None:
-        details["correction_weight"] = checked
+        details["correction_weight"] = checked[0]
+        if checked[1] is not None:
+            details["refiner_weight"] = checked[1]
     return SliceResult(result, time.perf_counter() - start, details)
 
 
@@ -519,16 +521,19 @@ CHECK_PAIRS = 8
 
 def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int,
                    progress: ProgressCallback | None = None, precision: str = "fp32",
-                   pixel: float = 1.0) -> float | None:
-    """How much of the model's correction of its fill to keep, measured on the scan itself: every second input
-    slice of a middle slab (``CHECK_PAIRS`` gaps) is left out and made again from its two neighbours at twice
-    the input spacing (the smallest factor the model serves, 2 for the bundled one), by the fill alone and by the
-    model; the weight ``w`` in [0, 1] that makes ``base + w (model - fill)`` closest to the left-out slices (least
-    squares) is returned, ``base`` being the fill corrected by the model's refiner (:func:`refined_fill`; the fill
-    itself for a model without one; ``pixel``: the scan's in-plane voxel size, mm). On the upper-abdomen
-    scan of the evaluation the correction is harmful (the model 0.7 dB below its own fill at factor 2) and is
-    turned down; where it helps it is kept. No correction gives 1; a scan too short to check (fewer than
-    ``factor + 1`` slices), None."""
+                   pixel: float = 1.0) -> tuple[float, float | None] | None:
+    """How much of the model's correction of its fill to keep, and of its refiner's, measured on the scan
+    itself: every second input slice of a middle slab (``CHECK_PAIRS`` gaps) is left out and made again from its
+    two neighbours at twice the input spacing (the smallest factor the model serves, 2 for the bundled one), by
+    the fill alone, by the fill refined (:func:`refined_fill`; ``pixel``: the scan's in-plane voxel size, mm) and
+    by the model; the weights ``w`` and ``v`` in [0, 1] that make ``fill + v (refined - fill) + w (model - fill)``
+    closest to the left-out slices (least squares within those bounds, SciPy's ``lsq_linear``) are returned as
+    ``(w, v)``, ``v`` None for a model without a refiner. On the upper-abdomen scan of the evaluation the
+    model's correction is harmful (the model 0.7 dB below its own fill at factor 2) and is turned down; where
+    it helps it is kept. No correction (or refinement) gives 1; a scan too short to check (fewer than ``factor +
+    1`` slices), None."""
+    from scipy.optimize import lsq_linear
+
     n, factor = len(frames), min(served_factors(pipeline))
     if n < factor + 1:
         return None
@@ -542,14 +547,23 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     if fill is None:
         return None
     plain = fill_between(fill, slab[::factor], factor)
-    base = refined_fill(pipeline, fill, slab[::factor], factor, pixel, precision)
     new = torch.arange(len(slab)) % factor != 0
-    correction = (model[new] - plain[new]).double()
-    error = (slab[new] - base[new]).double()
-    energy = float((correction * correction).sum())
-    if energy <= 1e-10 * correction.numel():           # no correction (rms below 1e-5 of the window): keep it
-        return 1.0
-    return float(min(1.0, max(0.0, float((correction * error).sum()) / energy)))
+    changes = {"correction": model}
+    if pipeline.refiner is not None:
+        changes["refiner"] = refined_fill(pipeline, fill, slab[::factor], factor, pixel, precision)
+    error = (slab[new] - plain[new]).double().flatten()
+    weights, columns = {}, []
+    for name, made in changes.items():
+        change = (made[new] - plain[new]).double().flatten()
+        if float(change @ change) <= 1e-10 * change.numel():   # no change (rms below 1e-5 of the window): keep it
+            weights[name] = 1.0
+            error -= change
+        else:
+            columns.append((name, change))
+    if columns:
+        fit = lsq_linear(torch.stack([c for _, c in columns], 1).numpy(), error.numpy(), bounds=(0, 1), method="bvls")
+        weights.update({name: float(w) for (name, _), w in zip(columns, fit.x)})
+    return weights["correction"], weights.get("refiner")
 
 
 def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tensor) -> torch.Tensor:
