@@ -176,3 +176,16 @@ def test_the_working_size_lines_up_with_the_frames_own(size):
         residual = refiner(inputs, scale=0.5) - frames[0:1]
     error = (residual - frames[0:1])[..., 4:-4, 4:-4]
     assert error.pow(2).mean().sqrt() < 0.22 * frames[0].pow(2).mean().sqrt()     # 0.18-0.19; shifted: 0.29
+
+
+def test_the_symmetric_refiner_makes_the_same_frame_whichever_way_the_gap_is_taken():
+    """``symmetric``: the mean of the gap taken both ways, so the gap in reverse order gives the same frame (a
+    trained refiner alone need not: here one with random last-layer weights, which differs by more)."""
+    refiner = MotionRefiner(width=8)
+    with torch.no_grad():
+        torch.nn.init.normal_(refiner.net.out.weight, std=0.05)
+    inputs = refiner_inputs(*gap()[:5], torch.tensor([0.25, 0.6]))
+    with torch.no_grad():
+        torch.testing.assert_close(refiner.symmetric(reversed_inputs(inputs)), refiner.symmetric(inputs),
+                                   atol=1e-5, rtol=0)
+        assert (refiner(reversed_inputs(inputs)) - refiner(inputs)).abs().max() > 1e-2

@@ -413,7 +413,8 @@ def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, factor: i
                  precision: str = "fp32", progress: ProgressCallback | None = None) -> torch.Tensor:
     """:func:`fill_between` of a :func:`motion_fill`, each new slice corrected by the slice model's refiner
     (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices is sampled, how they
-    are mixed, a residual), given the slices before and after the two as context; its U-Net works at the pixel
+    are mixed, a residual; the mean of the gap taken both ways, ``symmetric``), given the slices before and after
+    the two as context; its U-Net works at the pixel
     size it was trained on (``pixel`` mm in-plane resized to it). The plain fill for a model without a refiner."""
     out = fill_between(fill, images, factor)
     refiner = pipeline.refiner
@@ -426,7 +427,7 @@ def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, factor: i
     for done, (k, i) in enumerate(calls):
         inputs = gap_inputs(images, fill.flow, k / factor, slice(i, min(i + REFINER_BATCH, gaps)))
         with torch.no_grad(), inference_precision(device, precision):
-            made = refiner(inputs.to(device), scale).float().cpu()
+            made = refiner.symmetric(inputs.to(device), scale).float().cpu()
         out[k + factor * i:k + factor * (i + len(made)):factor] = made.clamp(-1, 1)
         if progress is not None:
             progress("refine", done + 1, len(calls))
