@@ -256,8 +256,11 @@ residual (as Super SloMo and RIFE refine a flow for video). It works on {pipelin
 with other pixels is resized for it, and its moves applied at the scan's own size).
 Trained with `python pipelines/train_motion_refiner.py runs/motion_refiner` (LIDC-IDRI-0314 at
 1.5 mm, LIDC-IDRI-0001, the elastix lung crop and STS_001 to STS_017; factors 2 to 5; batch 16 of
-64 x 64 crops, flips and reversal; 1 CPU core): {stage_summary(log) if log else "no log"}. The DiT's correction of
-the plain fill is added to the refined fill with the weight the scan's own slices give it.
+64 x 64 crops, flips and reversal; 1 CPU core): {stage_summary(log) if log else "no log"} (the bundled weights came
+from the script as of commit 8d21396, whose crops stopped one pixel short of the slices' far edges; otherwise the
+same run). Each new slice is the mean of the refiner's frame for its gap taken both ways (`symmetric`). The DiT's
+correction of the plain fill is added to the refined fill; the check on the scan's own slices weighs both
+(`checked_weight`).
 Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model`.
 """
 

@@ -163,13 +163,14 @@ def _every_third_of_the_chest_crop():
 def test_the_bundled_model_beats_the_classical_interpolations_on_a_held_out_chest():
     """The bundled slice model on a scan it did not train on (the TotalSegmentator 1.5 mm chest crop, its first
     61 slices; every third kept): the filled slices are closer to the real ones than linear interpolation's (by
-    more than 0.8 dB; measured +1.41) and than the flow alone it starts from (measured +0.10)."""
+    more than 1.3 dB; measured +1.83) and than the flow alone it starts from (by more than 0.2 dB; measured +0.38
+    with the motion refiner, +0.10 without)."""
     from ctgridit.ct.fidelity import psnr
 
     real, thick, where = _every_third_of_the_chest_crop()
     made = {m: psnr(real, interpolate_volume(thick, 3, method=m, device="cpu").volume.array, mask=where)
             for m in ("gridit", "linear", "flow")}
-    assert made["gridit"] > made["linear"] + 0.8 and made["gridit"] > made["flow"], made
+    assert made["gridit"] > made["linear"] + 1.3 and made["gridit"] > made["flow"] + 0.2, made
 
 
 def test_bfloat16_runs_only_the_slice_models_calls_and_changes_little(monkeypatch):
