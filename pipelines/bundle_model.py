@@ -261,7 +261,8 @@ from the script as of commit 8d21396, whose crops stopped one pixel short of the
 same run). Each new slice is the mean of the refiner's frame for its gap taken both ways (`symmetric`). The DiT's
 correction of the plain fill is added to the refined fill; the check on the scan's own slices weighs both
 (`checked_weight`).
-Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model`.
+Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model
+--bench <the output of pipelines/eval_interpolate.py>`.
 """
 
 

@@ -5,8 +5,8 @@ The caller prepares ``sets``: pairs ``(inputs, real)`` of :func:`~ctgridit.core.
 draws a set (in proportion to its size), ``BATCH`` of its gaps and one ``CROP`` x ``CROP`` window, flips the
 crops along x and y and reverses them along the sequence at random (:func:`~ctgridit.core.motion_refiner.
 flipped_inputs`, :func:`~ctgridit.core.motion_refiner.reversed_inputs`), and takes an Adam step (1e-3 along a
-cosine to 0 at ``steps``; a run continued to more steps follows the cosine to its new end) on the squared error
-inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
+cosine to 0 at ``steps``; a run continued to more steps goes back up to where that longer cosine is) on the
+squared error inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
 
 Every ``every`` steps the weights, optimizer, schedule, step and both random states go to ``checkpoint.pt``
 (``weights_only`` loadable, written atomically) and ``train_log.csv`` gets the loss of each step: a run started
