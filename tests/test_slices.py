@@ -342,6 +342,20 @@ def test_default_output_names_sit_next_to_the_input(tmp_path, small_ct):
     assert info.value.code == 0 and (tmp_path / "scan_up2.nii.gz").exists()
 
 
+def flat_slices_and_a_refiner_adding_50_hu(levels: np.ndarray) -> tuple[CTVolume, GriDiTPipeline]:
+    """Slices of one HU value each (``levels``; 1 mm pixels, 2 mm apart), and a fresh flow_pair slice model with a
+    refiner (2 mm pixels) whose only output is a residual of 0.05 of the window (50 HU)."""
+    from ctgridit.core.motion_refiner import MotionRefiner
+
+    volume = CTVolume(np.broadcast_to(levels, (20, 24, len(levels))).copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
+    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
+    refiner = MotionRefiner(width=8, pixel_size=2.0)
+    with torch.no_grad():
+        refiner.net.out.bias[5] = 0.05
+    pipeline.register_modules(refiner=refiner)
+    return volume, pipeline
+
+
 @pytest.mark.parametrize("factor", [2, 3])
 def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(factor):
     """A slice model with a refiner (``refined_fill``): on slices that do not move (each of one HU value, so the
@@ -349,15 +363,8 @@ def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(facto
     fill puts new slice ``j`` of each gap at the linear mix at ``j / factor`` plus 50 HU, and keeps the scan's
     own slices exactly; a fresh DiT adds nothing, the check keeps its (zero) correction whole. The refiner works
     at its own pixel size: 2 mm pixels here, the scan's 1 mm resized for it."""
-    from ctgridit.core.motion_refiner import MotionRefiner
-
     levels = np.array([-600.0, -350.0, 0.0, 120.0, 400.0])
-    volume = CTVolume(np.broadcast_to(levels, (20, 24, 5)).copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
-    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
-    refiner = MotionRefiner(width=8, pixel_size=2.0)
-    with torch.no_grad():
-        refiner.net.out.bias[5] = 0.05
-    pipeline.register_modules(refiner=refiner)
+    volume, pipeline = flat_slices_and_a_refiner_adding_50_hu(levels)
     result = interpolate_volume(volume, factor, pipeline, check=False)
     made = result.volume.array
     assert result.details["refiner"]
@@ -373,16 +380,9 @@ def test_the_refinement_is_kept_as_far_as_it_helps_on_the_scans_own_slices(above
     of the fill as it weighs the model's correction: a refiner that adds 50 HU is kept whole where the left-out
     slices lie 50 HU above the mix of their neighbours, and dropped where they lie 50 HU below (least squares
     within [0, 1]); a fresh DiT's (zero) correction is kept whole either way."""
-    from ctgridit.core.motion_refiner import MotionRefiner
-
     offset = 50.0 if above else -50.0
     levels = np.array([-600.0, -450.0 + offset, -300.0, -100.0 + offset, 100.0])
-    volume = CTVolume(np.broadcast_to(levels, (20, 24, 5)).copy(), np.diag([1.0, 1.0, 2.0, 1.0]))
-    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
-    refiner = MotionRefiner(width=8, pixel_size=2.0)
-    with torch.no_grad():
-        refiner.net.out.bias[5] = 0.05
-    pipeline.register_modules(refiner=refiner)
+    volume, pipeline = flat_slices_and_a_refiner_adding_50_hu(levels)
     result = interpolate_volume(volume, 2, pipeline)
     assert result.details["correction_weight"] == 1.0
     assert result.details["refiner_weight"] == pytest.approx(1.0 if above else 0.0, abs=2e-3)    # bfloat16
