@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python pipelines/train_motion_refiner.py runs/motion_refiner   # 7,000 steps, 1.4 h on 1 core
     python pipelines/train_motion_refiner.py runs/motion_refiner --steps 10000      # continue further (the rate
                                                                                     # goes back up the cosine)
+    python pipelines/train_motion_refiner.py runs/refiner2 --start ctgridit/models/ct_interpolate/refiner
 
 The refiner corrects the fill of ``--method flow`` (each gap's two known slices moved along their TV-L1
 motion both ways and mixed by distance, :func:`ctgridit.ct.slices.slice_flows`): where each known slice is
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=Path, default=None,
+                        help="start from this refiner folder (e.g. ctgridit/models/ct_interpolate/refiner)")
     parser.add_argument("--evaluate", action="store_true",
                         help="only measure OUT/model on the held-out scans (the end of a training run)")
     args = parser.parse_args()
@@ -124,8 +127,9 @@ def main() -> None:
     start = time.perf_counter()
     sets = training_sets()
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
+    start = MotionRefiner.from_pretrained(args.start) if args.start else None
     refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM,
-                            report=lambda line: print(line, flush=True))
+                            report=lambda line: print(line, flush=True), start=start)
     held_out(refiner.eval())
 
 

@@ -146,6 +146,9 @@ def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
         whole.net.out.weight, torch.zeros_like(whole.net.out.weight))
     further = train_refiner(tmp_path / "stopped", sets, 8, **settings)     # continued: the rate is not 0
     assert not torch.equal(further.net.out.weight, whole.net.out.weight)
+    started = train_refiner(tmp_path / "started", sets, 1, **{**settings, "width": 32}, start=whole)
+    assert started.config.width == 8                                  # the start's weights, one step on
+    assert (started.net.out.weight - whole.net.out.weight).abs().max() < 2e-3 < whole.net.out.weight.abs().max()
 
 
 class Echo(torch.nn.Module):

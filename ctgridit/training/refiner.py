@@ -53,15 +53,17 @@ def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.ran
 
 def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
                   every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
-                  batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print) -> MotionRefiner:
+                  batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print,
+                  start: MotionRefiner | None = None) -> MotionRefiner:
     """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
-    ``pixel_size``: the size of the pixels of ``sets``, recorded in the refiner's config."""
+    ``pixel_size``: the size of the pixels of ``sets``, recorded in the refiner's config; ``start``: a refiner to
+    start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    refiner = MotionRefiner(width=width, pixel_size=pixel_size)
+    refiner = MotionRefiner(width=start.config.width if start else width, pixel_size=pixel_size)
     optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
@@ -74,6 +76,8 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         report(f"continued from step {step}")
+    elif start is not None:
+        refiner.load_state_dict(start.state_dict())
     log = out / "train_log.csv"
     if log.exists():                     # the steps after the checkpoint (and a line cut short) are done again
         with log.open(newline="") as handle:
