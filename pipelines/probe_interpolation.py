@@ -22,7 +22,7 @@ U-Net, :class:`~ctgridit.core.motion_refiner.UNet`) that adds a correction to th
 given both moved slices, both known slices, the slices before and after them (4-slice context) and the position
 in the gap, trained on LIDC-IDRI-0314 (a chest at 1 mm) resampled to the crops' 1.5 mm isotropic voxels, with
 slices taken along ``--axes`` of its three axes (1: axial only) and factors 2 to 5 (``--more``: and the other
-chest and limb scans no evaluation holds out, :data:`MORE`; ``--augment``: crops flipped and reversed along the
+chest and limb scans no evaluation holds out, :data:`train_motion_refiner.MORE`; ``--augment``: crops flipped and reversed along the
 slice axis); then applied to the crops and the thigh STS_019. A network at the test scans' own resolution, with
 pixel-level outputs and more context than the slice model: if it gains little, the limit is not the slice model's
 architecture.
@@ -47,36 +47,20 @@ from ctgridit.core.motion import TVL1, moved, warp
 from ctgridit.core.motion_refiner import UNet
 from ctgridit.ct.slices import slice_flows
 from ctgridit.ct.io import read_ct
-from ctgridit.data_folder import data_folder
+from train_motion_refiner import DATA, FACTORS, HELD_OUT, MORE, TRAIN, psnr, slices_of
+from train_motion_refiner import resampled as resampled_slices
 
-DATA = data_folder()
-HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
-            "soft_tissue_sarcoma/STS_019.nii.gz"]
-TRAIN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
-FACTORS = (2, 3, 4, 5)
-#: ``--more``: the other scans with chest or limb anatomy none of the evaluations holds out, at their own slice
-#: thickness (2.5 and 3.27 mm): LIDC-IDRI-0001, the elastix lung crop, the sarcoma scans STS_001 to STS_017.
-MORE = ["lidc_idri/LIDC-IDRI-0001.nii.gz", "elastix/lung_crop_2.5mm.nii.gz",
-        *(f"soft_tissue_sarcoma/STS_{i:03d}.nii.gz" for i in range(1, 18))]
 FINE = TVL1(finest=1, warps=3, iterations=10)
 
 
 def frames(path: str) -> torch.Tensor:
     """``(Z, Y, X)`` slices of a scan in the window -1000..1000 HU, scaled to [-1, 1]."""
-    return window(read_ct(DATA / path).array.astype(np.float32))
-
-
-def window(hu: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.clip(hu, -1000, 1000) / 1000).float().permute(2, 1, 0).contiguous()
+    return slices_of(read_ct(DATA / path).array.astype(np.float32))[:, 0]
 
 
 def flows(reference: torch.Tensor, moving: torch.Tensor, motion: TVL1 = TVL1()) -> torch.Tensor:
     """The TV-L1 flow of ``moving`` onto ``reference``, 8 slices a call."""
     return torch.cat([motion.flow(reference[i:i + 8], moving[i:i + 8]) for i in range(0, len(reference), 8)])
-
-
-def psnr(error: torch.Tensor) -> float:
-    return float(20 * np.log10(2 / float(error.double().pow(2).mean().sqrt())))
 
 
 def gaps(x: torch.Tensor, factor: int):
@@ -144,13 +128,8 @@ def network(channels: int = 7, width: int = 48) -> nn.Module:
 
 
 def resampled(path: str, thick: bool = False) -> torch.Tensor:
-    """A scan's slices with 1.5 mm voxels (``thick``: in-plane only, its slices as thick as they are if thicker)."""
-    from scipy.ndimage import zoom
-
-    scan = read_ct(DATA / path)
-    spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
-    target = np.array([1.5, 1.5, max(1.5, spacing[2]) if thick else 1.5])
-    return window(zoom(scan.array.astype(np.float32), spacing / target, order=1))
+    """``(Z, Y, X)``: the training script's 1.5 mm slices (``thick``: in-plane only where thicker)."""
+    return resampled_slices(path, thick)[:, 0]
 
 
 def augmented(inputs: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, rng, context: bool):

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ctgridit.core.motion_refiner import refiner_inputs
 from ctgridit.core.pipeline import GriDiTPipeline
 from ctgridit.core.sampler import ProgressCallback
 from ctgridit.core.precision import inference_precision, resolve_precision
@@ -184,7 +185,8 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         checked = checked_weight(pipeline, frames, steps, seed, progress, precision, pixel) if check else None
         weight, refined = (1.0, 1.0) if checked is None else (checked[0], 1.0 if checked[1] is None else checked[1])
         plain = fill_between(fill, frames, factor)
-        base = plain if refined == 0 else refined_fill(pipeline, fill, frames, factor, pixel, precision, progress)
+        base = plain if refined == 0 else refined_fill(pipeline, fill, frames, plain, factor, pixel, precision,
+                                                       progress)
         hu = _to_hu(plain + refined * (base - plain) + weight * (filled - plain), lps, pipeline, keep=keep)
         low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
         beyond = frames_to_volume(fill_between(fill, volume_to_frames(lps.as_tensor().float()), factor))
@@ -409,17 +411,17 @@ def fill_between(fill, images: torch.Tensor, factor: int) -> torch.Tensor:
 REFINER_BATCH = 8
 
 
-def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, factor: int, pixel: float,
-                 precision: str = "fp32", progress: ProgressCallback | None = None) -> torch.Tensor:
-    """:func:`fill_between` of a :func:`motion_fill`, each new slice corrected by the slice model's refiner
-    (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices is sampled, how they
-    are mixed, a residual; the mean of the gap taken both ways, ``symmetric``), given the slices before and after
-    the two as context; its U-Net works at the pixel
-    size it was trained on (``pixel`` mm in-plane resized to it). The plain fill for a model without a refiner."""
-    out = fill_between(fill, images, factor)
+def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, plain: torch.Tensor, factor: int,
+                 pixel: float, precision: str = "fp32", progress: ProgressCallback | None = None) -> torch.Tensor:
+    """``plain``, the :func:`fill_between` of a :func:`motion_fill` and ``images``, each new slice corrected by the
+    slice model's refiner (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices
+    is sampled, how they are mixed, a residual; the mean of the gap taken both ways, ``symmetric``), given the
+    slices before and after the two as context; its U-Net works at the pixel size it was trained on (``pixel`` mm
+    in-plane resized to it). ``plain`` itself for a model without a refiner."""
     refiner = pipeline.refiner
     if refiner is None or not hasattr(fill, "flow"):
-        return out
+        return plain
+    out = plain.clone()
     scale = pixel / refiner.config.pixel_size
     gaps = len(images) - 1
     calls = [(k, i) for k in range(1, factor) for i in range(0, gaps, REFINER_BATCH)]
@@ -439,8 +441,6 @@ def gap_inputs(images: torch.Tensor, flow: torch.Tensor, weight: float, gaps: sl
     ``weight`` of the way across the ``gaps`` between consecutive ``images`` (``(n, 1, Y, X)``): each gap's two
     slices, the slices before and after them as context (the end slices repeated at the ends), and their
     :func:`slice_flows` (``flow``, one per gap)."""
-    from ctgridit.core.motion_refiner import refiner_inputs
-
     before, after = images[:-1][gaps], images[1:][gaps]
     outer_before = torch.cat([images[:1], images[:-2]])[gaps]
     outer_after = torch.cat([images[2:], images[-1:]])[gaps]
@@ -551,7 +551,7 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     new = torch.arange(len(slab)) % factor != 0
     changes = {"correction": model}
     if pipeline.refiner is not None:
-        changes["refiner"] = refined_fill(pipeline, fill, slab[::factor], factor, pixel, precision)
+        changes["refiner"] = refined_fill(pipeline, fill, slab[::factor], plain, factor, pixel, precision)
     error = (slab[new] - plain[new]).double().flatten()
     weights, columns = {}, []
     for name, made in changes.items():
