@@ -9,8 +9,8 @@ The refiner corrects the fill of ``--method flow`` (each gap's two known slices 
 motion both ways and mixed by distance, :func:`ctgridit.ct.slices.slice_flows`): where each known slice is
 sampled, how the two are mixed, and a residual. Training data: LIDC-IDRI-0314 (a chest at 1 mm) resampled to
 1.5 mm voxels, and the chest and limb scans no evaluation holds out (:data:`MORE`: LIDC-IDRI-0001, the
-elastix lung crop, the sarcoma scans STS_001 to STS_017) at 1.5 mm in-plane and their own slice thickness;
-every second gap of every factor 2 to 5 along their slice axis. Batches of 16 crops of 64 x 64 pixels, flipped
+elastix lung crop, the sarcoma scans STS_001 to STS_018 and STS_020) at 1.5 mm in-plane and their own slice thickness;
+every gap of every factor 2 to 5 along their slice axis. Batches of 16 crops of 64 x 64 pixels, flipped
 and reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
 (the edges see moves from outside the crop); Adam 1e-3, cosine to ``--steps``.
 
@@ -36,14 +36,14 @@ from scipy.ndimage import zoom
 from ctgridit.core.motion_refiner import MotionRefiner
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.slices import gap_inputs, slice_flows
-from ctgridit.ct.window import window_hu
+from ctgridit.ct.window import DEFAULT_WINDOW, window_hu
 from ctgridit.data_folder import data_folder
 from ctgridit.training.refiner import train_refiner
 
 DATA = data_folder()
 TRAIN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
 MORE = ["lidc_idri/LIDC-IDRI-0001.nii.gz", "elastix/lung_crop_2.5mm.nii.gz",
-        *(f"soft_tissue_sarcoma/STS_{i:03d}.nii.gz" for i in range(1, 18))]
+        *(f"soft_tissue_sarcoma/STS_{i:03d}.nii.gz" for i in (*range(1, 19), 20))]
 HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
             "soft_tissue_sarcoma/STS_019.nii.gz"]
 FACTORS = (2, 3, 4, 5)
@@ -82,7 +82,7 @@ def training_sets() -> list[tuple[torch.Tensor, torch.Tensor]]:
     sets = []
     for path, thick in [(TRAIN, False)] + [(p, True) for p in MORE]:
         x = resampled(path, thick)
-        sets += [gaps(x, f, every=2)[:2] for f in FACTORS if len(x) > 2 * f + 1]
+        sets += [gaps(x, f)[:2] for f in FACTORS if len(x) > 2 * f + 1]
     return sets
 
 
@@ -128,7 +128,7 @@ def main() -> None:
     sets = training_sets()
     print(f"training sets: {sum(len(s[0]) for s in sets)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
     start = MotionRefiner.from_pretrained(args.start) if args.start else None
-    refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM,
+    refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM, DEFAULT_WINDOW,
                             report=lambda line: print(line, flush=True), start=start)
     held_out(refiner.eval())
 

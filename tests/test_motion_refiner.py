@@ -129,7 +129,8 @@ def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
         flow = smooth_flow(4, 24, seed)
         inputs = refiner_inputs(frames[0:2], frames[2:4], frames[0:2], frames[2:4], flow, torch.tensor([0.5, 0.5]))
         sets.append((inputs, frames[4:5].expand(2, -1, -1, -1)))
-    settings = dict(width=8, batch=4, crop=20, every=3, report=lambda line: None)
+    settings = dict(width=8, batch=4, crop=20, every=3, report=lambda line: None, pixel_size=1.5,
+                    window=(-1000, 1000))
     whole = train_refiner(tmp_path / "whole", sets, 6, **settings)
 
     with pytest.raises(Stop):                      # stopped in step 5, after the checkpoint at step 3
@@ -148,6 +149,7 @@ def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
     assert not torch.equal(further.net.out.weight, whole.net.out.weight)
     started = train_refiner(tmp_path / "started", sets, 1, **{**settings, "width": 32}, start=whole)
     assert started.config.width == 8                                  # the start's weights, one step on
+    assert saved.config.pixel_size == 1.5 and saved.config.window == [-1000.0, 1000.0]   # recorded
     assert (started.net.out.weight - whole.net.out.weight).abs().max() < 2e-3 < whole.net.out.weight.abs().max()
 
 

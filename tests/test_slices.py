@@ -374,6 +374,41 @@ def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(facto
     np.testing.assert_allclose(made[:, :, new], np.broadcast_to(linear[new] + 50, made[:, :, new].shape), atol=0.5)
 
 
+def test_bone_beyond_the_window_moves_with_the_refiners_moves():
+    """The refiner's moves apply to what lies beyond the model's window too: on slices that do not move, with a bar of
+    bone at 2000 HU, a refiner that samples both known slices 2 pixels to the side (0.1 of its 10-pixel unit at its
+    2 mm pixels is 2 of the scan's 1 mm ones) puts each new slice's whole bar, 2000 HU, 2 pixels to the side; the
+    bar's part above 1000 HU is not left where the flow fill put it."""
+    from ctgridit.core.motion_refiner import MotionRefiner
+
+    known = np.full((20, 24, 4), 40.0)
+    known[8:12] = 2000.0
+    volume = CTVolume(known, np.diag([1.0, 1.0, 2.0, 1.0]))
+    pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
+    refiner = MotionRefiner(width=8, pixel_size=2.0)
+    with torch.no_grad():
+        refiner.net.out.bias[[0, 2]] = 0.1
+    pipeline.register_modules(refiner=refiner)
+    made = interpolate_volume(volume, 2, pipeline, check=False, precision="fp32").volume.array
+    np.testing.assert_array_equal(made[:, :, ::2], known)
+    shifted = np.full((20, 24), 40.0)
+    shifted[10:14] = 2000.0                       # LPS x is RAS x reversed: 2 pixels along x of the frames is +2 here
+    np.testing.assert_allclose(made[:, :, 1::2], np.broadcast_to(shifted[..., None], (20, 24, 3)), atol=0.5)
+
+
+def test_a_refiner_trained_in_another_window_is_refused():
+    """A refiner records the HU window it was trained in; one that differs from the slice model's is refused in one
+    line, one that agrees (or records none, as older ones) is used."""
+    from ctgridit.core.motion_refiner import MotionRefiner
+
+    volume, pipeline = flat_slices_and_a_refiner_adding_50_hu(np.array([-600.0, -350.0, 0.0]))
+    pipeline.register_modules(refiner=MotionRefiner(width=8, pixel_size=2.0, window=[-1000, 2000]))
+    with pytest.raises(CTGridItError, match=r"refiner trained on the HU window \[-1000, 2000\]"):
+        interpolate_volume(volume, 2, pipeline)
+    pipeline.register_modules(refiner=MotionRefiner(width=8, pixel_size=2.0, window=[-1000.0, 1000.0]))
+    assert interpolate_volume(volume, 2, pipeline).details["refiner"]
+
+
 @pytest.mark.parametrize("above", [True, False])
 def test_the_refinement_is_kept_as_far_as_it_helps_on_the_scans_own_slices(above):
     """The check on the scan's own slices (every second one left out and made again) weighs the refiner's change

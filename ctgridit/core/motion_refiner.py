@@ -106,22 +106,31 @@ class UNet(nn.Module):
 
 class MotionRefiner(ModelMixin, ConfigMixin):
     """The motion fill's correction (module docstring); ``pixel_size``: the size of the pixels it was trained on,
-    in whatever unit the caller measures its frames in (recorded for the caller, which passes ``scale``)."""
+    in whatever unit the caller measures its frames in (recorded for the caller, which passes ``scale``);
+    ``window``: the intensities its frames' -1 and 1 stood for in training (recorded for the caller to check; None:
+    not recorded)."""
 
     @register_to_config
-    def __init__(self, width: int = 32, displacement_unit: float = 10.0, pixel_size: float = 1.0):
+    def __init__(self, width: int = 32, displacement_unit: float = 10.0, pixel_size: float = 1.0,
+                 window: list[float] | None = None):
         super().__init__()
         self.net = UNet(CHANNELS, width, outputs=6)
 
-    def symmetric(self, inputs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def symmetric(self, inputs: torch.Tensor, scale: float = 1.0, others: torch.Tensor | None = None):
         """The mean of the frames made from ``inputs`` and from the same gaps in reverse order
         (:func:`reversed_inputs`), one call: the same frame whichever way the gap is taken (+0.03 to +0.06 dB on
-        the held-out scans half way through the bundled refiner's training, nothing measurable at its end)."""
-        both = self(torch.cat([inputs, reversed_inputs(inputs)]), scale)
-        return 0.5 * (both[:len(inputs)] + both[len(inputs):])
+        the held-out scans half way through the bundled refiner's training, nothing measurable at its end).
+        ``others``: as in :meth:`forward`, each pair reversed with its gap."""
+        both = self(torch.cat([inputs, reversed_inputs(inputs)]), scale,
+                    None if others is None else torch.cat([others, others.flip(1)]))
+        if others is None:
+            return 0.5 * (both[:len(inputs)] + both[len(inputs):])
+        return tuple(0.5 * (made[:len(inputs)] + made[len(inputs):]) for made in both)
 
-    def forward(self, inputs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """``(B, 1, H, W)`` frames made from :func:`refiner_inputs`; the U-Net works on them resized by ``scale``."""
+    def forward(self, inputs: torch.Tensor, scale: float = 1.0, others: torch.Tensor | None = None):
+        """``(B, 1, H, W)`` frames made from :func:`refiner_inputs`; the U-Net works on them resized by ``scale``.
+        ``others`` (``(B, 2, H, W)``): the gap's two known frames in other units (the first, then the last), moved
+        and mixed the same way without the residual; given, the result is ``(frames, others made)``."""
         unit = self.config.displacement_unit
         d1, d2 = inputs[:, MOVES][:, :2], inputs[:, MOVES][:, 2:]
         w = inputs[:, POSITION:POSITION + 1].clamp(1e-3, 1 - 1e-3)
@@ -137,6 +146,9 @@ class MotionRefiner(ModelMixin, ConfigMixin):
             out = F.interpolate(out, size=size, mode="bilinear", antialias=scale > 1)
         moves = out[:, :4] * unit / ratio
         share = torch.sigmoid(out[:, 4:5] + torch.log((1 - w) / w))
-        first = warp(inputs[:, 2:3], d1 + moves[:, 0:2])
-        last = warp(inputs[:, 3:4], d2 + moves[:, 2:4])
-        return share * first + (1 - share) * last + out[:, 5:6]
+
+        def mixed(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+            return share * warp(first, d1 + moves[:, 0:2]) + (1 - share) * warp(last, d2 + moves[:, 2:4])
+
+        frames = mixed(inputs[:, 2:3], inputs[:, 3:4]) + out[:, 5:6]
+        return frames if others is None else (frames, mixed(others[:, :1], others[:, 1:2]))

@@ -46,7 +46,8 @@ window, except that, for a model with a fill (the bundled one), what the same
 fill made from the slices in HU has beyond the window (bone, air) is added. A model with a motion
 refiner (the bundled one, :mod:`ctgridit.core.motion_refiner`) corrects its flow fill before the DiT's
 correction is added (:func:`refined_fill`): where each known slice is sampled, how the two are mixed, and a
-residual. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
+residual; the slices in HU are moved and mixed as the refiner moves and mixes them, so bone beyond the window
+follows its edge. A refiner trained in another HU window than the model's is refused. DDIM with ``steps`` steps: one step (the default; models trained to predict the clean tiles) is the
 model's posterior mean, the best estimate in the mean-squared sense and the same for every seed; more steps
 draw a sample (sharper, noisier) from a model trained on every noise level (the bundled one serves one step
 only: it was fine-tuned on the last levels).
@@ -107,6 +108,11 @@ def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
     if grid.rows < 2 or grid.cells < 3:
         raise CTGridItError(f"has {grid.rows} x {grid.cols} grids; new slices need at least two rows and three cells",
                             where, "use a model of 2 x 2 or larger grids")
+    window = list(pipeline.settings.adapter.get("window", DEFAULT_WINDOW))
+    trained = None if pipeline.refiner is None else pipeline.refiner.config.window
+    if trained is not None and [float(v) for v in trained] != [float(v) for v in window]:
+        raise CTGridItError(f"has a refiner trained on the HU window {trained} and works in {window}", where,
+                            "bundle a refiner trained in the model's window (pipelines/train_motion_refiner.py)")
 
 
 #: Bytes a new-slices task holds per voxel of its result (the frames, the filled copy, HU, the volume turned back;
@@ -185,15 +191,17 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         checked = checked_weight(pipeline, frames, steps, seed, progress, precision, pixel) if check else None
         weight, refined = (1.0, 1.0) if checked is None else (checked[0], 1.0 if checked[1] is None else checked[1])
         plain = fill_between(fill, frames, factor)
-        base = plain if refined == 0 else refined_fill(pipeline, fill, frames, plain, factor, pixel, precision,
-                                                       progress)
+        in_hu = volume_to_frames(lps.as_tensor().float())
+        plain_hu = fill_between(fill, in_hu, factor)
+        base, base_hu = (plain, plain_hu) if refined == 0 else refined_fill(
+            pipeline, fill, frames, plain, factor, pixel, precision, progress, hu=(in_hu, plain_hu))
         hu = _to_hu(plain + refined * (base - plain) + weight * (filled - plain), lps, pipeline, keep=keep)
         low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
-        beyond = frames_to_volume(fill_between(fill, volume_to_frames(lps.as_tensor().float()), factor))
+        beyond = frames_to_volume(plain_hu + refined * (base_hu - plain_hu))   # moved as the fill in the window
         beyond -= beyond.clamp(low, high)                                       # what lies beyond the window
         beyond[..., keep] = 0                                                    # the input's own slices, exactly
         hu += beyond
-        del beyond, plain, filled, base
+        del beyond, plain, filled, base, in_hu, plain_hu, base_hu
     spacing = _slice_spacing(lps)
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
@@ -412,28 +420,38 @@ REFINER_BATCH = 8
 
 
 def refined_fill(pipeline: GriDiTPipeline, fill, images: torch.Tensor, plain: torch.Tensor, factor: int,
-                 pixel: float, precision: str = "fp32", progress: ProgressCallback | None = None) -> torch.Tensor:
+                 pixel: float, precision: str = "fp32", progress: ProgressCallback | None = None,
+                 hu: tuple[torch.Tensor, torch.Tensor] | None = None):
     """``plain``, the :func:`fill_between` of a :func:`motion_fill` and ``images``, each new slice corrected by the
     slice model's refiner (:class:`~ctgridit.core.motion_refiner.MotionRefiner`: where each of its two known slices
     is sampled, how they are mixed, a residual; the mean of the gap taken both ways, ``symmetric``), given the
     slices before and after the two as context; its U-Net works at the pixel size it was trained on (``pixel`` mm
-    in-plane resized to it). ``plain`` itself for a model without a refiner."""
+    in-plane resized to it). ``plain`` itself for a model without a refiner. ``hu``: the same ``images`` in HU and
+    their plain fill; given, the result is ``(refined, refined in HU)``, the second the slices in HU moved and mixed
+    as the refiner moves and mixes the first (without its residual, which is in the window)."""
     refiner = pipeline.refiner
     if refiner is None or not hasattr(fill, "flow"):
-        return plain
+        return plain if hu is None else (plain, hu[1])
     out = plain.clone()
+    out_hu = None if hu is None else hu[1].clone()
     scale = pixel / refiner.config.pixel_size
     gaps = len(images) - 1
     calls = [(k, i) for k in range(1, factor) for i in range(0, gaps, REFINER_BATCH)]
     device = pipeline.device
     for done, (k, i) in enumerate(calls):
-        inputs = gap_inputs(images, fill.flow, k / factor, slice(i, min(i + REFINER_BATCH, gaps)))
+        batch = slice(i, min(i + REFINER_BATCH, gaps))
+        inputs = gap_inputs(images, fill.flow, k / factor, batch)
+        pair = None if hu is None else torch.cat([hu[0][:-1][batch], hu[0][1:][batch]], 1).to(device)
         with torch.no_grad(), inference_precision(device, precision):
-            made = refiner.symmetric(inputs.to(device), scale).float().cpu()
-        out[k + factor * i:k + factor * (i + len(made)):factor] = made.clamp(-1, 1)
+            made = refiner.symmetric(inputs.to(device), scale, pair)
+        made, made_hu = (made, None) if hu is None else made
+        places = slice(k + factor * i, k + factor * (i + len(inputs)), factor)
+        out[places] = made.float().cpu().clamp(-1, 1)
+        if hu is not None:
+            out_hu[places] = made_hu.float().cpu()
         if progress is not None:
             progress("refine", done + 1, len(calls))
-    return out
+    return out if hu is None else (out, out_hu)
 
 
 def gap_inputs(images: torch.Tensor, flow: torch.Tensor, weight: float, gaps: slice = slice(None)) -> torch.Tensor:

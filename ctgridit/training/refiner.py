@@ -53,17 +53,19 @@ def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.ran
 
 def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
                   every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
-                  batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print,
+                  window: Sequence[float] | None = None, batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print,
                   start: MotionRefiner | None = None) -> MotionRefiner:
     """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
-    ``pixel_size``: the size of the pixels of ``sets``, recorded in the refiner's config; ``start``: a refiner to
+    ``pixel_size`` and ``window``: the size of the pixels of ``sets`` and the intensities their -1 and 1 stand for,
+    recorded in the refiner's config; ``start``: a refiner to
     start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    refiner = MotionRefiner(width=start.config.width if start else width, pixel_size=pixel_size)
+    refiner = MotionRefiner(width=start.config.width if start else width, pixel_size=pixel_size,
+                            window=None if window is None else [float(v) for v in window])
     optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
