@@ -24,6 +24,7 @@ import torch
 
 from ctgridit.core.motion_refiner import MotionRefiner
 from ctgridit.core.pipeline import GriDiTPipeline
+from ctgridit.ct.slices import check_slice_model
 from ctgridit.files import atomic_output
 from ctgridit.model_folders import BUNDLED_DENOISER, BUNDLED_MODEL, BUNDLED_SLICE_MODEL, BUNDLED_VIDEO_MODEL
 from ctgridit.training.trainer import loss_decrease
@@ -447,6 +448,7 @@ def main() -> None:
             parser.error("--refiner goes with --slices")
         pipeline.register_modules(refiner=MotionRefiner.from_pretrained(args.refiner))
         pipeline._check()                                          # a refiner needs a slice model with a flow fill
+        check_slice_model(pipeline, args.refiner)                  # ... trained in its HU window
         refiner_log = Path(args.refiner).parent / "train_log.csv"
     if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")

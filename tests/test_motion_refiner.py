@@ -75,6 +75,34 @@ def test_a_move_in_working_pixels_is_applied_in_the_frames_own():
     torch.testing.assert_close(made, moved, atol=1e-5, rtol=0)
 
 
+def test_other_frames_are_moved_and_mixed_as_the_frames_are():
+    """``others``: the gap's known frames in other units go through the same moves and shares without the residual:
+    given the known frames themselves, they come back as the frame less its residual (a residual of exactly 0.07
+    here, the rest of the last layer random); scaled and shifted, they come back scaled and shifted; and taken both
+    ways (``symmetric``), reversing the gap and its pair gives the same frames."""
+    torch.manual_seed(0)
+    refiner = MotionRefiner(width=8, pixel_size=1.0)
+    with torch.no_grad():
+        refiner.net.out.weight.normal_(0, 0.02)
+        refiner.net.out.bias.normal_(0, 0.05)
+        refiner.net.out.weight[5] = 0
+        refiner.net.out.bias[5] = 0.07
+    frames = torch.rand(6, 1, 20, 24)
+    flow = torch.randn(2, 4, 20, 24)
+    inputs = refiner_inputs(frames[1:3], frames[3:5], frames[0:2], frames[4:6], flow, torch.tensor([0.3, 0.6]))
+    with torch.no_grad():
+        made, others = refiner(inputs, 0.5, inputs[:, 2:4])
+        torch.testing.assert_close(others + 0.07, made)
+        _, scaled = refiner(inputs, 0.5, 1200 * inputs[:, 2:4] - 300)
+        torch.testing.assert_close(scaled, 1200 * others - 300, atol=1e-3, rtol=1e-5)
+        pair = torch.randn(2, 2, 20, 24)
+        both = refiner.symmetric(inputs, 0.5, pair)
+        back = refiner.symmetric(reversed_inputs(inputs), 0.5, pair.flip(1))
+        assert not torch.allclose(both[1], refiner.symmetric(inputs, 0.5, pair.flip(1))[1])   # the order matters
+    for one, other in zip(both, back):
+        torch.testing.assert_close(one, other)
+
+
 def test_a_slice_model_keeps_its_refiner_and_one_without_a_motion_fill_is_refused(tmp_path):
     from ctgridit.core.pipeline import GriDiTPipeline
     from tests.test_slices import native_pipeline
@@ -150,6 +178,11 @@ def test_training_the_refiner_resumes_exactly_where_it_stopped(tmp_path):
     started = train_refiner(tmp_path / "started", sets, 1, **{**settings, "width": 32}, start=whole)
     assert started.config.width == 8                                  # the start's weights, one step on
     assert saved.config.pixel_size == 1.5 and saved.config.window == [-1000.0, 1000.0]   # recorded
+    assert started.config.window == [-1000.0, 1000.0]
+    with pytest.raises(ValueError, match="trained on sets of"):                  # other data: not a continuation
+        train_refiner(tmp_path / "stopped", sets[:1], 9, **settings)
+    with pytest.raises(ValueError, match="start was trained in the window"):
+        train_refiner(tmp_path / "other", sets, 1, **{**settings, "window": (-160, 240)}, start=whole)
     assert (started.net.out.weight - whole.net.out.weight).abs().max() < 2e-3 < whole.net.out.weight.abs().max()
 
 

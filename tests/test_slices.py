@@ -374,26 +374,41 @@ def test_the_refiner_corrects_each_new_slice_of_the_flow_fill_at_its_place(facto
     np.testing.assert_allclose(made[:, :, new], np.broadcast_to(linear[new] + 50, made[:, :, new].shape), atol=0.5)
 
 
-def test_bone_beyond_the_window_moves_with_the_refiners_moves():
-    """The refiner's moves apply to what lies beyond the model's window too: on slices that do not move, with a bar of
-    bone at 2000 HU, a refiner that samples both known slices 2 pixels to the side (0.1 of its 10-pixel unit at its
-    2 mm pixels is 2 of the scan's 1 mm ones) puts each new slice's whole bar, 2000 HU, 2 pixels to the side; the
-    bar's part above 1000 HU is not left where the flow fill put it."""
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_bone_beyond_the_window_moves_with_the_refiners_moves(monkeypatch, share):
+    """The refiner's moves and shares apply to what lies beyond the model's window too. Eleven slices that do not
+    move in the window (a bar of bone clipped to 1000 HU), the bar 1500 to 2500 HU in HU, a different level in each
+    slice; a refiner that samples both known slices 2 pixels to the side (0.1 of its 10-pixel unit at its 2 mm
+    pixels is 2 of the scan's 1 mm ones). Kept whole (``check=False``), each new slice ``w`` of the way across a gap
+    is its two slices' mix ``(1 - w, w)`` in HU moved 2 pixels, bar and bone levels included (ten gaps: two
+    batches of the refiner; factor 3: the pair's order matters). Kept by half (the check's refiner weight pinned
+    at 0.5), the window holds the mean of the plain and the refined fill, and beyond it lies what the mean of the
+    two fills in HU has beyond it."""
     from ctgridit.core.motion_refiner import MotionRefiner
+    from ctgridit.ct import slices
 
-    known = np.full((20, 24, 4), 40.0)
-    known[8:12] = 2000.0
+    levels = 1500.0 + 100.0 * np.arange(11)
+    known = np.full((20, 24, 11), 40.0)
+    known[8:12] = levels
     volume = CTVolume(known, np.diag([1.0, 1.0, 2.0, 1.0]))
     pipeline = native_pipeline(gaps=[2, 3], fresh=True, fill="flow_pair")
     refiner = MotionRefiner(width=8, pixel_size=2.0)
     with torch.no_grad():
         refiner.net.out.bias[[0, 2]] = 0.1
     pipeline.register_modules(refiner=refiner)
-    made = interpolate_volume(volume, 2, pipeline, check=False, precision="fp32").volume.array
-    np.testing.assert_array_equal(made[:, :, ::2], known)
-    shifted = np.full((20, 24), 40.0)
-    shifted[10:14] = 2000.0                       # LPS x is RAS x reversed: 2 pixels along x of the frames is +2 here
-    np.testing.assert_allclose(made[:, :, 1::2], np.broadcast_to(shifted[..., None], (20, 24, 3)), atol=0.5)
+    if share != 1.0:
+        monkeypatch.setattr(slices, "checked_weight", lambda *args, **kwargs: (1.0, share))
+    made = interpolate_volume(volume, 3, pipeline, check=share != 1.0, precision="fp32").volume.array
+    np.testing.assert_array_equal(made[:, :, ::3], known)
+    shifted = np.full_like(known, 40.0)
+    shifted[10:14] = levels                       # LPS x is RAS x reversed: 2 pixels along x of the frames is +2 here
+    for j in (1, 2):
+        w = j / 3
+        plain = (1 - w) * known[..., :-1] + w * known[..., 1:]
+        moved = (1 - w) * shifted[..., :-1] + w * shifted[..., 1:]
+        window = (1 - share) * np.clip(plain, -1000, 1000) + share * np.clip(moved, -1000, 1000)
+        in_hu = (1 - share) * plain + share * moved
+        np.testing.assert_allclose(made[:, :, j::3], window + in_hu - np.clip(in_hu, -1000, 1000), atol=0.5)
 
 
 def test_a_refiner_trained_in_another_window_is_refused():

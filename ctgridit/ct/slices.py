@@ -108,9 +108,9 @@ def check_slice_model(pipeline: GriDiTPipeline, where=None) -> None:
     if grid.rows < 2 or grid.cells < 3:
         raise CTGridItError(f"has {grid.rows} x {grid.cols} grids; new slices need at least two rows and three cells",
                             where, "use a model of 2 x 2 or larger grids")
-    window = list(pipeline.settings.adapter.get("window", DEFAULT_WINDOW))
+    window = list(_window(pipeline))
     trained = None if pipeline.refiner is None else pipeline.refiner.config.window
-    if trained is not None and [float(v) for v in trained] != [float(v) for v in window]:
+    if trained is not None and [float(v) for v in trained] != window:
         raise CTGridItError(f"has a refiner trained on the HU window {trained} and works in {window}", where,
                             "bundle a refiner trained in the model's window (pipelines/train_motion_refiner.py)")
 
@@ -183,8 +183,8 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         hu = _to_hu(filled, lps, pipeline, keep=keep)
     else:
         # the fill plus the shares of its refinement and of the model's correction of it that help on the scan's
-        # own slices (checked_weight), in the window; plus what the same fill made from the slices in HU has beyond the
-        # window, so that bone above it and air below it are kept (as --method flow keeps them)
+        # own slices (checked_weight), in the window; plus what the slices in HU, moved and mixed as the fill and that
+        # share of the refinement, have beyond the window, so that bone above it and air below it are kept
         from ctgridit.ct.transforms import frames_to_volume, volume_to_frames
 
         pixel = _pixel_size(lps)
@@ -192,16 +192,30 @@ def interpolate_volume(volume: CTVolume, factor: int = 3, model: str | os.PathLi
         weight, refined = (1.0, 1.0) if checked is None else (checked[0], 1.0 if checked[1] is None else checked[1])
         plain = fill_between(fill, frames, factor)
         in_hu = volume_to_frames(lps.as_tensor().float())
-        plain_hu = fill_between(fill, in_hu, factor)
-        base, base_hu = (plain, plain_hu) if refined == 0 else refined_fill(
-            pipeline, fill, frames, plain, factor, pixel, precision, progress, hu=(in_hu, plain_hu))
-        hu = _to_hu(plain + refined * (base - plain) + weight * (filled - plain), lps, pipeline, keep=keep)
-        low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
-        beyond = frames_to_volume(plain_hu + refined * (base_hu - plain_hu))   # moved as the fill in the window
+        moved_hu = fill_between(fill, in_hu, factor)                            # the slices in HU, moved as the fill
+        if refined == 0:
+            base = plain
+        else:
+            base, refined_hu = refined_fill(pipeline, fill, frames, plain, factor, pixel, precision, progress,
+                                            hu=(in_hu, moved_hu))
+            moved_hu.lerp_(refined_hu, refined)                                # ... and as the checked refinement
+            del refined_hu
+        del in_hu
+        low, high = _window(pipeline)
+        beyond = frames_to_volume(moved_hu)
+        del moved_hu
         beyond -= beyond.clamp(low, high)                                       # what lies beyond the window
         beyond[..., keep] = 0                                                    # the input's own slices, exactly
+        filled -= plain                                                          # the model's correction, in place
+        if base is not plain:
+            base -= plain                                                        # the refinement
+            plain += refined * base
+        plain += weight * filled
+        del filled, base
+        hu = _to_hu(plain, lps, pipeline, keep=keep)
+        del plain
         hu += beyond
-        del beyond, plain, filled, base, in_hu, plain_hu, base_hu
+        del beyond
     spacing = _slice_spacing(lps)
     result = _back(hu, lps, volume, z_scale=1.0 / factor, shift=0)
     details = {"method": method, "factor": factor, "steps": _steps(pipeline, steps), "seed": seed,
@@ -336,12 +350,18 @@ def _lps(volume: CTVolume, minimum: int):
     return lps
 
 
+def _window(pipeline: GriDiTPipeline) -> tuple[float, float]:
+    """The HU window a slice model works in (its adapter's, default -1000..1000)."""
+    low, high = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
+    return float(low), float(high)
+
+
 def _model_frames(volume: CTVolume, pipeline: GriDiTPipeline, minimum: int):
     """The scan oriented LPS, as ``(Z, 1, Y, X)`` frames in the model's window, and the LPS MetaTensor (HU)."""
     from ctgridit.ct.transforms import volume_to_frames
 
     lps = _lps(volume, minimum)
-    window = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
+    window = _window(pipeline)
     return window_hu(volume_to_frames(lps.as_tensor().float()), window), lps
 
 
@@ -589,7 +609,7 @@ def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tens
     """``(1, X, Y, Z')`` HU: the model's frames out of its window, the input's own slices (at ``keep``) exactly."""
     from ctgridit.ct.transforms import frames_to_volume
 
-    window = pipeline.settings.adapter.get("window", DEFAULT_WINDOW)
+    window = _window(pipeline)
     hu = unwindow_hu(frames_to_volume(frames), window)                           # (1, X, Y, Z')
     hu[..., keep] = lps.as_tensor().float()
     return hu

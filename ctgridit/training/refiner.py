@@ -9,8 +9,9 @@ cosine to 0 at ``steps``; a run continued to more steps goes back up to where th
 squared error inside the crop's ``INNER``-pixel border (the border sees moves from outside it).
 
 Every ``every`` steps the weights, optimizer, schedule, step and both random states go to ``checkpoint.pt``
-(``weights_only`` loadable, written atomically) and ``train_log.csv`` gets the loss of each step: a run started
-again over the same folder continues exactly where the last checkpoint was. The refiner is saved to ``model/``.
+(``weights_only`` loadable, written atomically, with the sizes of the sets) and ``train_log.csv`` gets the loss of
+each step: a run started again over the same folder continues exactly where the last checkpoint was (on sets of
+other sizes it is refused). The refiner is saved to ``model/``.
 """
 
 from __future__ import annotations
@@ -53,24 +54,32 @@ def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.ran
 
 def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
                   every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
-                  window: Sequence[float] | None = None, batch: int = BATCH, crop: int = CROP, report: Callable[[str], None] = print,
-                  start: MotionRefiner | None = None) -> MotionRefiner:
+                  window: Sequence[float] | None = None, batch: int = BATCH, crop: int = CROP,
+                  report: Callable[[str], None] = print, start: MotionRefiner | None = None) -> MotionRefiner:
     """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
     ``pixel_size`` and ``window``: the size of the pixels of ``sets`` and the intensities their -1 and 1 stand for,
-    recorded in the refiner's config; ``start``: a refiner to
+    recorded in the refiner's config (``window`` None: the start's); ``start``: a refiner to
     start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    window = None if window is None else [float(v) for v in window]
+    started = None if start is None else start.config.get("window")
+    if window is not None and started is not None and [float(v) for v in started] != window:
+        raise ValueError(f"the start was trained in the window {started}, the sets are in {window}")
     refiner = MotionRefiner(width=start.config.width if start else width, pixel_size=pixel_size,
-                            window=None if window is None else [float(v) for v in window])
+                            window=window if window is not None else started)
+    sizes = [len(s[0]) for s in sets]
     optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
+        if state.get("sizes", sizes) != sizes:
+            raise ValueError(f"{checkpoint} was trained on sets of {state['sizes']} gaps, these have {sizes}: "
+                             "continue with the same data, or train in a new folder")
         refiner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])                 # the step; the rate follows ``steps``
@@ -106,7 +115,7 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
                 handle.flush()
                 state = {"model": refiner.state_dict(), "optimizer": optimizer.state_dict(),
                          "schedule": schedule.state_dict(), "rng": rng.bit_generator.state,
-                         "torch_rng": torch.get_rng_state(), "step": step}
+                         "torch_rng": torch.get_rng_state(), "step": step, "sizes": sizes}
                 with atomic_output(checkpoint) as tmp:
                     torch.save(state, tmp)
                 left = (time.perf_counter() - start) / (step - first) * (steps - step)
