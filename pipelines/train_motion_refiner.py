@@ -16,6 +16,8 @@ are about a quarter of the data). Batches of 16 crops of 64 x 64 pixels, flipped
 and reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
 (the edges see moves from outside the crop); Adam 1e-3, cosine to ``--steps``.
 
+``--scans`` adds your own thin scans (their slices along the file's third axis; every scan's gaps are held in
+host memory); ``--device`` trains on a GPU where there is one (untried here: this machine has none).
 The loop is :func:`ctgridit.training.refiner.train_refiner`: a checkpoint (weights, optimizer, schedule, step
 and both random states) every ``--every`` steps in ``OUT/checkpoint.pt``, from which a run started again
 continues exactly; ``OUT/model`` is the refiner (safetensors, its config records the 1.5 mm pixel it was
@@ -40,6 +42,7 @@ from ctgridit.ct.io import read_ct
 from ctgridit.ct.slices import gap_inputs, slice_flows
 from ctgridit.ct.window import DEFAULT_WINDOW, window_hu
 from ctgridit.data_folder import data_folder
+from ctgridit.device import resolve_device
 from ctgridit.training.refiner import train_refiner
 
 DATA = data_folder()
@@ -62,7 +65,7 @@ def slices_of(hu: np.ndarray) -> torch.Tensor:
 
 def resampled(path: str, thick: bool = False) -> torch.Tensor:
     """A scan's slices with 1.5 mm voxels (``thick``: in-plane only where its slices are thicker)."""
-    scan = read_ct(DATA / path)
+    scan = read_ct(DATA / path)                                      # (an absolute path stays as it is)
     spacing = np.linalg.norm(scan.affine[:3, :3], axis=0)
     target = np.array([PIXEL_MM, PIXEL_MM, max(PIXEL_MM, spacing[2]) if thick else PIXEL_MM])
     return slices_of(zoom(scan.array.astype(np.float32), spacing / target, order=1))
@@ -83,11 +86,12 @@ def gaps(x: torch.Tensor, factor: int):
     return [torch.cat(t) for t in zip(*out)]
 
 
-def training_sets(chest_weight: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def training_sets(chest_weight: int = 1, scans: list[Path] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each training scan's gaps at each factor; the chest scans' sets ``chest_weight`` times (drawn that many times
-    as often as their number of gaps alone would have them: by gaps, the chests are about a quarter of the data)."""
+    as often as their number of gaps alone would have them: by gaps, the chests are about a quarter of the data);
+    ``scans``: more scans (paths) to train on, as :data:`MORE`'s."""
     sets = []
-    for path, thick in [(TRAIN, False)] + [(p, True) for p in MORE + EXTRA]:
+    for path, thick in [(TRAIN, False)] + [(p, True) for p in [*MORE, *EXTRA, *scans]]:
         x = resampled(path, thick)
         made = [gaps(x, f)[:2] for f in FACTORS if len(x) > 2 * f + 1]
         sets += made * (chest_weight if path in CHESTS else 1)
@@ -124,6 +128,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250, help="steps between checkpoints")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scans", type=Path, nargs="+", default=[],
+                        help="more thin scans to train on (NIfTI files or DICOM folders; say, your own chests)")
+    parser.add_argument("--device", default="auto", help="where to train: auto (a GPU if there is one), cpu, cuda")
     parser.add_argument("--chest-weight", type=int, default=1,
                         help="draw the chest scans' gaps this many times as often (default 1: by their number)")
     parser.add_argument("--start", type=Path, default=None,
@@ -135,13 +142,17 @@ def main() -> None:
         held_out(MotionRefiner.from_pretrained(args.out / "model").eval())
         return
     start = time.perf_counter()
-    sets = training_sets(args.chest_weight)
+    missing = [str(p) for p in args.scans if not p.exists()]
+    if missing:
+        parser.error(f"no such scan: {', '.join(missing)}")
+    sets = training_sets(args.chest_weight, [p.resolve() for p in args.scans])
     distinct = {id(s[0]): s for s in sets}.values()                  # the chest sets repeated count once
     print(f"training sets: {sum(len(s[0]) for s in distinct)} slices ({time.perf_counter() - start:.0f} s)", flush=True)
     start = MotionRefiner.from_pretrained(args.start) if args.start else None
     try:
         refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM, DEFAULT_WINDOW,
-                                report=lambda line: print(line, flush=True), start=start)
+                                report=lambda line: print(line, flush=True), start=start,
+                                device=resolve_device(args.device))
     except ValueError as err:                                          # data or window not the checkpoint's
         raise SystemExit(f"error: {args.out}: {err}") from None
     held_out(refiner.eval())

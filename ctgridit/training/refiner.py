@@ -55,11 +55,14 @@ def refiner_batch(sets: Sequence[tuple[torch.Tensor, torch.Tensor]], rng: np.ran
 def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int,
                   every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
                   window: Sequence[float] | None = None, batch: int = BATCH, crop: int = CROP,
-                  report: Callable[[str], None] = print, start: MotionRefiner | None = None) -> MotionRefiner:
+                  report: Callable[[str], None] = print, start: MotionRefiner | None = None,
+                  device: str | torch.device = "cpu") -> MotionRefiner:
     """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
     ``pixel_size`` and ``window``: the size of the pixels of ``sets`` and the intensities their -1 and 1 stand for,
     recorded in the refiner's config (``window`` None: the start's); ``start``: a refiner to
-    start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet."""
+    start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet (with one, the
+    checkpoint's weights); ``device``: where the
+    refiner trains (the sets stay in host memory, each batch is moved there)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
@@ -72,11 +75,14 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
     refiner = MotionRefiner(width=start.config.width if start else width, pixel_size=pixel_size,
                             window=window if window is not None else started)
     sizes = [len(s[0]) for s in sets]
+    if start is not None:
+        refiner.load_state_dict(start.state_dict())                  # replaced below by a checkpoint's weights
+    refiner.to(device)
     optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location="cpu")
         if state.get("sizes", sizes) != sizes:
             raise ValueError(f"{checkpoint} was trained on sets of {state['sizes']} gaps, these have {sizes}: "
                              "continue with the same data, or train in a new folder")
@@ -87,8 +93,6 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         report(f"continued from step {step}")
-    elif start is not None:
-        refiner.load_state_dict(start.state_dict())
     log = out / "train_log.csv"
     if log.exists():                     # the steps after the checkpoint (and a line cut short) are done again
         with log.open(newline="") as handle:
@@ -103,7 +107,7 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
             writer.writerow(["step", "loss", "elapsed_s"])
         start, first = time.perf_counter(), step
         while step < steps:
-            inputs, real = refiner_batch(sets, rng, batch, crop)
+            inputs, real = (t.to(device) for t in refiner_batch(sets, rng, batch, crop))
             loss = (refiner(inputs) - real)[..., INNER:-INNER, INNER:-INNER].pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -120,5 +124,5 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
                     torch.save(state, tmp)
                 left = (time.perf_counter() - start) / (step - first) * (steps - step)
                 report(f"step {step}/{steps}: loss {loss.item():.5f}, {left / 60:.0f} min left")
-    refiner.save_pretrained(out / "model")
+    refiner.to("cpu").save_pretrained(out / "model")
     return refiner
