@@ -8,13 +8,14 @@
 The refiner corrects the fill of ``--method flow`` (each gap's two known slices moved along their TV-L1
 motion both ways and mixed by distance, :func:`ctgridit.ct.slices.slice_flows`): where each known slice is
 sampled, how the two are mixed, and a residual. Training data: LIDC-IDRI-0314 (a chest at 1 mm) resampled to
-1.5 mm voxels, and the chest and limb scans no interpolation evaluation holds out (:data:`MORE`: LIDC-IDRI-0001,
-the elastix lung crop, the sarcoma scans STS_001 to STS_017; :data:`EXTRA`: STS_018 and STS_020, which the denoising
-evaluation holds out) at 1.5 mm in-plane and their own slice thickness; every gap of every factor 2 to 5 along their
-slice axis. ``--chest-weight K`` draws the chest scans' gaps K times as often (by their number of gaps the chests
+1.5 mm voxels, and the chest and limb scans no evaluation holds out (:data:`MORE`: LIDC-IDRI-0001, the elastix
+lung crop, the sarcoma scans STS_001 to STS_017) at 1.5 mm in-plane and their own slice thickness; every second gap
+of every factor 2 to 5 along their slice axis (the bundled refiner's data: two runs that took every gap and
+STS_018 and STS_020 too, started from the bundled refiner at the full rate, ended at the flow's level on the
+held-out scans; docs/slices.md). ``--chest-weight K`` draws the chest scans' gaps K times as often (by their number of gaps the chests
 are about a quarter of the data). Batches of 16 crops of 64 x 64 pixels, flipped
 and reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
-(the edges see moves from outside the crop); Adam 1e-3, cosine to ``--steps``.
+(the edges see moves from outside the crop); Adam at ``--lr`` (1e-3), cosine to 0 at ``--steps``.
 
 ``--scans`` adds your own thin scans (their slices along the file's third axis; every scan's gaps are held in
 host memory); ``--device`` trains on a GPU where there is one (untried here: this machine has none).
@@ -49,8 +50,6 @@ DATA = data_folder()
 TRAIN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
 MORE = ["lidc_idri/LIDC-IDRI-0001.nii.gz", "elastix/lung_crop_2.5mm.nii.gz",
         *(f"soft_tissue_sarcoma/STS_{i:03d}.nii.gz" for i in range(1, 18))]
-#: Limb scans the denoising evaluation holds out (STS_018 tunes it, STS_020 measures it), not this one.
-EXTRA = ["soft_tissue_sarcoma/STS_018.nii.gz", "soft_tissue_sarcoma/STS_020.nii.gz"]
 CHESTS = [TRAIN, "lidc_idri/LIDC-IDRI-0001.nii.gz", "elastix/lung_crop_2.5mm.nii.gz"]
 HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
             "soft_tissue_sarcoma/STS_019.nii.gz"]
@@ -71,8 +70,8 @@ def resampled(path: str, thick: bool = False) -> torch.Tensor:
     return slices_of(zoom(scan.array.astype(np.float32), spacing / target, order=1))
 
 
-def gaps(x: torch.Tensor, factor: int):
-    """For every gap between the ``factor``-th slices of ``x`` ``(Z, 1, Y, X)``: the refiner's inputs
+def gaps(x: torch.Tensor, factor: int, every: int = 1):
+    """For every ``every``-th gap between the ``factor``-th slices of ``x`` ``(Z, 1, Y, X)``: the refiner's inputs
     (:func:`~ctgridit.ct.slices.gap_inputs`, as ``interpolate`` makes them), the real slices between and the flow
     fill: ``(N, 11, Y, X)``, ``(N, 1, Y, X)``, ``(N, 1, Y, X)``."""
     n = (x.shape[0] - 1) // factor * factor + 1
@@ -82,7 +81,7 @@ def gaps(x: torch.Tensor, factor: int):
     for k in range(1, factor):
         inputs = gap_inputs(known, flow, k / factor)
         fill = (1 - k / factor) * inputs[:, :1] + k / factor * inputs[:, 1:2]
-        out.append((inputs, x[k:n:factor], fill))
+        out.append((inputs[::every], x[k:n:factor][::every], fill[::every]))
     return [torch.cat(t) for t in zip(*out)]
 
 
@@ -91,9 +90,9 @@ def training_sets(chest_weight: int = 1, scans: list[Path] = ()) -> list[tuple[t
     as often as their number of gaps alone would have them: by gaps, the chests are about a quarter of the data);
     ``scans``: more scans (paths) to train on, as :data:`MORE`'s."""
     sets = []
-    for path, thick in [(TRAIN, False)] + [(p, True) for p in [*MORE, *EXTRA, *scans]]:
+    for path, thick in [(TRAIN, False)] + [(p, True) for p in [*MORE, *scans]]:
         x = resampled(path, thick)
-        made = [gaps(x, f)[:2] for f in FACTORS if len(x) > 2 * f + 1]
+        made = [gaps(x, f, every=2)[:2] for f in FACTORS if len(x) > 2 * f + 1]
         sets += made * (chest_weight if path in CHESTS else 1)
     return sets
 
@@ -131,6 +130,7 @@ def main() -> None:
     parser.add_argument("--scans", type=Path, nargs="+", default=[],
                         help="more thin scans to train on (NIfTI files or DICOM folders; say, your own chests)")
     parser.add_argument("--device", default="auto", help="where to train: auto (a GPU if there is one), cpu, cuda")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the peak learning rate (Adam, cosine to 0)")
     parser.add_argument("--chest-weight", type=int, default=1,
                         help="draw the chest scans' gaps this many times as often (default 1: by their number)")
     parser.add_argument("--start", type=Path, default=None,
@@ -152,7 +152,7 @@ def main() -> None:
     try:
         refiner = train_refiner(args.out, sets, args.steps, args.every, args.width, args.seed, PIXEL_MM, DEFAULT_WINDOW,
                                 report=lambda line: print(line, flush=True), start=start,
-                                device=resolve_device(args.device))
+                                device=resolve_device(args.device), lr=args.lr)
     except ValueError as err:                                          # data or window not the checkpoint's
         raise SystemExit(f"error: {args.out}: {err}") from None
     held_out(refiner.eval())

@@ -56,13 +56,13 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
                   every: int = 250, width: int = 32, seed: int = 0, pixel_size: float = 1.0,
                   window: Sequence[float] | None = None, batch: int = BATCH, crop: int = CROP,
                   report: Callable[[str], None] = print, start: MotionRefiner | None = None,
-                  device: str | torch.device = "cpu") -> MotionRefiner:
+                  device: str | torch.device = "cpu", lr: float = 1e-3) -> MotionRefiner:
     """Train (or continue training) a refiner in folder ``out`` to ``steps`` steps; returns it (module docstring).
     ``pixel_size`` and ``window``: the size of the pixels of ``sets`` and the intensities their -1 and 1 stand for,
     recorded in the refiner's config (``window`` None: the start's); ``start``: a refiner to
     start from (its weights and width; e.g. a bundled one) where ``out`` has no checkpoint yet (with one, the
     checkpoint's weights); ``device``: where the
-    refiner trains (the sets stay in host memory, each batch is moved there)."""
+    refiner trains (the sets stay in host memory, each batch is moved there); ``lr``: the peak rate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
@@ -78,7 +78,7 @@ def train_refiner(out: str | Path, sets: Sequence[tuple[torch.Tensor, torch.Tens
     if start is not None:
         refiner.load_state_dict(start.state_dict())                  # replaced below by a checkpoint's weights
     refiner.to(device)
-    optimizer = torch.optim.Adam(refiner.parameters(), 1e-3)
+    optimizer = torch.optim.Adam(refiner.parameters(), lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, steps))
     step = 0
     if checkpoint.exists():
