@@ -12,9 +12,9 @@ sampled, how the two are mixed, and a residual. Training data: LIDC-IDRI-0314 (a
 lung crop, the sarcoma scans STS_001 to STS_017) at 1.5 mm in-plane and their own slice thickness; every second gap
 of every factor 2 to 5 along their slice axis (the bundled refiner's data: two runs that took every gap and
 STS_018 and STS_020 too, started from the bundled refiner at the full rate, ended at the flow's level on the
-held-out scans; docs/slices.md). ``--chest-weight K`` draws the chest scans' gaps K times as often (by their number of gaps the chests
-are about a quarter of the data). Batches of 16 crops of 64 x 64 pixels, flipped
-and reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
+held-out scans; docs/slices.md). ``--chest-weight K`` draws the chest scans' gaps K times as often (by their
+number of gaps the chests are about a quarter of the data). Batches of 16 crops of 64 x 64 pixels, flipped and
+reversed along the slice axis at random; the loss is the squared error on the crops' inner 48 x 48
 (the edges see moves from outside the crop); Adam at ``--lr`` (1e-3), cosine to 0 at ``--steps``.
 
 ``--scans`` adds your own thin scans (their slices along the file's third axis; every scan's gaps are held in
