@@ -49,8 +49,9 @@ correction is added (:func:`refined_fill`): where each known slice is sampled, h
 residual; the slices in HU are moved and mixed as the refiner moves and mixes them, so bone beyond the window
 follows its edge. A refiner trained in another HU window than the model's is refused. DDIM with ``steps``
 steps: one step (the default; models trained to predict the clean tiles) is the model's posterior mean, the
-best estimate in the mean-squared sense and the same for every seed; more steps draw a sample (sharper, noisier) from a model trained on every noise level (the bundled one serves one step
-only: it was fine-tuned on the last levels).
+best estimate in the mean-squared sense and the same for every seed; more steps draw a sample (sharper,
+noisier) from a model trained on every noise level (the bundled one serves one step only: it was fine-tuned on
+the last levels).
 """
 
 from __future__ import annotations
