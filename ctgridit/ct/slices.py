@@ -502,6 +502,26 @@ def slice_flows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(before), FLOW_BATCH)])
 
 
+def oracle_fill(real: torch.Tensor, factor: int, units: torch.Tensor | None = None) -> torch.Tensor:
+    """A reference for evaluation, not a method: every ``factor``-th of the ``(Z, 1, Y, X)`` slices ``real`` (in
+    the HU window, as [-1, 1]) kept, and each slice between made from its two kept neighbours, each moved along
+    the motion measured from it to the real slice (:func:`slice_flows`, which sees the answer) and mixed by
+    distance: what a move-and-mix fill (``--method flow``, the refiner) reaches with the true motion. Only anatomy
+    that neither kept slice shows can go beyond it. ``units``: the same slices in other units (HU), moved and
+    mixed instead (the motion still measured in the window). Slices past the last whole gap are left out."""
+    from ctgridit.core.motion import warp
+
+    units = real if units is None else units
+    n = (len(real) - 1) // factor * factor + 1
+    out = units[:n].clone()
+    for k in range(1, factor):
+        target, w = real[k:n:factor], k / factor
+        before = warp(units[0:n - 1:factor], slice_flows(target, real[0:n - 1:factor])[:, :2])
+        after = warp(units[factor:n:factor], slice_flows(target, real[factor:n:factor])[:, :2])
+        out[k:n:factor] = (1 - w) * before + w * after
+    return out
+
+
 def served_factors(pipeline: GriDiTPipeline) -> list[int]:
     """The interpolation factors a slice model serves: those it was trained on (``gaps``), else ``cells - 1``
     (the cells between a grid's first and last)."""
