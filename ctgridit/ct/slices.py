@@ -506,9 +506,10 @@ def oracle_fill(real: torch.Tensor, factor: int, units: torch.Tensor | None = No
     """A reference for evaluation, not a method: every ``factor``-th of the ``(Z, 1, Y, X)`` slices ``real`` (in
     the HU window, as [-1, 1]) kept, and each slice between made from its two kept neighbours, each moved along
     the motion measured from it to the real slice (:func:`slice_flows`, which sees the answer) and mixed by
-    distance: what a move-and-mix fill (``--method flow``, the refiner) reaches with the true motion. Only anatomy
-    that neither kept slice shows can go beyond it. ``units``: the same slices in other units (HU), moved and
-    mixed instead (the motion still measured in the window). Slices past the last whole gap are left out."""
+    distance: what ``--method flow``'s move-and-mix reaches with the motion the real slice shows (a scale, not a
+    bound: a freer warp gains more, also moving texture into place, a smoother one less). ``units``: the same
+    slices in other units (HU), moved and mixed instead (the motion still measured in the window). Slices past
+    the last whole gap are left out."""
     from ctgridit.core.motion import warp
 
     units = real if units is None else units
