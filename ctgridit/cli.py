@@ -432,6 +432,7 @@ def extend(
     src: str = typer.Argument(..., metavar="IN", help="The CT to continue (NIfTI, NRRD/MHA, DICOM folder or zip)."),
     slices: int = typer.Option(..., "--slices", min=1, max=MAX_SLICES, help="How many slices to add."),
     direction: str = typer.Option("up", "--direction", help="up (towards the head; a sagittal or coronal stack: its left or back end) or down."),
+    method: str = typer.Option("gridit", "--method", help="gridit (the motion mixed with the grid model, as far as that helps on the scan's own end), or flow (the last slice moved further along the motion from the one before it)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The NIfTI file to write (default: IN_upN.nii.gz or IN_downN.nii.gz next to IN)."),
     **options,
 ) -> None:
@@ -439,13 +440,15 @@ def extend(
 
     It continues the scan's slice axis (its thickest voxel axis, as interpolate): up is towards the head for an
     axial scan, towards the patient's left or back for a sagittal or coronal stack."""
-    from ctgridit.ct.slices import check_direction, extend_volume, extension_plan
+    from ctgridit.ct.slices import EXTEND_METHODS, check_direction, extend_volume, extension_plan
 
     check_direction(direction)
+    if method not in EXTEND_METHODS:
+        raise CTGridItError(f"unknown method {method!r}", "--method", f"use one of {', '.join(EXTEND_METHODS)}")
     o = options
     _new_slices(src, out or derived_name(src, f"{direction}{slices}"), o,
                 lambda volume, progress: extend_volume(volume, slices, direction, o["model"], o["device"], o["seed"],
-                                                       o["steps"], progress, precision=o["precision"]),
+                                                       o["steps"], progress, precision=o["precision"], method=method),
                 extension_plan(slices))
 
 
@@ -488,6 +491,9 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
         note = "" if kept is None else (f"; kept {kept:.2f} of the model's correction of its fill"
                                         + ("" if refined is None else f" and {refined:.2f} of its refinement")
                                         + ", checked on the scan's own slices")
+        share = result.details.get("model_weight")
+        if share is not None:
+            note = f"; mixed {share:.2f} of the model's extension into the motion's, checked on the scan's own end"
         typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm{note})")
 
 

@@ -310,6 +310,45 @@ def test_extension_keeps_the_scan_and_adds_slices_at_the_right_end(scan, layout,
     assert (min(new) > max(original)) if direction == "up" else (max(new) < min(original))   # above / below
 
 
+def shifting_stack(small_ct, slices: int) -> CTVolume:
+    """One real slice, each slice above it shifted 2 voxels further along x (a structure running obliquely)."""
+    volume = slab(small_ct, 2)
+    base = volume.array[:, :, 0]
+    x = np.arange(base.shape[0], dtype=float)
+    moved = lambda d: np.stack([np.interp(x - d, x, col) for col in base.T], axis=1)     # noqa: E731
+    steps = np.sign(volume.affine[2, 2]) * np.arange(slices)                             # upwards
+    return CTVolume(np.stack([moved(2.0 * s) for s in steps], axis=2).astype(np.float32), volume.affine)
+
+
+def test_extension_moves_the_last_slice_along_the_motion_and_mixes_the_model_as_far_as_it_helps(small_ct,
+                                                                                                 monkeypatch):
+    """--method flow continues a shift; gridit mixes in the model's extension by the share best on the scan's own
+    last 4 slices: none of a model that holds the last slice (a fresh residual model: its fill), all of one that
+    knows the answer."""
+    from ctgridit.ct import slices
+    from ctgridit.ct.transforms import volume_to_frames
+    from ctgridit.ct.window import window_hu
+
+    whole = shifting_stack(small_ct, 13)
+    volume = CTVolume(whole.array[:, :, :10].copy(), whole.affine)
+    real = whole.array[:, :, 10:]
+    inner = (slice(12, -12), slice(12, -12))
+    error = lambda made: float(np.mean((made[:, :, 10:] - real)[inner] ** 2))           # noqa: E731
+    flowed = extend_volume(volume, 3, method="flow").volume.array
+    assert np.array_equal(flowed[:, :, :10], volume.array)
+    held = np.repeat(volume.array[:, :, -1:], 3, axis=2)
+    assert error(flowed) < 0.2 * float(np.mean((held - real)[inner] ** 2))
+    fresh = native_pipeline(fresh=True)
+    mixed = extend_volume(volume, 3, model=fresh)
+    assert mixed.details["model_weight"] < 0.2
+    assert error(mixed.volume.array) < 0.3 * error(extend_volume(volume, 3, model=fresh, check=False).volume.array)
+    truth = window_hu(volume_to_frames(slices._lps(whole, 2).as_tensor().float()))          # (Z, 1, Y, X), LPS
+    monkeypatch.setattr(slices, "model_extension", lambda _p, frames, n, *a, **k: truth[len(frames):len(frames) + n])
+    knowing = extend_volume(volume, 3, model=fresh)
+    assert knowing.details["model_weight"] > 0.99
+    assert error(knowing.volume.array) < 0.1 * error(flowed)
+
+
 def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, small_ct, dicom_dir, capsys):
     model = tmp_path / "model"
     native_pipeline().save_pretrained(model)
