@@ -491,9 +491,10 @@ def _new_slices(src: str, out: str, options: dict, run, plan) -> None:
         note = "" if kept is None else (f"; kept {kept:.2f} of the model's correction of its fill"
                                         + ("" if refined is None else f" and {refined:.2f} of its refinement")
                                         + ", checked on the scan's own slices")
-        share = result.details.get("model_weight")
-        if share is not None:
-            note = f"; mixed {share:.2f} of the model's extension into the motion's, checked on the scan's own end"
+        if "model_weight" in result.details:
+            share = result.details["model_weight"]
+            note = ("; the motion alone: too few slices to check the model on the scan's own end" if share is None
+                    else f"; mixed {share:.2f} of the model's extension into the motion's, checked on the scan's own end")
         typer.echo(f"wrote {out} ({before} -> {after} slices, {result.seconds:.1f} s; slice spacing {spacing} mm{note})")
 
 

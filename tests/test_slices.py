@@ -313,15 +313,16 @@ def test_extension_keeps_the_scan_and_adds_slices_at_the_right_end(scan, layout,
 def shifting_stack(small_ct, slices: int) -> CTVolume:
     """One real slice, each slice above it shifted 2 voxels further along x (a structure running obliquely)."""
     volume = slab(small_ct, 2)
+    assert volume.affine[2, 2] > 0                                  # the array's slices run towards the head
     base = volume.array[:, :, 0]
     x = np.arange(base.shape[0], dtype=float)
-    moved = lambda d: np.stack([np.interp(x - d, x, col) for col in base.T], axis=1)     # noqa: E731
-    steps = np.sign(volume.affine[2, 2]) * np.arange(slices)                             # upwards
-    return CTVolume(np.stack([moved(2.0 * s) for s in steps], axis=2).astype(np.float32), volume.affine)
+    moved = [np.stack([np.interp(x - 2.0 * s, x, col) for col in base.T], axis=1) for s in range(slices)]
+    return CTVolume(np.stack(moved, axis=2).astype(np.float32), volume.affine)
 
 
-def test_extension_moves_the_last_slice_along_the_motion_and_mixes_the_model_as_far_as_it_helps(small_ct,
-                                                                                                 monkeypatch):
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_extension_moves_the_last_slice_along_the_motion_and_mixes_the_model_as_far_as_it_helps(
+        small_ct, monkeypatch, direction):
     """--method flow continues a shift; gridit mixes in the model's extension by the share best on the scan's own
     last 4 slices: none of a model that holds the last slice (a fresh residual model: its fill), all of one that
     knows the answer."""
@@ -330,23 +331,32 @@ def test_extension_moves_the_last_slice_along_the_motion_and_mixes_the_model_as_
     from ctgridit.ct.window import window_hu
 
     whole = shifting_stack(small_ct, 13)
-    volume = CTVolume(whole.array[:, :, :10].copy(), whole.affine)
-    real = whole.array[:, :, 10:]
+    up = direction == "up"
+    kept, new = (slice(0, 10), slice(10, 13)) if up else (slice(3, 13), slice(0, 3))
+    volume = CTVolume(whole.array[:, :, kept].copy(), whole.affine if up else whole.affine @ np.array(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 3], [0, 0, 0, 1]]))
     inner = (slice(12, -12), slice(12, -12))
-    error = lambda made: float(np.mean((made[:, :, 10:] - real)[inner] ** 2))           # noqa: E731
-    flowed = extend_volume(volume, 3, method="flow").volume.array
-    assert np.array_equal(flowed[:, :, :10], volume.array)
-    held = np.repeat(volume.array[:, :, -1:], 3, axis=2)
-    assert error(flowed) < 0.2 * float(np.mean((held - real)[inner] ** 2))
+
+    def error(made: np.ndarray) -> float:
+        return float(np.mean((made[:, :, new] - whole.array[:, :, new])[inner] ** 2))
+
+    flowed = extend_volume(volume, 3, direction, method="flow").volume.array
+    assert np.array_equal(flowed[:, :, kept], volume.array)
+    held = np.repeat(volume.array[:, :, -1:] if up else volume.array[:, :, :1], 3, axis=2)
+    assert error(flowed) < 0.2 * float(np.mean((held - whole.array[:, :, new])[inner] ** 2))
     fresh = native_pipeline(fresh=True)
-    mixed = extend_volume(volume, 3, model=fresh)
+    mixed = extend_volume(volume, 3, direction, model=fresh)
     assert mixed.details["model_weight"] < 0.2
-    assert error(mixed.volume.array) < 0.3 * error(extend_volume(volume, 3, model=fresh, check=False).volume.array)
+    assert np.array_equal(mixed.volume.array[:, :, kept], volume.array)
+    assert error(mixed.volume.array) < 0.3 * error(extend_volume(volume, 3, direction, fresh, check=False).volume.array)
     truth = window_hu(volume_to_frames(slices._lps(whole, 2).as_tensor().float()))          # (Z, 1, Y, X), LPS
+    truth = truth if up else truth.flip(0)                                                 # continued upwards
     monkeypatch.setattr(slices, "model_extension", lambda _p, frames, n, *a, **k: truth[len(frames):len(frames) + n])
-    knowing = extend_volume(volume, 3, model=fresh)
+    knowing = extend_volume(volume, 3, direction, model=fresh)
     assert knowing.details["model_weight"] > 0.99
     assert error(knowing.volume.array) < 0.1 * error(flowed)
+    short = CTVolume(volume.array[:, :, :5].copy(), volume.affine)                        # too few to check
+    assert extend_volume(short, 2, direction, model=fresh).details["model_weight"] is None
 
 
 def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, small_ct, dicom_dir, capsys):
@@ -385,6 +395,14 @@ def test_the_commands_write_nifti_and_refuse_bad_input_in_one_line(tmp_path, sma
     assert run("extend", dicom_dir, "--slices", 3, "--direction", "down", "--out", longer, "--model", model,
                "-q") == 0
     assert read_ct(longer).shape[2] == read_ct(dicom_dir).shape[2] + 3
+    flowed = tmp_path / "flowed.nii.gz"
+    assert run("extend", thick, "--slices", 2, "--method", "flow", "--out", flowed) == 0
+    assert "slices" in capsys.readouterr().out
+    assert np.array_equal(read_ct(flowed).array[:, :, :4], read_ct(thick).array)
+    assert run("extend", thick, "--slices", 2, "--method", "cubic", "--out", tmp_path / "z.nii.gz") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "gridit, flow" in err
+    assert not (tmp_path / "z.nii.gz").exists()
 
 
 def test_default_output_names_sit_next_to_the_input(tmp_path, small_ct):

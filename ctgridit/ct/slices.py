@@ -290,28 +290,25 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
     hu = volume_to_frames(lps.as_tensor().float())                                # (Z, 1, Y, X)
     hu = hu if direction == "up" else hu.flip(0)                                  # continue upwards
     frames = window_hu(hu, window)
-    flowed, flowed_hu = motion_extrapolation(frames[-2:-1], frames[-1:], slices, units=(hu[-2:-1], hu[-1:]))
     details = {"method": method, "slices": [len(hu), len(hu) + slices], "direction": direction,
                "slice_spacing_mm": _slice_spacing(lps)}
     if pipeline is None:
-        new = flowed_hu
+        new, = motion_extrapolation(frames[-2:-1], frames[-1:], slices, [hu[-1:]])
     else:
         precision = resolve_precision(pipeline.device, precision)
+        flowed, flowed_hu = motion_extrapolation(frames[-2:-1], frames[-1:], slices, [frames[-1:], hu[-1:]])
         weight = extension_weight(pipeline, frames, steps, seed, progress, precision) if check else 1.0
-        made = flowed
-        if weight > 0:
-            made = made + weight * (model_extension(pipeline, frames, slices, steps, seed, progress, precision) - made)
+        if weight:
+            flowed += weight * (model_extension(pipeline, frames, slices, steps, seed, progress, precision) - flowed)
         low, high = window
-        new = unwindow_hu(made, window) + (flowed_hu - flowed_hu.clamp(low, high))   # beyond the window: the flow's
+        new = unwindow_hu(flowed, window) + (flowed_hu - flowed_hu.clamp(low, high))  # beyond the window: the flow's
         details.update(steps=_steps(pipeline, steps), seed=seed, precision=precision, model_weight=weight)
-    seq = torch.cat([hu, new])
-    seq = seq if direction == "up" else seq.flip(0)
-    first = 0 if direction == "up" else slices                                    # where input slice 0 now is
     from ctgridit.ct.transforms import frames_to_volume
 
-    out = frames_to_volume(seq)
-    out[..., first:first + len(hu)] = lps.as_tensor().float()                     # the input's own slices, exactly
-    result = _back(out, lps, volume, z_scale=1.0, shift=-first)
+    seq = torch.cat([hu, new])                                                    # the input's own slices, exactly
+    first = 0 if direction == "up" else slices                                    # where input slice 0 now is
+    result = _back(frames_to_volume(seq if direction == "up" else seq.flip(0)), lps, volume, z_scale=1.0,
+                   shift=-first)
     return SliceResult(result, time.perf_counter() - start, details)
 
 
@@ -319,21 +316,29 @@ def extend_volume(volume: CTVolume, slices: int, direction: str = "up",
 EXTEND_METHODS = ("gridit", "flow")
 #: The scan's own last slices :func:`extension_weight` drops and makes again.
 EXTEND_CHECK = 4
+#: New slices moved per call in :func:`motion_extrapolation`.
+EXTRAPOLATION_BATCH = 16
 
 
 def motion_extrapolation(before: torch.Tensor, last: torch.Tensor, slices: int,
-                         units: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """``(slices, 1, Y, X)``: ``last`` moved 1, 2, ... slices further along the motion from ``before`` to it (both
-    ``(1, 1, Y, X)`` in the HU window; :func:`slice_flows` both ways, :func:`~ctgridit.core.motion.moved` past its
-    end), as ``--method flow`` moves slices between two. ``units``: the same two in other units (HU), also moved
-    so; given, the result is ``(moved, moved units)``."""
+                         images: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Each of ``images`` (default ``[last]``; ``(1, 1, Y, X)`` each: the last slice, in any units) moved 1, 2, ...
+    ``slices`` slices further along the motion from ``before`` to ``last`` (both ``(1, 1, Y, X)`` in the HU window;
+    :func:`slice_flows` both ways, :func:`~ctgridit.core.motion.moved` past its end: the displacement grows with
+    the distance, as ``--method flow`` moves slices between two): a list of ``(slices, 1, Y, X)``."""
     from ctgridit.core.motion import moved
 
-    flow = slice_flows(before, last).expand(slices, -1, -1, -1)
-    weight = 1.0 + torch.arange(1, slices + 1, dtype=torch.float32)
-    made = [moved(b.expand(slices, -1, -1, -1), a.expand(slices, -1, -1, -1), weight, flow)[1]
-            for b, a in [(before, last), *([] if units is None else [units])]]
-    return made[0] if units is None else tuple(made)
+    flow = slice_flows(before, last)
+    out = []
+    for image in [last] if images is None else images:
+        made = torch.empty(slices, *image.shape[1:], dtype=image.dtype)
+        for i in range(0, slices, EXTRAPOLATION_BATCH):
+            n = min(EXTRAPOLATION_BATCH, slices - i)
+            copies = image.expand(n, -1, -1, -1)
+            made[i:i + n] = moved(copies, copies, 1.0 + torch.arange(i + 1, i + n + 1, dtype=torch.float32),
+                                  flow.expand(n, -1, -1, -1))[1]
+        out.append(made)
+    return out
 
 
 def _known_cells(pipeline: GriDiTPipeline) -> int:
@@ -363,18 +368,19 @@ def model_extension(pipeline: GriDiTPipeline, frames: torch.Tensor, slices: int,
 
 
 def extension_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | None, seed: int,
-                     progress: ProgressCallback | None = None, precision: str = "fp32") -> float:
+                     progress: ProgressCallback | None = None, precision: str = "fp32") -> float | None:
     """How much of the slice model's extension to mix into the motion's (:func:`motion_extrapolation`), measured on
     the scan's own end: its last :data:`EXTEND_CHECK` slices of ``frames`` (in the model's window, the end to
     continue last) dropped and made again by both; the share in [0, 1] with the least squared error. On the
     held-out scans of ``pipelines/eval_interpolate.py`` the motion alone is 2.8 dB closer than the model alone
-    over the first 4 new slices, and the best share differs from scan to scan and end to end. 0 (the motion alone)
-    for a scan too short to check."""
+    over the first 4 new slices, and the best share differs from scan to scan and end to end. The share is fitted on
+    the nearest 4 slices and used at every distance. None for a scan too short to check (fewer than
+    ``EXTEND_CHECK`` + 2 slices for a 2 x 2 model): then the motion alone."""
     known = frames[:-EXTEND_CHECK]
     if len(known) < max(2, _known_cells(pipeline)):
-        return 0.0
+        return None
     real = frames[-EXTEND_CHECK:]
-    flowed = motion_extrapolation(known[-2:-1], known[-1:], EXTEND_CHECK)
+    flowed, = motion_extrapolation(known[-2:-1], known[-1:], EXTEND_CHECK)
     made = model_extension(pipeline, known, EXTEND_CHECK, steps, seed, progress, precision, phase="check")
     change = made - flowed
     norm = float((change * change).sum())
