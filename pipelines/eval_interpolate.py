@@ -14,16 +14,7 @@ slices). gridit runs at the factors its model serves (``n/a`` elsewhere) with ea
 interpolate each voxel's HU along z (``ctgridit interpolate --method linear|cubic``: SciPy's
 ``make_interp_spline``, k = 1 and 3, not-a-knot); flow moves the two neighbouring slices along the motion
 between them (``--method flow``, TV-L1 optical flow of whole slices), what a model with ``fill: flow``
-starts from. A table gives gridit's margin over cubic and over flow for every scan and factor.
-
-The motion oracle (``--no-oracle`` skips it) is a reference, not a method: each slice between made from its two
-kept neighbours moved along the motion measured from each to the real slice (TV-L1, which sees the answer) and
-mixed by distance (:func:`~ctgridit.ct.slices.oracle_fill`): what ``--method flow``'s move-and-mix reaches
-with the motion the real slice shows. A scale, not a bound: it depends on the TV-L1 settings (with the data
-term 3 times weaker, on the 1.5 mm chest crop at factor 2 it gains +0.43 dB over flow instead of +0.69; on
-the thigh STS_019 +2.51 instead of +3.27, where a flow that sees the answer also moves texture into place), and
-a model that makes what neither kept slice shows can go beyond it. A last table gives its margin over flow and
-gridit's distance from it.
+starts from. A last table gives gridit's margin over cubic and over flow for every scan and factor.
 
 Extension (``--extend N``, default 12): the last ``N`` slices of each held-out
 scan are dropped and made again by ``ctgridit extend --direction up`` (and the
@@ -46,15 +37,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ctgridit.data_folder import data_folder
 from ctgridit.ct.fidelity import body_mask, psnr, ssim_map
 from ctgridit.core.precision import resolve_precision
 from ctgridit.ct.io import read_ct
 from ctgridit.ct.volume import CTVolume
-from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model, oracle_fill, served_factors
-from ctgridit.ct.window import window_hu
+from ctgridit.ct.slices import extend_volume, interpolate_volume, load_slice_model, served_factors
 
 DATA = data_folder()
 HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_crop.nii.gz",
@@ -62,7 +51,6 @@ HELD_OUT = ["totalsegmentator/chest_crop.nii.gz", "totalsegmentator/chest_cta_cr
 TIMING_SCAN = "lidc_idri/LIDC-IDRI-0314.nii.gz"
 FACTORS = [2, 3, 4, 5]
 TIMING_FACTOR = 3
-ORACLE = "motion oracle"
 
 
 def thicker(affine: np.ndarray, factor: int) -> np.ndarray:
@@ -76,15 +64,6 @@ def serves(pipeline, factor: int) -> bool:
     """Whether the slice model interpolates by ``factor`` (the gaps it was trained on; a 2 x 2 model without
     gaps: 3 only)."""
     return factor in served_factors(pipeline)
-
-
-def motion_oracle(real: np.ndarray, factor: int) -> np.ndarray:
-    """:func:`~ctgridit.ct.slices.oracle_fill` of the HU voxels ``real`` ``(X, Y, Z)`` (whole gaps only): every
-    ``factor``-th slice kept, those between made from their two kept neighbours moved along the motion measured
-    to the real slice, in HU."""
-    frames = torch.from_numpy(real).float().permute(2, 1, 0)[:, None]
-    made = oracle_fill(window_hu(frames), factor, units=frames)
-    return made[:, 0].permute(2, 1, 0).double().numpy()
 
 
 def scores(real: np.ndarray, made: np.ndarray, filled: np.ndarray, body: np.ndarray) -> dict[str, float]:
@@ -135,8 +114,6 @@ def main() -> None:
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--scans", type=int, default=len(HELD_OUT), help="evaluate the first SCANS held-out scans")
     parser.add_argument("--factors", type=int, nargs="+", default=FACTORS, help="keep every FACTOR-th slice")
-    parser.add_argument("--no-oracle", dest="oracle", action="store_false",
-                        help="skip the motion oracle (a reference that sees the real slices)")
     parser.add_argument("--extend", type=int, default=12, help="slices to extend by (0: skip the extension table)")
     args = parser.parse_args()
     if args.model is not None and (Path(args.model) / "ema.safetensors").is_file():   # a checkpoint, while it trains
@@ -160,8 +137,6 @@ def main() -> None:
                 start = time.perf_counter()
                 made[m] = interpolate_volume(thick, factor, method=m).volume.array.astype(np.float64)
                 seconds[m] = time.perf_counter() - start
-            if args.oracle:
-                made[ORACLE] = motion_oracle(real, factor)
             for steps in args.steps:
                 label = f"gridit, {steps} step{'s' if steps > 1 else ''}"
                 if not serves(pipeline, factor):
@@ -188,15 +163,6 @@ def main() -> None:
                  f"{psnrs[(scan, f, label)] - psnrs[(scan, f, 'flow')]:+.2f}" if (scan, f, label) in psnrs else "n/a"
                  for f in args.factors]
         print(f"| {scan} | " + " | ".join(cells) + " |")
-    if args.oracle:
-        print(f"\n{ORACLE} (sees the real slices) against flow, and {label} against it, dB: what the true motion adds "
-              "to a move-and-mix fill, and what gridit lacks of that")
-        print("| scan | " + " | ".join(f"factor {f}" for f in args.factors) + " |\n|---|" + "---|" * len(args.factors))
-        for scan in scans:
-            cells = [f"{psnrs[(scan, f, ORACLE)] - psnrs[(scan, f, 'flow')]:+.2f} / " + (
-                f"{psnrs[(scan, f, label)] - psnrs[(scan, f, ORACLE)]:+.2f}" if (scan, f, label) in psnrs else "n/a")
-                for f in args.factors]
-            print(f"| {scan} | " + " | ".join(cells) + " |")
     if args.extend:
         extended = [row for name in HELD for row in extension_rows(name, read_ct(DATA / name), pipeline,
                                                                     args.extend, args.steps[0])]

@@ -146,25 +146,6 @@ def test_flow_interpolation_keeps_the_slices_and_follows_a_shift(small_ct, layou
     assert np.mean((made - want)[inner] ** 2) < 0.3 * np.mean((linear - want)[inner] ** 2)
 
 
-def test_the_oracle_fill_moves_the_known_slices_to_the_real_one(small_ct):
-    """The evaluation's reference (oracle_fill): where the middle slice is its two identical neighbours shifted by
-    3 voxels, the flow between the neighbours sees no motion, but the motion measured to the real slice moves
-    them there; the kept slices stay exact, and other units are moved and mixed by the same motion."""
-    from ctgridit.ct.slices import fill_between, motion_fill, oracle_fill
-    from ctgridit.ct.window import window_hu
-
-    base = torch.from_numpy(window_hu(slab(small_ct, 1).array[:, :, 0].astype(np.float32))).T
-    shifted = torch.roll(base, 3, dims=1)
-    real = torch.stack([base, shifted, base, shifted, base])[:, None][..., 6:-6, 6:-6].contiguous()
-    made = oracle_fill(real, 2)
-    assert torch.equal(made[::2], real[::2])
-    flow = fill_between(motion_fill(real[:-1:2], real[2::2]), real[::2], 2)
-    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
-    error = lambda x: float(((x - real)[1::2][inner] ** 2).mean())
-    assert error(made) < 0.2 * error(flow)
-    assert torch.allclose(oracle_fill(real, 2, units=1000 * real), 1000 * made, atol=1e-3)
-
-
 def _every_third_of_the_chest_crop():
     """The held-out 1.5 mm chest crop's first 61 slices (HU), every third of them as a 4.5 mm scan, and where the
     slices to make lie."""

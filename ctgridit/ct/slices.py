@@ -19,10 +19,15 @@ consecutive slices, some cells known and the others generated
   slices in the HU window -1000..1000, :mod:`ctgridit.core.motion`) and mixed
   by distance, for any factor: what the grid model with ``fill: flow`` or
   ``flow_pair`` starts from, here without a model.
-- **Extension** by ``N`` slices up (towards the head) or down: the last row of
-  known slices starts a grid whose second row is generated, again and again
-  (the paper's extension step with ``m = 1``). Going down, the scan is turned
-  over along z first, so the model continues it as it continues upwards.
+- **Extension** by ``N`` slices up (towards the head) or down: ``method="flow"``
+  moves the scan's last slice further along the motion from the one before it
+  (TV-L1, as ``--method flow`` between two slices; the displacement grows with
+  the distance). ``"gridit"`` mixes into that the slice model's own extension
+  (the last row of known slices starts a grid whose second row is generated,
+  again and again: the paper's extension step with ``m = 1``) by the share that
+  makes the scan's own last 4 slices best when they are dropped and made again
+  (:func:`extension_weight`); HU beyond the window are the moved slice's. Going
+  down, the scan is turned over along z first, so both continue it as upwards.
 
 Both work along the scan's **slice axis** (:func:`slice_axis`): its thickest
 voxel axis, or, where voxels are about as thick along two or three axes, the
@@ -584,27 +589,6 @@ def slice_flows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
 
     return torch.cat([TVL1().both_ways(before[i:i + FLOW_BATCH, 0], after[i:i + FLOW_BATCH, 0])
                       for i in range(0, len(before), FLOW_BATCH)])
-
-
-def oracle_fill(real: torch.Tensor, factor: int, units: torch.Tensor | None = None) -> torch.Tensor:
-    """A reference for evaluation, not a method: every ``factor``-th of the ``(Z, 1, Y, X)`` slices ``real`` (in
-    the HU window, as [-1, 1]) kept, and each slice between made from its two kept neighbours, each moved along
-    the motion measured from it to the real slice (:func:`slice_flows`, which sees the answer) and mixed by
-    distance: what ``--method flow``'s move-and-mix reaches with the motion the real slice shows (a scale, not a
-    bound: a freer warp gains more, also moving texture into place, a smoother one less). ``units``: the same
-    slices in other units (HU), moved and mixed instead (the motion still measured in the window). Slices past
-    the last whole gap are left out."""
-    from ctgridit.core.motion import warp
-
-    units = real if units is None else units
-    n = (len(real) - 1) // factor * factor + 1
-    out = units[:n].clone()
-    for k in range(1, factor):
-        target, w = real[k:n:factor], k / factor
-        before = warp(units[0:n - 1:factor], slice_flows(target, real[0:n - 1:factor])[:, :2])
-        after = warp(units[factor:n:factor], slice_flows(target, real[factor:n:factor])[:, :2])
-        out[k:n:factor] = (1 - w) * before + w * after
-    return out
 
 
 def served_factors(pipeline: GriDiTPipeline) -> list[int]:
