@@ -4,6 +4,8 @@
     python pipelines/bundle_model.py runs/ct_denoise_v4/model --denoiser --bench eval.txt
     python pipelines/bundle_model.py runs/ct_interpolate_pair_thin/model --slices --bench eval.txt
     python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model
+    python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/lr4b/model \
+        --refiner-runs runs/motion_refiner runs/lr4long runs/lr4b --bench eval.txt
     python pipelines/bundle_model.py runs/video_shapes/model --video --bench motion.txt
 
 The bundled synthesis model lives in ``ctgridit/models/ct_chest/`` and is what
@@ -241,8 +243,9 @@ PHASES = {"ct_interpolate": "3000 steps, loss 0.034 (first 50) -> 0.013 (last 50
           "ct_interpolate_pair": "3000 steps, loss 0.017 (first 50) -> 0.014 (last 50), 1.0 h"}
 
 
-def refiner_part(pipeline: GriDiTPipeline, log: Path | None) -> str:
-    """The slice model card's paragraph on its motion refiner (none without one)."""
+def refiner_part(pipeline: GriDiTPipeline, log: Path | None, runs: list[Path] = ()) -> str:
+    """The slice model card's paragraph on its motion refiner (none without one); ``runs``: the training runs it was
+    continued through (``--refiner-runs``), each started from the one before's ``model/``."""
     if pipeline.refiner is None:
         return ""
     params = sum(p.numel() for p in pipeline.refiner.parameters()) / 1e3
@@ -259,15 +262,28 @@ Trained with `python pipelines/train_motion_refiner.py runs/motion_refiner` (LID
 1.5 mm, LIDC-IDRI-0001, the elastix lung crop and STS_001 to STS_017; factors 2 to 5; batch 16 of
 64 x 64 crops, flips and reversal; 1 CPU core): {stage_summary(log) if log else "no log"} (the bundled weights came
 from the script as of commit 8d21396, whose crops stopped one pixel short of the slices' far edges; otherwise the
-same run). Each new slice is the mean of the refiner's frame for its gap taken both ways (`symmetric`). The DiT's
+same run).{continued(runs)} Each new slice is the mean of the refiner's frame for its gap taken both ways (`symmetric`). The DiT's
 correction of the plain fill is added to the refined fill; the check on the scan's own slices weighs both
 (`checked_weight`).
-Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner runs/motion_refiner/model
---bench <the output of pipelines/eval_interpolate.py>`.
+Bundled with `python pipelines/bundle_model.py ctgridit/models/ct_interpolate --slices --refiner RUN/model
+[--refiner-runs runs/motion_refiner ... RUN] --bench <the output of pipelines/eval_interpolate.py>`.
 """
 
 
-def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None, refiner_log: Path | None = None) -> str:
+def continued(runs: list[Path]) -> str:
+    """The card's sentence on the runs a refiner was continued through (each ``OUT`` of
+    ``pipelines/train_motion_refiner.py --start PREVIOUS/model``; their rate and seed as each ``OUT.log`` records the
+    command, or as the bundler says)."""
+    if not runs:
+        return ""
+    parts = [f"`{run.name}` ({stage_summary(run / 'train_log.csv')})" for run in runs]
+    return (" It was then continued, each run started from the one before's weights with "
+            "`pipelines/train_motion_refiner.py OUT --start PREVIOUS/model --lr 1e-4` (the same data; seeds 0, 1, ...): "
+            + ", then ".join(parts) + ".")
+
+
+def slice_card(pipeline: GriDiTPipeline, checkpoints: Path, bench: str | None, refiner_log: Path | None = None,
+               refiner_runs: list[Path] = ()) -> str:
     cfg = pipeline.settings
     tile = cfg.frame_size
     params = sum(p.numel() for p in pipeline.stage1.parameters()) / 1e6
@@ -298,6 +314,8 @@ makes the second (extension); {given}. MONAI's sliding window covers a scan with
 overlapping tiles (see `ctgridit/ct/slices.py`); one DDIM step (the default) is the
 model's posterior mean. Fine-tuned on diffusion steps {low} to {high} only, it serves
 one-step sampling only (`--steps` above 1 passes through levels it no longer knows).
+`ctgridit extend` mixes its extension into the flow extrapolation (the last slice moved further
+along the motion from the one before it) by the share that is best on the scan's own last 4 slices.
 
 - **Data**: random tiles of the scans of this project's `shared/data/ct` at their own
   voxel size, HU window -1000..1000: LIDC-IDRI-0314 (1 mm slices), Lung-PET-CT-Dx
@@ -360,7 +378,7 @@ neither more steps nor training on thin slices only changed that. A 7 x 7
 linear filter of the two known slices fitted on half of the test slices gains
 only about 0.24 dB over linear on the other half: the rest is motion, which the
 flow supplies.
-""" + refiner_part(pipeline, refiner_log)
+""" + refiner_part(pipeline, refiner_log, refiner_runs)
     return text + measured(bench, "python pipelines/eval_interpolate.py")
 
 
@@ -431,6 +449,9 @@ def main() -> None:
     parser.add_argument("--refiner", default=None,
                         help="with --slices: a motion refiner folder to bundle with the slice model "
                              "(pipelines/train_motion_refiner.py's OUT/model; its OUT/train_log.csv goes on the card)")
+    parser.add_argument("--refiner-runs", nargs="+", type=Path, default=[],
+                        help="with --refiner: the training runs that made it, in order (the first trained from scratch, "
+                             "each other continued from the one before at --lr 1e-4); their train_log.csv go on the card")
     args = parser.parse_args()
     other = {"denoiser": args.denoiser, "slices": args.slices, "video": args.video}
     kind = next((k for k, on in other.items() if on), "synthesis")
@@ -449,7 +470,7 @@ def main() -> None:
         pipeline.register_modules(refiner=MotionRefiner.from_pretrained(args.refiner))
         pipeline._check()                                          # a refiner needs a slice model with a flow fill
         check_slice_model(pipeline, args.refiner)                  # ... trained in its HU window
-        refiner_log = Path(args.refiner).parent / "train_log.csv"
+        refiner_log = (args.refiner_runs[0] if args.refiner_runs else Path(args.refiner).parent) / "train_log.csv"
     if kind == "synthesis" and pipeline.stage2 is None:
         raise SystemExit("the model folder has no stage2/: train stage 2 first")
     bench = Path(args.bench).read_text() if args.bench else None
@@ -463,7 +484,8 @@ def main() -> None:
         text = card(pipeline, checkpoints, bench, Path(args.continued) if args.continued else None)
     else:
         text = {"denoiser": denoiser_card, "video": video_card,
-                "slices": lambda *a: slice_card(*a, refiner_log=refiner_log)}[kind](pipeline, checkpoints, bench)
+                "slices": lambda *a: slice_card(*a, refiner_log=refiner_log, refiner_runs=args.refiner_runs[1:])}[kind](
+                    pipeline, checkpoints, bench)
     pipeline.to(torch.float16).save_pretrained(target)           # float16 safetensors, replaced atomically
     with atomic_output(target / "MODEL.md") as tmp:
         tmp.write_text(text)
