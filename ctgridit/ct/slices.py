@@ -387,9 +387,7 @@ def extension_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int 
     real = frames[-EXTEND_CHECK:]
     flowed, = motion_extrapolation(known[-2:-1], known[-1:], EXTEND_CHECK)
     made = model_extension(pipeline, known, EXTEND_CHECK, steps, seed, progress, precision, phase="check")
-    change = made - flowed
-    norm = float((change * change).sum())
-    return 0.0 if norm == 0 else float(np.clip(float((change * (real - flowed)).sum()) / norm, 0.0, 1.0))
+    return checked_shares(real, flowed, {"model": made})["model"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -663,7 +661,6 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     model's correction is harmful (the model 0.7 dB below its own fill at factor 2) and is turned down; where
     it helps it is kept. No correction (or refinement) gives 1; a scan too short to check (fewer than ``factor +
     1`` slices), None."""
-    from scipy.optimize import lsq_linear
 
     n, factor = len(frames), min(served_factors(pipeline))
     if n < factor + 1:
@@ -682,11 +679,21 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     changes = {"correction": model}
     if pipeline.refiner is not None:
         changes["refiner"] = refined_fill(pipeline, fill, slab[::factor], plain, factor, pixel, precision)
-    error = (slab[new] - plain[new]).double().flatten()
+    weights = checked_shares(slab[new], plain[new], {name: made[new] for name, made in changes.items()})
+    return weights["correction"], weights.get("refiner")
+
+
+def checked_shares(real: torch.Tensor, base: torch.Tensor, changed: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The shares in [0, 1] of each change (``changed[name] - base``) whose sum added to ``base`` is nearest to
+    ``real`` in the least-squares sense (bounded least squares); a change that changes nothing (rms below 1e-5 of
+    the window) is kept whole."""
+    from scipy.optimize import lsq_linear
+
+    error = (real - base).double().flatten()
     weights, columns = {}, []
-    for name, made in changes.items():
-        change = (made[new] - plain[new]).double().flatten()
-        if float(change @ change) <= 1e-10 * change.numel():   # no change (rms below 1e-5 of the window): keep it
+    for name, made in changed.items():
+        change = (made - base).double().flatten()
+        if float(change @ change) <= 1e-10 * change.numel():
             weights[name] = 1.0
             error -= change
         else:
@@ -694,7 +701,7 @@ def checked_weight(pipeline: GriDiTPipeline, frames: torch.Tensor, steps: int | 
     if columns:
         fit = lsq_linear(torch.stack([c for _, c in columns], 1).numpy(), error.numpy(), bounds=(0, 1), method="bvls")
         weights.update({name: float(w) for (name, _), w in zip(columns, fit.x)})
-    return weights["correction"], weights.get("refiner")
+    return weights
 
 
 def _to_hu(frames: torch.Tensor, lps, pipeline: GriDiTPipeline, keep: torch.Tensor) -> torch.Tensor:
